@@ -1,0 +1,125 @@
+"""Weight averaging: when to average, the average itself, and the BN update of the average."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from swa_research.config import ScheduleConfig, SwaConfig
+
+
+@dataclass(frozen=True)
+class AveragingPlan:
+    """When the average is updated.
+
+    unit iter (torchcontrib's SWA, the seed): after the n-th step (n counted from 1) when
+      n > start and n % freq == 0. The lr phase starts at iteration ``start``.
+    unit epoch (timgaripov/swa): after the E-th epoch (E counted from 1) when E >= start and
+      (E - start) % freq == 0. The lr phase (the schedule's horizon) is ``start`` epochs.
+    cyclical schedule: at the end of every cycle after the start, whatever the unit.
+    """
+
+    method: str  # swa | ema | none
+    unit: str
+    start: int  # resolved to iterations (unit iter) or epochs (unit epoch)
+    freq: int
+    iters_per_epoch: int
+    epochs: int
+    cycle: int | None = None  # set for the cyclical schedule
+
+    @classmethod
+    def from_config(cls, swa: SwaConfig, schedule: ScheduleConfig, epochs: int,
+                    iters_per_epoch: int) -> AveragingPlan:
+        budget = epochs if swa.unit == "epoch" else epochs * iters_per_epoch
+        start = int(round(swa.start * budget)) if swa.start < 1.0 else int(round(swa.start))
+        return cls(method=swa.method, unit=swa.unit, start=start, freq=swa.freq,
+                   iters_per_epoch=iters_per_epoch, epochs=epochs,
+                   cycle=schedule.cycle if schedule.name == "cyclical" else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    @property
+    def start_iter(self) -> int | None:
+        """First iteration of the averaging phase, for the lr schedule; None when off."""
+        if not self.enabled:
+            return None
+        return self.start * self.iters_per_epoch if self.unit == "epoch" else self.start
+
+    def due_after_iter(self, n: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.cycle is not None:
+            origin = self.start_iter or 0
+            return n > origin and (n - origin) % self.cycle == 0
+        return self.unit == "iter" and n > self.start and n % self.freq == 0
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        if not self.enabled or self.cycle is not None or self.unit != "epoch":
+            return False
+        return epoch >= self.start and (epoch - self.start) % self.freq == 0
+
+    def count_updates(self) -> int:
+        total = 0
+        for e in range(1, self.epochs + 1):
+            if self.cycle is not None or self.unit == "iter":
+                lo, hi = (e - 1) * self.iters_per_epoch + 1, e * self.iters_per_epoch
+                total += sum(self.due_after_iter(n) for n in range(lo, hi + 1))
+            total += self.due_after_epoch(e)
+        return total
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class Averager:
+    """An equal (SWA) or exponential (EMA) average of a model's weights.
+
+    Built on torch.optim.swa_utils.AveragedModel. BN buffers are copied from the model at each
+    update (use_buffers=False) and recomputed with update_bn before the average is evaluated.
+    """
+
+    def __init__(self, model: nn.Module, method: str, decay: float = 0.999,
+                 bn_update: bool = True) -> None:
+        if method not in ("swa", "ema"):
+            raise ValueError(f"averaging method must be 'swa' or 'ema', got {method!r}")
+        multi_avg_fn = get_ema_multi_avg_fn(decay) if method == "ema" else None
+        self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        self.method = method
+        self.bn_update = bn_update and has_batch_norm(model)
+        self._bn_stale = False
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    @property
+    def n_averaged(self) -> int:
+        return int(self.averaged.n_averaged.item())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(model)
+        self._bn_stale = True
+
+    def prepare_for_eval(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Recompute the average's BN statistics if its weights changed; True if it ran.
+
+        update_bn sets BN momentum to None (a cumulative average over one pass) and restores
+        each layer's own momentum afterwards.
+        """
+        if not (self.bn_update and self._bn_stale and self.n_averaged > 0):
+            return False
+        update_bn(batches, self.module)
+        self._bn_stale = False
+        return True

@@ -1,0 +1,234 @@
+"""Typed schema for every config group, and the checks that need more than a type.
+
+Each group has one dataclass that covers all of its options, so that merging any option file
+(or a command-line override) into it fails on an unknown key or a wrong type, naming the key.
+Cross-field checks (``swa.start`` within the budget, positive learning rates, ...) run in
+:func:`validate`, before any data is loaded or any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit code 2."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | synthetic
+    root: str = "data"
+    download: bool = True
+    val_fraction: float = 0.1
+    augment: str = "none"  # none | crop_flip
+    normalize: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # imagefolder: resize every image to this square size (null keeps the files' size).
+    image_size: int | None = None
+    # synthetic only: a learnable, generated data set.
+    num_classes: int = 10
+    train_size: int = 1000
+    test_size: int = 200
+    # Where decoded image folders are cached (null: next to the data).
+    cache: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "simplified"  # simplified | vgg11 | vgg13 | vgg16 | vgg19
+    batch_norm: bool = False
+    dropout: float = 0.5
+    width: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # sgd | adam | adamw
+    lr: float = 1e-4
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # constant | decay_then_constant | cyclical
+    # decay_then_constant: "epoch" steps the lr once per epoch as the SWA paper's code does.
+    step_unit: str = "epoch"  # epoch | iter
+    decay_start: float = 0.5
+    decay_end: float = 0.9
+    final_ratio: float = 0.01  # lr ratio at the end when averaging is off
+    # cyclical: iterations per cycle.
+    cycle: int = 100
+
+
+@dataclass
+class SwaConfig:
+    method: str = "swa"  # swa | ema | none
+    lr: float = 5e-4
+    start: float = 4000  # in `unit`; below 1.0 a fraction of the budget
+    freq: int = 50
+    unit: str = "iter"  # iter | epoch
+    decay: float = 0.999  # ema only
+    bn_update: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 50
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    drop_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 1
+    num_workers: int = 2
+    best_by: str = "val_loss"  # val_loss | val_acc
+    progress: str = "auto"  # auto | bar | line | none
+    save_checkpoints: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none
+    log_every: int = 50
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    swa: SwaConfig = field(default_factory=SwaConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml can build on it."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "data.augment": ("none", "crop_flip"),
+    "model.name": ("simplified", "vgg11", "vgg13", "vgg16", "vgg19"),
+    "optimizer.name": ("sgd", "adam", "adamw"),
+    "schedule.name": ("constant", "decay_then_constant", "cyclical"),
+    "schedule.step_unit": ("epoch", "iter"),
+    "swa.method": ("swa", "ema", "none"),
+    "swa.unit": ("iter", "epoch"),
+    "trainer.best_by": ("val_loss", "val_acc"),
+    "trainer.progress": ("auto", "bar", "line", "none"),
+    "logger.name": ("none",),
+}
+
+
+def to_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
+    """Turn a composed DictConfig into the typed :class:`Config`, checking types and keys."""
+    if isinstance(cfg, Config):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _positive(value: float, key: str) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{key}={value}: must be a positive number")
+
+
+def iterations_per_epoch(num_train: int, batch_size: int, drop_last: bool) -> int:
+    return num_train // batch_size if drop_last else -(-num_train // batch_size)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type; raises UserError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    _positive(cfg.optimizer.lr, "optimizer.lr")
+    if cfg.swa.method != "none":
+        _positive(cfg.swa.lr, "swa.lr")
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                "trainer.eval_every", "swa.freq", "model.width", "logger.log_every"):
+        _positive(_get(cfg, key), key)
+    if cfg.trainer.num_workers < 0:
+        raise UserError(f"trainer.num_workers={cfg.trainer.num_workers}: must be >= 0")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise UserError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+    if cfg.optimizer.momentum < 0 or cfg.optimizer.weight_decay < 0:
+        raise UserError("optimizer.momentum and optimizer.weight_decay must be >= 0")
+    if cfg.optimizer.nesterov and (cfg.optimizer.name != "sgd" or cfg.optimizer.momentum <= 0):
+        raise UserError("optimizer.nesterov=true needs optimizer=sgd with optimizer.momentum > 0")
+    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
+        raise UserError(f"optimizer.betas={cfg.optimizer.betas}: expected two numbers in [0, 1)")
+    if cfg.data.normalize and (len(cfg.data.mean) != 3 or len(cfg.data.std) != 3
+                               or min(cfg.data.std) <= 0):
+        raise UserError("data.mean and data.std need three values each, std > 0")
+    if cfg.swa.start < 0:
+        raise UserError(f"swa.start={cfg.swa.start}: must be >= 0")
+    if cfg.swa.method == "ema" and not 0.0 < cfg.swa.decay < 1.0:
+        raise UserError(f"swa.decay={cfg.swa.decay}: must be in (0, 1)")
+    s = cfg.schedule
+    if not 0.0 <= s.decay_start <= s.decay_end <= 1.0:
+        raise UserError(
+            f"schedule.decay_start={s.decay_start}, schedule.decay_end={s.decay_end}: "
+            "need 0 <= decay_start <= decay_end <= 1")
+    _positive(s.final_ratio, "schedule.final_ratio")
+    if s.name == "cyclical":
+        _positive(s.cycle, "schedule.cycle")
+    if cfg.data.name == "synthetic":
+        for key in ("data.num_classes", "data.train_size", "data.test_size"):
+            _positive(_get(cfg, key), key)
+        if cfg.data.num_classes < 2:
+            raise UserError("data.num_classes must be at least 2")
+    if cfg.data.image_size is not None:
+        _positive(cfg.data.image_size, "data.image_size")
+    dev = cfg.trainer.device
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
+    """Checks that need the data set's size: the averaging must fit in the budget."""
+    if iters_per_epoch < 1:
+        raise UserError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
+            "(drop_last leaves no batch)")
+    if cfg.swa.method == "none":
+        return
+    from swa_research.averaging import AveragingPlan  # local: avoids an import cycle
+
+    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
+    if plan.count_updates() == 0:
+        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
+        budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else \
+            cfg.trainer.epochs * iters_per_epoch
+        raise UserError(
+            f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
+            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged")

@@ -1,0 +1,318 @@
+"""Data sets as uint8 NCHW tensors in memory (on the training device), a seeded validation
+split, and batch iterators whose shuffling, crops, flips and normalisation are tensor ops."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from swa_research.config import DataConfig, UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 [N, C, H, W] and labels as int64 [N], on one device."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape [N, C, H, W]")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must have one entry per image")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: Tensor) -> ImageSet:
+        index = index.to(self.images.device)
+        return ImageSet(self.images[index], self.labels[index])
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    label = "CIFAR-10" if cfg.name == "cifar10" else "CIFAR-100"
+    root = Path(cfg.root).expanduser()
+    folder = root / cls.base_folder
+    try:
+        sets = [cls(str(root), train=train, download=cfg.download) for train in (True, False)]
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ...
+        how = ("the download failed" if cfg.download else "data.download=false")
+        raise UserError(
+            f"{label} not found or corrupt in {folder} and {how} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); set data.root to the folder that "
+            f"holds {cls.base_folder}/ (e.g. data.root=/datasets/cifar)") from e
+    out = []
+    for ds in sets:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out.append(ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.int64)))
+    return out[0], out[1], list(sets[0].classes)
+
+
+def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], list[int],
+                                                                     list[str]]:
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not
+                   d.name.startswith("."))
+    if classes is None:
+        classes = found
+    else:
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        if missing or extra:
+            raise UserError(
+                f"{split_dir}: class folders differ from train/ (missing: "
+                f"{', '.join(missing) or 'none'}; not in train/: {', '.join(extra) or 'none'})")
+    files: list[Path] = []
+    labels: list[int] = []
+    for idx, name in enumerate(classes):
+        for f in sorted((split_dir / name).iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+                files.append(f)
+                labels.append(idx)
+    if not files:
+        raise UserError(f"{split_dir}: no images found (expected {split_dir}/<class>/*.jpg)")
+    return files, labels, classes
+
+
+def _decode(path: Path, image_size: int | None) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        img = decode_image(data, mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    if image_size is not None and tuple(img.shape[-2:]) != (image_size, image_size):
+        from torchvision.transforms.v2.functional import resize
+
+        img = resize(img, [image_size, image_size], antialias=True)
+    return img
+
+
+def _cache_key(files: list[Path], labels: list[int], image_size: int | None, root: Path) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}".encode())
+    for f, y in zip(files, labels, strict=True):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{y}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: DataConfig,
+                       num_workers: int) -> tuple[ImageSet, list[str]]:
+    split_dir = root / split
+    files, labels, classes = _list_folder(split_dir, classes)
+    key = _cache_key(files, labels, cfg.image_size, root)
+    cache_path = root / ".swa_cache" / f"{split}-{key}.pt"
+    if cfg.cache and cache_path.is_file():
+        try:
+            blob = torch.load(cache_path, map_location="cpu", weights_only=True)
+            return ImageSet(blob["images"], blob["labels"]), classes
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s (%s); decoding again", cache_path, e)
+    log.info("decoding %d images from %s", len(files), split_dir)
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        images = list(pool.map(lambda p: _decode(p, cfg.image_size), files))
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise UserError(f"{split_dir}: images have different sizes {sorted(shapes)[:3]}...; "
+                        "set data.image_size to resize them")
+    result = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    if cfg.cache:
+        try:
+            atomic_torch_save({"images": result.images, "labels": result.labels}, cache_path)
+        except OSError as e:
+            log.warning("could not write the decode cache %s (%s)", cache_path, e)
+    return result, classes
+
+
+def _imagefolder(cfg: DataConfig, num_workers: int) -> tuple[ImageSet, ImageSet, list[str]]:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.root={cfg.root}: folder does not exist")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"data.root={cfg.root}: no {split}/ folder (expected "
+                            f"{split}/<class>/<image> files)")
+    train, classes = _load_folder_split(root, "train", None, cfg, num_workers)
+    test, _ = _load_folder_split(root, "test", classes, cfg, num_workers)
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(f"data.root={cfg.root}: train and test images differ in size; "
+                        "set data.image_size")
+    return train, test, classes
+
+
+def synthetic_images(n: int, num_classes: int, image_size: int = 32, seed: int = 0,
+                     noise: float = 48.0) -> ImageSet:
+    """A learnable data set: each class is a smooth random prototype image, each sample that
+    prototype plus Gaussian noise, clipped to uint8. ``seed`` picks the samples; the
+    prototypes are the same for every seed, so train and test share their classes."""
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(17))
+    g = torch.Generator().manual_seed(10_007 * seed + 18)
+    protos = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear",
+                           align_corners=False) * 200 + 28
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    images = protos[labels] + noise * torch.randn(n, 3, image_size, image_size, generator=g)
+    return ImageSet(images.clamp(0, 255).round().to(torch.uint8), labels.to(torch.int64))
+
+
+def load_datasets(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSet, ImageSet, list[str]]:
+    """The full training set, the test set and the class names, on the CPU."""
+    if cfg.name in ("cifar10", "cifar100"):
+        return _cifar(cfg)
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg, num_workers)
+    if cfg.name == "synthetic":
+        size = cfg.image_size or 32
+        train = synthetic_images(cfg.train_size, cfg.num_classes, size, seed=0)
+        test = synthetic_images(cfg.test_size, cfg.num_classes, size, seed=1)
+        return train, test, [f"class{i}" for i in range(cfg.num_classes)]
+    raise UserError(f"data.name={cfg.name!r}: expected cifar10, cifar100, imagefolder or synthetic")
+
+
+def split_train_val(full: ImageSet, val_fraction: float, seed: int
+                    ) -> tuple[ImageSet, ImageSet | None]:
+    """A seeded split: the first floor(val_fraction * N) of a permutation become validation."""
+    n_val = int(val_fraction * len(full))
+    if n_val == 0:
+        return full, None
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    return full.subset(perm[n_val:]), full.subset(perm[:n_val])
+
+
+def build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: int = 0
+               ) -> DataSplits:
+    train_full, test, classes = load_datasets(cfg, num_workers)
+    if train_full.images.shape[-1] != train_full.images.shape[-2]:
+        raise UserError(f"images are {tuple(train_full.images.shape[-2:])}: square images "
+                        "are expected; set data.image_size")
+    train, val = split_train_val(train_full, cfg.val_fraction, seed)
+    if len(train) == 0:
+        raise UserError("the training set is empty after the validation split")
+    return DataSplits(train.to(device), None if val is None else val.to(device),
+                      test.to(device), classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+class Preprocess:
+    """uint8 batch -> float batch: optional pad-4 crop and flip, scale to [0, 1], normalise."""
+
+    def __init__(self, normalize: bool, mean: list[float], std: list[float], device: torch.device,
+                 augment: str = "none", pad: int = 4,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.augment = augment
+        self.pad = pad
+        self.memory_format = memory_format
+        if normalize:
+            m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+            s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+            # x/255 then (x - m)/s folded into one multiply-add.
+            self.scale: Tensor | float = 1.0 / (255.0 * s)
+            self.shift: Tensor | float = -m / s
+        else:
+            self.scale, self.shift = 1.0 / 255.0, 0.0
+
+    def to_float(self, x: Tensor) -> Tensor:
+        x = x.float() * self.scale + self.shift
+        return x.contiguous(memory_format=self.memory_format)
+
+    def crop_flip(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random pad-``pad`` crops and horizontal flips, one gather for the whole batch.
+
+        Random numbers come from a CPU generator so that the result does not depend on the
+        device."""
+        n, c, h, w = x.shape
+        p = self.pad
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        padded = F.pad(x, (p, p, p, p))
+        rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = torch.arange(w, device=x.device).expand(n, w)
+        cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]
+        cols = cols.view(n, 1, 1, w)
+        chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        return padded[batch, chans, rows, cols]
+
+    def train(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if self.augment == "crop_flip":
+            x = self.crop_flip(x, generator)
+        return self.to_float(x)
+
+
+def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
+                  preprocess: Preprocess, drop_last: bool = True
+                  ) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of shuffled, augmented batches; the order comes from ``generator``."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator).to(data.images.device)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size]
+        yield preprocess.train(data.images[idx], generator), data.labels[idx]
+
+
+def eval_batches(data: ImageSet, batch_size: int, preprocess: Preprocess
+                 ) -> Iterator[tuple[Tensor, Tensor]]:
+    for i in range(0, len(data), batch_size):
+        yield preprocess.to_float(data.images[i:i + batch_size]), data.labels[i:i + batch_size]
