@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -26,7 +26,7 @@ class UserError(Exception):
 @dataclass
 class DataConfig:
     name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | synthetic
-    root: str = "data"
+    root: str = MISSING  # each option sets it; imagefolder leaves it to the user
     download: bool = True
     val_fraction: float = 0.1
     augment: str = "none"  # none | crop_flip

@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from swa_research.averaging import Averager, AveragingPlan
 from swa_research.config import (
@@ -149,13 +149,18 @@ def one_line(e: BaseException) -> str:
     seen: BaseException | None = e
     while seen is not None:
         text = str(seen)
-        if isinstance(seen, OmegaConfBaseException):
+        if isinstance(seen, MissingMandatoryValue) and getattr(seen, "full_key", None):
+            text = (f"{seen.full_key} has no value: set it on the command line "
+                    f"({seen.full_key}=...)")
+        elif isinstance(seen, OmegaConfBaseException):
             # OmegaConf appends full_key/object_type lines; the first line names the problem.
             key = getattr(seen, "full_key", None)
             text = text.splitlines()[0] if text else type(seen).__name__
             if key and key not in text:
                 text += f" (key: {key})"
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if any(ln.startswith("Config search path") for ln in lines):
+            lines = lines[:[ln.startswith("Config search path") for ln in lines].index(True)]
         lines = [ln for ln in lines if not ln.startswith("Set the environment variable")]
         chunk = " ".join(lines)
         if chunk and chunk not in parts:
