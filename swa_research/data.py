@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swa_research.config import DataConfig, UserError
+from swa_research.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +135,6 @@ def _cache_key(files: list[Path], labels: list[int], image_size: int | None, roo
         st = f.stat()
         h.update(f"{f.relative_to(root)}|{y}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: DataConfig,
