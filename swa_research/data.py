@@ -20,7 +20,7 @@ from swa_research.fileio import atomic_torch_save
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when decoding changes
 
 
 @dataclass
@@ -115,18 +115,19 @@ def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path]
 
 
 def _decode(path: Path, image_size: int | None) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    """One image file -> uint8 [3, H, W] (RGB), resized to image_size x image_size if set."""
+    from PIL import Image
 
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        img = decode_image(data, mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+            if image_size is not None and rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
     except Exception as e:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if image_size is not None and tuple(img.shape[-2:]) != (image_size, image_size):
-        from torchvision.transforms.v2.functional import resize
-
-        img = resize(img, [image_size, image_size], antialias=True)
-    return img
+    w, h = rgb.size
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, 3).permute(2, 0, 1).contiguous()
 
 
 def _cache_key(files: list[Path], labels: list[int], image_size: int | None, root: Path) -> str:
@@ -213,7 +214,8 @@ def load_datasets(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSet, Imag
 def split_train_val(full: ImageSet, val_fraction: float, seed: int
                     ) -> tuple[ImageSet, ImageSet | None]:
     """A seeded split: the first floor(val_fraction * N) of a permutation become validation."""
-    n_val = int(val_fraction * len(full))
+    # Round first: 0.29 * 100 is 28.999999999999996 in floating point, and 29 is meant.
+    n_val = int(round(val_fraction * len(full), 6))
     if n_val == 0:
         return full, None
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))

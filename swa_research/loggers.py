@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Protocol
 
 from swa_research.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -62,6 +65,13 @@ class LocalFiles:
 
     def finish(self, metrics: dict[str, Any]) -> None:
         write_metrics(self.run_dir / "metrics.json", metrics)
+        if self.rows:
+            from swa_research.plots import plot_history
+
+            try:
+                plot_history(self.rows, self.run_dir, title=self.run_dir.name)
+            except Exception as e:  # a plot is a convenience: never lose a run over it
+                log.warning("could not write plots into %s: %s", self.run_dir, e)
 
 
 def repr_number(v: Any) -> str:

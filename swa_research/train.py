@@ -129,7 +129,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg, hc.runtime.output_dir)
     except UserError as e:
         _STATE["user_error"] = True
-        if hc.mode == RunMode.RUN:
+        if hc.mode == RunMode.RUN and not _STATE["full_error"]:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         log.error("error: %s", e)
@@ -140,7 +140,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return swa_acc if swa_acc is not None else metrics["sgd"]["val_acc"]
 
 
-_STATE: dict[str, bool] = {"job_started": False, "user_error": False}
+_STATE: dict[str, bool] = {"job_started": False, "user_error": False, "full_error": False}
 
 
 def one_line(e: BaseException) -> str:
@@ -190,6 +190,7 @@ def main() -> None:
     os.environ.setdefault(
         "SWA_RUN_ID", time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3))
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _STATE["full_error"] = full_error  # the job's own errors then raise too
     # Hydra then raises instead of printing a trimmed traceback, and we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

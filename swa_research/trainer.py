@@ -163,7 +163,12 @@ class Trainer:
         sgd_test = evaluate(self.model, self.data.test, self.eval_pre, bs)
         swa_val, swa_test, n_avg = EvalResult(), EvalResult(), 0
         if self.averager is not None and self.averager.n_averaged > 0:
-            self.averager.prepare_for_eval(self.bn_batches())
+            # The BN pass runs the average in train mode, so its dropout draws from the global
+            # RNG that training uses: fork it, so that evaluating (and trainer.eval_every)
+            # does not change the training run.
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                self.averager.prepare_for_eval(self.bn_batches())
             swa_val = evaluate(self.averager.module, self.data.val, self.eval_pre, bs)
             swa_test = evaluate(self.averager.module, self.data.test, self.eval_pre, bs)
             n_avg = self.averager.n_averaged

@@ -1,0 +1,70 @@
+"""Shared fixtures: Hydra's compose API over the package's conf/, and tiny-run overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+import swa_research
+from swa_research.config import register_configs
+
+# The test models are tiny: threads buy nothing, and OpenMP threads that spin-wait slow a run
+# down by an order of magnitude when another process shares the two cores.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+CONF_DIR = Path(swa_research.__file__).parent / "conf"
+GROUPS = ("data", "model", "optimizer", "schedule", "swa", "trainer", "logger", "experiment")
+
+# Any experiment runs in about a second on a CPU with these after it. Group choices given on
+# the command line win over an experiment's `override /group: ...`, so `experiment=paper_vgg16`
+# followed by these still trains on synthetic data (tests/test_config.py checks that).
+TINY: list[str] = [
+    "data=synthetic",
+    "data.train_size=128",
+    "data.test_size=64",
+    "model.width=0.0625",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=64",
+    "trainer.num_workers=0",
+    "trainer.progress=none",
+    "trainer.device=cpu",
+    "swa.start=0.5",
+    "swa.freq=1",
+]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group, from the yaml files in conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/config.yaml with ``overrides`` as the command line would."""
+    register_configs()  # conf/config.yaml builds on the structured schema
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="swa_research.conf", version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides or []))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose() -> Iterator[Callable[..., DictConfig]]:
+    yield compose_config
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,180 @@
+"""swa_research.averaging.Averager: equal and exponential averages, and the BN update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from swa_research.averaging import Averager, has_batch_norm
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 5 * 5, 3))
+
+
+def bn_net(momentum: float | None = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Give the model new random weights in place; return a copy of them."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g))
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("factory", [lambda: nn.Linear(5, 3), small_net])
+def test_swa_is_the_arithmetic_mean(factory) -> None:
+    model = factory()
+    avg = Averager(model, "swa")
+    assert avg.n_averaged == 0
+    seen = []
+    for k in range(5):
+        seen.append(randomize(model, seed=100 + k))  # the trainer mutates one model in place
+        avg.update(model)
+        assert avg.n_averaged == k + 1
+    averaged = dict(avg.module.named_parameters())
+    for name, last in seen[-1].items():
+        expected = torch.stack([s[name] for s in seen]).mean(0)
+        assert torch.allclose(averaged[name], expected, atol=1e-6), name
+        assert not torch.allclose(averaged[name], last)  # really an average, not a copy
+    # The average is its own copy: the training model kept its last weights.
+    for name, p in model.named_parameters():
+        assert torch.equal(p, seen[-1][name])
+
+
+def test_swa_first_update_copies_the_weights() -> None:
+    model = nn.Linear(4, 2)
+    avg = Averager(model, "swa")
+    w = randomize(model, seed=7)
+    avg.update(model)
+    for name, p in avg.module.named_parameters():
+        assert torch.equal(p, w[name])
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5])
+def test_ema_recursion(decay: float) -> None:
+    model = small_net()
+    avg = Averager(model, "ema", decay=decay)
+    expected: dict[str, torch.Tensor] | None = None
+    for k in range(6):
+        w = randomize(model, seed=k)
+        avg.update(model)
+        if expected is None:
+            expected = w  # avg_1 = w_1
+        else:
+            expected = {n: decay * expected[n] + (1 - decay) * w[n] for n in w}
+    assert avg.n_averaged == 6
+    assert expected is not None
+    for name, p in avg.module.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-6), name
+
+
+def test_ema_differs_from_swa() -> None:
+    model_a, model_b = nn.Linear(3, 3), nn.Linear(3, 3)
+    swa, ema = Averager(model_a, "swa"), Averager(model_b, "ema", decay=0.9)
+    for k in range(3):
+        randomize(model_a, k)
+        randomize(model_b, k)
+        swa.update(model_a)
+        ema.update(model_b)
+    assert not torch.allclose(swa.module.weight, ema.module.weight)
+
+
+def test_unknown_method_rejected() -> None:
+    with pytest.raises(ValueError, match="swa.*ema"):
+        Averager(nn.Linear(2, 2), "polyak")
+    with pytest.raises(ValueError):
+        Averager(nn.Linear(2, 2), "none")
+
+
+def batches(seed: int, sizes: tuple[int, ...] = (8, 8, 5)) -> list[tuple[torch.Tensor,
+                                                                          torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, 6, 6, generator=g) * 2 + 1, torch.zeros(n, dtype=torch.int64))
+            for n in sizes]
+
+
+@torch.no_grad()
+def cumulative_bn_stats(conv: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN with momentum None: running stats are the plain mean of the per-batch statistics
+    (batch mean, unbiased batch variance) of the BN layer's input."""
+    means, variances = [], []
+    for x, _ in data:
+        h = conv(x)
+        means.append(h.mean(dim=(0, 2, 3)))
+        variances.append(h.var(dim=(0, 2, 3), unbiased=True))
+    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_bn_update_recomputes_statistics(momentum: float) -> None:
+    torch.manual_seed(0)
+    model = bn_net(momentum)
+    assert has_batch_norm(model)
+    avg = Averager(model, "swa", bn_update=True)
+    # Give the training model BN buffers of its own; the average copies them on update.
+    model.train()
+    for x, _ in batches(seed=1):
+        model(x)
+    for k in range(3):
+        randomize(model, seed=10 + k)
+        avg.update(model)
+    bn = avg.module[1]
+    assert torch.equal(bn.running_mean, model[1].running_mean)
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    avg.module.eval()
+
+    data = batches(seed=2)
+    assert avg.prepare_for_eval(data) is True
+    exp_mean, exp_var = cumulative_bn_stats(avg.module[0], data)
+    assert torch.allclose(bn.running_mean, exp_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, exp_var, atol=1e-5)
+    assert not torch.allclose(bn.running_mean, before[0])
+    assert not torch.allclose(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == len(data)
+    assert bn.momentum == momentum  # restored after the cumulative pass
+    assert not avg.module.training  # the average's mode is restored too
+    # The training model's own statistics are left alone.
+    assert not torch.allclose(model[1].running_mean, bn.running_mean)
+
+    # No new update: no recompute, even with other data.
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    assert avg.prepare_for_eval(batches(seed=3)) is False
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+
+    # After another update it runs again, on the new average.
+    randomize(model, seed=99)
+    avg.update(model)
+    data = batches(seed=4, sizes=(4, 6))
+    assert avg.prepare_for_eval(data) is True
+    exp_mean, exp_var = cumulative_bn_stats(avg.module[0], data)
+    assert torch.allclose(bn.running_mean, exp_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, exp_var, atol=1e-5)
+    assert bn.momentum == momentum
+
+
+def test_bn_update_needs_an_update_first() -> None:
+    avg = Averager(bn_net(), "swa")
+    assert avg.prepare_for_eval(batches(seed=0)) is False
+
+
+def test_bn_update_off_or_without_bn() -> None:
+    model = small_net()
+    assert not has_batch_norm(model)
+    avg = Averager(model, "swa", bn_update=True)
+    avg.update(model)
+    assert avg.prepare_for_eval([(torch.randn(2, 3, 5, 5), torch.zeros(2))]) is False
+
+    model = bn_net()
+    avg = Averager(model, "ema", decay=0.9, bn_update=False)
+    avg.update(model)
+    before = avg.module[1].running_mean.clone()
+    assert avg.prepare_for_eval(batches(seed=0)) is False
+    assert torch.equal(avg.module[1].running_mean, before)

@@ -1,0 +1,199 @@
+"""The command line, ``python -m swa_research.train``, in subprocesses: a run, a multirun,
+and one clean line on stderr with exit code 2 for every mistake a user can make."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+# Shrinks the smoke preset further; the CLI tests are about the process, not the learning.
+FAST = ["data.train_size=128", "data.test_size=64", "trainer.epochs=2", "trainer.device=cpu"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    for key in ("HYDRA_FULL_ERROR", "SWA_RUN_ID", "SWA_DATA_ROOT"):
+        e.pop(key, None)
+    e["OMP_NUM_THREADS"] = "1"  # several of these run at once on two cores
+    return e
+
+
+def cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
+        entry: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, *(entry or ["-m", "swa_research.train"]), *args]
+    return subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+# (id, command-line arguments, words the one-line message must contain). {tmp} is the test's
+# temporary folder; each case also gets its own hydra.run.dir unless it sets one.
+ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
+    ("unknown_key", ["foo=1"], ["foo"]),
+    ("wrong_type", ["trainer.epochs=abc"], ["trainer.epochs", "abc"]),
+    ("unknown_option", ["model=foo"], ["model/foo", "vgg16"]),
+    ("negative_lr", ["optimizer.lr=-1"], ["optimizer.lr", "positive"]),
+    ("zero_batch", ["trainer.batch_size=0"], ["trainer.batch_size", "positive"]),
+    ("start_beyond_budget", ["experiment=smoke", "swa.start=100000"],
+     ["swa.start=100000", "budget", "trainer.epochs"]),
+    ("imagefolder_without_root", ["data=imagefolder"], ["data.root"]),
+    ("root_missing", ["data=imagefolder", "data.root={tmp}/nope"],
+     ["data.root", "/nope", "does not exist"]),
+    ("root_without_train", ["data=imagefolder", "data.root={tmp}/empty"],
+     ["data.root", "train/"]),
+    ("output_not_writable", ["experiment=smoke", "hydra.run.dir={tmp}/a_file/run"],
+     ["a_file", "hydra.run.dir"]),
+    ("cifar_missing", ["data=cifar10", "data.root={tmp}/nocifar", "data.download=false"],
+     ["CIFAR-10", "{tmp}/nocifar/cifar-10-batches-py", "data.download=false", "data.root"]),
+    ("no_gpu", ["experiment=smoke", "trainer.device=cuda"], ["trainer.device=cuda", "GPU"]),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "a_file").write_text("a regular file, not a folder")
+    (tmp / "empty").mkdir()
+    return tmp
+
+
+Proc = subprocess.CompletedProcess[str]
+ENTRY_SCRIPT = ["-c", "import sys; from swa_research.train import main; "
+                      "sys.argv[0] = 'swa-train'; main()"]
+
+# A fresh interpreter that has not imported swa_research.train: Hydra's compose API alone.
+COMPOSE_SCRIPT = ["-c", """
+from hydra import compose, initialize_config_module
+from swa_research.config import to_config
+with initialize_config_module(config_module="swa_research.conf", version_base="1.3"):
+    cfg = compose("config", overrides=["experiment=smoke"])
+print(to_config(cfg).data.name)
+"""]
+
+
+@pytest.fixture(scope="module")
+def jobs(workdir: Path) -> Iterator[dict[str, Future[Proc]]]:
+    """Every command of this file, started at once in the background on first use; each test
+    waits for its own. The two concurrent multiruns go first so that they start together."""
+    runs = workdir / "runs"
+    concurrent = workdir / "concurrent"
+    concurrent.mkdir()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures: dict[str, Future[Proc]] = {}
+        for i in range(2):
+            futures[f"concurrent{i}"] = pool.submit(
+                cli, ["-m", "experiment=smoke", *FAST], concurrent)
+        futures["smoke"] = pool.submit(
+            cli, ["experiment=smoke", f"hydra.run.dir={runs}/smoke"], workdir)
+        futures["multirun"] = pool.submit(
+            cli, ["-m", "experiment=smoke", "seed=0,1", *FAST,
+                  f"hydra.sweep.dir={workdir}/sweep"], workdir)
+        futures["script"] = pool.submit(
+            cli, ["experiment=smoke", *FAST, f"hydra.run.dir={runs}/script"], workdir, None,
+            ENTRY_SCRIPT)
+        futures["compose_api"] = pool.submit(cli, [], workdir, None, COMPOSE_SCRIPT)
+        futures["full_error"] = pool.submit(
+            cli, ["optimizer.lr=-1", f"hydra.run.dir={runs}/full"], workdir,
+            {"HYDRA_FULL_ERROR": "1"})
+        for name, args, _ in ERROR_CASES:
+            if name == "no_gpu" and torch.cuda.is_available():
+                continue
+            args = [a.format(tmp=workdir) for a in args]
+            if not any(a.startswith("hydra.run.dir=") for a in args):
+                args.append(f"hydra.run.dir={runs}/{name}")
+            futures[name] = pool.submit(cli, args, workdir)
+        yield futures
+
+
+@pytest.mark.parametrize(("name", "args", "words"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_user_error_is_one_line(name: str, args: list[str], words: list[str], workdir: Path,
+                                jobs: dict[str, Future[Proc]]) -> None:
+    if name not in jobs:
+        pytest.skip("a CUDA GPU is present")
+    proc = jobs[name].result()
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word.format(tmp=workdir) in lines[0]
+    assert proc.returncode == 2
+    # Nothing was trained.
+    assert not list(workdir.glob(f"runs/{name}/metrics.json"))
+
+
+def test_hydra_full_error_gives_the_traceback(jobs: dict[str, Future[Proc]]) -> None:
+    proc = jobs["full_error"].result()
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "UserError: optimizer.lr=-1.0: must be a positive number" in proc.stderr
+    assert not any(ln.startswith("error:") for ln in proc.stderr.splitlines())
+
+
+def test_smoke_run(workdir: Path, jobs: dict[str, Future[Proc]]) -> None:
+    proc = jobs["smoke"].result()
+    run_dir = workdir / "runs" / "smoke"
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["train"]["epochs"] == 4
+    assert metrics["swa"]["n_averaged"] > 0
+    assert (run_dir / "history.csv").is_file()
+    assert (run_dir / "swa.pt").is_file()
+    # Hydra's record of the run, and its log with one line per epoch.
+    assert "experiment=smoke" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert log.count("epoch ") >= 4
+    # hydra.job.chdir is false and the run dir was given: nothing lands in the cwd.
+    assert not (workdir / "outputs").exists()
+
+
+def test_installed_script_entry_point(workdir: Path, jobs: dict[str, Future[Proc]]) -> None:
+    """`swa-train` calls swa_research.train:main from an imported module (not __main__), so
+    Hydra looks for the configs as the package swa_research.conf."""
+    proc = jobs["script"].result()
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((workdir / "runs" / "script" / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+
+
+def test_compose_api_in_a_fresh_interpreter(jobs: dict[str, Future[Proc]]) -> None:
+    """From a notebook: conf/config.yaml's schema is registered by the conf package itself."""
+    proc = jobs["compose_api"].result()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "synthetic"
+
+
+def test_multirun_writes_one_dir_per_job(workdir: Path, jobs: dict[str, Future[Proc]]) -> None:
+    proc = jobs["multirun"].result()
+    sweep = workdir / "sweep"
+    assert proc.returncode == 0, proc.stderr
+    results = {}
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "finished"
+        results[job] = metrics
+        assert f"seed={job}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    # Different seeds, different runs.
+    assert results["0"]["sgd"] != results["1"]["sgd"]
+
+
+def test_concurrent_multiruns_get_their_own_sweep_dirs(workdir: Path,
+                                                      jobs: dict[str, Future[Proc]]) -> None:
+    for i in range(2):
+        proc = jobs[f"concurrent{i}"].result()
+        assert proc.returncode == 0, proc.stderr
+    sweeps = sorted((workdir / "concurrent" / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 2, sweeps
+    for sweep in sweeps:
+        metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+        assert metrics["status"] == "finished"
