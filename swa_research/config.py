@@ -100,8 +100,14 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none
-    log_every: int = 50
+    backend: str = "none"  # none | wandb
+    log_every: int = 50  # iterations between per-step logs (train loss, lr)
+    project: str = "swa_research"
+    entity: str | None = None
+    group: str | None = None  # null: one group per multirun sweep
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # null: built from the job's overrides
+    mode: str = "auto"  # auto | online | offline | disabled
 
 
 @dataclass
@@ -133,7 +139,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "swa.unit": ("iter", "epoch"),
     "trainer.best_by": ("val_loss", "val_acc"),
     "trainer.progress": ("auto", "bar", "line", "none"),
-    "logger.name": ("none",),
+    "logger.backend": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 
 

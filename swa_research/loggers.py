@@ -11,9 +11,14 @@ import io
 import json
 import logging
 import math
+import netrc
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
+from swa_research.config import LoggerConfig
 from swa_research.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -100,3 +105,153 @@ class Loggers:
     def finish(self, metrics: dict[str, Any]) -> None:
         for lg in self.loggers:
             lg.finish(metrics)
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"swa": {"lr": 1}} -> {"swa.lr": 1}: the dashboard groups and filters by dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run summary: the dashboard's table columns."""
+    out: dict[str, Any] = {"status": metrics.get("status")}
+    for model in ("sgd", "sgd_best_val", "swa"):
+        for key in ("test_acc", "test_loss", "val_acc", "val_loss"):
+            out[f"{model}/{key}"] = (metrics.get(model) or {}).get(key)
+    out["swa/n_averaged"] = (metrics.get("swa") or {}).get("n_averaged")
+    out["sgd_best_val/epoch"] = (metrics.get("sgd_best_val") or {}).get("epoch")
+    for key in ("acc", "loss"):
+        swa, sgd = out[f"swa/test_{key}"], out[f"sgd/test_{key}"]
+        out[f"swa_gain/test_{key}"] = None if swa is None or sgd is None else swa - sgd
+    out["swa_gain"] = out["swa_gain/test_acc"]
+    for k, v in (metrics.get("train") or {}).items():
+        out[f"train/{k}"] = v
+    return out
+
+
+def api_key_configured() -> bool:
+    """True when W&B has a key without asking: WANDB_API_KEY or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        auth = netrc.netrc(path).authenticators(host or "api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_mode(mode: str) -> str:
+    """auto: WANDB_MODE if the user set it, online with an API key, else offline. Never a
+    prompt: wandb.init without a key and without a mode would ask for one."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if api_key_configured() else "offline"
+
+
+class WandbLogger:
+    """One W&B run per job, on top of the local files. Any W&B failure (no network, bad key,
+    service error) prints one warning and turns W&B off for the run: training goes on and the
+    local files are never affected."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
+                 name: str | None = None, group: str | None = None) -> None:
+        self.run: Any = None
+        self.run_dir = Path(run_dir)
+        self._warned = False
+        try:
+            import wandb
+
+            # The same id for the same run dir: a requeued job continues its own W&B run.
+            # Under a W&B agent the agent chooses the id.
+            run_id = None if os.environ.get("WANDB_SWEEP_ID") else stable_run_id(self.run_dir)
+            self.run = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group or group,
+                name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten(config),
+                dir=str(self.run_dir), mode=resolve_mode(cfg.mode), id=run_id,
+                resume="allow" if run_id else None, reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True, init_timeout=90))
+            self.run.define_metric("iteration")
+            self.run.define_metric("train/*", step_metric="iteration")
+            self.run.define_metric("lr", step_metric="iteration")
+            self.run.define_metric("epoch")
+            for prefix in ("sgd/*", "swa/*", "epoch/*"):
+                self.run.define_metric(prefix, step_metric="epoch")
+        except Exception as e:
+            self._disable(e)
+
+    def _disable(self, e: BaseException) -> None:
+        if not self._warned:
+            first = str(e).splitlines()[0] if str(e) else ""
+            log.warning("W&B logging is off for this run (%s: %s); the local files are "
+                        "unaffected", type(e).__name__, first)
+            self._warned = True
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
+
+    def _log(self, data: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(data)
+        except Exception as e:
+            self._disable(e)
+
+    def log_step(self, iteration: int, values: dict[str, float]) -> None:
+        if self.run is not None:
+            self._log({"iteration": iteration, **{k: float(v) for k, v in values.items()}})
+
+    def log_eval(self, row: dict[str, Any]) -> None:
+        data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
+                                "epoch/lr": row["lr"], "epoch/train_loss": row["train_loss"],
+                                "epoch/train_acc": row["train_acc"],
+                                "swa/n_averaged": row.get("swa_n_averaged", 0)}
+        for model in ("sgd", "swa"):
+            for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+                if row.get(f"{model}_{key}") is not None:
+                    data[f"{model}/{key}"] = row[f"{model}_{key}"]
+        if row.get("images_per_s") is not None:
+            data["epoch/images_per_s"] = row["images_per_s"]
+        self._log(data)
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        files = [self.run_dir / n for n in ("metrics.json", "history.csv")]
+        files += sorted(self.run_dir.glob("*.png"))
+        files = [p for p in files if p.is_file()]
+        try:
+            import wandb
+
+            images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
+            if images:
+                self.run.log(images)
+            self.run.summary.update(summary_values(metrics))
+            # Files in the run's own folder are uploaded when it finishes (or is synced).
+            for p in files:
+                shutil.copy2(p, Path(self.run.dir) / p.name)
+            # A failed or diverged job shows as failed in the dashboard.
+            self.run.finish(exit_code=0 if metrics.get("status") == "finished" else 1)
+            self.run = None
+        except Exception as e:
+            self._disable(e)
+
+
+def stable_run_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]

@@ -32,7 +32,7 @@ from swa_research.config import (
     validate_budget,
 )
 from swa_research.data import Preprocess, build_data
-from swa_research.loggers import LocalFiles, Loggers
+from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.trainer import Trainer
@@ -78,9 +78,11 @@ def load_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
     return config
 
 
-def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
+          run_name: str | None = None, group: str | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; writes the run's files into ``run_dir`` and
-    returns the contents of its metrics.json."""
+    returns the contents of its metrics.json. ``run_name`` and ``group`` name the run in
+    experiment trackers unless ``logger.name`` / ``logger.group`` are set."""
     config = load_config(cfg)
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -107,12 +109,15 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dic
     dc = config.data
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment)
     eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device)
-    loggers = Loggers([LocalFiles(run_dir)])
+    config_dict: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        OmegaConf.structured(config), resolve=True)
+    loggers: list[RunLogger] = [LocalFiles(run_dir)]
+    if config.logger.backend == "wandb":
+        loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group))
     trainer = Trainer(
         model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, averager=averager,
         data=data, train_pre=train_pre, eval_pre=eval_pre, cfg=tc, seed=config.seed,
-        run_dir=run_dir, loggers=loggers, config_dict=OmegaConf.to_container(
-            OmegaConf.structured(config), resolve=True),  # type: ignore[arg-type]
+        run_dir=run_dir, loggers=Loggers(loggers), config_dict=config_dict,
         log_every=config.logger.log_every)
     return trainer.fit()
 
@@ -125,8 +130,13 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dic
 def hydra_main(cfg: DictConfig) -> float | None:
     _STATE["job_started"] = True
     hc = HydraConfig.get()
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        # The sweep folder's name: the same for every job of the sweep, also after a requeue.
+        group = Path(hc.sweep.dir).name
     try:
-        metrics = train(cfg, hc.runtime.output_dir)
+        metrics = train(cfg, hc.runtime.output_dir, run_name=job_name(list(hc.overrides.task)),
+                        group=group)
     except UserError as e:
         _STATE["user_error"] = True
         if hc.mode == RunMode.RUN and not _STATE["full_error"]:
@@ -138,6 +148,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # or the SGD model's when there is no average.
     swa_acc = metrics["swa"]["val_acc"]
     return swa_acc if swa_acc is not None else metrics["sgd"]["val_acc"]
+
+
+def job_name(overrides: list[str]) -> str | None:
+    """A readable run name from the job's overrides: ``swa.lr=0.0005,seed=1``."""
+    keep = [o for o in overrides
+            if not o.lstrip("+~").startswith(("hydra.", "hydra/", "logger.", "logger="))]
+    return ",".join(keep) or None
 
 
 _STATE: dict[str, bool] = {"job_started": False, "user_error": False, "full_error": False}

@@ -19,7 +19,7 @@ from swa_research.train import load_config
 
 # The field of each group that must name the option file it came from.
 NAME_FIELD = {"data": "name", "model": "name", "optimizer": "name", "schedule": "name",
-              "swa": "method", "logger": "name"}
+              "swa": "method", "logger": "backend"}
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in group_options(g)]
 
 

@@ -1,0 +1,222 @@
+"""The W&B logger, checked on what real offline runs wrote (no mocking of wandb), and the W&B
+sweep specs in conf/sweeps/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import CONF_DIR, TINY, compose_config
+
+from swa_research.config import LoggerConfig
+from swa_research.loggers import WandbLogger, resolve_mode, summary_values
+from swa_research.train import load_config, train
+from swa_research.trainer import TrainingDiverged
+
+WANDB_TINY = [*TINY, "logger=wandb", "logger.mode=offline"]
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """No API key, no mode, no netrc: what a fresh machine has."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), OMP_NUM_THREADS="1",
+               WANDB_CONFIG_DIR=str(home / ".config" / "wandb"))
+    return env
+
+
+def read_offline(run_dir: Path) -> dict[str, Any]:
+    """Config, summary, history rows, run record and exit code of the offline run(s) in a run
+    dir, read back from the .wandb file with `wandb leet inspect --json`."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run in {run_dir}, found {runs}"
+    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(runs[0])], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    result: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
+    for line in out.splitlines():
+        rec = json.loads(line)
+        kind = rec["type"]
+        if kind == "run":
+            result["run"] = rec["run"]
+            result["config"].update(rec["run"].get("config", {}).get("update", {}))
+        elif kind == "config":
+            result["config"].update(rec["config"].get("update", {}))
+        elif kind == "summary":
+            result["summary"].update(rec["summary"].get("update", {}))
+        elif kind == "history":
+            result["history"].append(rec["history"]["item"])
+        elif kind == "exit":
+            result["exit_code"] = rec["exit"]["exit_code"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    run_dir = tmp_path_factory.mktemp("wandb_run")
+    metrics = train(compose_config(["experiment=smoke", *WANDB_TINY, "logger.log_every=2",
+                                    "logger.tags=[a,b]", "swa.lr=0.0007"]),
+                    run_dir, run_name="swa.lr=0.0007")
+    return run_dir, metrics
+
+
+def test_offline_run_holds_config_summary_history(offline_run) -> None:
+    run_dir, metrics = offline_run
+    rec = read_offline(run_dir)
+    assert rec["exit_code"] == 0
+    assert rec["run"]["display_name"] == "swa.lr=0.0007"
+    assert rec["run"]["tags"] == ["a", "b"]
+    # The config is flat, with the command-line names as keys.
+    cfg = rec["config"]
+    assert cfg["swa.lr"] == 0.0007 and cfg["model.name"] == "simplified"
+    assert cfg["data.name"] == "synthetic" and cfg["logger.backend"] == "wandb"
+    # Summary: the dashboard's table columns, equal to metrics.json.
+    s = rec["summary"]
+    assert s["status"] == "finished"
+    for model in ("sgd", "sgd_best_val", "swa"):
+        for key in ("test_acc", "test_loss", "val_acc", "val_loss"):
+            assert s[f"{model}/{key}"] == pytest.approx(metrics[model][key])
+    assert s["swa/n_averaged"] == metrics["swa"]["n_averaged"] > 0
+    gain = metrics["swa"]["test_acc"] - metrics["sgd"]["test_acc"]
+    assert s["swa_gain"] == pytest.approx(gain)
+    assert s["swa_gain/test_loss"] == pytest.approx(
+        metrics["swa"]["test_loss"] - metrics["sgd"]["test_loss"])
+    # History: per-step rows (train loss, lr) and one row per evaluation matching history.csv.
+    steps = [h for h in rec["history"] if "train/loss" in h]
+    assert [h["iteration"] for h in steps] == list(range(2, metrics["train"]["iterations"] + 1, 2))
+    evals = [h for h in rec["history"] if "sgd/test_acc" in h]
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [h["epoch"] for h in evals] == [int(r["epoch"]) for r in rows]
+    for h, r in zip(evals, rows, strict=True):
+        assert h["sgd/test_acc"] == pytest.approx(float(r["sgd_test_acc"]))
+        assert h["epoch/images_per_s"] > 0
+        if r["swa_test_acc"]:
+            assert h["swa/test_acc"] == pytest.approx(float(r["swa_test_acc"]))
+    # Plots logged as images; metrics.json, history.csv and the PNGs saved with the run.
+    assert {"plots/accuracy", "plots/loss_curves"} <= {k.split(".")[0] for k in s}
+    files = {p.name for p in (run_dir / "wandb").glob("offline-run-*/files/*")}
+    assert {"metrics.json", "history.csv", "accuracy.png", "loss_curves.png"} <= files
+
+
+def test_failed_job_is_a_failed_run_and_the_next_is_separate(tmp_path: Path) -> None:
+    bad = compose_config(["experiment=smoke", *WANDB_TINY, "optimizer=sgd",
+                          "optimizer.lr=1e12", "swa.lr=1e12"])
+    with pytest.raises(TrainingDiverged):
+        train(bad, tmp_path / "bad")
+    good_metrics = train(compose_config(["experiment=smoke", *WANDB_TINY]), tmp_path / "good")
+    bad_rec, good_rec = read_offline(tmp_path / "bad"), read_offline(tmp_path / "good")
+    assert bad_rec["exit_code"] == 1 and bad_rec["summary"]["status"] == "diverged"
+    assert good_rec["exit_code"] == 0 and good_rec["summary"]["status"] == "finished"
+    assert bad_rec["run"]["run_id"] != good_rec["run"]["run_id"]
+    good_epochs = [h["epoch"] for h in good_rec["history"] if "sgd/test_acc" in h]
+    assert good_epochs == list(range(1, good_metrics["train"]["epochs"] + 1))
+    assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_multirun_gives_one_group_and_named_runs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        [sys.executable, "-m", "swa_research.train", "-m", "experiment=smoke", *TINY,
+         "logger=wandb", "swa.lr=0.001,0.002", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [read_offline(sweep / str(i)) for i in (0, 1)]
+    groups = {rec["run"].get("run_group") for rec in recs}
+    assert groups == {sweep.name}
+    names = [rec["run"]["display_name"] for rec in recs]
+    assert names[0] != names[1] and "swa.lr=0.001" in names[0] and "swa.lr=0.002" in names[1]
+    assert all(rec["exit_code"] == 0 for rec in recs)
+
+
+def test_auto_mode_without_a_key_runs_offline_and_never_prompts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "swa_research.train", "experiment=smoke", *TINY, "logger=wandb",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_offline(run_dir)["exit_code"] == 0
+    assert "W&B logging is off" not in r.stderr
+
+
+def test_wandb_failure_warns_once_and_keeps_the_local_files(tmp_path: Path) -> None:
+    # Online without an API key: wandb.init raises; the run goes on without W&B.
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "swa_research.train", "experiment=smoke", *TINY, "logger=wandb",
+         "logger.mode=online", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("W&B logging is off for this run") == 1
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_resolve_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("online") == "online" and resolve_mode("disabled") == "disabled"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+
+
+def test_disabled_mode_and_summary_without_average(tmp_path: Path) -> None:
+    lg = WandbLogger(LoggerConfig(backend="wandb", mode="disabled"), tmp_path, {"a": {"b": 1}})
+    lg.log_eval({"epoch": 1, "iteration": 2, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5})
+    lg.finish({"status": "finished"})
+    s = summary_values({"status": "finished", "sgd": {"test_acc": 0.5, "test_loss": 1.0},
+                        "swa": {"test_acc": None, "test_loss": None}})
+    assert s["swa_gain"] is None and s["sgd/test_acc"] == 0.5
+
+
+# -- W&B sweep specs ---------------------------------------------------------------------------
+
+SPECS = sorted((CONF_DIR / "sweeps").glob("*.yaml"))
+
+
+def test_there_are_sweep_specs() -> None:
+    assert {"seed_swa_lr", "paper_vgg16_bayes"} <= {p.stem for p in SPECS}
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
+def test_sweep_spec_is_valid(spec_path: Path) -> None:
+    spec = yaml.safe_load(spec_path.read_text())  # PyYAML, as the wandb CLI reads it
+    assert spec["method"] in ("grid", "random", "bayes")
+    assert spec["metric"]["goal"] in ("maximize", "minimize")
+    assert "/" in spec["metric"]["name"]  # a key this project logs to the summary
+    cmd = spec["command"]
+    assert cmd[:4] == ["${env}", "${interpreter}", "-m", "${program}"]
+    assert cmd[-1] == "${args_no_hyphens}" and "-m" not in cmd[4:]
+    assert spec["program"] == "swa_research.train"
+    fixed = [c for c in cmd[4:-1]]
+    for key, param in spec["parameters"].items():
+        values = param.get("values", [param.get("value", param.get("min"))])
+        for bound in ("min", "max"):
+            if bound in param:
+                values.append(param[bound])
+        for v in values:
+            assert isinstance(v, (int, float)) and not isinstance(v, bool), (key, v)
+        # Every parameter is a real config key: compose it as the agent would pass it.
+        overrides = [*fixed, *(f"{key}={v}" for v in values[:1])]
+        config = load_config(compose_config(overrides))
+        node: Any = config
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == pytest.approx(values[0])
