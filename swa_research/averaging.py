@@ -107,6 +107,14 @@ class Averager:
     def n_averaged(self) -> int:
         return int(self.averaged.n_averaged.item())
 
+    def state_dict(self) -> dict[str, object]:
+        """The average (with its n_averaged) and whether its BN statistics are stale."""
+        return {"averaged": self.averaged.state_dict(), "bn_stale": self._bn_stale}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.averaged.load_state_dict(state["averaged"])  # type: ignore[arg-type]
+        self._bn_stale = bool(state["bn_stale"])
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.averaged.update_parameters(model)

@@ -95,7 +95,11 @@ class TrainerConfig:
     num_workers: int = 2
     best_by: str = "val_loss"  # val_loss | val_acc
     progress: str = "auto"  # auto | bar | line | none
-    save_checkpoints: bool = True
+    save_checkpoints: bool = True  # sgd_final.pt, sgd_best_val.pt, swa.pt at the end
+    checkpoint_every: int = 1  # epochs between training checkpoints (0: none, no resume)
+    resume: str = "auto"  # auto | never | PATH of a checkpoint
+    resume_override: bool = False  # resume even when the config differs from the checkpoint's
+    deterministic: bool = False  # deterministic algorithms: bit-exact resume on CPU
 
 
 @dataclass
@@ -182,6 +186,8 @@ def validate(cfg: Config) -> None:
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
                 "trainer.eval_every", "swa.freq", "model.width", "logger.log_every"):
         _positive(_get(cfg, key), key)
+    if cfg.trainer.checkpoint_every < 0:
+        raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
     if cfg.trainer.num_workers < 0:
         raise UserError(f"trainer.num_workers={cfg.trainer.num_workers}: must be >= 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -239,3 +245,15 @@ def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
         raise UserError(
             f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
             f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged")
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"swa": {"lr": 1}} -> {"swa.lr": 1}: the command-line names."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -287,13 +287,16 @@ class Preprocess:
 
 
 def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
-                  preprocess: Preprocess, drop_last: bool = True
-                  ) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of shuffled, augmented batches; the order comes from ``generator``."""
+                  preprocess: Preprocess, drop_last: bool = True, order: Tensor | None = None,
+                  start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of shuffled, augmented batches; the order comes from ``generator`` unless
+    given. ``start`` skips that many batches (resuming an epoch)."""
     n = len(data)
-    order = torch.randperm(n, generator=generator).to(data.images.device)
+    if order is None:
+        order = torch.randperm(n, generator=generator)
+    order = order.to(data.images.device)
     stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
+    for i in range(start * batch_size, stop, batch_size):
         idx = order[i:i + batch_size]
         yield preprocess.train(data.images[idx], generator), data.labels[idx]
 

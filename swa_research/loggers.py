@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from swa_research.config import LoggerConfig
+from swa_research.config import LoggerConfig, flatten_dict
 from swa_research.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class LocalFiles:
     def log_eval(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.write_history()
+
+    def restore_history(self, rows: list[dict[str, Any]]) -> None:
+        """On resume: the rows written before the checkpoint."""
+        self.rows = [dict(r) for r in rows]
 
     def write_history(self) -> None:
         buf = io.StringIO()
@@ -106,17 +110,11 @@ class Loggers:
         for lg in self.loggers:
             lg.finish(metrics)
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"swa": {"lr": 1}} -> {"swa.lr": 1}: the dashboard groups and filters by dotted keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
+    def restore_history(self, rows: list[dict[str, Any]]) -> None:
+        for lg in self.loggers:
+            restore = getattr(lg, "restore_history", None)
+            if restore is not None:
+                restore(rows)
 
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     """The run summary: the dashboard's table columns."""
@@ -177,7 +175,7 @@ class WandbLogger:
             run_id = None if os.environ.get("WANDB_SWEEP_ID") else stable_run_id(self.run_dir)
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=cfg.group or group,
-                name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten(config),
+                name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten_dict(config),
                 dir=str(self.run_dir), mode=resolve_mode(cfg.mode), id=run_id,
                 resume="allow" if run_id else None, reinit="finish_previous",
                 settings=wandb.Settings(console="off", silent=True, init_timeout=90))

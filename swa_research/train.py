@@ -6,9 +6,11 @@ notebook or a test, given a composed config and a run dir.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from swa_research.averaging import Averager, AveragingPlan
+from swa_research.callbacks import SWEEP
+from swa_research.checkpoint import config_differences, find_resume_checkpoint
 from swa_research.config import (
     Config,
     UserError,
@@ -35,7 +39,8 @@ from swa_research.data import Preprocess, build_data
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.trainer import Trainer
+from swa_research.sweep import format_summary, sweep_jobs
+from swa_research.trainer import Preempted, Trainer, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +91,29 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
     config = load_config(cfg)
     run_dir = Path(run_dir)
     check_writable(run_dir)
-    device = resolve_device(config.trainer.device)
-    if device.type == "cuda":
+    refuse_finished_run(run_dir)
+    config_dict: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        OmegaConf.structured(config), resolve=True)
+    tc = config.trainer
+    resume = find_resume_checkpoint(run_dir, tc.resume)
+    if resume is not None:
+        diffs = config_differences(resume[0]["config"], config_dict)
+        if diffs and not tc.resume_override:
+            raise UserError(
+                f"checkpoint {resume[1]} was written with another config ({'; '.join(diffs)}); "
+                "resume anyway with trainer.resume_override=true, or start afresh in another "
+                "output dir")
+    device = resolve_device(tc.device)
+    if tc.deterministic:
+        # cuBLAS needs this before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
 
-    data = build_data(config.data, config.seed, device, config.trainer.num_workers)
-    tc = config.trainer
+    data = build_data(config.data, config.seed, device, tc.num_workers)
     ipe = iterations_per_epoch(len(data.train), tc.batch_size, tc.drop_last)
     validate_budget(config, ipe)
 
@@ -109,8 +130,6 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
     dc = config.data
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment)
     eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device)
-    config_dict: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
-        OmegaConf.structured(config), resolve=True)
     loggers: list[RunLogger] = [LocalFiles(run_dir)]
     if config.logger.backend == "wandb":
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group))
@@ -119,7 +138,35 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
         data=data, train_pre=train_pre, eval_pre=eval_pre, cfg=tc, seed=config.seed,
         run_dir=run_dir, loggers=Loggers(loggers), config_dict=config_dict,
         log_every=config.logger.log_every)
-    return trainer.fit()
+    if resume is not None:
+        try:
+            trainer.load_state(resume[0])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
+                            f"({one_line(e)[:300]})") from e
+        log.info("resuming from %s", resume[1])
+    try:
+        return trainer.fit()
+    except Preempted as e:
+        # Under submitit (SLURM), its own handler requeues the job: hand the signal on to it.
+        handler = signal.getsignal(e.signum)
+        if callable(handler):
+            handler(e.signum, None)
+        raise
+
+
+def refuse_finished_run(run_dir: Path) -> None:
+    """Never overwrite an earlier run's results."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        status = json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status == "finished":
+        raise UserError(f"{run_dir} already holds a finished run ({path}); choose another "
+                        "output dir with hydra.run.dir=... (hydra.sweep.dir=... for -m)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,25 +249,51 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
+def default_run_id() -> str:
+    """Date, time and a random part; under SLURM the job id instead, so that a requeued job
+    (a new process) finds its own run dir and resumes from its checkpoint."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task and os.environ.get("SLURM_ARRAY_JOB_ID")
+                                 else "")
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
 def main() -> None:
     # One id per command, shared by every job it starts (see hydra.run.dir in config.yaml).
-    os.environ.setdefault(
-        "SWA_RUN_ID", time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3))
+    os.environ.setdefault("SWA_RUN_ID", default_run_id())
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _STATE["full_error"] = full_error  # the job's own errors then raise too
     # Hydra then raises instead of printing a trimmed traceback, and we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    code = 0
     try:
         hydra_main()
     except Exception as e:
         msg = user_error_message(e)
-        if full_error or msg is None:
+        if full_error:
             raise
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        if msg is not None:
+            print(f"error: {msg}", file=sys.stderr)
+            code = 2
+        elif isinstance(e, TrainingDiverged):
+            print(f"error: {e}", file=sys.stderr)
+            code = 1
+        elif SWEEP["dir"] is None:
+            raise
+        else:
+            code = 1  # a failed job of a sweep: the summary below names it
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+    if SWEEP["dir"] is not None:
+        sweep_dir = Path(SWEEP["dir"])
+        jobs = sweep_jobs(sweep_dir)
+        print(format_summary(sweep_dir, jobs), file=sys.stderr)
+        if any(not j.ok for j in jobs):
+            code = code or 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

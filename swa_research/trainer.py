@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from swa_research.averaging import Averager, AveragingPlan
+from swa_research.checkpoint import rng_state, save_checkpoint, set_rng_state
 from swa_research.config import TrainerConfig
-from swa_research.data import (
-    DataSplits,
-    ImageSet,
-    Preprocess,
-    atomic_torch_save,
-    eval_batches,
-    train_batches,
-)
+from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, train_batches
+from swa_research.faults import fault_point
+from swa_research.fileio import atomic_torch_save
 from swa_research.loggers import Loggers
 
 log = logging.getLogger(__name__)
@@ -31,6 +29,19 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again": asks for a requeue
+
+
+class Preempted(SystemExit):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was written; the process exits for a requeue.
+
+    A SystemExit, so that Hydra's job runner and launchers let it through."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.signum = signum
 
 
 @dataclass
@@ -112,17 +123,29 @@ class Trainer:
         self.last_swa: dict[str, Any] = {}
         self.train_time = 0.0
         self.images_seen = 0
+        self.wall_before = 0.0  # wall time of earlier processes of this run (resume)
+        self.start_epoch = 1
+        self.history: list[dict[str, Any]] = []
+        self.partial: dict[str, Any] | None = None  # a mid-epoch position to resume from
+        self._stop_signal: int | None = None
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        seen = 0
+        part, self.partial = self.partial, None
+        if part is None:
+            order = torch.randperm(len(self.data.train), generator=self.generator)
+            start, seen = 0, 0
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        else:  # resuming inside this epoch
+            order, start, seen = part["order"], part["batch"], part["seen"]
+            loss_sum = part["loss_sum"].to(self.device)
+            correct = part["correct"].to(self.device)
         progress = Progress(self.cfg.progress, self.iters_per_epoch)
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
-                                self.train_pre, self.cfg.drop_last)
-        for i, (x, y) in enumerate(batches, start=1):
+                                self.train_pre, self.cfg.drop_last, order=order, start=start)
+        for i, (x, y) in enumerate(batches, start=start + 1):
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -134,17 +157,35 @@ class Trainer:
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
+            fault_point("step")
             if self.averager is not None and self.plan.due_after_iter(self.iteration):
                 self.averager.update(self.model)
+                fault_point("averaged")
             if self.iteration % self.log_every == 0:
-                self.loggers.log_step(self.iteration, {"train/loss": loss.detach(),
+                # The one sync every log_every steps: the logged loss, also a divergence check.
+                last = loss.detach().item()
+                self._check_finite(last, epoch)
+                self.loggers.log_step(self.iteration, {"train/loss": last,
                                                        "lr": self.current_lr()})
             progress.update(epoch, self.cfg.epochs, i, loss_sum, seen)
+            if self._stop_signal is not None:
+                progress.close()
+                self._preempt(epoch, {"order": order, "batch": i, "seen": seen,
+                                      "loss_sum": loss_sum, "correct": correct})
         progress.close()
         if self.averager is not None and self.plan.due_after_epoch(epoch):
             self.averager.update(self.model)
+            fault_point("averaged")
         self.images_seen += seen
-        return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
+        train_loss = loss_sum.item() / max(1, seen)
+        self._check_finite(train_loss, epoch)
+        return train_loss, correct.item() / max(1, seen)
+
+    def _check_finite(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss became {loss} in epoch {epoch} (iteration {self.iteration}); "
+                "lower optimizer.lr or swa.lr")
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -157,8 +198,15 @@ class Trainer:
         return train_batches(self.data.train, self.cfg.eval_batch_size, gen, self.train_pre,
                              drop_last=False)
 
+    @staticmethod
+    def _with_fault(batches: Any, point: str) -> Any:
+        for batch in batches:
+            fault_point(point)
+            yield batch
+
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
         bs = self.cfg.eval_batch_size
+        fault_point("eval")
         sgd_val = evaluate(self.model, self.data.val, self.eval_pre, bs)
         sgd_test = evaluate(self.model, self.data.test, self.eval_pre, bs)
         swa_val, swa_test, n_avg = EvalResult(), EvalResult(), 0
@@ -168,7 +216,7 @@ class Trainer:
             # does not change the training run.
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                self.averager.prepare_for_eval(self.bn_batches())
+                self.averager.prepare_for_eval(self._with_fault(self.bn_batches(), "bn_update"))
             swa_val = evaluate(self.averager.module, self.data.val, self.eval_pre, bs)
             swa_test = evaluate(self.averager.module, self.data.test, self.eval_pre, bs)
             n_avg = self.averager.n_averaged
@@ -206,25 +254,34 @@ class Trainer:
         log.info("training %d epochs of %d iterations on %s (%d train, %s val, %d test images)",
                  epochs, self.iters_per_epoch, self.device, len(self.data.train),
                  len(self.data.val) if self.data.val is not None else 0, len(self.data.test))
+        if self.start_epoch > 1 or self.partial is not None:
+            log.info("resumed at iteration %d (epoch %d)", self.iteration,
+                     self.start_epoch - (self.partial is None))
         start = time.perf_counter()
         status = "failed"
         error: str | None = None
+        handlers = self._install_signal_handlers()
         try:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(self.start_epoch, epochs + 1):
                 t0 = time.perf_counter()
                 train_loss, train_acc = self.train_epoch(epoch)
                 self.train_time += time.perf_counter() - t0
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(
-                        f"training loss became {train_loss} in epoch {epoch} (iteration "
-                        f"{self.iteration}); lower optimizer.lr or swa.lr")
                 if epoch % self.cfg.eval_every == 0 or epoch == epochs:
                     row = self.evaluate_all(epoch, train_loss, train_acc)
+                    self.history.append(dict(row))
                     # Throughput goes to the trackers only: the files stay reproducible.
                     row["images_per_s"] = self.images_seen / max(self.train_time, 1e-9)
                     self.loggers.log_eval(row)
                     self._log_line(row, time.perf_counter() - t0)
+                every = self.cfg.checkpoint_every
+                if every and (epoch % every == 0 or epoch == epochs):
+                    self.save_checkpoint(epoch, wall=time.perf_counter() - start)
+                if self._stop_signal is not None:
+                    self._preempt(epoch + 1, None, wall=time.perf_counter() - start)
             status = "finished"
+        except Preempted:
+            status, error = "preempted", "stopped by a signal; resumes from its checkpoint"
+            raise
         except TrainingDiverged as e:
             status, error = "diverged", str(e)
             raise
@@ -235,12 +292,87 @@ class Trainer:
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
-            wall = time.perf_counter() - start
+            self._restore_signal_handlers(handlers)
+            wall = self.wall_before + time.perf_counter() - start
             metrics = self.metrics(status, wall, error)
             self.loggers.finish(metrics)
         if self.cfg.save_checkpoints:
             self.save_weights()
         return metrics
+
+    # -- checkpoints, resume, preemption --------------------------------------------------
+    def state(self, epoch: int, partial: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+        """Everything a resume needs to continue bit for bit."""
+        return {
+            "config": self.config_dict,
+            "epoch": epoch,  # completed epochs
+            "iteration": self.iteration,
+            "partial": partial,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "averager": None if self.averager is None else self.averager.state_dict(),
+            "best": self.best,
+            "best_state": self.best_state,
+            "last_sgd": self.last_sgd,
+            "last_swa": self.last_swa,
+            "history": self.history,
+            "rng": rng_state(self.generator, self.device),
+            "timing": {"train_time": self.train_time, "images_seen": self.images_seen,
+                       "wall": self.wall_before + wall},
+        }
+
+    def save_checkpoint(self, epoch: int, partial: dict[str, Any] | None = None,
+                        wall: float = 0.0) -> Path:
+        return save_checkpoint(self.run_dir, self.state(epoch, partial, wall))
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.averager is not None and state["averager"] is not None:
+            self.averager.load_state_dict(state["averager"])
+        self.best, self.best_state = state["best"], state["best_state"]
+        if self.best_state is not None:
+            self.best_state = {k: v.to(self.device) for k, v in self.best_state.items()}
+        self.last_sgd, self.last_swa = state["last_sgd"], state["last_swa"]
+        self.history = [dict(r) for r in state["history"]]
+        self.loggers.restore_history(self.history)
+        self.iteration = state["iteration"]
+        self.partial = state["partial"]
+        self.start_epoch = state["epoch"] + 1
+        timing = state["timing"]
+        self.train_time, self.images_seen = timing["train_time"], timing["images_seen"]
+        self.wall_before = timing["wall"]
+        set_rng_state(state["rng"], self.generator, self.device)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM and SIGUSR1 (what SLURM sends before preemption or the time limit): finish
+        the current step, write a checkpoint, exit for a requeue."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _preempt(self, epoch: int, partial: dict[str, Any] | None, wall: float = 0.0) -> None:
+        """Checkpoint at the current position (inside ``epoch``, or before it when
+        ``partial`` is None) and stop with the requeue status."""
+        signum = self._stop_signal or signal.SIGTERM
+        path = self.save_checkpoint(epoch - 1, partial, wall)
+        log.warning("%s received: checkpoint %s written at iteration %d; exiting with status "
+                    "%d for a requeue", signal.Signals(signum).name, path, self.iteration,
+                    REQUEUE_EXIT_CODE)
+        raise Preempted(signum)
 
     def metrics(self, status: str, wall: float, error: str | None = None) -> dict[str, Any]:
         none4 = {"test_acc": None, "test_loss": None, "val_acc": None, "val_loss": None}

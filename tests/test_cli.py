@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 # Shrinks the smoke preset further; the CLI tests are about the process, not the learning.
 FAST = ["data.train_size=128", "data.test_size=64", "trainer.epochs=2", "trainer.device=cpu"]
@@ -53,6 +54,16 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("cifar_missing", ["data=cifar10", "data.root={tmp}/nocifar", "data.download=false"],
      ["CIFAR-10", "{tmp}/nocifar/cifar-10-batches-py", "data.download=false", "data.root"]),
     ("no_gpu", ["experiment=smoke", "trainer.device=cuda"], ["trainer.device=cuda", "GPU"]),
+    ("folder_without_images", ["data=imagefolder", "data.root={tmp}/noimg"],
+     ["{tmp}/noimg/train", "no images"]),
+    ("class_missing_from_test", ["data=imagefolder", "data.root={tmp}/missing_class"],
+     ["{tmp}/missing_class/test", "missing: b"]),
+    ("unreadable_image", ["data=imagefolder", "data.root={tmp}/badimg"],
+     ["cannot read image", "{tmp}/badimg/train/a/bad.jpg"]),
+    ("corrupt_cifar", ["data=cifar10", "data.root={tmp}/badcifar", "data.download=false"],
+     ["CIFAR-10", "corrupt", "{tmp}/badcifar/cifar-10-batches-py"]),
+    ("finished_run_dir", ["experiment=smoke", "hydra.run.dir={tmp}/finished"],
+     ["{tmp}/finished", "already holds a finished run"]),
 ]
 
 
@@ -61,6 +72,27 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "a_file").write_text("a regular file, not a folder")
     (tmp / "empty").mkdir()
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+
+    for split in ("train", "test"):
+        (tmp / "noimg" / split / "a").mkdir(parents=True)
+    image(tmp / "missing_class" / "train" / "a" / "0.png")
+    image(tmp / "missing_class" / "train" / "b" / "0.png")
+    image(tmp / "missing_class" / "test" / "a" / "0.png")
+    image(tmp / "badimg" / "train" / "a" / "0.png")
+    (tmp / "badimg" / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    image(tmp / "badimg" / "test" / "a" / "0.png")
+    cifar = tmp / "badcifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                 "data_batch_5", "test_batch", "batches.meta"):
+        (cifar / name).write_bytes(b"garbage")
+    (tmp / "finished").mkdir()
+    finished = {"status": "finished", "sgd": {"test_acc": 0.5}}
+    (tmp / "finished" / "metrics.json").write_text(json.dumps(finished))
     return tmp
 
 
@@ -125,8 +157,10 @@ def test_user_error_is_one_line(name: str, args: list[str], words: list[str], wo
     for word in words:
         assert word.format(tmp=workdir) in lines[0]
     assert proc.returncode == 2
-    # Nothing was trained.
+    # Nothing was trained, and nothing earlier was lost.
     assert not list(workdir.glob(f"runs/{name}/metrics.json"))
+    finished = json.loads((workdir / "finished" / "metrics.json").read_text())
+    assert finished == {"status": "finished", "sgd": {"test_acc": 0.5}}
 
 
 def test_hydra_full_error_gives_the_traceback(jobs: dict[str, Future[Proc]]) -> None:

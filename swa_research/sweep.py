@@ -1,0 +1,72 @@
+"""What happened to each job of a multirun: read back from the jobs' run dirs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class JobResult:
+    run_dir: Path
+    overrides: list[str]
+    status: str  # finished | diverged | failed | preempted | interrupted | missing
+    metrics: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished"
+
+
+def read_job(run_dir: Path) -> JobResult:
+    overrides: list[str] = []
+    ov = run_dir / ".hydra" / "overrides.yaml"
+    if ov.is_file():
+        overrides = [str(o) for o in (yaml.safe_load(ov.read_text()) or [])]
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return JobResult(run_dir, overrides, "failed", None,
+                         "no metrics.json: the job stopped before training ended")
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return JobResult(run_dir, overrides, "failed", None, f"unreadable metrics.json: {e}")
+    return JobResult(run_dir, overrides, str(metrics.get("status", "failed")), metrics,
+                     metrics.get("error"))
+
+
+def sweep_jobs(sweep_dir: Path) -> list[JobResult]:
+    """The jobs under a sweep dir: every folder with a .hydra/ inside, in job order."""
+    dirs = [p.parent for p in Path(sweep_dir).glob("**/.hydra") if p.is_dir()]
+
+    def key(p: Path) -> tuple[int, str]:
+        name = p.relative_to(sweep_dir).as_posix()
+        return (int(name), name) if name.isdigit() else (1 << 30, name)
+
+    return [read_job(d) for d in sorted(dirs, key=key)]
+
+
+def format_summary(sweep_dir: Path, jobs: list[JobResult]) -> str:
+    failed = [j for j in jobs if not j.ok]
+    lines = [f"sweep {sweep_dir}: {len(jobs)} jobs, {len(jobs) - len(failed)} finished, "
+             f"{len(failed)} not finished"]
+    for j in jobs:
+        name = j.run_dir.relative_to(sweep_dir).as_posix()
+        over = ",".join(j.overrides) or "-"
+        if j.ok and j.metrics:
+            sgd = (j.metrics.get("sgd") or {}).get("test_acc")
+            swa = (j.metrics.get("swa") or {}).get("test_acc")
+            res = f"sgd test {_pct(sgd)}  swa test {_pct(swa)}"
+        else:
+            res = (j.error or "").splitlines()[0][:160] if j.error else ""
+        lines.append(f"  job {name:>3} {j.status:<11} {over}  {res}")
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
