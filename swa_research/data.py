@@ -16,6 +16,7 @@ from torch import Tensor
 
 from swa_research.config import DataConfig, UserError
 from swa_research.fileio import atomic_torch_save
+from swa_research.locks import file_lock, lock_path
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
     root = Path(cfg.root).expanduser()
     folder = root / cls.base_folder
     try:
-        sets = [cls(str(root), train=train, download=cfg.download) for train in (True, False)]
+        # Several jobs may start at once: one downloads and verifies, the others wait.
+        with file_lock(lock_path(root if cfg.download else root.parent, cfg.name),
+                       f"preparing {label} in {root}"):
+            sets = [cls(str(root), train=train, download=cfg.download) for train in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ...
         how = ("the download failed" if cfg.download else "data.download=false")
         raise UserError(
@@ -144,12 +148,31 @@ def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: D
     files, labels, classes = _list_folder(split_dir, classes)
     key = _cache_key(files, labels, cfg.image_size, root)
     cache_path = root / ".swa_cache" / f"{split}-{key}.pt"
-    if cfg.cache and cache_path.is_file():
+    if not cfg.cache:
+        return _decode_split(files, labels, split_dir, cfg, num_workers), classes
+    # Jobs that start together decode once: the first builds the cache, the others wait for it.
+    with file_lock(lock_path(root, "swa_cache"), f"decoding {split_dir}"):
+        return _cached_split(cache_path, files, labels, split_dir, cfg, num_workers), classes
+
+
+def _cached_split(cache_path: Path, files: list[Path], labels: list[int], split_dir: Path,
+                  cfg: DataConfig, num_workers: int) -> ImageSet:
+    if cache_path.is_file():
         try:
             blob = torch.load(cache_path, map_location="cpu", weights_only=True)
-            return ImageSet(blob["images"], blob["labels"]), classes
+            return ImageSet(blob["images"], blob["labels"])
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s (%s); decoding again", cache_path, e)
+    result = _decode_split(files, labels, split_dir, cfg, num_workers)
+    try:
+        atomic_torch_save({"images": result.images, "labels": result.labels}, cache_path)
+    except OSError as e:
+        log.warning("could not write the decode cache %s (%s)", cache_path, e)
+    return result
+
+
+def _decode_split(files: list[Path], labels: list[int], split_dir: Path, cfg: DataConfig,
+                  num_workers: int) -> ImageSet:
     log.info("decoding %d images from %s", len(files), split_dir)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         images = list(pool.map(lambda p: _decode(p, cfg.image_size), files))
@@ -157,13 +180,7 @@ def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: D
     if len(shapes) > 1:
         raise UserError(f"{split_dir}: images have different sizes {sorted(shapes)[:3]}...; "
                         "set data.image_size to resize them")
-    result = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
-    if cfg.cache:
-        try:
-            atomic_torch_save({"images": result.images, "labels": result.labels}, cache_path)
-        except OSError as e:
-            log.warning("could not write the decode cache %s (%s)", cache_path, e)
-    return result, classes
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
 def _imagefolder(cfg: DataConfig, num_workers: int) -> tuple[ImageSet, ImageSet, list[str]]:

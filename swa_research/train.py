@@ -36,6 +36,7 @@ from swa_research.config import (
     validate_budget,
 )
 from swa_research.data import Preprocess, build_data
+from swa_research.locks import GpuClaim
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
@@ -84,10 +85,12 @@ def load_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
 
 
 def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
-          run_name: str | None = None, group: str | None = None) -> dict[str, Any]:
+          run_name: str | None = None, group: str | None = None,
+          job_num: int = 0) -> dict[str, Any]:
     """Train and evaluate one configuration; writes the run's files into ``run_dir`` and
     returns the contents of its metrics.json. ``run_name`` and ``group`` name the run in
-    experiment trackers unless ``logger.name`` / ``logger.group`` are set."""
+    experiment trackers unless ``logger.name`` / ``logger.group`` are set; ``job_num`` (the
+    job's number in a sweep) is the GPU it tries first when several are visible."""
     config = load_config(cfg)
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -104,13 +107,30 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
                 "resume anyway with trainer.resume_override=true, or start afresh in another "
                 "output dir")
     device = resolve_device(tc.device)
+    claim = None
+    if tc.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
+        # Jobs sharing a machine (joblib, several agents) each take a GPU of their own.
+        claim = GpuClaim.acquire(torch.cuda.device_count(), preferred=job_num)
+        device = torch.device("cuda", claim.index)
+        log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
+    try:
+        return _train_on(config, config_dict, run_dir, device, resume, run_name, group)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
+              device: torch.device, resume: tuple[dict[str, Any], Path] | None,
+              run_name: str | None, group: str | None) -> dict[str, Any]:
+    tc = config.trainer
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if tc.deterministic:
         # cuBLAS needs this before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not tc.deterministic
     torch.manual_seed(config.seed)
 
     data = build_data(config.data, config.seed, device, tc.num_workers)
@@ -183,7 +203,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         group = Path(hc.sweep.dir).name
     try:
         metrics = train(cfg, hc.runtime.output_dir, run_name=job_name(list(hc.overrides.task)),
-                        group=group)
+                        group=group, job_num=int(hc.job.num) if group else 0)
     except UserError as e:
         _STATE["user_error"] = True
         if hc.mode == RunMode.RUN and not _STATE["full_error"]:
@@ -283,7 +303,9 @@ def main() -> None:
         elif SWEEP["dir"] is None:
             raise
         else:
-            code = 1  # a failed job of a sweep: the summary below names it
+            # A failed job of a sweep (the summary below names it), or the launcher failed.
+            print(f"error: {type(e).__name__}: {one_line(e)[:500]}", file=sys.stderr)
+            code = 1
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -297,4 +319,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy: launchers that pickle the task
+    # function (submitit, joblib) must find it by reference as swa_research.train.hydra_main.
+    from swa_research.train import main as _main
+
+    _main()

@@ -347,12 +347,13 @@ class Trainer:
         set_rng_state(state["rng"], self.generator, self.device)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGTERM and SIGUSR1 (what SLURM sends before preemption or the time limit): finish
-        the current step, write a checkpoint, exit for a requeue."""
+        """SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and submitit send before preemption or the
+        time limit): finish the current step, write a checkpoint, exit for a requeue."""
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGUSR2 too: submitit's default preemption signal.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             previous[sig] = signal.signal(sig, self._on_signal)
         return previous
 
