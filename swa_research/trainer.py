@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swa_research.averaging import Averager, AveragingPlan
+from swa_research.calibration import calibrate_run
 from swa_research.config import TrainerConfig
 from swa_research.data import (
     DataSplits,
@@ -112,6 +113,7 @@ class Trainer:
         self.last_swa: dict[str, Any] = {}
         self.train_time = 0.0
         self.images_seen = 0
+        self.calibration: dict[str, Any] | None = None
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -224,6 +226,10 @@ class Trainer:
                     row["images_per_s"] = self.images_seen / max(self.train_time, 1e-9)
                     self.loggers.log_eval(row)
                     self._log_line(row, time.perf_counter() - t0)
+            # After the final evaluation, so the average's BN statistics are fresh.
+            averaged = self.averager.module if self.averager and self.averager.n_averaged else None
+            self.calibration = calibrate_run(self.model, averaged, self.data.test, self.eval_pre,
+                                             self.cfg.eval_batch_size, self.run_dir)
             status = "finished"
         except TrainingDiverged as e:
             status, error = "diverged", str(e)
@@ -251,6 +257,7 @@ class Trainer:
             "sgd": self.last_sgd or none4,
             "sgd_best_val": best,
             "swa": swa,
+            "calibration": self.calibration,
             "train": {
                 "epochs": self.cfg.epochs,
                 "iterations": self.iteration,
