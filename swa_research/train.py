@@ -221,6 +221,11 @@ def main() -> None:
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        # After a multirun, failed jobs included (the launcher re-raises the first failure
+        # once all jobs ran): the sweep's report. Never raises.
+        from swa_research.report import report_pending_sweeps
+
+        report_pending_sweeps()
 
 
 if __name__ == "__main__":
