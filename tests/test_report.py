@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -215,7 +216,8 @@ def made_runs(tmp_path: Path) -> Path:
 
 def test_report_command_on_a_parent_of_sweeps(made_runs: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "swa_research.report", str(made_runs),
-                           "--no-wandb"], capture_output=True, text=True, timeout=120)
+                           "--no-wandb"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     rows = {r["configuration"]: r for r in read_csv(made_runs / "report.csv")}
     assert list(rows) == ["swa.lr=0.1", "swa.lr=0.2"]
