@@ -115,14 +115,9 @@ def plot_reliability(bins: dict[str, ReliabilityBins], path: str | Path, title: 
                      ) -> Path:
     """One reliability diagram per model side by side: accuracy per confidence bin against
     the diagonal (perfect calibration), and the share of samples per bin below it."""
-    import matplotlib
+    from swa_research.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from swa_research.fileio import atomic_write
-
-    path = Path(path)
+    plt = pyplot()
     colors = {"sgd": "tab:blue", "swa": "tab:orange"}
     fig, axes = plt.subplots(2, len(bins), figsize=(4.2 * len(bins), 5.6), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
@@ -147,11 +142,7 @@ def plot_reliability(bins: dict[str, ReliabilityBins], path: str | Path, title: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def calibrate_run(sgd: nn.Module, averaged: nn.Module | None, test: ImageSet,

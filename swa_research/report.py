@@ -33,7 +33,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from swa_research.fileio import atomic_write, atomic_write_text
+from swa_research.fileio import atomic_write_text
+from swa_research.plots import pyplot, read_history, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Run:
     name: str  # relative to the report's folder
     overrides: dict[str, str]
     config: dict[str, Any]  # flattened .hydra/config.yaml
-    choices: dict[str, str]  # config group -> option, from .hydra/hydra.yaml
+    choices: dict[str, str | None]  # config group -> option, from .hydra/hydra.yaml
     metrics: dict[str, Any] | None
     status: str
     error: str | None = None
@@ -249,9 +250,11 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
 
 
 def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
-    if config.get("logger.backend") != "wandb":
-        return None
     from swa_research.loggers import resolve_mode
+
+    mode = resolve_mode(str(config.get("logger.mode") or "auto"))
+    if config.get("logger.backend") != "wandb" or mode == "disabled":
+        return None
 
     group = config.get("logger.group")
     if group is None:
@@ -263,7 +266,7 @@ def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
                 else run_dir.parent.name
     return WandbTarget(project=str(config.get("logger.project") or "swa_research"),
                        entity=config.get("logger.entity"), group=group,
-                       mode=resolve_mode(str(config.get("logger.mode") or "auto")))
+                       mode=mode)
 
 
 def load_run(run_dir: Path, root: Path) -> Run:
@@ -271,8 +274,9 @@ def load_run(run_dir: Path, root: Path) -> Run:
     overrides = parse_overrides(_read_yaml(hydra_dir / "overrides.yaml") or [])
     config = _flatten(_read_yaml(hydra_dir / "config.yaml") or {})
     hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
-    choices = {k: str(v) for k, v in ((hydra_cfg.get("runtime") or {}).get("choices") or {})
-               .items() if not k.startswith("hydra/")}
+    choices = {k: None if v is None else str(v) for k, v in
+               ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
+               if not k.startswith("hydra/")}
     metrics: dict[str, Any] | None = None
     error = None
     try:
@@ -494,17 +498,9 @@ def _label_of(report: Report, run: Run) -> str:
 # Plots
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-
-
 def plot_gain(report: Report, path: Path) -> Path:
     """SWA gain per configuration: mean with its 95% interval, and each run's gain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report.rows
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.55 * len(rows)))
     for i, row in enumerate(rows):
@@ -529,16 +525,10 @@ def plot_gain(report: Report, path: Path) -> Path:
     ax.grid(alpha=0.3, axis="x")
     if rows:
         ax.legend(loc="best", fontsize="small")
-    try:
-        _save_png(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float], list[float]]:
-    from swa_research.plots import read_history
-
     by_epoch: dict[float, list[float]] = {}
     for run in runs:
         try:
@@ -557,11 +547,7 @@ def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float]
 def plot_accuracy(report: Report, path: Path) -> Path:
     """Test accuracy over epochs, SGD vs SWA, mean over seeds (band: ± one std), one panel
     per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report.rows
     ncols = min(3, max(1, len(rows)))
     nrows = math.ceil(max(1, len(rows)) / ncols)
@@ -590,11 +576,7 @@ def plot_accuracy(report: Report, path: Path) -> Path:
             ax.legend(fontsize="small")
     fig.suptitle(f"Test accuracy, mean over seeds ({report.root.name})")
     fig.tight_layout()
-    try:
-        _save_png(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -275,3 +275,21 @@ def test_t_quantile_and_paired_interval() -> None:
     assert ci.high == pytest.approx(m + T975[3] * sd / 2, abs=1e-9)
     assert PairedCI.of([0.02]).low is None and PairedCI.of([]).mean is None
     assert Stat.of([1.0]).std is None and Stat.of([1.0, 3.0]).std == pytest.approx(math.sqrt(2))
+
+
+def test_configurations_compare_resolved_values(tmp_path: Path) -> None:
+    """1e-3 and 0.001 are one configuration; a config group chosen on the command line in one
+    run and left at its default in another is told apart by the option Hydra chose."""
+    for job, (lr_text, model) in enumerate((("1e-3", None), ("0.001", None),
+                                            ("0.001", "vgg11"))):
+        run = tmp_path / str(job)
+        fake_run(run, job, 0.001)
+        overrides = [f"swa.lr={lr_text}", f"seed={job}"] + ([f"model={model}"] if model else [])
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"runtime": {"choices": {"model": model or "simplified",
+                                               "hydra/launcher": "basic"}}}}))
+    report = build_report([tmp_path])
+    assert report.keys == ["model"]
+    assert [(r.label, len(r.runs)) for r in report.rows] == [("model=simplified", 2),
+                                                             ("model=vgg11", 1)]

@@ -41,8 +41,9 @@ from torch.optim.swa_utils import update_bn
 from swa_research.averaging import has_batch_norm
 from swa_research.config import Config, UserError, to_config, validate
 from swa_research.data import DataSplits, ImageSet, Preprocess, build_data, train_batches
-from swa_research.fileio import atomic_write, atomic_write_text
+from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
+from swa_research.plots import pyplot, save_figure
 from swa_research.trainer import evaluate
 
 log = logging.getLogger(__name__)
@@ -218,66 +219,58 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Non
     atomic_write_text(path, buf.getvalue())
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+Curve = tuple[list[float], list[float], dict[str, Any]]  # xs, ys, matplotlib styles
 
 
-def plot_line(rows: list[dict[str, float]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = [r["alpha"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label, scale in ((axes[0], "loss", "cross-entropy loss", 1.0),
-                                     (axes[1], "err", "error (%)", 100.0)):
-        for split, color in (("train", "tab:green"), ("test", "tab:red")):
-            ax.plot(alphas, [scale * r[f"{split}_{metric}"] for r in rows], marker=".",
-                    color=color, label=split)
-        for x, name in ((0.0, "SGD"), (1.0, "SWA")):
+def plot_panels(path: Path, title: str, xlabel: str, panels: list[tuple[str, list[Curve]]],
+                marks: Sequence[tuple[float, str]] = ()) -> Path:
+    """Side-by-side panels, each a y label and its curves; ``marks`` are labelled vertical
+    lines (x, name) drawn on every panel."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, curves) in zip(axes[0], panels, strict=True):
+        for xs, ys, style in curves:
+            ax.plot(xs, ys, marker=".", **style)
+        for x, name in marks:
             ax.axvline(x, color="gray", ls="--", lw=0.8)
             ax.annotate(name, (x, 1.0), xycoords=("data", "axes fraction"), ha="center",
                         va="bottom")
-        ax.set_xlabel("alpha: w = (1 - alpha) w_SGD + alpha w_SWA")
-        ax.set_ylabel(label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"From SGD to SWA and beyond ({title})", y=1.06)
-    try:
-        _save_png(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    fig.suptitle(title, y=1.06)
+    return save_figure(fig, path)
+
+
+def plot_line(rows: list[dict[str, float]], path: Path, title: str) -> Path:
+    alphas = [r["alpha"] for r in rows]
+    panels = [(label, [(alphas, [scale * r[f"{split}_{metric}"] for r in rows],
+                        {"color": color, "label": split})
+                       for split, color in (("train", "tab:green"), ("test", "tab:red"))])
+              for metric, label, scale in (("loss", "cross-entropy loss", 1.0),
+                                           ("err", "error (%)", 100.0))]
+    return plot_panels(path, f"From SGD to SWA and beyond ({title})",
+                       "alpha: w = (1 - alpha) w_SGD + alpha w_SWA", panels,
+                       marks=((0.0, "SGD"), (1.0, "SWA")))
 
 
 def plot_directions(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"sgd": "tab:blue", "swa": "tab:orange"}
-    for ax, key, label, scale in ((axes[0], "train_loss", "train loss", 1.0),
-                                  (axes[1], "test_err", "test error (%)", 100.0)):
+    panels = []
+    for key, label, scale in (("train_loss", "train loss", 1.0),
+                              ("test_err", "test error (%)", 100.0)):
+        curves: list[Curve] = []
         for center in ("sgd", "swa"):
             ks = sorted({r["direction"] for r in rows if r["center"] == center})
             for k in ks:
                 pts = [r for r in rows if r["center"] == center and r["direction"] == k]
-                ax.plot([r["t"] for r in pts], [scale * r[key] for r in pts],
-                        color=colors[center], alpha=0.8, marker=".",
-                        label=center.upper() if k == ks[0] else None)
-        ax.set_xlabel("t: w + t d (filter-normalised random direction d)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Random directions around SGD and SWA ({title})", y=1.02)
-    try:
-        _save_png(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+                curves.append(([r["t"] for r in pts], [scale * r[key] for r in pts],
+                               {"color": colors[center], "alpha": 0.8,
+                                "label": center.upper() if k == ks[0] else None}))
+        panels.append((label, curves))
+    return plot_panels(path, f"Random directions around SGD and SWA ({title})",
+                       "t: w + t d (filter-normalised random direction d)", panels)
 
 
 def resolve_device(name: str) -> torch.device:
