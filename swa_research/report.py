@@ -684,7 +684,7 @@ def report_pending_sweeps() -> list[Report]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m swa_research.report",
-        description="Mean and spread over seeds per configuration, the SWA gain with a 95%% "
+        description="Mean and spread over seeds per configuration, the SWA gain with a 95% "
                     "t interval, and the failed runs, for a sweep dir, run dirs, or a folder "
                     "above them.")
     parser.add_argument("paths", nargs="+", metavar="PATH")
