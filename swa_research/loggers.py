@@ -128,6 +128,10 @@ def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
         swa, sgd = out[f"swa/test_{key}"], out[f"sgd/test_{key}"]
         out[f"swa_gain/test_{key}"] = None if swa is None or sgd is None else swa - sgd
     out["swa_gain"] = out["swa_gain/test_acc"]
+    calibration = metrics.get("calibration") or {}
+    for model in ("sgd", "swa"):
+        for key in ("nll", "ece"):
+            out[f"calibration/{model}_{key}"] = (calibration.get(model) or {}).get(key)
     for k, v in (metrics.get("train") or {}).items():
         out[f"train/{k}"] = v
     return out

@@ -27,6 +27,28 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
     return xs, ys
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: no display needed, safe in worker processes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically, then close it (also when writing fails)."""
+    from swa_research.fileio import atomic_write
+
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        pyplot().close(fig)
+    return path
+
+
 def _save(fig: Any, path: Path) -> None:
     # Render to a temporary name, then rename: a reader never sees half a PNG.
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -312,10 +312,24 @@ def main() -> None:
     if SWEEP["dir"] is not None:
         sweep_dir = Path(SWEEP["dir"])
         jobs = sweep_jobs(sweep_dir)
+        write_sweep_report(sweep_dir)
         print(format_summary(sweep_dir, jobs), file=sys.stderr)
         if any(not j.ok for j in jobs):
             code = code or 1
     sys.exit(code)
+
+
+def write_sweep_report(sweep_dir: Path) -> None:
+    """The sweep's report (report.md, report.csv, plots), failed jobs included. Never raises:
+    a multirun's outcome and exit code must not depend on its report."""
+    from swa_research.report import write_report
+
+    try:
+        report = write_report(sweep_dir)
+    except Exception as e:
+        print(f"warning: no report for {sweep_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    print(f"\nSweep report ({sweep_dir / 'report.md'}):\n{report.text()}", flush=True)
 
 
 if __name__ == "__main__":

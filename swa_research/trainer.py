@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swa_research.averaging import Averager, AveragingPlan
+from swa_research.calibration import calibrate_run
 from swa_research.checkpoint import rng_state, save_checkpoint, set_rng_state
 from swa_research.config import TrainerConfig
 from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, train_batches
@@ -128,6 +129,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.partial: dict[str, Any] | None = None  # a mid-epoch position to resume from
         self._stop_signal: int | None = None
+        self.calibration: dict[str, Any] | None = None
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -278,6 +280,10 @@ class Trainer:
                     self.save_checkpoint(epoch, wall=time.perf_counter() - start)
                 if self._stop_signal is not None:
                     self._preempt(epoch + 1, None, wall=time.perf_counter() - start)
+            # After the final evaluation, so the average's BN statistics are fresh.
+            averaged = self.averager.module if self.averager and self.averager.n_averaged else None
+            self.calibration = calibrate_run(self.model, averaged, self.data.test, self.eval_pre,
+                                             self.cfg.eval_batch_size, self.run_dir)
             status = "finished"
         except Preempted:
             status, error = "preempted", "stopped by a signal; resumes from its checkpoint"
@@ -384,6 +390,7 @@ class Trainer:
             "sgd": self.last_sgd or none4,
             "sgd_best_val": best,
             "swa": swa,
+            "calibration": self.calibration,
             "train": {
                 "epochs": self.cfg.epochs,
                 "iterations": self.iteration,

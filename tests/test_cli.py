@@ -231,3 +231,6 @@ def test_concurrent_multiruns_get_their_own_sweep_dirs(workdir: Path,
     for sweep in sweeps:
         metrics = json.loads((sweep / "0" / "metrics.json").read_text())
         assert metrics["status"] == "finished"
+        # The sweep dir came from SWA_RUN_ID and the default hydra.sweep.dir: the report of
+        # each multirun lands in its own.
+        assert "| all runs | 1 |" in (sweep / "report.md").read_text()

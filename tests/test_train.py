@@ -21,7 +21,7 @@ from swa_research.models import build_model
 from swa_research.train import load_config, train
 from swa_research.trainer import evaluate
 
-TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "train"}
+TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "calibration", "train"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -116,6 +116,17 @@ def check_run(r: Run) -> None:
     else:
         assert all(m["swa"][k] is None for k in EVAL_KEYS)
         assert m["swa"]["n_averaged"] == 0
+
+    # Calibration of both models on the test set: the NLL is the test cross-entropy.
+    cal = m["calibration"]
+    assert set(cal) == {"sgd", "swa"}
+    assert cal["sgd"]["nll"] == pytest.approx(m["sgd"]["test_loss"], abs=1e-5)
+    assert 0.0 <= cal["sgd"]["ece"] <= 1.0
+    if averaging:
+        assert cal["swa"]["nll"] == pytest.approx(m["swa"]["test_loss"], abs=1e-5)
+        assert 0.0 <= cal["swa"]["ece"] <= 1.0
+    else:
+        assert cal["swa"] is None
 
     assert set(m["train"]) == {"epochs", "iterations", "wall_time_s", "images_per_s"}
     assert m["train"]["epochs"] == c.trainer.epochs
@@ -330,5 +341,4 @@ def test_train_leaves_no_temporary_files_with_a_preexisting_run_dir(tmp_path: Pa
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "accuracy.png", "checkpoint.pt", "history.csv", "keep.txt", "loss_curves.png",
-        "metrics.json",
-        "sgd_best_val.pt", "sgd_final.pt", "swa.pt"]
+        "metrics.json", "reliability.png", "sgd_best_val.pt", "sgd_final.pt", "swa.pt"]

@@ -1,0 +1,166 @@
+"""Calibration of a classifier: negative log-likelihood, expected calibration error (ECE) and
+the reliability diagram, for the SGD and the averaged model at the end of a run.
+
+ECE (Guo et al., 2017): the top-class confidences are put into equal-width bins over [0, 1]
+(bin i holds (i/B, (i+1)/B]); ECE = sum over bins of |accuracy - mean confidence| weighted by
+the fraction of samples in the bin. The functions on tensors are pure; :func:`collect_logits`
+and :func:`calibrate_run` run models over an :class:`~swa_research.data.ImageSet`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from swa_research.data import ImageSet, Preprocess, eval_batches
+
+log = logging.getLogger(__name__)
+
+N_BINS = 15
+RELIABILITY_FILE = "reliability.png"
+
+
+@dataclass
+class ReliabilityBins:
+    """Per-bin sample counts, mean confidence and accuracy (NaN in empty bins)."""
+
+    edges: Tensor  # [B + 1]
+    counts: Tensor  # [B], int64
+    confidence: Tensor  # [B]
+    accuracy: Tensor  # [B]
+
+    @property
+    def ece(self) -> float:
+        total = int(self.counts.sum())
+        if total == 0:
+            return float("nan")
+        used = self.counts > 0
+        gap = (self.accuracy[used] - self.confidence[used]).abs()
+        return float((gap * self.counts[used].double()).sum() / total)
+
+
+def reliability_bins(confidence: Tensor, correct: Tensor, n_bins: int = N_BINS
+                     ) -> ReliabilityBins:
+    """Bin top-class confidences in [0, 1] into ``n_bins`` equal-width bins, right-closed:
+    a confidence of exactly k / n_bins falls into bin k - 1 (and 0 into the first bin)."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if confidence.shape != correct.shape or confidence.ndim != 1:
+        raise ValueError("confidence and correct must be 1-d tensors of the same length")
+    conf = confidence.detach().double().cpu()
+    hit = correct.detach().double().cpu()
+    if conf.numel() and (conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidences must lie in [0, 1]")
+    index = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    counts = torch.bincount(index, minlength=n_bins)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
+    hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
+    denom = counts.double()
+    nan = torch.full((n_bins,), float("nan"), dtype=torch.float64)
+    return ReliabilityBins(
+        edges=torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64),
+        counts=counts,
+        confidence=torch.where(counts > 0, conf_sum / denom.clamp(min=1), nan),
+        accuracy=torch.where(counts > 0, hit_sum / denom.clamp(min=1), nan),
+    )
+
+
+def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    probs = torch.softmax(logits.double(), dim=1)
+    conf, pred = probs.max(dim=1)
+    return conf, pred == labels
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = N_BINS) -> float:
+    return reliability_bins(*confidence_and_correct(logits, labels), n_bins).ece
+
+
+def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits): the cross-entropy."""
+    return float(F.cross_entropy(logits.double(), labels, reduction="mean"))
+
+
+@torch.inference_mode()
+def collect_logits(model: nn.Module, data: ImageSet, preprocess: Preprocess,
+                   batch_size: int) -> tuple[Tensor, Tensor]:
+    """Logits (float32, on the CPU) and labels of the whole set, in eval mode; the model's
+    mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    try:
+        for x, y in eval_batches(data, batch_size, preprocess):
+            outs.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def calibration_summary(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
+                        ) -> tuple[dict[str, float], ReliabilityBins]:
+    bins = reliability_bins(*confidence_and_correct(logits, labels), n_bins)
+    return {"nll": negative_log_likelihood(logits, labels), "ece": bins.ece}, bins
+
+
+def plot_reliability(bins: dict[str, ReliabilityBins], path: str | Path, title: str = ""
+                     ) -> Path:
+    """One reliability diagram per model side by side: accuracy per confidence bin against
+    the diagonal (perfect calibration), and the share of samples per bin below it."""
+    from swa_research.plots import pyplot, save_figure
+
+    plt = pyplot()
+    colors = {"sgd": "tab:blue", "swa": "tab:orange"}
+    fig, axes = plt.subplots(2, len(bins), figsize=(4.2 * len(bins), 5.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for col, (name, b) in enumerate(bins.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        left = b.edges[:-1].numpy()
+        width = float(b.edges[1] - b.edges[0])
+        acc = torch.nan_to_num(b.accuracy, nan=0.0).numpy()
+        color = colors.get(name, "tab:green")
+        top.bar(left, acc, width=width, align="edge", color=color, alpha=0.75,
+                edgecolor="black", linewidth=0.5, label="accuracy")
+        top.plot([0, 1], [0, 1], ls="--", color="gray", label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.set_title(f"{name.upper()}: ECE {100 * b.ece:.2f}%")
+        top.legend(loc="upper left", fontsize="small")
+        share = (b.counts.double() / max(1, int(b.counts.sum()))).numpy()
+        bottom.bar(left, share, width=width, align="edge", color=color, alpha=0.75)
+        bottom.set_xlabel("confidence")
+        bottom.set_ylabel("share")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def calibrate_run(sgd: nn.Module, averaged: nn.Module | None, test: ImageSet,
+                  preprocess: Preprocess, batch_size: int, run_dir: str | Path,
+                  n_bins: int = N_BINS) -> dict[str, Any]:
+    """NLL and ECE of the SGD model and of the average (None when there is none) on the test
+    set, and their reliability diagram in ``run_dir``: the value of metrics.json's
+    "calibration" key. The average must already have its BN statistics recomputed."""
+    result: dict[str, Any] = {"sgd": None, "swa": None}
+    bins: dict[str, ReliabilityBins] = {}
+    for name, model in (("sgd", sgd), ("swa", averaged)):
+        if model is None:
+            continue
+        logits, labels = collect_logits(model, test, preprocess, batch_size)
+        result[name], bins[name] = calibration_summary(logits, labels, n_bins)
+    if bins:
+        try:
+            plot_reliability(bins, Path(run_dir) / RELIABILITY_FILE, title=Path(run_dir).name)
+        except Exception as e:  # a plot is a convenience: never lose a run over it
+            log.warning("could not write %s: %s", RELIABILITY_FILE, e)
+    return result

@@ -1,0 +1,688 @@
+"""Sweep report: ``python -m swa_research.report PATH [PATH ...] [--no-wandb]``.
+
+PATH is a sweep dir, run dirs, or a folder above them; run dirs are found recursively by their
+``metrics.json`` or ``.hydra/overrides.yaml``. A configuration is the set of overrides that
+differ between the runs, leaving out ``seed`` and ``hydra.*``; per configuration the report
+gives mean and sample standard deviation over seeds of the final SGD, best-validation SGD and
+SWA test accuracy and loss (and calibration when the runs have it), the SWA gain (SWA minus
+final SGD test accuracy, paired by run) with a 95% t interval over seeds, and the number of
+runs. Failed runs (status other than "finished", or no metrics.json) are listed and never
+averaged. Writes report.md, report.csv and PNG plots atomically, and logs the table to W&B
+when the runs used it. A multirun of ``swa_research.train`` ends with this report for its
+sweep dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swa_research.fileio import atomic_write_text
+from swa_research.plots import pyplot, read_history, save_figure
+
+log = logging.getLogger(__name__)
+
+REPORT_FILES = ("report.md", "report.csv", "report_swa_gain.png", "report_accuracy.png")
+# (column, path in metrics.json, label); accuracies are shown in percent.
+METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("sgd_test_acc", ("sgd", "test_acc"), "SGD final acc %"),
+    ("sgd_best_val_test_acc", ("sgd_best_val", "test_acc"), "SGD best-val acc %"),
+    ("swa_test_acc", ("swa", "test_acc"), "SWA acc %"),
+    ("sgd_test_loss", ("sgd", "test_loss"), "SGD final loss"),
+    ("sgd_best_val_test_loss", ("sgd_best_val", "test_loss"), "SGD best-val loss"),
+    ("swa_test_loss", ("swa", "test_loss"), "SWA loss"),
+    ("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
+    ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
+    ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
+    ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL"),
+)
+PERCENT = {"sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc", "sgd_ece", "swa_ece"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+    # The continued fraction converges fast on this side of the mean; use symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t distribution with ``df`` degrees of freedom."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t distribution, by bisection on :func:`t_cdf`."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None for one value) of n values."""
+
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        if not values:
+            return cls()
+        return cls(len(values), statistics.fmean(values),
+                   statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass
+class PairedCI:
+    """Mean of paired differences with a two-sided t interval (None below two pairs)."""
+
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+    level: float = 0.95
+
+    @classmethod
+    def of(cls, diffs: Sequence[float], level: float = 0.95) -> PairedCI:
+        s = Stat.of(diffs)
+        if s.n < 2 or s.std is None or s.mean is None:
+            return cls(s.n, s.mean, s.std, level=level)
+        half = t_quantile(0.5 + level / 2.0, s.n - 1) * s.std / math.sqrt(s.n)
+        return cls(s.n, s.mean, s.std, s.mean - half, s.mean + half, level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class WandbTarget:
+    project: str
+    entity: str | None
+    group: str | None
+    mode: str
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # relative to the report's folder
+    overrides: dict[str, str]
+    config: dict[str, Any]  # flattened .hydra/config.yaml
+    choices: dict[str, str | None]  # config group -> option, from .hydra/hydra.yaml
+    metrics: dict[str, Any] | None
+    status: str
+    error: str | None = None
+    wandb: WandbTarget | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed", self.overrides.get("seed"))
+
+    def value(self, key: str) -> Any:
+        """A key's value in this run: the resolved config value when it is a config key
+        (so 1e-3 and 0.001 agree), the chosen option for a config group, else the override
+        as written; None when the run does not set it."""
+        if key in self.config:
+            return self.config[key]
+        if key in self.choices:
+            return self.choices[key]
+        return self.overrides.get(key)
+
+    def metric(self, path: tuple[str, ...]) -> float | None:
+        node: Any = self.metrics
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return float(node) if isinstance(node, (int, float)) and math.isfinite(node) else None
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
+
+
+def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run dirs at or below ``paths``: folders with metrics.json or .hydra/overrides.yaml."""
+    found: set[Path] = set()
+    for top in paths:
+        top = Path(top)
+        if not top.is_dir():
+            raise FileNotFoundError(f"{top}: no such folder")
+        for dirpath, dirnames, filenames in os.walk(top):
+            # W&B's folders and hidden ones (.hydra, caches) hold no runs.
+            dirnames[:] = [d for d in dirnames if d != "wandb" and not d.startswith(".")]
+            here = Path(dirpath)
+            if "metrics.json" in filenames or (here / ".hydra" / "overrides.yaml").is_file():
+                found.add(here.resolve())
+    return sorted(found, key=_natural_key)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
+    """Hydra override strings -> {key: value as written}; `+`/`++` prefixes dropped."""
+    out: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        key = key.lstrip("+")
+        out[key] = value if sep else ""
+    return out
+
+
+def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
+    from swa_research.loggers import resolve_mode
+
+    mode = resolve_mode(str(config.get("logger.mode") or "auto"))
+    if config.get("logger.backend") != "wandb" or mode == "disabled":
+        return None
+
+    group = config.get("logger.group")
+    if group is None:
+        # As the entry point named it: one group per multirun, the sweep folder's name.
+        hydra_cfg = (_read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+        if hydra_cfg.get("mode") == "MULTIRUN":
+            sweep_dir = str((hydra_cfg.get("sweep") or {}).get("dir", ""))
+            group = Path(sweep_dir).name if sweep_dir and "${" not in sweep_dir \
+                else run_dir.parent.name
+    return WandbTarget(project=str(config.get("logger.project") or "swa_research"),
+                       entity=config.get("logger.entity"), group=group,
+                       mode=mode)
+
+
+def load_run(run_dir: Path, root: Path) -> Run:
+    hydra_dir = run_dir / ".hydra"
+    overrides = parse_overrides(_read_yaml(hydra_dir / "overrides.yaml") or [])
+    config = _flatten(_read_yaml(hydra_dir / "config.yaml") or {})
+    hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
+    choices = {k: None if v is None else str(v) for k, v in
+               ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
+               if not k.startswith("hydra/")}
+    metrics: dict[str, Any] | None = None
+    error = None
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        status = str(metrics.get("status", "unknown"))
+        error = metrics.get("error")
+    except FileNotFoundError:
+        status, error = "no metrics.json", "the job ended before writing metrics.json"
+    except (OSError, ValueError) as e:
+        status, error = "unreadable", f"metrics.json: {e}"
+    try:
+        name = run_dir.relative_to(root).as_posix()
+    except ValueError:
+        name = run_dir.as_posix()
+    return Run(path=run_dir, name=name if name != "." else run_dir.name, overrides=overrides,
+               config=config, choices=choices, metrics=metrics, status=status, error=error,
+               wandb=_wandb_target(run_dir, config))
+
+
+def _ignored(key: str) -> bool:
+    return key == "seed" or key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def differing_keys(runs: Sequence[Run]) -> list[str]:
+    """The override keys whose value is not the same in every run, in order of appearance."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if not _ignored(k) and k not in keys]
+    return [k for k in keys if len({repr(run.value(k)) for run in runs}) > 1]
+
+
+def show(value: Any) -> str:
+    """A short, exact rendering: 0.0005, 1e-12, 3, true, simplified."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return "-" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class ConfigRow:
+    label: str
+    values: dict[str, Any]  # differing key -> value
+    runs: list[Run] = field(default_factory=list)  # finished runs only
+    failed: list[Run] = field(default_factory=list)
+    stats: dict[str, Stat] = field(default_factory=dict)
+    gain: PairedCI = field(default_factory=PairedCI)
+
+    def summarise(self) -> None:
+        for column, path, _ in METRICS:
+            self.stats[column] = Stat.of([v for r in self.runs
+                                          if (v := r.metric(path)) is not None])
+        diffs = []
+        for r in self.runs:
+            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
+            if sgd is not None and swa is not None:
+                diffs.append(swa - sgd)
+        self.gain = PairedCI.of(diffs)
+
+
+@dataclass
+class Report:
+    root: Path
+    keys: list[str]
+    rows: list[ConfigRow]
+    runs: list[Run]
+    table: str = ""
+    markdown: str = ""
+    files: list[Path] = field(default_factory=list)
+    wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if not r.finished]
+
+    def text(self) -> str:
+        """The table, and the failed runs one per line: what the commands print."""
+        lines = [self.table]
+        if self.failed:
+            lines.append(f"failed runs ({len(self.failed)}, not averaged):")
+            for r in self.failed:
+                why = f" ({r.error.splitlines()[0][:160]})" if r.error else ""
+                lines.append(f"  {r.name}: {r.status}{why}")
+        return "\n".join(lines)
+
+    def csv_rows(self) -> tuple[list[str], list[list[Any]]]:
+        columns = ["configuration", *self.keys, "n_runs", "n_failed", "seeds"]
+        for column, _, _ in METRICS:
+            columns += [f"{column}_mean", f"{column}_std"]
+        columns += ["swa_gain_mean", "swa_gain_std", "swa_gain_ci95_low", "swa_gain_ci95_high",
+                    "swa_gain_n"]
+        data = []
+        for row in self.rows:
+            line: list[Any] = [row.label, *(show(row.values[k]) for k in self.keys),
+                               len(row.runs), len(row.failed),
+                               " ".join(show(r.seed) for r in row.runs)]
+            for column, _, _ in METRICS:
+                line += [row.stats[column].mean, row.stats[column].std]
+            g = row.gain
+            line += [g.mean, g.std, g.low, g.high, g.n]
+            data.append(line)
+        return columns, data
+
+
+def build_report(paths: Sequence[str | Path], root: str | Path | None = None) -> Report:
+    """Find and group the runs under ``paths``; nothing is written."""
+    root = Path(root if root is not None else paths[0]).resolve()
+    runs = [load_run(d, root) for d in find_run_dirs(paths)]
+    if not runs:
+        raise FileNotFoundError(
+            f"no run dirs (with metrics.json or .hydra/overrides.yaml) under "
+            f"{', '.join(str(p) for p in paths)}")
+    keys = differing_keys(runs)
+    rows: dict[str, ConfigRow] = {}
+    for run in runs:
+        values = {k: run.value(k) for k in keys}
+        label = ", ".join(f"{k}={show(v)}" for k, v in values.items()) or "all runs"
+        row = rows.setdefault(label, ConfigRow(label, values))
+        (row.runs if run.finished else row.failed).append(run)
+    for row in rows.values():
+        row.summarise()
+    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs)
+    report.table = format_table(report)
+    report.markdown = format_markdown(report)
+    return report
+
+
+def _fmt(stat: Stat, column: str) -> str:
+    if stat.mean is None:
+        return "-"
+    scale, digits = (100.0, 2) if column in PERCENT else (1.0, 4)
+    text = f"{scale * stat.mean:.{digits}f}"
+    return text if stat.std is None else f"{text} ± {scale * stat.std:.{digits}f}"
+
+
+def _fmt_gain(g: PairedCI) -> str:
+    if g.mean is None:
+        return "-"
+    text = f"{100 * g.mean:+.2f}"
+    if g.low is None or g.high is None:
+        return f"{text} (n={g.n}, no interval)"
+    return f"{text} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_table(report: Report) -> str:
+    shown = ("sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc")
+    losses = ("sgd_test_loss", "sgd_best_val_test_loss", "swa_test_loss")
+    calib = [c for c in ("sgd_ece", "swa_ece") if any(r.stats[c].n for r in report.rows)]
+    labels = {c: lbl for c, _, lbl in METRICS}
+    header = ["configuration", "n", *(labels[c] for c in shown), "SWA gain pp [95% CI]",
+              *(labels[c] for c in (*losses, *calib)), "failed"]
+    rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
+             _fmt_gain(r.gain), *(_fmt(r.stats[c], c) for c in (*losses, *calib)),
+             str(len(r.failed))] for r in report.rows]
+    return _md_table(header, rows)
+
+
+def format_markdown(report: Report) -> str:
+    n_ok = sum(r.finished for r in report.runs)
+    parts = [
+        f"# SWA report: {report.root.name}",
+        "",
+        f"`{report.root}`: {len(report.runs)} runs ({n_ok} finished, "
+        f"{len(report.runs) - n_ok} failed) in {len(report.rows)} configuration(s).",
+        "",
+        "Mean ± sample standard deviation over seeds of the finished runs' test metrics "
+        "(accuracy and ECE in %). SWA gain: SWA minus final SGD test accuracy in percentage "
+        "points, paired by run, mean with a 95% t interval over seeds. Failed runs are not "
+        "averaged.",
+        "",
+        report.table,
+        "",
+    ]
+    if report.failed:
+        parts += ["## Failed runs", "",
+                  _md_table(["run", "configuration", "seed", "status", "error"],
+                            [[r.name, _label_of(report, r), show(r.seed), r.status,
+                              (r.error or "").splitlines()[0][:200] if r.error else ""]
+                             for r in report.failed]), ""]
+    per_run = []
+    for row in report.rows:
+        for r in row.runs:
+            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
+            gain = "-" if sgd is None or swa is None else f"{100 * (swa - sgd):+.2f}"
+            per_run.append([r.name, row.label, show(r.seed), _fmt(Stat.of([sgd] if sgd is not
+                            None else []), "sgd_test_acc"),
+                            _fmt(Stat.of([swa] if swa is not None else []), "swa_test_acc"),
+                            gain])
+    parts += ["## Runs", "",
+              _md_table(["run", "configuration", "seed", "SGD final acc %", "SWA acc %",
+                         "gain pp"], per_run), ""]
+    return "\n".join(parts)
+
+
+def _label_of(report: Report, run: Run) -> str:
+    for row in report.rows:
+        if run in row.failed or run in row.runs:
+            return row.label
+    return "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_gain(report: Report, path: Path) -> Path:
+    """SWA gain per configuration: mean with its 95% interval, and each run's gain."""
+    plt = pyplot()
+    rows = report.rows
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.55 * len(rows)))
+    for i, row in enumerate(rows):
+        gains = [100 * (s - g) for r in row.runs
+                 if (g := r.metric(("sgd", "test_acc"))) is not None
+                 and (s := r.metric(("swa", "test_acc"))) is not None]
+        ax.scatter(gains, [i] * len(gains), s=14, color="gray", alpha=0.7, zorder=2,
+                   label="run" if i == 0 else None)
+        g = row.gain
+        if g.mean is None:
+            continue
+        xerr = None
+        if g.low is not None and g.high is not None:
+            xerr = [[100 * (g.mean - g.low)], [100 * (g.high - g.mean)]]
+        ax.errorbar([100 * g.mean], [i], xerr=xerr, fmt="o", color="tab:orange", capsize=4,
+                    zorder=3, label="mean, 95% CI" if i == 0 else None)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r.label for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("SWA gain: SWA - final SGD test accuracy (percentage points)")
+    ax.set_title(f"SWA gain per configuration ({report.root.name})")
+    ax.grid(alpha=0.3, axis="x")
+    if rows:
+        ax.legend(loc="best", fontsize="small")
+    return save_figure(fig, path)
+
+
+def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    by_epoch: dict[float, list[float]] = {}
+    for run in runs:
+        try:
+            rows = read_history(run.path / "history.csv")
+        except (OSError, ValueError):
+            continue
+        for r in rows:
+            if r.get("epoch") is not None and r.get(key) is not None:
+                by_epoch.setdefault(float(r["epoch"]), []).append(float(r[key]))  # type: ignore
+    epochs = sorted(by_epoch)
+    means = [statistics.fmean(by_epoch[e]) for e in epochs]
+    spread = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+    return epochs, means, spread
+
+
+def plot_accuracy(report: Report, path: Path) -> Path:
+    """Test accuracy over epochs, SGD vs SWA, mean over seeds (band: ± one std), one panel
+    per configuration."""
+    plt = pyplot()
+    rows = report.rows
+    ncols = min(3, max(1, len(rows)))
+    nrows = math.ceil(max(1, len(rows)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False,
+                             sharey=True)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, rows, strict=False):
+        for model, color in (("sgd", "tab:blue"), ("swa", "tab:orange")):
+            epochs, means, spread = _mean_curve(row.runs, f"{model}_test_acc")
+            if not epochs:
+                continue
+            m = [100 * v for v in means]
+            s = [100 * v for v in spread]
+            ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
+            ax.fill_between(epochs, [a - b for a, b in zip(m, s, strict=True)],
+                            [a + b for a, b in zip(m, s, strict=True)], color=color, alpha=0.2)
+        ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
+        if not row.runs:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"Test accuracy, mean over seeds ({report.root.name})")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and W&B
+
+
+def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
+                 use_wandb: bool = True) -> Report:
+    """Write report.md, report.csv and the PNG plots into ``path`` for the runs at or below
+    ``runs`` (default: ``path`` itself), and log the table to W&B when the runs used it."""
+    out = Path(path)
+    report = build_report(list(runs) if runs else [out], root=out)
+    atomic_write_text(out / "report.md", report.markdown)
+    columns, data = report.csv_rows()
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows([["" if v is None else v for v in line] for line in data])
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    report.files = [out / "report.md", out / "report.csv"]
+    for name, plot in (("report_swa_gain.png", plot_gain), ("report_accuracy.png",
+                                                           plot_accuracy)):
+        try:
+            report.files.append(plot(report, out / name))
+        except Exception as e:  # a plot is a convenience: keep the tables
+            log.warning("could not write %s: %s", out / name, e)
+    if use_wandb:
+        report.wandb_run = log_to_wandb(report, out)
+    return report
+
+
+def log_to_wandb(report: Report, out: Path) -> str | None:
+    """The table and the plots in a W&B run of job_type "report", in the project, group and
+    mode the runs used; returns the run's path, or None when the runs had no W&B or it
+    failed (a warning: the local files are unaffected)."""
+    targets = [r.wandb for r in report.runs if r.wandb is not None]
+    if not targets:
+        return None
+    target = targets[0]
+    try:
+        import shutil
+
+        import wandb
+
+        columns, data = report.csv_rows()
+        with wandb.init(project=target.project, entity=target.entity, group=target.group,
+                        job_type="report", name=f"report {out.name}", dir=str(out),
+                        mode=target.mode, reinit="finish_previous",
+                        config={"report.path": str(report.root),
+                                "report.keys": report.keys, "report.n_runs": len(report.runs),
+                                "report.n_failed": len(report.failed)},
+                        settings=wandb.Settings(console="off", silent=True,
+                                                init_timeout=90)) as run:
+            logged: dict[str, Any] = {"report/table": wandb.Table(columns=columns, data=data)}
+            for p in report.files:
+                if p.suffix == ".png" and p.is_file():
+                    logged[f"report/{p.stem}"] = wandb.Image(str(p))
+            run.log(logged)
+            for p in report.files:
+                if p.is_file():
+                    shutil.copy2(p, Path(run.dir) / p.name)
+            where = run.path if target.mode == "online" else str(Path(run.dir).parent)
+        return where
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        log.warning("the report was not logged to W&B (%s: %s); the local files are "
+                    "unaffected", type(e).__name__, first)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a multirun
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swa_research.report",
+        description="Mean and spread over seeds per configuration, the SWA gain with a 95% "
+                    "t interval, and the failed runs, for a sweep dir, run dirs, or a folder "
+                    "above them.")
+    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("--out", default=None,
+                        help="where report.md, report.csv and the plots go (default: PATH, or "
+                             "the common parent of several PATHs)")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the report to W&B even when the runs used it")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.is_dir():
+            print(f"error: {p}: no such folder", file=sys.stderr)
+            return 2
+    out = Path(args.out) if args.out else (
+        paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))
+    try:
+        report = write_report(out, runs=paths, use_wandb=not args.no_wandb)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    print(f"\nwrote {', '.join(str(p) for p in report.files)}")
+    if report.wandb_run:
+        print(f"logged to W&B: {report.wandb_run}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    sys.exit(main())
