@@ -96,6 +96,10 @@ class TrainerConfig:
     best_by: str = "val_loss"  # val_loss | val_acc
     progress: str = "auto"  # auto | bar | line | none
     save_checkpoints: bool = True
+    # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -133,6 +137,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "swa.unit": ("iter", "epoch"),
     "trainer.best_by": ("val_loss", "val_acc"),
     "trainer.progress": ("auto", "bar", "line", "none"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "logger.name": ("none",),
 }
 

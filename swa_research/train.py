@@ -35,6 +35,7 @@ from swa_research.data import Preprocess, build_data
 from swa_research.loggers import LocalFiles, Loggers
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.step import memory_format, resolve_precision
 from swa_research.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dic
     run_dir = Path(run_dir)
     check_writable(run_dir)
     device = resolve_device(config.trainer.device)
+    resolve_precision(config.trainer.precision, device)  # fail before loading any data
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
@@ -94,7 +96,9 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dic
     ipe = iterations_per_epoch(len(data.train), tc.batch_size, tc.drop_last)
     validate_budget(config, ipe)
 
-    model = build_model(config.model, data.num_classes, data.image_size).to(device)
+    fmt = memory_format(tc.channels_last)
+    model = build_model(config.model, data.num_classes, data.image_size).to(
+        device, memory_format=fmt)
     optimizer = build_optimizer(config.optimizer, model.parameters())
     plan = AveragingPlan.from_config(config.swa, config.schedule, tc.epochs, ipe)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, ipe,
@@ -103,10 +107,15 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path) -> dic
     averager = None
     if plan.enabled:
         averager = Averager(model, config.swa.method, config.swa.decay, config.swa.bn_update)
+    if tc.compile:
+        # In place, after the average's deepcopy: the average stays an eager module (its BN
+        # update and evaluation never recompile) and state dicts keep their keys.
+        model.compile()
 
     dc = config.data
-    train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment)
-    eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device)
+    train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
+                           memory_format=fmt)
+    eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
     loggers = Loggers([LocalFiles(run_dir)])
     trainer = Trainer(
         model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, averager=averager,

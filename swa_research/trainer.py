@@ -25,6 +25,7 @@ from swa_research.data import (
     train_batches,
 )
 from swa_research.loggers import Loggers
+from swa_research.step import TrainStep, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class Trainer:
         self.last_swa: dict[str, Any] = {}
         self.train_time = 0.0
         self.images_seen = 0
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.step = TrainStep(self.model, self.optimizer, self.precision, self.device)
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -123,16 +126,12 @@ class Trainer:
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
                                 self.train_pre, self.cfg.drop_last)
         for i, (x, y) in enumerate(batches, start=1):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, logits = self.step(x, y)
             self.scheduler.step()
             self.iteration += 1
             # Accumulated on the device: no host sync inside the step loop.
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss_sum += loss * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
             seen += y.shape[0]
             if self.averager is not None and self.plan.due_after_iter(self.iteration):
                 self.averager.update(self.model)
@@ -158,6 +157,10 @@ class Trainer:
                              drop_last=False)
 
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
+        with autocast(self.precision, self.device):
+            return self._evaluate_all(epoch, train_loss, train_acc)
+
+    def _evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
         bs = self.cfg.eval_batch_size
         sgd_val = evaluate(self.model, self.data.val, self.eval_pre, bs)
         sgd_test = evaluate(self.model, self.data.test, self.eval_pre, bs)
