@@ -183,6 +183,7 @@ def test_command_line_groups_beat_experiment_overrides(experiment: str) -> None:
         ("swa.start=-1", "swa.start"),
         ("optimizer.nesterov=true", "nesterov"),
         ("trainer.num_workers=-1", "trainer.num_workers"),
+        ("trainer.precision=fp8", "trainer.precision"),
     ],
 )
 def test_load_config_rejects_bad_values(override: str, key: str) -> None:
