@@ -303,7 +303,7 @@ def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
                   ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled, augmented batches; the order comes from ``generator``."""
     n = len(data)
-    order = to_device_async(torch.randperm(n, generator=generator), data.images.device)
+    order = torch.randperm(n, generator=generator).to(data.images.device)
     stop = n - n % batch_size if drop_last else n
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]

@@ -130,8 +130,8 @@ class Trainer:
             self.scheduler.step()
             self.iteration += 1
             # Accumulated on the device: no host sync inside the step loop.
-            loss_sum += loss * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
             if self.averager is not None and self.plan.due_after_iter(self.iteration):
                 self.averager.update(self.model)

@@ -252,3 +252,56 @@ def test_compile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         a = torch.load(tmp_path / "compiled" / name, weights_only=False)["state_dict"]
         b = torch.load(tmp_path / "eager" / name, weights_only=False)["state_dict"]
         assert list(a) == list(b)  # no _orig_mod. prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark script
+
+
+BENCHMARK_COLUMNS = [
+    "model", "path", "precision", "batch_size", "images_per_s", "ratio_to_seed", "ms_per_step",
+    "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb", "tflops",
+    "matmul_peak_tflops", "pct_of_peak"]
+
+
+def test_benchmark_runs_tiny(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    # Its own checkout's package, whatever is installed; one thread (other tests may run).
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "benchmark.py"), "--steps", "3", "--width",
+         "0.125", "--rounds", "2", "--warmup", "1", "--num-images", "512", "--matmul-size",
+         "128", "--avg-calls", "1", "--loader-batches", "2", "--threads", "1", "--device",
+         "cpu", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["columns"] == BENCHMARK_COLUMNS
+    assert set(result) >= {"machine", "setup", "matmul_peak_tflops", "loader_images_per_s",
+                           "rows"}
+    assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    rows = result["rows"]
+    assert [(r["model"], r["path"], r["precision"]) for r in rows] == [
+        (m, path, prec) for m in ("simplified", "vgg16")
+        for path, prec in (("seed", "fp32"), ("trainer", "fp32"), ("trainer", "bf16"))]
+    for r in rows:
+        assert set(BENCHMARK_COLUMNS) <= set(r)
+        assert r["batch_size"] == 128 and r["peak_gpu_mb"] is None  # CPU
+        for key in ("images_per_s", "ratio_to_seed", "ms_per_step", "avg_update_ms",
+                    "avg_overhead_pct", "peak_rss_mb", "tflops", "matmul_peak_tflops",
+                    "pct_of_peak"):
+            assert isinstance(r[key], (int, float)) and r[key] > 0, key
+        assert r["ms_per_step"] == pytest.approx(1000 * 128 / r["images_per_s"], rel=1e-3)
+        assert len(r["images_per_s_rounds"]) == 2
+        if r["path"] == "seed":
+            assert r["ratio_to_seed"] == 1.0
+    assert rows[0]["flops_per_step"] > 0 and rows[0]["flops_per_step"] != rows[3][
+        "flops_per_step"]
+    # The same table on stdout, in Markdown.
+    assert "| model | path | prec | img/s | x seed |" in proc.stdout
+    assert proc.stdout.count("| simplified |") == 3
