@@ -196,10 +196,14 @@ def test_n_averaged_survives_a_state_dict_round_trip() -> None:
     assert isinstance(resumed.averaged, HostCountAveragedModel)
 
 
-def test_the_step_loop_reads_nothing_on_the_host(tmp_path: Path,
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_step_loop_reads_nothing_on_the_host(optimizer: str, precision: str,
+                                                 tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Per epoch, the loop reads the device only for its two logged sums (loss, accuracy),
-    however many steps and averages it makes."""
+    however many steps and averages it makes: the fused optimizers keep their step counts on
+    the device and take fp16's inf check from the GradScaler without reading it."""
     counts: list[int] = []
     epoch = Trainer.train_epoch
 
@@ -210,11 +214,11 @@ def test_the_step_loop_reads_nothing_on_the_host(tmp_path: Path,
         return out
 
     monkeypatch.setattr(Trainer, "train_epoch", counted)
-    # SGD: Adam keeps its step count in a CPU tensor and reads it per step, which on a GPU is
-    # no sync but would be counted here.
-    overrides = [*TINY, "optimizer=sgd", "optimizer.lr=0.01", "swa.lr=0.01", "swa.start=0",
-                 "swa.freq=1", "data.augment=crop_flip", "trainer.precision=bf16",
-                 "logger.log_every=1"]
+    overrides = [*TINY, f"optimizer={optimizer}", "optimizer.lr=0.01", "swa.lr=0.01",
+                 "swa.start=0", "swa.freq=1", "data.augment=crop_flip",
+                 f"trainer.precision={precision}",
+                 # Logging reads the loss every log_every steps, by design: not in this window.
+                 "logger.log_every=1000"]
     metrics = train(compose_config(overrides), tmp_path)
     assert metrics["swa"]["n_averaged"] == metrics["train"]["iterations"]  # every step
     assert counts == [2, 2]
