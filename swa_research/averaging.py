@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch import Tensor, nn
+from torch.optim.swa_utils import (
+    AveragedModel,
+    get_ema_multi_avg_fn,
+    get_swa_multi_avg_fn,
+    update_bn,
+)
 
 from swa_research.config import ScheduleConfig, SwaConfig
 
@@ -82,6 +88,55 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+class HostCountAveragedModel(AveragedModel):
+    """AveragedModel whose update never reads a tensor on the host.
+
+    ``AveragedModel.update_parameters`` tests its ``n_averaged`` tensor with ``bool()`` and
+    ``>``, moves it to the device and turns ``1 / (n + 1)`` back into a Python number: host-device
+    syncs at every update on a GPU. Here the count is a Python int; the ``n_averaged`` buffer is
+    still written (a device-side fill) so that state dicts keep upstream's layout, and it is read
+    back once after a state dict is loaded. The arithmetic is upstream's multi-tensor (foreach)
+    SWA or EMA function, one call per device and dtype.
+    """
+
+    def __init__(self, model: nn.Module,
+                 multi_avg_fn: Callable[[list[Tensor], list[Tensor], Any], None] | None = None
+                 ) -> None:
+        super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        self._count: int | None = 0
+
+    @property
+    def count(self) -> int:
+        if self._count is None:  # a state dict was loaded: one read, never in the step loop
+            self._count = int(self.n_averaged)
+        return self._count
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        n = self.count
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for mine, theirs in zip(self.module.parameters(), model.parameters(), strict=True):
+            key = (mine.device, mine.dtype)
+            pair = groups.setdefault(key, ([], []))
+            pair[0].append(mine.detach())
+            pair[1].append(theirs.detach().to(mine.device))
+        average = self.multi_avg_fn or get_swa_multi_avg_fn()
+        for mine_list, theirs_list in groups.values():
+            if n == 0:
+                torch._foreach_copy_(mine_list, theirs_list)
+            else:
+                average(mine_list, theirs_list, n)
+        # use_buffers=False: the buffers (BN statistics) follow the model's.
+        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
+            mine.detach().copy_(theirs.detach().to(mine.device))
+        self._count = n + 1
+        self.n_averaged.fill_(n + 1)
+
+
 class Averager:
     """An equal (SWA) or exponential (EMA) average of a model's weights.
 
@@ -94,7 +149,7 @@ class Averager:
         if method not in ("swa", "ema"):
             raise ValueError(f"averaging method must be 'swa' or 'ema', got {method!r}")
         multi_avg_fn = get_ema_multi_avg_fn(decay) if method == "ema" else None
-        self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        self.averaged = HostCountAveragedModel(model, multi_avg_fn=multi_avg_fn)
         self.method = method
         self.bn_update = bn_update and has_batch_norm(model)
         self._bn_stale = False
@@ -105,7 +160,7 @@ class Averager:
 
     @property
     def n_averaged(self) -> int:
-        return int(self.averaged.n_averaged.item())
+        return self.averaged.count
 
     def state_dict(self) -> dict[str, object]:
         """The average (with its n_averaged) and whether its BN statistics are stale."""
@@ -128,6 +183,9 @@ class Averager:
         """
         if not (self.bn_update and self._bn_stale and self.n_averaged > 0):
             return False
-        update_bn(batches, self.module)
+        # inference_mode is allowed: the pass only updates the BN buffers in place, which
+        # stay normal tensors, and the average is never trained through autograd.
+        with torch.inference_mode():
+            update_bn(batches, self.module)
         self._bn_stale = False
         return True

@@ -100,6 +100,10 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     resume_override: bool = False  # resume even when the config differs from the checkpoint's
     deterministic: bool = False  # deterministic algorithms: bit-exact resume on CPU
+    # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -145,6 +149,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.progress": ("auto", "bar", "line", "none"),
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
 

@@ -256,6 +256,15 @@ def build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: in
 # Batches
 
 
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor to ``device`` without a host-device sync: a plain ``.to("cuda")``
+    from pageable memory waits for the GPU's queue to drain, a pinned non-blocking copy does not
+    (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Preprocess:
     """uint8 batch -> float batch: optional pad-4 crop and flip, scale to [0, 1], normalise."""
 
@@ -285,9 +294,12 @@ class Preprocess:
         device."""
         n, c, h, w = x.shape
         p = self.pad
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        # One copy to the device for all three.
+        dy, dx, flip = to_device_async(torch.stack([dy, dx, flip.long()]), x.device)
+        flip = flip.bool()
         padded = F.pad(x, (p, p, p, p))
         rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = torch.arange(w, device=x.device).expand(n, w)

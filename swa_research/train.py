@@ -40,6 +40,7 @@ from swa_research.locks import GpuClaim
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.step import memory_format, resolve_precision
 from swa_research.sweep import format_summary, sweep_jobs
 from swa_research.trainer import Preempted, Trainer, TrainingDiverged
 
@@ -107,6 +108,7 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
                 "resume anyway with trainer.resume_override=true, or start afresh in another "
                 "output dir")
     device = resolve_device(tc.device)
+    resolve_precision(tc.precision, device)  # fail before loading any data
     claim = None
     if tc.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
         # Jobs sharing a machine (joblib, several agents) each take a GPU of their own.
@@ -137,7 +139,9 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     ipe = iterations_per_epoch(len(data.train), tc.batch_size, tc.drop_last)
     validate_budget(config, ipe)
 
-    model = build_model(config.model, data.num_classes, data.image_size).to(device)
+    fmt = memory_format(tc.channels_last)
+    model = build_model(config.model, data.num_classes, data.image_size).to(
+        device, memory_format=fmt)
     optimizer = build_optimizer(config.optimizer, model.parameters())
     plan = AveragingPlan.from_config(config.swa, config.schedule, tc.epochs, ipe)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, ipe,
@@ -146,10 +150,15 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     averager = None
     if plan.enabled:
         averager = Averager(model, config.swa.method, config.swa.decay, config.swa.bn_update)
+    if tc.compile:
+        # In place, after the average's deepcopy: the average stays an eager module (its BN
+        # update and evaluation never recompile) and state dicts keep their keys.
+        model.compile()
 
     dc = config.data
-    train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment)
-    eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device)
+    train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
+                           memory_format=fmt)
+    eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
     loggers: list[RunLogger] = [LocalFiles(run_dir)]
     if config.logger.backend == "wandb":
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group))

@@ -24,6 +24,7 @@ from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, tr
 from swa_research.faults import fault_point
 from swa_research.fileio import atomic_torch_save
 from swa_research.loggers import Loggers
+from swa_research.step import TrainStep, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class Trainer:
         self.partial: dict[str, Any] | None = None  # a mid-epoch position to resume from
         self._stop_signal: int | None = None
         self.calibration: dict[str, Any] | None = None
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.step = TrainStep(self.model, self.optimizer, self.precision, self.device)
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -148,11 +151,7 @@ class Trainer:
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
                                 self.train_pre, self.cfg.drop_last, order=order, start=start)
         for i, (x, y) in enumerate(batches, start=start + 1):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, logits = self.step(x, y)
             self.scheduler.step()
             self.iteration += 1
             # Accumulated on the device: no host sync inside the step loop.
@@ -207,6 +206,10 @@ class Trainer:
             yield batch
 
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
+        with autocast(self.precision, self.device):
+            return self._evaluate_all(epoch, train_loss, train_acc)
+
+    def _evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
         bs = self.cfg.eval_batch_size
         fault_point("eval")
         sgd_val = evaluate(self.model, self.data.val, self.eval_pre, bs)
@@ -323,6 +326,7 @@ class Trainer:
             "last_sgd": self.last_sgd,
             "last_swa": self.last_swa,
             "history": self.history,
+            "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(self.generator, self.device),
             "timing": {"train_time": self.train_time, "images_seen": self.images_seen,
                        "wall": self.wall_before + wall},
@@ -336,6 +340,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.step.scaler.load_state_dict(state["scaler"])
         if self.averager is not None and state["averager"] is not None:
             self.averager.load_state_dict(state["averager"])
         self.best, self.best_state = state["best"], state["best_state"]

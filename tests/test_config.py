@@ -37,7 +37,7 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes_and_validates(group: str, option: str, tmp_path) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option == "imagefolder":
+    if (group, option) in (("data", "imagefolder"), ("experiment", "cpu_quick")):
         overrides.append(f"data.root={tmp_path}")
     cfg = compose_config(overrides)
     config = to_config(cfg)
@@ -143,7 +143,8 @@ def test_smoke_preset_needs_no_download() -> None:
 def test_command_line_groups_beat_experiment_overrides(experiment: str) -> None:
     """`experiment=X data=synthetic`: the command line's group choice wins over the preset's
     `override /data: ...`, and the preset's values are still applied on top."""
-    preset = to_config(compose_config([f"experiment={experiment}"]))
+    root = ["data.root=/somewhere"] if experiment == "cpu_quick" else []  # imagefolder preset
+    preset = to_config(compose_config([f"experiment={experiment}", *root]))
     for order in ([f"experiment={experiment}", *TINY], [*TINY, f"experiment={experiment}"]):
         c = load_config(compose_config(order))
         assert c.data.name == "synthetic"
@@ -183,6 +184,7 @@ def test_command_line_groups_beat_experiment_overrides(experiment: str) -> None:
         ("swa.start=-1", "swa.start"),
         ("optimizer.nesterov=true", "nesterov"),
         ("trainer.num_workers=-1", "trainer.num_workers"),
+        ("trainer.precision=fp8", "trainer.precision"),
     ],
 )
 def test_load_config_rejects_bad_values(override: str, key: str) -> None:

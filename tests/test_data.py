@@ -483,6 +483,38 @@ def test_eval_batches_in_order() -> None:
     assert torch.allclose(torch.cat([x for x, _ in batches]), data.images.float() / 255)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "imagefolder"])
+def test_batches_match_the_torchvision_loader(tmp_path: Path, no_md5: None, name: str) -> None:
+    """The fast path (uint8 tensors in memory, batched ops) against the seed's (a DataLoader
+    with ToTensor over a torchvision data set): the same batch shapes and dtypes, the same
+    labels and the same images, each with its own label."""
+    if name == "cifar10":
+        write_cifar10(tmp_path)
+        ref_set = torchvision.datasets.CIFAR10(str(tmp_path), train=True, download=False,
+                                               transform=transforms.ToTensor())
+    else:
+        write_folder(tmp_path)
+        # torchvision counts hidden folders as classes; this loader skips them.
+        (tmp_path / "train" / ".ipynb_checkpoints").rmdir()
+        ref_set = torchvision.datasets.ImageFolder(str(tmp_path / "train"),
+                                                   transform=transforms.ToTensor())
+    train, _, _ = load_datasets(DataConfig(name=name, root=str(tmp_path), download=False))
+    pre = Preprocess(False, [0.5] * 3, [0.5] * 3, CPU)
+    for drop_last in (True, False):
+        ref = list(torch.utils.data.DataLoader(ref_set, batch_size=4, shuffle=True,
+                                               drop_last=drop_last))
+        ours = list(train_batches(train, 4, torch.Generator().manual_seed(0), pre, drop_last))
+        assert [(x.shape, x.dtype, y.shape, y.dtype) for x, y in ours] == \
+            [(x.shape, x.dtype, y.shape, y.dtype) for x, y in ref]
+
+    def pairs(batches: list) -> Counter:
+        return Counter((bytes((x * 255).round().to(torch.uint8).flatten().tolist()), int(y))
+                       for xs, ys in batches for x, y in zip(xs, ys, strict=True))
+
+    assert pairs(ours) == pairs(ref)  # the last loop ran with drop_last=False: every image
+    assert Counter(torch.cat([y for _, y in ours]).tolist()) == Counter(ref_set.targets)
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic data
 

@@ -1,0 +1,508 @@
+"""Training throughput: the seed notebook's loop against this project's trainer, in one process,
+on the same data, for VGG "simplified" and VGG16.
+
+    python scripts/benchmark.py                          # both models, fp32 and bf16
+    python scripts/benchmark.py --device cuda --precision bf16 --batch-size 512
+    python scripts/benchmark.py --data-root /work/data/cifar10-jpeg --json speed.json
+
+The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
+``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
+process), Adam, and an ``AveragedModel`` updated every 50 steps, in fp32 and NCHW. This
+project's path is ``Trainer.train_epoch`` itself: uint8 tensors in memory, batched
+preprocessing (``train_batches`` and ``Preprocess``), ``TrainStep`` (autocast, channels-last,
+optionally compiled) and the ``Averager``, also every 50 steps.
+
+The timed chunks of the two paths alternate, round after round, so that a neighbour on a
+shared machine slows both alike; the table gives medians over the rounds.
+
+Columns (``--json`` writes them under "rows", one object per row):
+  model, path (seed | trainer), precision, batch_size,
+  images_per_s        median over rounds, data loading included
+  ratio_to_seed       images_per_s / the seed loop's, same model
+  ms_per_step         1000 * batch_size / images_per_s
+  avg_update_ms       one update of the average (the seed: AveragedModel.update_parameters,
+                      the trainer: Averager.update), median of timed calls
+  avg_overhead_pct    avg_update_ms / ms_per_step * 100: the cost of averaging at every step
+                      (EMA); at the seed's one update per 50 steps it is 1/50 of this
+  peak_gpu_mb         torch.cuda.max_memory_allocated over this row's steps (null on CPU)
+  peak_rss_mb         the process's peak RSS (getrusage) after this row's first steps; one
+                      process runs every row, so it only grows down the table
+  tflops              achieved: FLOPs of one training step (FlopCounterMode) / time per step
+  matmul_peak_tflops  a timed square matmul in this run at the row's precision
+  pct_of_peak         tflops / matmul_peak_tflops * 100
+and, in the JSON only, images_per_s_rounds, others_cpu_pct_rounds (the CPU that other
+processes used during each round, in % of all cores: a shared machine's noise) and
+flops_per_step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
+from torch.utils.flop_counter import FlopCounterMode
+
+from swa_research.averaging import Averager, AveragingPlan
+from swa_research.config import (
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    SwaConfig,
+    TrainerConfig,
+)
+from swa_research.data import (
+    DataSplits,
+    ImageSet,
+    Preprocess,
+    load_datasets,
+    synthetic_images,
+    train_batches,
+)
+from swa_research.loggers import Loggers
+from swa_research.models import build_model
+from swa_research.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.step import AUTOCAST_DTYPES, memory_format
+from swa_research.train import resolve_device
+from swa_research.trainer import Trainer
+
+COLUMNS = ["model", "path", "precision", "batch_size", "images_per_s", "ratio_to_seed",
+           "ms_per_step", "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb",
+           "tflops", "matmul_peak_tflops", "pct_of_peak"]
+AVERAGE_EVERY = 50  # the seed's swa_freq
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class OtherLoad:
+    """CPU used by other processes while a block runs, in % of all cores (Linux; None
+    elsewhere): on a shared machine it says which timings a neighbour disturbed."""
+
+    def __init__(self) -> None:
+        self.pct: float | None = None
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        return busy, int(mine[11]) + int(mine[12])  # utime + stime
+
+    def __enter__(self) -> OtherLoad:
+        self._start = self._ticks()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._ticks()
+        if self._start is None or end is None:
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        seconds = time.perf_counter() - self._t0
+        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        self.pct = max(0.0, 100 * other / hz / (seconds * (os.cpu_count() or 1)))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class PILImages(Dataset):
+    """uint8 NCHW images served one PIL image at a time, as torchvision's CIFAR10 does
+    (``Image.fromarray`` on an HWC array, then the transform)."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.hwc = images.images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.targets = images.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.hwc[i])), self.targets[i]
+
+
+def load_data(args: argparse.Namespace) -> tuple[ImageSet, Dataset, str]:
+    """The training images twice: as uint8 tensors (this project) and as a torchvision-style
+    data set that decodes one image per item (the seed)."""
+    from torchvision import datasets, transforms
+
+    if args.data_root:
+        cfg = DataConfig(name="imagefolder", root=args.data_root)
+        train, _, _ = load_datasets(cfg, num_workers=2)
+        seed_set = datasets.ImageFolder(str(Path(args.data_root) / "train"),
+                                        transform=transforms.ToTensor())
+        return train, seed_set, f"{args.data_root} (ImageFolder, JPEG decoded per item)"
+    train = synthetic_images(args.num_images, 10, 32, seed=0)
+    return train, PILImages(train, transforms.ToTensor()), \
+        f"synthetic, {args.num_images} uint8 CIFAR-size images in memory"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two loops
+
+
+class SeedLoop:
+    """The notebook's training loop (fp32, NCHW, eager), resumable in chunks of steps."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, batch_size: int,
+                 device: torch.device) -> None:
+        self.device = device
+        self.model = model.to(device)
+        n = len(dataset)  # type: ignore[arg-type]
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        split = int(0.1 * n)
+        self.loader = DataLoader(dataset=dataset, batch_size=batch_size,
+                                 sampler=SubsetRandomSampler(indices[split:]), drop_last=True)
+        self.criterion = nn.CrossEntropyLoss().to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0001)
+        self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
+        self.total_batch = len(self.loader)
+        self.avg_loss: torch.Tensor | float = 0
+        self.iteration = 0
+        self._batches = iter(self.loader)
+
+    def run(self, steps: int) -> None:
+        self.model.train()
+        for _ in range(steps):
+            try:
+                X, Y = next(self._batches)
+            except StopIteration:  # the next epoch
+                self._batches = iter(self.loader)
+                X, Y = next(self._batches)
+            X = X.to(self.device)
+            Y = Y.to(self.device)
+            pred = self.model(X)
+            loss = self.criterion(pred, Y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.avg_loss += loss / self.total_batch
+            self.iteration += 1
+            if self.iteration % AVERAGE_EVERY == 0:
+                self.swa_model.update_parameters(self.model)
+        sync(self.device)
+
+    def update_average(self) -> None:
+        self.swa_model.update_parameters(self.model)
+
+
+class TrainerLoop:
+    """``Trainer.train_epoch`` on a slice of ``steps * batch_size`` images, so that one epoch
+    is one timed chunk; the average is updated every 50 iterations as in the seed."""
+
+    def __init__(self, model_cfg: ModelConfig, data: ImageSet, batch_size: int, precision: str,
+                 channels_last: bool, compile_model: bool, device: torch.device,
+                 run_dir: Path) -> None:
+        fmt = memory_format(channels_last)
+        self.data = data.to(device)
+        self.batch_size = batch_size
+        self.model = build_model(model_cfg, 10).to(device, memory_format=fmt)
+        optimizer = build_optimizer(OptimizerConfig(name="adam", lr=1e-4),
+                                    self.model.parameters())
+        huge = 10**9  # iterations: the schedule and the plan never end within the benchmark
+        swa = SwaConfig(method="swa", start=0, freq=AVERAGE_EVERY, unit="iter")
+        plan = AveragingPlan.from_config(swa, ScheduleConfig(), 1, huge)
+        schedule = build_schedule(ScheduleConfig(), 1e-4, 1e-4, huge, huge, None)
+        self.averager = Averager(self.model, "swa")
+        if compile_model:
+            self.model.compile()
+        pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device, memory_format=fmt)
+        cfg = TrainerConfig(batch_size=batch_size, precision=precision,
+                            channels_last=channels_last, compile=compile_model, progress="none")
+        empty = ImageSet(self.data.images[:0], self.data.labels[:0])
+        self.trainer = Trainer(
+            model=self.model, optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, schedule), plan=plan, averager=self.averager,
+            data=DataSplits(empty, None, empty, [str(i) for i in range(10)]), train_pre=pre,
+            eval_pre=pre, cfg=cfg, seed=0, run_dir=run_dir, loggers=Loggers([]))
+        self.offset = 0
+
+    def run(self, steps: int) -> None:
+        n = steps * self.batch_size
+        if self.offset + n > len(self.data):
+            self.offset = 0
+        index = torch.arange(self.offset, self.offset + n) % len(self.data)
+        self.offset += n
+        train = self.data.subset(index)
+        self.trainer.data = DataSplits(train, None, train, self.trainer.data.classes)
+        self.trainer.train_epoch(1)  # ends by reading its sums: the device has finished
+
+    def update_average(self) -> None:
+        self.averager.update(self.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def time_calls(fn: Callable[[], None], device: torch.device, calls: int) -> float:
+    """Median seconds of one call, after one untimed call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = time_calls(lambda: torch.mm(a, b), device, calls=5)
+    return 2 * n**3 / seconds / 1e12
+
+
+def step_flops(model_cfg: ModelConfig, batch_size: int, device: torch.device) -> int:
+    """FLOPs of one forward and backward pass (the optimizer's elementwise work not counted)."""
+    model = build_model(model_cfg, 10).to(device)
+    x = torch.rand(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return int(counter.get_total_flops())
+
+
+def loader_images_per_s(batches: Callable[[], Any], device: torch.device, count: int,
+                        batch_size: int) -> float:
+    """Images per second of a data path alone (a fresh epoch whenever one ends), moved to the
+    device."""
+
+    def endless() -> Any:
+        while True:
+            yield from batches()
+
+    it = endless()
+    next(it)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(count):
+        x, _ = next(it)
+        x.to(device)
+    sync(device)
+    return count * batch_size / (time.perf_counter() - t0)
+
+
+def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
+                    data: ImageSet, seed_set: Dataset, precisions: list[str],
+                    peaks: dict[str, float], run_dir: Path) -> list[dict[str, Any]]:
+    model_cfg = ModelConfig(name=name, width=args.width)
+    torch.manual_seed(0)
+    paths: dict[tuple[str, str], Any] = {
+        ("seed", "fp32"): SeedLoop(build_model(model_cfg, 10), seed_set, args.batch_size,
+                                   device)}
+    for p in precisions:
+        torch.manual_seed(0)
+        paths[("trainer", p)] = TrainerLoop(model_cfg, data, args.batch_size, p,
+                                            not args.no_channels_last, args.compile, device,
+                                            run_dir)
+    runs: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
+    others: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
+    gpu: dict[tuple[str, str], float | None] = {k: None for k in paths}
+    rss: dict[tuple[str, str], float] = {}
+    for key, loop in paths.items():  # warm-up: allocations, oneDNN/cuDNN plans, compiling
+        loop.run(args.warmup)
+        rss[key] = peak_rss_mb()
+    for r in range(args.rounds):
+        for key, loop in paths.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with OtherLoad() as load:
+                t0 = time.perf_counter()
+                loop.run(args.steps)
+                seconds = time.perf_counter() - t0
+            runs[key].append(args.steps * args.batch_size / seconds)
+            if load.pct is not None:
+                others[key].append(load.pct)
+            if device.type == "cuda":
+                gpu[key] = max(gpu[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+            print(f"  {name} round {r + 1}/{args.rounds} {key[0]} {key[1]}: "
+                  f"{runs[key][-1]:.0f} images/s (other processes: "
+                  f"{load.pct if load.pct is not None else float('nan'):.0f}% CPU)",
+                  file=sys.stderr, flush=True)
+    flops = step_flops(model_cfg, args.batch_size, device)
+    rows = []
+    seed_ips = statistics.median(runs[("seed", "fp32")])
+    for key, loop in paths.items():
+        ips = statistics.median(runs[key])
+        ms = 1000 * args.batch_size / ips
+        update_ms = 1000 * time_calls(loop.update_average, device, calls=args.avg_calls)
+        tflops = flops / (ms / 1000) / 1e12
+        peak = peaks.get(key[1])
+        rows.append({
+            "model": name, "path": key[0], "precision": key[1], "batch_size": args.batch_size,
+            "images_per_s": round(ips, 1), "ratio_to_seed": round(ips / seed_ips, 3),
+            "ms_per_step": round(ms, 2), "avg_update_ms": round(update_ms, 3),
+            "avg_overhead_pct": round(100 * update_ms / ms, 3),
+            "peak_gpu_mb": None if gpu[key] is None else round(gpu[key], 1),
+            "peak_rss_mb": round(rss[key], 1), "tflops": round(tflops, 4),
+            "matmul_peak_tflops": None if peak is None else round(peak, 4),
+            "pct_of_peak": None if not peak else round(100 * tflops / peak, 1),
+            "images_per_s_rounds": [round(v, 1) for v in runs[key]],
+            "others_cpu_pct_rounds": [round(v, 1) for v in others[key]],
+            "flops_per_step": flops,
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "path", "prec", "img/s", "x seed", "ms/step", "avg ms", "avg %",
+            "GPU MB", "RSS MB", "TFLOP/s", "peak", "% peak"]
+    keys = ["model", "path", "precision", "images_per_s", "ratio_to_seed", "ms_per_step",
+            "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb", "tflops",
+            "matmul_peak_tflops", "pct_of_peak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row[k]
+            if v is None:
+                cells.append("-")
+            elif k == "images_per_s":
+                cells.append(f"{v:.0f}")
+            elif k in ("tflops", "matmul_peak_tflops"):
+                cells.append(f"{v:.3f}")
+            elif k == "ratio_to_seed":
+                cells.append(f"{v:.2f}")
+            elif isinstance(v, float):
+                cells.append(f"{v:.1f}" if v >= 10 else f"{v:.2f}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--model", default="simplified,vgg16",
+                   help="comma-separated: simplified, vgg11, vgg13, vgg16, vgg19")
+    p.add_argument("--precision", default="fp32,bf16",
+                   help="comma-separated precisions of the trainer path: fp32, bf16, fp16")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per path and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the table gives medians")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=float, default=1.0, help="model.width (channel multiplier)")
+    p.add_argument("--data-root", default=None,
+                   help="an image folder (train/<class>/*.jpg); default: synthetic images")
+    p.add_argument("--num-images", type=int, default=5000, help="synthetic images")
+    p.add_argument("--no-channels-last", action="store_true", help="trainer path in NCHW")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--matmul-size", type=int, default=0,
+                   help="n of the n x n matmul that measures the peak (0: 4096 on CUDA, "
+                        "2048 on CPU)")
+    p.add_argument("--avg-calls", type=int, default=5, help="timed updates of the average")
+    p.add_argument("--loader-batches", type=int, default=20,
+                   help="batches timed for the data paths alone")
+    p.add_argument("--json", default=None, help="write the table and the setup to this file")
+    args = p.parse_args(argv)
+    for key in ("steps", "rounds", "batch_size", "num_images", "avg_calls", "loader_batches"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    args.precisions = [m.strip() for m in args.precision.split(",") if m.strip()]
+    for prec in args.precisions:
+        if prec not in AUTOCAST_DTYPES:
+            p.error(f"--precision {prec}: expected fp32, bf16 or fp16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data, seed_set, data_desc = load_data(args)
+    n = args.matmul_size or (4096 if device.type == "cuda" else 2048)
+    peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
+             for p in sorted({"fp32", *args.precisions})}
+    bs = args.batch_size
+    pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device)
+    on_device = data.to(device)
+    gen = torch.Generator().manual_seed(0)
+    loaders = {
+        "seed": loader_images_per_s(
+            lambda: DataLoader(seed_set, batch_size=bs, shuffle=True, drop_last=True), device,
+            args.loader_batches, bs),
+        "trainer": loader_images_per_s(
+            lambda: train_batches(on_device, bs, gen, pre), device, args.loader_batches, bs),
+    }
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        for name in args.models:
+            rows += benchmark_model(name, args, device, data, seed_set, args.precisions, peaks,
+                                    Path(run_dir))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    result = {
+        "machine": {"device": str(device), "device_name": device_name, "cpu": cpu_model(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "setup": {"data": data_desc, "batch_size": bs, "width": args.width,
+                  "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                  "channels_last": not args.no_channels_last, "compile": args.compile,
+                  "average_every": AVERAGE_EVERY, "matmul_size": n},
+        "matmul_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
+        "loader_images_per_s": {k: round(v, 1) for k, v in loaders.items()},
+        "columns": COLUMNS,
+        "rows": rows,
+    }
+    print(f"{device_name} ({device}, {torch.get_num_threads()} threads), {data_desc}; "
+          f"batch {bs}, width {args.width}, median of {args.rounds} rounds of {args.steps} "
+          "steps")
+    print("matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()))
+    print("data path alone (images/s): " + ", ".join(f"{k} {v:.0f}"
+                                                     for k, v in loaders.items()))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The fast paths: mixed precision, channels-last, torch.compile, and averaging and training
+steps that never read a device tensor on the host."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from swa_research.averaging import Averager, HostCountAveragedModel
+from swa_research.config import UserError
+from swa_research.step import TrainStep, autocast, resolve_precision
+from swa_research.train import train
+from swa_research.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (``.item()``, ``bool()``, ``int()``,
+    ``float()``, ``if t > 0``): each dispatches to ``aten._local_scalar_dense``, a
+    host-device sync when the tensor lives on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+def test_resolve_precision() -> None:
+    assert resolve_precision("auto", CPU) == "fp32"
+    for name in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(name, CPU) == name
+    with pytest.raises(UserError, match=r"trainer\.precision"):
+        resolve_precision("fp8", CPU)
+    with autocast("bf16", CPU):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast("fp32", CPU):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def finite_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    metrics = train(compose_config(overrides), run_dir)
+    assert metrics["status"] == "finished"
+    for part in ("sgd", "swa"):
+        for key in ("test_loss", "test_acc", "val_loss", "val_acc"):
+            value = metrics[part][key]
+            assert isinstance(value, float) and math.isfinite(value), (part, key)
+    assert metrics["swa"]["n_averaged"] > 0
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    return metrics
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(precision: str, tmp_path: Path) -> None:
+    base = [*TINY, "model.batch_norm=true", "data.augment=crop_flip"]
+    mixed = finite_run([*base, f"trainer.precision={precision}"], tmp_path / precision)
+    full = finite_run([*base, "trainer.precision=fp32"], tmp_path / "fp32")
+    # Same run in lower precision: close to fp32, not bit-equal.
+    assert mixed["sgd"]["test_loss"] == pytest.approx(full["sgd"]["test_loss"], rel=0.02)
+    assert mixed["sgd"]["test_loss"] != full["sgd"]["test_loss"]
+    # The weights stay fp32 (autocast computes in low precision, the optimizer steps fp32).
+    state = torch.load(tmp_path / precision / "swa.pt", weights_only=False)["state_dict"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+
+
+def test_fp16_uses_a_grad_scaler_and_bf16_does_not() -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert TrainStep(model, opt, "fp16", CPU).scaler.is_enabled()
+    assert not TrainStep(model, opt, "bf16", CPU).scaler.is_enabled()
+    step = TrainStep(model, opt, "fp16", CPU)
+    before = model.weight.detach().clone()
+    loss, logits = step(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    assert loss.dtype == torch.float32 and logits.shape == (8, 2)
+    assert not loss.requires_grad
+    assert not torch.equal(model.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory format
+
+
+def test_channels_last_gives_the_same_run(tmp_path: Path) -> None:
+    # SGD, not Adam: Adam scales the rounding noise in a near-zero gradient (a conv bias
+    # before BN) up to lr-sized steps, so its weights would differ by more than the layout.
+    base = [*TINY, "model.batch_norm=true", "data.augment=crop_flip", "model.dropout=0.2",
+            "optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9", "swa.lr=0.05"]
+    on = finite_run([*base, "trainer.channels_last=true"], tmp_path / "on")
+    off = finite_run([*base, "trainer.channels_last=false"], tmp_path / "off")
+    for part in ("sgd", "swa"):
+        for key in ("test_loss", "val_loss"):
+            assert on[part][key] == pytest.approx(off[part][key], rel=1e-4)
+    a = torch.load(tmp_path / "on" / "swa.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "off" / "swa.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    conv = next(k for k, v in a.items() if v.ndim == 4)
+    assert a[conv].is_contiguous(memory_format=torch.channels_last)
+    assert b[conv].is_contiguous()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Averaging without host reads
+
+
+@pytest.mark.parametrize("method", ["swa", "ema"])
+def test_averaging_matches_averaged_model(method: str) -> None:
+    """Same numbers as upstream's AveragedModel, same state dict layout."""
+    model = small_net()
+    avg_fn = get_ema_multi_avg_fn(0.8) if method == "ema" else None
+    ours = Averager(model, method, decay=0.8)
+    upstream = AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=False)
+    for k in range(4):
+        randomize(model, k)
+        ours.update(model)
+        upstream.update_parameters(model)
+    assert ours.n_averaged == 4
+    mine, theirs = ours.averaged.state_dict(), upstream.state_dict()
+    assert list(mine) == list(theirs)
+    assert "n_averaged" in mine and all(k.startswith("module.") for k in mine if
+                                        k != "n_averaged")
+    for k in mine:
+        assert torch.allclose(mine[k].float(), theirs[k].float(), atol=1e-6), k
+
+
+def test_averaging_reads_nothing_on_the_host() -> None:
+    model = small_net()
+    avg = Averager(model, "swa")
+    with HostReads() as reads:
+        for k in range(3):
+            randomize(model, k)
+            avg.update(model)
+    assert reads.count == 0
+    assert avg.n_averaged == 3
+    # The detector works: upstream's update reads its counter on the host.
+    upstream = AveragedModel(model)
+    with HostReads() as reads:
+        upstream.update_parameters(model)
+        upstream.update_parameters(model)
+    assert reads.count > 0
+
+
+def test_n_averaged_survives_a_state_dict_round_trip() -> None:
+    model = small_net()
+    avg = Averager(model, "swa")
+    weights = []
+    for k in range(3):
+        randomize(model, k)
+        weights.append(model[0].weight.detach().clone())
+        avg.update(model)
+    state = avg.averaged.state_dict()
+    assert int(state["n_averaged"]) == 3
+
+    resumed = Averager(small_net(), "swa")
+    assert resumed.n_averaged == 0
+    resumed.averaged.load_state_dict(state)
+    assert resumed.n_averaged == 3
+    randomize(model, 9)
+    weights.append(model[0].weight.detach().clone())
+    resumed.update(model)
+    assert resumed.n_averaged == 4 and int(resumed.averaged.n_averaged) == 4
+    expected = torch.stack(weights).mean(0)
+    assert torch.allclose(resumed.module[0].weight, expected, atol=1e-6)
+    assert isinstance(resumed.averaged, HostCountAveragedModel)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_step_loop_reads_nothing_on_the_host(optimizer: str, precision: str,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per epoch, the loop reads the device only for its two logged sums (loss, accuracy),
+    however many steps and averages it makes: the fused optimizers keep their step counts on
+    the device and take fp16's inf check from the GradScaler without reading it."""
+    counts: list[int] = []
+    epoch = Trainer.train_epoch
+
+    def counted(self: Trainer, *args: Any) -> tuple[float, float]:
+        with HostReads() as reads:
+            out = epoch(self, *args)
+        counts.append(reads.count)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_epoch", counted)
+    overrides = [*TINY, f"optimizer={optimizer}", "optimizer.lr=0.01", "swa.lr=0.01",
+                 "swa.start=0", "swa.freq=1", "data.augment=crop_flip",
+                 f"trainer.precision={precision}",
+                 # Logging reads the loss every log_every steps, by design: not in this window.
+                 "logger.log_every=1000"]
+    metrics = train(compose_config(overrides), tmp_path)
+    assert metrics["swa"]["n_averaged"] == metrics["train"]["iterations"]  # every step
+    assert counts == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.slow
+def test_compile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled in place: averaging and the BN update work, state dicts keep their keys,
+    results match eager, and evaluations after the first compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    frames: list[int] = []
+    evaluate_all = Trainer.evaluate_all
+
+    def counted(self: Trainer, *args: Any) -> dict[str, Any]:
+        row = evaluate_all(self, *args)
+        frames.append(counters["frames"]["total"])
+        return row
+
+    monkeypatch.setattr(Trainer, "evaluate_all", counted)
+    base = [*TINY, "model.batch_norm=true", "model.dropout=0", "trainer.epochs=3"]
+    compiled = finite_run([*base, "trainer.compile=true"], tmp_path / "compiled")
+    assert len(frames) == 3 and frames[0] > 0
+    assert frames[1] == frames[0] and frames[2] == frames[0]  # no recompiles
+    eager = finite_run(base, tmp_path / "eager")
+    for part in ("sgd", "swa"):
+        assert compiled[part]["test_loss"] == pytest.approx(eager[part]["test_loss"],
+                                                            rel=1e-3)
+    for name in ("sgd_final.pt", "swa.pt"):
+        a = torch.load(tmp_path / "compiled" / name, weights_only=False)["state_dict"]
+        b = torch.load(tmp_path / "eager" / name, weights_only=False)["state_dict"]
+        assert list(a) == list(b)  # no _orig_mod. prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark script
+
+
+BENCHMARK_COLUMNS = [
+    "model", "path", "precision", "batch_size", "images_per_s", "ratio_to_seed", "ms_per_step",
+    "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb", "tflops",
+    "matmul_peak_tflops", "pct_of_peak"]
+
+
+def test_benchmark_runs_tiny(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    # Its own checkout's package, whatever is installed; one thread (other tests may run).
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "benchmark.py"), "--steps", "3", "--width",
+         "0.125", "--rounds", "2", "--warmup", "1", "--num-images", "512", "--matmul-size",
+         "128", "--avg-calls", "1", "--loader-batches", "2", "--threads", "1", "--device",
+         "cpu", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["columns"] == BENCHMARK_COLUMNS
+    assert set(result) >= {"machine", "setup", "matmul_peak_tflops", "loader_images_per_s",
+                           "rows"}
+    assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    rows = result["rows"]
+    assert [(r["model"], r["path"], r["precision"]) for r in rows] == [
+        (m, path, prec) for m in ("simplified", "vgg16")
+        for path, prec in (("seed", "fp32"), ("trainer", "fp32"), ("trainer", "bf16"))]
+    for r in rows:
+        assert set(BENCHMARK_COLUMNS) <= set(r)
+        assert r["batch_size"] == 128 and r["peak_gpu_mb"] is None  # CPU
+        for key in ("images_per_s", "ratio_to_seed", "ms_per_step", "avg_update_ms",
+                    "avg_overhead_pct", "peak_rss_mb", "tflops", "matmul_peak_tflops",
+                    "pct_of_peak"):
+            assert isinstance(r[key], (int, float)) and r[key] > 0, key
+        assert r["ms_per_step"] == pytest.approx(1000 * 128 / r["images_per_s"], rel=1e-3)
+        assert len(r["images_per_s_rounds"]) == 2
+        if r["path"] == "seed":
+            assert r["ratio_to_seed"] == 1.0
+    assert rows[0]["flops_per_step"] > 0 and rows[0]["flops_per_step"] != rows[3][
+        "flops_per_step"]
+    # The same table on stdout, in Markdown.
+    assert "| model | path | prec | img/s | x seed |" in proc.stdout
+    assert proc.stdout.count("| simplified |") == 3
