@@ -47,7 +47,9 @@ def finished_jobs(sweep: Path, n: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
+@pytest.mark.parametrize("launcher", [
+    pytest.param("submitit_local", marks=pytest.mark.slow),  # the requeue test covers it too
+    "joblib"])
 def test_two_job_multirun_on_a_launcher(launcher: str, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []

@@ -87,6 +87,7 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_identically(
     assert_same_as(baseline, run_dir)
 
 
+@pytest.mark.slow
 def test_sigusr1_is_handled_like_sigterm(tmp_path: Path) -> None:
     r = launch(tmp_path / "run", fault="step@3:USR1")
     assert r.returncode == 75 and "SIGUSR1 received" in r.stderr
@@ -125,6 +126,7 @@ def test_a_half_written_checkpoint_never_replaces_the_good_one(tmp_path: Path) -
     assert load_checkpoint(run_dir / LATEST)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert launch(run_dir, fault="step@16:TERM").returncode == 75  # epochs 1, 2 and a partial
@@ -160,6 +162,7 @@ def test_resume_with_another_config_names_the_keys_and_refuses(tmp_path: Path) -
     assert "resuming from" in r.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "src"
     assert launch(src, fault="step@5:TERM").returncode == 75
