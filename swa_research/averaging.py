@@ -92,11 +92,13 @@ class HostCountAveragedModel(AveragedModel):
     """AveragedModel whose update never reads a tensor on the host.
 
     ``AveragedModel.update_parameters`` tests its ``n_averaged`` tensor with ``bool()`` and
-    ``>``, moves it to the device and turns ``1 / (n + 1)`` back into a Python number: host-device
-    syncs at every update on a GPU. Here the count is a Python int; the ``n_averaged`` buffer is
-    still written (a device-side fill) so that state dicts keep upstream's layout, and it is read
-    back once after a state dict is loaded. The arithmetic is upstream's multi-tensor (foreach)
-    SWA or EMA function, one call per device and dtype.
+    ``>`` and copies it to the parameters' device: on a GPU each update waits for the queued
+    work (a blocking copy from pageable memory when the counter is on the CPU, where
+    AveragedModel creates it; host reads when it is on the GPU). Here the count is a Python int;
+    the ``n_averaged`` buffer is still written (a fill, queued like any kernel) so that state
+    dicts keep upstream's layout, and it is read back once after a state dict is loaded. The
+    arithmetic is upstream's multi-tensor (foreach) SWA or EMA function, one call per device and
+    dtype.
     """
 
     def __init__(self, model: nn.Module,
