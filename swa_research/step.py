@@ -2,8 +2,10 @@
 fp16), the channels-last memory format and torch.compile.
 
 Nothing here reads a device tensor on the host, so a loop of steps queues work on a GPU without
-waiting for it; the one exception is fp16's GradScaler, which checks the gradients for inf/NaN
-on the host at every step (bf16 needs no scaler).
+waiting for it. fp16's GradScaler checks the gradients for inf/NaN: with the fused optimizers
+that ``optim.build_optimizer`` makes, the check stays on the device (the optimizer skips the
+step itself); with another optimizer ``GradScaler.step`` reads it on the host at every step.
+bf16 needs no scaler.
 """
 
 from __future__ import annotations

@@ -196,6 +196,24 @@ def test_n_averaged_survives_a_state_dict_round_trip() -> None:
     assert isinstance(resumed.averaged, HostCountAveragedModel)
 
 
+def test_bn_update_under_inference_mode_leaves_normal_tensors() -> None:
+    """The BN pass runs under inference_mode: the buffers it rewrites must stay normal
+    tensors, or the next update (a copy into them outside inference mode) would fail."""
+    model = small_net()
+    avg = Averager(model, "swa")
+    randomize(model, 0)
+    avg.update(model)
+    data = [(torch.randn(4, 3, 5, 5), torch.zeros(4)) for _ in range(3)]
+    assert avg.prepare_for_eval(data) is True
+    assert not any(t.is_inference() for t in [*avg.module.parameters(),
+                                              *avg.module.buffers()])
+    running = avg.module[1].running_mean.clone()
+    randomize(model, 1)
+    avg.update(model)  # copies the model's BN buffers in: would raise on inference tensors
+    assert not torch.equal(avg.module[1].running_mean, running)
+    assert avg.prepare_for_eval(data) is True
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_the_step_loop_reads_nothing_on_the_host(optimizer: str, precision: str,
