@@ -49,21 +49,10 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def _save(fig: Any, path: Path) -> None:
-    # Render to a temporary name, then rename: a reader never sees half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-
-
 def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                  title: str = "") -> list[Path]:
     """Writes loss_curves.png and accuracy.png into ``out_dir``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out_dir)
     written: list[Path] = []
     colors = {"sgd": "tab:blue", "swa": "tab:orange"}
@@ -86,7 +75,5 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         ax.set_title(f"{heading} {title}".strip())
         ax.grid(alpha=0.3)
         ax.legend()
-        written.append(out / filename)
-        _save(fig, written[-1])
-        plt.close(fig)
+        written.append(save_figure(fig, out / filename))
     return written

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from swa_research.config import flatten_dict
 from swa_research.fileio import atomic_write_text
 from swa_research.plots import pyplot, read_history, save_figure
 
@@ -219,16 +220,6 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found, key=_natural_key)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _read_yaml(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -270,7 +261,7 @@ def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
 def load_run(run_dir: Path, root: Path) -> Run:
     hydra_dir = run_dir / ".hydra"
     overrides = parse_overrides(_read_yaml(hydra_dir / "overrides.yaml") or [])
-    config = _flatten(_read_yaml(hydra_dir / "config.yaml") or {})
+    config = flatten_dict(_read_yaml(hydra_dir / "config.yaml") or {})
     hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
     choices = {k: None if v is None else str(v) for k, v in
                ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
