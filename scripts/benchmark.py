@@ -27,12 +27,19 @@ Columns (``--json`` writes them under "rows", one object per row):
   peak_gpu_mb         torch.cuda.max_memory_allocated over this row's steps (null on CPU)
   peak_rss_mb         the process's peak RSS (getrusage) after this row's first steps; one
                       process runs every row, so it only grows down the table
-  tflops              achieved: FLOPs of one training step (FlopCounterMode) / time per step
-  matmul_peak_tflops  a timed square matmul in this run at the row's precision
+  tflops              achieved: the model's FLOPs per training step (FlopCounterMode on the
+                      model with direct convolutions) / time per step; where Winograd runs a
+                      convolution with fewer multiplications this is an effective rate
+  matmul_peak_tflops  the best of timed square matmuls in this run at the row's precision
   pct_of_peak         tflops / matmul_peak_tflops * 100
 and, in the JSON only, images_per_s_rounds, others_cpu_pct_rounds (the CPU that other
-processes used during each round, in % of all cores: a shared machine's noise) and
-flops_per_step.
+processes used during each round, in % of all cores: a shared machine's noise),
+flops_per_step (nominal), executed_flops_per_step and executed_tflops (what the row's
+convolution algorithms execute: fewer than nominal where Winograd runs, fp32 on a CPU).
+
+``--layers`` times each 3x3 convolution of the models alone instead (forward and backward at
+the batch size, fp32): oneDNN in NCHW and NHWC, and Winograd; ``trainer.conv_algorithm=auto``
+picks Winograd from these figures (``swa_research.conv.auto_algorithm``).
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from swa_research.config import (
     SwaConfig,
     TrainerConfig,
 )
+from swa_research.conv import FastConv2d, set_conv_algorithm, winograd_conv3x3
 from swa_research.data import (
     DataSplits,
     ImageSet,
@@ -231,12 +239,13 @@ class TrainerLoop:
     is one timed chunk; the average is updated every 50 iterations as in the seed."""
 
     def __init__(self, model_cfg: ModelConfig, data: ImageSet, batch_size: int, precision: str,
-                 channels_last: bool, compile_model: bool, device: torch.device,
-                 run_dir: Path) -> None:
+                 channels_last: bool, compile_model: bool, conv_algorithm: str,
+                 device: torch.device, run_dir: Path) -> None:
         fmt = memory_format(channels_last)
         self.data = data.to(device)
         self.batch_size = batch_size
         self.model = build_model(model_cfg, 10).to(device, memory_format=fmt)
+        set_conv_algorithm(self.model, conv_algorithm)
         optimizer = build_optimizer(OptimizerConfig(name="adam", lr=1e-4),
                                     self.model.parameters())
         huge = 10**9  # iterations: the schedule and the plan never end within the benchmark
@@ -248,7 +257,8 @@ class TrainerLoop:
             self.model.compile()
         pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device, memory_format=fmt)
         cfg = TrainerConfig(batch_size=batch_size, precision=precision,
-                            channels_last=channels_last, compile=compile_model, progress="none")
+                            channels_last=channels_last, compile=compile_model,
+                            conv_algorithm=conv_algorithm, progress="none")
         empty = ImageSet(self.data.images[:0], self.data.labels[:0])
         self.trainer = Trainer(
             model=self.model, optimizer=optimizer,
@@ -289,15 +299,23 @@ def time_calls(fn: Callable[[], None], device: torch.device, calls: int) -> floa
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    seconds = time_calls(lambda: torch.mm(a, b), device, calls=5)
-    return 2 * n**3 / seconds / 1e12
+    """The best of square matmuls of sizes n / 2, n and 2 n."""
+    best = 0.0
+    for size in (n // 2, n, 2 * n):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        seconds = time_calls(lambda: torch.mm(a, b), device, calls=3)  # noqa: B023
+        best = max(best, 2 * size**3 / seconds / 1e12)
+    return best
 
 
-def step_flops(model_cfg: ModelConfig, batch_size: int, device: torch.device) -> int:
-    """FLOPs of one forward and backward pass (the optimizer's elementwise work not counted)."""
+def step_flops(model_cfg: ModelConfig, batch_size: int, device: torch.device,
+               conv_algorithm: str = "native") -> int:
+    """FLOPs of one forward and backward pass (the optimizer's elementwise work not counted).
+    With ``native`` convolutions they are the model's nominal FLOPs (a 3x3 convolution counts
+    2 * 9 * C_in * C_out per output pixel); with Winograd, the matmuls it executes."""
     model = build_model(model_cfg, 10).to(device)
+    set_conv_algorithm(model, conv_algorithm)
     x = torch.rand(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     with FlopCounterMode(display=False) as counter:
@@ -336,8 +354,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
     for p in precisions:
         torch.manual_seed(0)
         paths[("trainer", p)] = TrainerLoop(model_cfg, data, args.batch_size, p,
-                                            not args.no_channels_last, args.compile, device,
-                                            run_dir)
+                                            not args.no_channels_last, args.compile,
+                                            args.conv_algorithm, device, run_dir)
     runs: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
     others: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
     gpu: dict[tuple[str, str], float | None] = {k: None for k in paths}
@@ -363,6 +381,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                   f"{load.pct if load.pct is not None else float('nan'):.0f}% CPU)",
                   file=sys.stderr, flush=True)
     flops = step_flops(model_cfg, args.batch_size, device)
+    executed = step_flops(model_cfg, args.batch_size, device, args.conv_algorithm) \
+        if device.type == "cpu" else flops
     rows = []
     seed_ips = statistics.median(runs[("seed", "fp32")])
     for key, loop in paths.items():
@@ -383,7 +403,71 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             "images_per_s_rounds": [round(v, 1) for v in runs[key]],
             "others_cpu_pct_rounds": [round(v, 1) for v in others[key]],
             "flops_per_step": flops,
+            "executed_flops_per_step": executed if key == ("trainer", "fp32") else flops,
+            "executed_tflops": round((executed if key == ("trainer", "fp32") else flops)
+                                     / (ms / 1000) / 1e12, 4),
         })
+    return rows
+
+
+def conv_layers(model_cfg: ModelConfig, batch_size: int, device: torch.device) -> list[Any]:
+    """(in, out, height, width) of each distinct 3x3 convolution of the model, in order."""
+    model = build_model(model_cfg, 10).to(device)
+    shapes: list[Any] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        shape = (module.in_channels, module.out_channels, x.shape[2], x.shape[3])
+        if shape not in shapes:
+            shapes.append(shape)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, FastConv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, device=device))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def layer_rows(name: str, args: argparse.Namespace, device: torch.device,
+               peak: float) -> list[dict[str, Any]]:
+    """Forward + backward ms of each convolution by algorithm, and which one ``auto`` picks."""
+    from swa_research.conv import auto_algorithm
+
+    rows = []
+    bs = args.batch_size
+    for cin, cout, h, w in conv_layers(ModelConfig(name=name, width=args.width), bs, device):
+        flops = 2 * 9 * cin * cout * h * w * bs * (3 if cin > 3 else 2)
+        row: dict[str, Any] = {"model": name, "layer": f"{cin}->{cout} @{h}x{w}"}
+        variants = [("nchw", torch.contiguous_format, 0), ("nhwc", torch.channels_last, 0),
+                    ("winograd2", torch.channels_last, 2), ("winograd4", torch.channels_last, 4)]
+        for label, fmt, tile in variants:
+            if tile and (h % tile or w % tile):
+                row[f"{label}_ms"] = None
+                continue
+            x = torch.randn(bs, cin, h, w, device=device).to(memory_format=fmt)
+            x.requires_grad_(cin > 3)
+            weight = (0.05 * torch.randn(cout, cin, 3, 3, device=device)).to(
+                memory_format=fmt).requires_grad_()
+            bias = torch.zeros(cout, device=device, requires_grad=True)
+
+            def step(x: torch.Tensor = x, weight: torch.Tensor = weight,
+                     bias: torch.Tensor = bias, tile: int = tile) -> None:
+                y = winograd_conv3x3(x, weight, bias, tile) if tile else \
+                    F.conv2d(x, weight, bias, padding=1)
+                y.backward(torch.ones_like(y))
+
+            row[f"{label}_ms"] = round(1000 * time_calls(step, device, calls=args.rounds), 2)
+        times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
+        best = min(times, key=times.__getitem__)
+        row["best"] = best[:-3]
+        algo, tile = auto_algorithm(cin, cout, h, w)
+        row["auto"] = f"{algo}{tile or ''}"
+        row["best_pct_of_peak"] = round(100 * flops / (times[best] / 1000) / 1e12 / peak, 1)
+        rows.append(row)
+        print(f"  {name} {row['layer']}: " + ", ".join(f"{k} {v}" for k, v in times.items()),
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -431,6 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=5000, help="synthetic images")
     p.add_argument("--no-channels-last", action="store_true", help="trainer path in NCHW")
     p.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
+    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "native", "winograd"],
+                   help="trainer.conv_algorithm of the trainer path (fp32 on a CPU)")
+    p.add_argument("--layers", action="store_true",
+                   help="time each 3x3 convolution alone by algorithm, instead of the loops")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--matmul-size", type=int, default=0,
                    help="n of the n x n matmul that measures the peak (0: 4096 on CUDA, "
@@ -458,8 +546,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data, seed_set, data_desc = load_data(args)
     n = args.matmul_size or (4096 if device.type == "cuda" else 2048)
+    if args.layers:
+        peak = matmul_peak_tflops(device, torch.float32, n)
+        rows = [r for name in args.models for r in layer_rows(name, args, device, peak)]
+        print(f"fp32 3x3 convolutions, forward + backward ms at batch {args.batch_size} "
+              f"({device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.3f} "
+              "TFLOP/s)")
+        keys = list(rows[0]) if rows else []
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in rows:
+            print("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"matmul_peak_tflops": peak,
+                                                   "layers": rows}, indent=2) + "\n")
+        return {"matmul_peak_tflops": peak, "layers": rows}
+    data, seed_set, data_desc = load_data(args)
     peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
              for p in sorted({"fp32", *args.precisions})}
     bs = args.batch_size
@@ -486,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {"data": data_desc, "batch_size": bs, "width": args.width,
                   "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                   "channels_last": not args.no_channels_last, "compile": args.compile,
+                  "conv_algorithm": args.conv_algorithm,
                   "average_every": AVERAGE_EVERY, "matmul_size": n},
         "matmul_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
         "loader_images_per_s": {k: round(v, 1) for k, v in loaders.items()},

@@ -104,6 +104,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
+    # 3x3 convolutions in fp32 on a CPU: auto (Winograd where it is faster, oneDNN elsewhere),
+    # native (always oneDNN) or winograd (wherever it applies); see swa_research/conv.py.
+    conv_algorithm: str = "auto"  # auto | native | winograd
 
 
 @dataclass
@@ -150,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.conv_algorithm": ("auto", "native", "winograd"),
 }
 
 

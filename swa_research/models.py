@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from swa_research.config import ModelConfig
+from swa_research.conv import FastConv2d
 
 # torchvision.models.vgg cfgs A, B, D, E; "M" is a 2x2 max pool.
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -32,7 +33,7 @@ def make_features(cfg: list[int | str], batch_norm: bool, width: float = 1.0,
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
         out = _scale(int(v), width)
-        layers.append(nn.Conv2d(in_channels, out, kernel_size=3, padding=1))
+        layers.append(FastConv2d(in_channels, out, kernel_size=3, padding=1))
         if batch_norm:
             layers.append(nn.BatchNorm2d(out))
         layers.append(nn.ReLU(inplace=True))

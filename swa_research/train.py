@@ -35,6 +35,7 @@ from swa_research.config import (
     validate,
     validate_budget,
 )
+from swa_research.conv import set_conv_algorithm
 from swa_research.data import Preprocess, build_data
 from swa_research.locks import GpuClaim
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
@@ -142,6 +143,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     fmt = memory_format(tc.channels_last)
     model = build_model(config.model, data.num_classes, data.image_size).to(
         device, memory_format=fmt)
+    set_conv_algorithm(model, tc.conv_algorithm)  # before the average copies the model
     optimizer = build_optimizer(config.optimizer, model.parameters())
     plan = AveragingPlan.from_config(config.swa, config.schedule, tc.epochs, ipe)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, ipe,

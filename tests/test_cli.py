@@ -41,6 +41,8 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("wrong_type", ["trainer.epochs=abc"], ["trainer.epochs", "abc"]),
     ("unknown_option", ["model=foo"], ["model/foo", "vgg16"]),
     ("negative_lr", ["optimizer.lr=-1"], ["optimizer.lr", "positive"]),
+    ("unknown_conv_algorithm", ["trainer.conv_algorithm=fast"],
+     ["trainer.conv_algorithm='fast'", "winograd"]),
     ("zero_batch", ["trainer.batch_size=0"], ["trainer.batch_size", "positive"]),
     ("start_beyond_budget", ["experiment=smoke", "swa.start=100000"],
      ["swa.start=100000", "budget", "trainer.epochs"]),

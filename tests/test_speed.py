@@ -286,23 +286,27 @@ BENCHMARK_COLUMNS = [
     "matmul_peak_tflops", "pct_of_peak"]
 
 
-def test_benchmark_runs_tiny(tmp_path: Path) -> None:
+def run_benchmark(args: list[str], out: Path) -> tuple[dict[str, Any], str]:
+    """scripts/benchmark.py on the CPU with one thread (other tests may run) and this
+    checkout's package, whatever is installed; returns its JSON and its stdout."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "bench.json"
-    # Its own checkout's package, whatever is installed; one thread (other tests may run).
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(root / "scripts" / "benchmark.py"), "--steps", "3", "--width",
-         "0.125", "--rounds", "2", "--warmup", "1", "--num-images", "512", "--matmul-size",
-         "128", "--avg-calls", "1", "--loader-batches", "2", "--threads", "1", "--device",
-         "cpu", "--json", str(out)],
+        [sys.executable, str(root / "scripts" / "benchmark.py"), *args, "--threads", "1",
+         "--device", "cpu", "--matmul-size", "128", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_benchmark_runs_tiny(tmp_path: Path) -> None:
+    result, stdout = run_benchmark(
+        ["--steps", "3", "--width", "0.125", "--rounds", "2", "--warmup", "1", "--num-images",
+         "512", "--avg-calls", "1", "--loader-batches", "2"], tmp_path / "bench.json")
     assert result["columns"] == BENCHMARK_COLUMNS
     assert set(result) >= {"machine", "setup", "matmul_peak_tflops", "loader_images_per_s",
                            "rows"}
@@ -324,6 +328,24 @@ def test_benchmark_runs_tiny(tmp_path: Path) -> None:
             assert r["ratio_to_seed"] == 1.0
     assert rows[0]["flops_per_step"] > 0 and rows[0]["flops_per_step"] != rows[3][
         "flops_per_step"]
+    # Width 0.125 leaves at most 64 channels: trainer.conv_algorithm=auto runs oneDNN only.
+    assert all(r["executed_flops_per_step"] == r["flops_per_step"] for r in rows)
     # The same table on stdout, in Markdown.
-    assert "| model | path | prec | img/s | x seed |" in proc.stdout
-    assert proc.stdout.count("| simplified |") == 3
+    assert "| model | path | prec | img/s | x seed |" in stdout
+    assert stdout.count("| simplified |") == 3
+
+
+def test_benchmark_layers_tiny(tmp_path: Path) -> None:
+    result, stdout = run_benchmark(
+        ["--layers", "--model", "vgg16", "--width", "0.25", "--batch-size", "4", "--rounds",
+         "1"], tmp_path / "layers.json")
+    layers = result["layers"]
+    assert [r["layer"] for r in layers] == [
+        "3->16 @32x32", "16->16 @32x32", "16->32 @16x16", "32->32 @16x16", "32->64 @8x8",
+        "64->64 @8x8", "64->128 @4x4", "128->128 @4x4", "128->128 @2x2"]
+    assert [r["auto"] for r in layers[-3:]] == ["native", "winograd4", "winograd2"]
+    assert layers[-1]["winograd4_ms"] is None  # 4 doesn't divide 2
+    for r in layers:
+        assert r["best"] in ("nchw", "nhwc", "winograd2", "winograd4")
+        assert r["nchw_ms"] > 0 and r["nhwc_ms"] > 0 and r["best_pct_of_peak"] > 0
+    assert "| model | layer | nchw_ms |" in stdout
