@@ -38,8 +38,9 @@ flops_per_step (nominal), executed_flops_per_step and executed_tflops (what the 
 convolution algorithms execute: fewer than nominal where Winograd runs, fp32 on a CPU).
 
 ``--layers`` times each 3x3 convolution of the models alone instead (forward and backward at
-the batch size, fp32): oneDNN in NCHW and NHWC, and Winograd; ``trainer.conv_algorithm=auto``
-picks Winograd from these figures (``swa_research.conv.auto_algorithm``).
+the batch size, in each ``--precision``): oneDNN in NCHW and NHWC, Winograd (fp32) and im2col +
+GEMM; ``trainer.conv_algorithm=auto`` picks from these figures
+(``swa_research.conv.auto_algorithm``).
 """
 
 from __future__ import annotations
@@ -431,43 +432,55 @@ def conv_layers(model_cfg: ModelConfig, batch_size: int, device: torch.device) -
 
 
 def layer_rows(name: str, args: argparse.Namespace, device: torch.device,
-               peak: float) -> list[dict[str, Any]]:
-    """Forward + backward ms of each convolution by algorithm, and which one ``auto`` picks."""
-    from swa_research.conv import auto_algorithm
+               peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """Forward + backward ms of each convolution by algorithm, one row per layer and precision
+    (the layer's tensors in that dtype; Winograd in fp32 only), and what ``auto`` picks."""
+    from swa_research.conv import auto_algorithm, gemm_conv3x3
 
     rows = []
     bs = args.batch_size
     for cin, cout, h, w in conv_layers(ModelConfig(name=name, width=args.width), bs, device):
         flops = 2 * 9 * cin * cout * h * w * bs * (3 if cin > 3 else 2)
-        row: dict[str, Any] = {"model": name, "layer": f"{cin}->{cout} @{h}x{w}"}
-        variants = [("nchw", torch.contiguous_format, 0), ("nhwc", torch.channels_last, 0),
-                    ("winograd2", torch.channels_last, 2), ("winograd4", torch.channels_last, 4)]
-        for label, fmt, tile in variants:
-            if tile and (h % tile or w % tile):
-                row[f"{label}_ms"] = None
-                continue
-            x = torch.randn(bs, cin, h, w, device=device).to(memory_format=fmt)
-            x.requires_grad_(cin > 3)
-            weight = (0.05 * torch.randn(cout, cin, 3, 3, device=device)).to(
-                memory_format=fmt).requires_grad_()
-            bias = torch.zeros(cout, device=device, requires_grad=True)
+        for prec in args.precisions:
+            dtype = AUTOCAST_DTYPES[prec] or torch.float32
+            row: dict[str, Any] = {"model": name, "layer": f"{cin}->{cout} @{h}x{w}",
+                                   "precision": prec}
+            variants = [("nchw", torch.contiguous_format, 0), ("nhwc", torch.channels_last, 0),
+                        ("winograd2", torch.channels_last, 2),
+                        ("winograd4", torch.channels_last, 4), ("gemm", torch.channels_last, -1)]
+            for label, fmt, tile in variants:
+                if tile > 0 and (h % tile or w % tile or prec != "fp32"):
+                    row[f"{label}_ms"] = None
+                    continue
+                x = torch.randn(bs, cin, h, w, device=device).to(dtype, memory_format=fmt)
+                x.requires_grad_(cin > 3)
+                weight = (0.05 * torch.randn(cout, cin, 3, 3, device=device)).to(
+                    dtype, memory_format=fmt).requires_grad_()
+                bias = torch.zeros(cout, device=device, dtype=dtype, requires_grad=True)
 
-            def step(x: torch.Tensor = x, weight: torch.Tensor = weight,
-                     bias: torch.Tensor = bias, tile: int = tile) -> None:
-                y = winograd_conv3x3(x, weight, bias, tile) if tile else \
-                    F.conv2d(x, weight, bias, padding=1)
-                y.backward(torch.ones_like(y))
+                def step(x: torch.Tensor = x, weight: torch.Tensor = weight,
+                         bias: torch.Tensor = bias, tile: int = tile) -> None:
+                    if tile > 0:
+                        y = winograd_conv3x3(x, weight, bias, tile)
+                    elif tile < 0:
+                        y = gemm_conv3x3(x, weight, bias)
+                    else:
+                        y = F.conv2d(x, weight, bias, padding=1)
+                    y.backward(torch.ones_like(y))
 
-            row[f"{label}_ms"] = round(1000 * time_calls(step, device, calls=args.rounds), 2)
-        times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
-        best = min(times, key=times.__getitem__)
-        row["best"] = best[:-3]
-        algo, tile = auto_algorithm(cin, cout, h, w)
-        row["auto"] = f"{algo}{tile or ''}"
-        row["best_pct_of_peak"] = round(100 * flops / (times[best] / 1000) / 1e12 / peak, 1)
-        rows.append(row)
-        print(f"  {name} {row['layer']}: " + ", ".join(f"{k} {v}" for k, v in times.items()),
-              file=sys.stderr, flush=True)
+                row[f"{label}_ms"] = round(1000 * time_calls(step, device, calls=args.rounds),
+                                           2)
+            times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
+            best = min(times, key=times.__getitem__)
+            row["best"] = best[:-3]
+            algo, tile = auto_algorithm(cin, cout, h, w, dtype)
+            row["auto"] = f"{algo}{tile or ''}"
+            row["best_pct_of_peak"] = round(
+                100 * flops / (times[best] / 1000) / 1e12 / peaks[prec], 1)
+            rows.append(row)
+            print(f"  {name} {row['layer']} {prec}: "
+                  + ", ".join(f"{k} {v}" for k, v in times.items()), file=sys.stderr,
+                  flush=True)
     return rows
 
 
@@ -548,19 +561,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     n = args.matmul_size or (4096 if device.type == "cuda" else 2048)
     if args.layers:
-        peak = matmul_peak_tflops(device, torch.float32, n)
-        rows = [r for name in args.models for r in layer_rows(name, args, device, peak)]
-        print(f"fp32 3x3 convolutions, forward + backward ms at batch {args.batch_size} "
-              f"({device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.3f} "
-              "TFLOP/s)")
+        peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
+                 for p in args.precisions}
+        rows = [r for name in args.models for r in layer_rows(name, args, device, peaks)]
+        print(f"3x3 convolutions, forward + backward ms at batch {args.batch_size} "
+              f"({device}, {torch.get_num_threads()} threads; matmul peak TFLOP/s: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()) + ")")
         keys = list(rows[0]) if rows else []
         print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for r in rows:
             print("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"matmul_peak_tflops": peak,
+            Path(args.json).write_text(json.dumps({"matmul_peak_tflops": peaks,
                                                    "layers": rows}, indent=2) + "\n")
-        return {"matmul_peak_tflops": peak, "layers": rows}
+        return {"matmul_peak_tflops": peaks, "layers": rows}
     data, seed_set, data_desc = load_data(args)
     peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
              for p in sorted({"fp32", *args.precisions})}

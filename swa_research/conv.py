@@ -1,4 +1,5 @@
-"""Faster 3x3 convolutions for fp32 training on a CPU: Winograd's minimal filtering.
+"""Faster 3x3 convolutions for training on a CPU: Winograd's minimal filtering (fp32) and
+im2col + GEMM (bf16), on the layers where oneDNN's direct convolutions are slow.
 
 oneDNN's direct fp32 convolutions run near the matmul peak on VGG's 16x16 and 32x32 layers but
 lose time on its deep ones (128 to 512 channels on 8x8, 4x4 and 2x2 maps). There, Winograd's
@@ -13,8 +14,14 @@ against float64) are about 7e-7 for F(2x2, 3x3) and 1e-5 for F(4x4, 3x3), in the
 both gradients, far below TF32's 1e-3 that PyTorch uses for fp32 convolutions on recent GPUs
 by default. cuDNN runs the same algorithms for fp32.
 
+In bf16 (autocast), oneDNN's direct convolutions reach only 4 to 30% of the AMX matmul peak on
+4x4 and 2x2 maps, the weight gradient worst of all. There an explicit im2col and one bf16 matmul
+per pass (``[N H W, 9 C_in] @ [9 C_in, C_out]`` and its two transposes) computes the same
+products as the direct convolution, at 2 to 5 times its speed.
+
 ``FastConv2d`` is an ``nn.Conv2d`` (same parameters, state dict and init) whose ``algorithm``
-attribute (``native``, ``winograd`` or ``auto``) chooses per call; ``set_conv_algorithm`` sets it
+attribute (``native``, ``winograd`` or ``auto``) chooses per call (``auto``: see
+``auto_algorithm``); ``set_conv_algorithm`` sets it
 on a model. Whatever the fast path doesn't cover (CUDA, autocast, torch.compile tracing, other
 kernels, strides or paddings, sizes that the tile doesn't divide) runs ``nn.Conv2d.forward``.
 """
@@ -139,6 +146,62 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return _Winograd.apply(x, weight, bias, tile)
 
 
+def _tap_spans(size: int) -> list[tuple[slice, slice]]:
+    """For kernel row a (0..2) with padding 1: (input rows, output rows) that it connects."""
+    return [(slice(0, size - 1), slice(1, size)), (slice(0, size), slice(0, size)),
+            (slice(1, size), slice(0, size - 1))]
+
+
+class _Im2colGemm(torch.autograd.Function):
+    """3x3, stride 1, padding 1 as im2col and one matmul per pass, in NHWC: columns
+    [N H W, 9 C] in (kernel row, kernel column, channel) order, so that a channels-last weight
+    is a [C_out, 9 C] matrix without a copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        n, c, h, w = x.shape
+        k = weight.shape[0]
+        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+        cols = torch.cat([xp[:, a:a + h, b:b + w, :] for a in range(3) for b in range(3)], 3)
+        cols = cols.view(n * h * w, 9 * c)
+        wm = weight.permute(0, 2, 3, 1).reshape(k, 9 * c)
+        y, y_nhwc = _empty_nhwc(n, k, h, w, x)
+        out = torch.mm(cols, wm.t()) if bias is None else torch.addmm(bias, cols, wm.t())
+        y_nhwc.copy_(out.view(n, h, w, k))
+        ctx.save_for_backward(cols, wm)
+        ctx.dims = (n, c, h, w, k)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        cols, wm = ctx.saved_tensors
+        n, c, h, w, k = ctx.dims
+        gy = grad_out.permute(0, 2, 3, 1).reshape(n * h * w, k)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            dcols = (gy @ wm).view(n, h, w, 9, c)
+            grad_x, gx = _empty_nhwc(n, c, h, w, grad_out)
+            gx.copy_(dcols[:, :, :, 4, :])  # the centre tap covers every pixel
+            for a, (rows_in, rows_out) in enumerate(_tap_spans(h)):
+                for b, (cols_in, cols_out) in enumerate(_tap_spans(w)):
+                    if (a, b) != (1, 1):
+                        gx[:, rows_in, cols_in, :] += dcols[:, rows_out, cols_out, 3 * a + b, :]
+        if ctx.needs_input_grad[1]:
+            grad_w = (gy.t() @ cols).view(k, 3, 3, c).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[2]:
+            grad_b = gy.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def gemm_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel by im2col and a matmul, with
+    its own backward pass."""
+    if x.dim() != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"gemm_conv3x3 needs a 3x3 kernel and an NCHW input, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    return _Im2colGemm.apply(x, weight, bias)
+
+
 def winograd_tile(height: int, width: int) -> int | None:
     """The larger Winograd tile that divides the map (4, else 2), or None."""
     for tile in (4, 2):
@@ -147,22 +210,32 @@ def winograd_tile(height: int, width: int) -> int | None:
     return None
 
 
-def auto_algorithm(in_channels: int, out_channels: int, height: int,
-                   width: int) -> tuple[str, int | None]:
-    """(algorithm, tile) that ``auto`` picks for an fp32 CPU convolution of this shape, from
-    measured layer times (``scripts/benchmark.py --layers``): Winograd on maps of at most 8x8
-    with at least 128 channels in and out, where it takes 0.3 to 0.7 of the time of oneDNN's
-    best layout; oneDNN on larger maps and fewer channels, where the transforms cost more than
-    the multiplications they save."""
-    tile = winograd_tile(height, width)
-    if tile is not None and height * width <= 64 and min(in_channels, out_channels) >= 128:
-        return "winograd", tile
+def auto_algorithm(in_channels: int, out_channels: int, height: int, width: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[str, int | None]:
+    """(algorithm, Winograd tile) that ``auto`` picks for a CPU convolution of this shape and
+    compute dtype, from measured layer times (``scripts/benchmark.py --layers``), all with at
+    least 128 channels in and out:
+
+    * fp32: Winograd on maps of at most 8x8, where it takes 0.3 to 0.7 of the time of oneDNN's
+      best layout (on larger maps and fewer channels the transforms cost more than the
+      multiplications they save);
+    * bf16: im2col + GEMM on maps of at most 4x4 (0.2 to 0.5 of oneDNN's time);
+    * oneDNN (``native``) everywhere else, fp16 included.
+    """
+    wide = min(in_channels, out_channels) >= 128
+    if dtype in (torch.float32, torch.float64):
+        tile = winograd_tile(height, width)
+        if tile is not None and height * width <= 64 and wide:
+            return "winograd", tile
+    elif dtype == torch.bfloat16 and height * width <= 16 and wide:
+        return "gemm", None
     return "native", None
 
 
 class FastConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs 3x3/stride-1/padding-1 convolutions in fp32 on a CPU by the
-    algorithm in ``self.algorithm`` (``native``, ``winograd`` or ``auto``; see the module)."""
+    """``nn.Conv2d`` that runs 3x3/stride-1/padding-1 convolutions on a CPU by the algorithm in
+    ``self.algorithm``: ``native`` (oneDNN), ``winograd`` (wherever a tile divides the map, in
+    fp32; oneDNN elsewhere) or ``auto`` (``auto_algorithm``'s choice per shape and dtype)."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -175,22 +248,33 @@ class FastConv2d(nn.Conv2d):
         return super().extra_repr() + f", algorithm={self.algorithm}"
 
     def choose(self, x: Tensor) -> tuple[str, int | None]:
-        """(algorithm, Winograd tile) for this input: ``native`` wherever Winograd doesn't
-        apply."""
+        """(algorithm, Winograd tile) for this input: ``native`` wherever neither fast path
+        applies."""
         if (self.algorithm == "native" or not self._eligible or x.device.type != "cpu"
-                or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+                or x.dim() != 4 or torch.compiler.is_compiling()):
             return "native", None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
+            else x.dtype
         h, w = x.shape[2], x.shape[3]
         if self.algorithm == "winograd":
             tile = winograd_tile(h, w)
-            return ("native", None) if tile is None else ("winograd", tile)
-        return auto_algorithm(self.in_channels, self.out_channels, h, w)
+            if tile is None or dtype not in (torch.float32, torch.float64):
+                return "native", None
+            return "winograd", tile
+        return auto_algorithm(self.in_channels, self.out_channels, h, w, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         algo, tile = self.choose(x)
         if algo == "winograd":
             return _Winograd.apply(x, self.weight, self.bias, tile)
+        if algo == "gemm":
+            # What autocast does for F.conv2d: compute in its dtype (the casts are
+            # differentiable; the weight's gradient arrives in fp32).
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
+                else x.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            with torch.autocast("cpu", enabled=False):
+                return _Im2colGemm.apply(x.to(dtype), self.weight.to(dtype), bias)
         return super().forward(x)
 
 

@@ -12,6 +12,7 @@ from swa_research.config import ModelConfig, UserError
 from swa_research.conv import (
     FastConv2d,
     auto_algorithm,
+    gemm_conv3x3,
     set_conv_algorithm,
     winograd_conv3x3,
 )
@@ -40,6 +41,23 @@ def test_winograd_matches_conv2d_and_its_gradients(tile: int, fmt: torch.memory_
     y_nobias = winograd_conv3x3(x, weight, None, tile)
     torch.testing.assert_close(y_nobias, F.conv2d(x, weight, None, padding=1), rtol=0,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 6), (1, 2, 2, 2, 2), (1, 3, 4, 1, 5)])
+def test_gemm_matches_conv2d_and_its_gradients(fmt: torch.memory_format,
+                                               shape: tuple[int, ...]) -> None:
+    n, c, k, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=gen).to(memory_format=fmt)
+    weight = torch.randn(k, c, 3, 3, dtype=torch.float64, generator=gen).to(memory_format=fmt)
+    bias = torch.randn(k, dtype=torch.float64, generator=gen)
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    y = gemm_conv3x3(x, weight, bias)
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, F.conv2d(x, weight, bias, padding=1), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(gemm_conv3x3, (x, weight, bias))
 
 
 @pytest.mark.parametrize(("tile", "bound"), [(2, 5e-6), (4, 1e-4)])
@@ -78,6 +96,11 @@ def test_auto_picks_winograd_only_on_small_wide_maps() -> None:
     assert auto_algorithm(128, 128, 16, 16) == ("native", None)  # oneDNN is faster there
     assert auto_algorithm(64, 512, 4, 4) == ("native", None)  # too few channels
     assert auto_algorithm(512, 512, 3, 3) == ("native", None)  # no tile divides 3
+    bf16 = torch.bfloat16
+    assert auto_algorithm(512, 512, 2, 2, bf16) == ("gemm", None)
+    assert auto_algorithm(256, 512, 4, 4, bf16) == ("gemm", None)
+    assert auto_algorithm(256, 256, 8, 8, bf16) == ("native", None)  # oneDNN is faster there
+    assert auto_algorithm(512, 512, 2, 2, torch.float16) == ("native", None)
 
 
 def test_fast_conv_falls_back_wherever_winograd_does_not_apply() -> None:
@@ -87,7 +110,11 @@ def test_fast_conv_falls_back_wherever_winograd_does_not_apply() -> None:
     conv.algorithm = "auto"
     assert conv.choose(x) == ("winograd", 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.choose(x) == ("gemm", None)
+        assert conv.choose(torch.randn(1, 128, 8, 8)) == ("native", None)
+        conv.algorithm = "winograd"  # fp32 only
         assert conv.choose(x) == ("native", None)
+        conv.algorithm = "auto"
     assert conv.choose(x.half()) == ("native", None)
     strided = FastConv2d(128, 128, 3, padding=1, stride=2)
     strided.algorithm = "winograd"
@@ -137,3 +164,27 @@ def test_vgg16_trains_the_same_with_winograd(fmt: torch.memory_format) -> None:
     for (name, p), q in zip(native.named_parameters(), fast.parameters(), strict=True):
         scale = p.grad.abs().max().item()
         assert (p.grad - q.grad).abs().max().item() <= 1e-3 * scale + 1e-7, name
+
+
+def test_gemm_under_bf16_autocast_matches_onednn() -> None:
+    """Under bf16 autocast the GEMM path computes what autocast's F.conv2d does: bf16 output,
+    fp32 weight gradients, the same values up to bf16 rounding of the accumulation order."""
+    torch.manual_seed(0)
+    conv = FastConv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
+    ref = nn.Conv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
+    ref.load_state_dict(conv.state_dict())
+    conv.algorithm = "auto"
+    x = torch.randn(8, 128, 4, 4).to(memory_format=torch.channels_last)
+    outs = []
+    for module in (conv, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+            if module is conv:
+                assert conv.choose(x) == ("gemm", None)
+        y.float().square().sum().backward()
+        outs.append(y)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+    assert conv.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(conv.bias.grad, ref.bias.grad, rtol=3e-2, atol=3e-2)

@@ -339,13 +339,18 @@ def test_benchmark_layers_tiny(tmp_path: Path) -> None:
     result, stdout = run_benchmark(
         ["--layers", "--model", "vgg16", "--width", "0.25", "--batch-size", "4", "--rounds",
          "1"], tmp_path / "layers.json")
-    layers = result["layers"]
+    assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    assert [r["precision"] for r in result["layers"][:2]] == ["fp32", "bf16"]
+    bf16 = [r for r in result["layers"] if r["precision"] == "bf16"]
+    assert [r["auto"] for r in bf16[-3:]] == ["native", "gemm", "gemm"]
+    assert all(r["winograd2_ms"] is None and r["gemm_ms"] > 0 for r in bf16)
+    layers = [r for r in result["layers"] if r["precision"] == "fp32"]
     assert [r["layer"] for r in layers] == [
         "3->16 @32x32", "16->16 @32x32", "16->32 @16x16", "32->32 @16x16", "32->64 @8x8",
         "64->64 @8x8", "64->128 @4x4", "128->128 @4x4", "128->128 @2x2"]
     assert [r["auto"] for r in layers[-3:]] == ["native", "winograd4", "winograd2"]
     assert layers[-1]["winograd4_ms"] is None  # 4 doesn't divide 2
     for r in layers:
-        assert r["best"] in ("nchw", "nhwc", "winograd2", "winograd4")
+        assert r["best"] in ("nchw", "nhwc", "winograd2", "winograd4", "gemm")
         assert r["nchw_ms"] > 0 and r["nhwc_ms"] > 0 and r["best_pct_of_peak"] > 0
-    assert "| model | layer | nchw_ms |" in stdout
+    assert "| model | layer | precision | nchw_ms |" in stdout
