@@ -391,6 +391,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
         ms = 1000 * args.batch_size / ips
         update_ms = 1000 * time_calls(loop.update_average, device, calls=args.avg_calls)
         tflops = flops / (ms / 1000) / 1e12
+        row_executed = executed if key == ("trainer", "fp32") else flops
         peak = peaks.get(key[1])
         rows.append({
             "model": name, "path": key[0], "precision": key[1], "batch_size": args.batch_size,
@@ -404,9 +405,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             "images_per_s_rounds": [round(v, 1) for v in runs[key]],
             "others_cpu_pct_rounds": [round(v, 1) for v in others[key]],
             "flops_per_step": flops,
-            "executed_flops_per_step": executed if key == ("trainer", "fp32") else flops,
-            "executed_tflops": round((executed if key == ("trainer", "fp32") else flops)
-                                     / (ms / 1000) / 1e12, 4),
+            "executed_flops_per_step": row_executed,
+            "executed_tflops": round(row_executed / (ms / 1000) / 1e12, 4),
         })
     return rows
 
