@@ -233,6 +233,11 @@ def auto_algorithm(in_channels: int, out_channels: int, height: int, width: int,
     return "native", None
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of x computes in: autocast's when it is on."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs 3x3/stride-1/padding-1 convolutions on a CPU by the algorithm in
     ``self.algorithm``: ``native`` (oneDNN), ``winograd`` (wherever a tile divides the map, in
@@ -254,8 +259,7 @@ class FastConv2d(nn.Conv2d):
         if (self.algorithm == "native" or not self._eligible or x.device.type != "cpu"
                 or x.dim() != 4 or torch.compiler.is_compiling()):
             return "native", None
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
-            else x.dtype
+        dtype = _compute_dtype(x)
         h, w = x.shape[2], x.shape[3]
         if self.algorithm == "winograd":
             tile = winograd_tile(h, w)
@@ -271,8 +275,7 @@ class FastConv2d(nn.Conv2d):
         if algo == "gemm":
             # What autocast does for F.conv2d: compute in its dtype (the casts are
             # differentiable; the weight's gradient arrives in fp32).
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
-                else x.dtype
+            dtype = _compute_dtype(x)
             bias = None if self.bias is None else self.bias.to(dtype)
             with torch.autocast("cpu", enabled=False):
                 return _Im2colGemm.apply(x.to(dtype), self.weight.to(dtype), bias)
