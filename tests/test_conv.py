@@ -167,24 +167,35 @@ def test_vgg16_trains_the_same_with_winograd(fmt: torch.memory_format) -> None:
 
 
 def test_gemm_under_bf16_autocast_matches_onednn() -> None:
-    """Under bf16 autocast the GEMM path computes what autocast's F.conv2d does: bf16 output,
-    fp32 weight gradients, the same values up to bf16 rounding of the accumulation order."""
+    """Under bf16 autocast the GEMM path computes what autocast's F.conv2d does: bf16 output and
+    fp32 weight gradients, as close to float64 as oneDNN's bf16 convolution is (bf16 rounding:
+    a few 1e-3; oneDNN's own rounding differs by CPU, AMX or AVX2, so both are held to float64
+    rather than to each other)."""
     torch.manual_seed(0)
     conv = FastConv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
     ref = nn.Conv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
     ref.load_state_dict(conv.state_dict())
+    exact = nn.Conv2d(128, 128, 3, padding=1).double()
+    exact.load_state_dict(conv.state_dict())
     conv.algorithm = "auto"
     x = torch.randn(8, 128, 4, 4).to(memory_format=torch.channels_last)
-    outs = []
+    y64 = exact(x.double())
+    y64.square().sum().backward()
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b).norm() / b.norm())
+
+    errors = []
     for module in (conv, ref):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = module(x)
             if module is conv:
                 assert conv.choose(x) == ("gemm", None)
         y.float().square().sum().backward()
-        outs.append(y)
-    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
-    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
-    assert conv.weight.grad.dtype == torch.float32
-    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(conv.bias.grad, ref.bias.grad, rtol=3e-2, atol=3e-2)
+        assert y.dtype == torch.bfloat16 and module.weight.grad.dtype == torch.float32
+        errors.append([error(y, y64), error(module.weight.grad, exact.weight.grad),
+                       error(module.bias.grad, exact.bias.grad)])
+    gemm, onednn = errors
+    assert max(onednn) < 1e-2
+    for e_gemm, e_onednn in zip(gemm, onednn, strict=True):
+        assert e_gemm < max(1e-2, 2 * e_onednn)

@@ -354,3 +354,34 @@ def test_benchmark_layers_tiny(tmp_path: Path) -> None:
         assert r["best"] in ("nchw", "nhwc", "winograd2", "winograd4", "gemm")
         assert r["nchw_ms"] > 0 and r["nhwc_ms"] > 0 and r["best_pct_of_peak"] > 0
     assert "| model | layer | precision | nchw_ms |" in stdout
+
+
+def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/conv_fidelity.py: fp32 paths (oneDNN, Winograd everywhere) stay within rounding
+    of float64; bf16 is far coarser; a corrupt checkpoint is a one-line error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "conv_fidelity", Path(__file__).resolve().parents[1] / "scripts" / "conv_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    out = tmp_path / "fid.json"
+    assert fidelity.main(["--width", "0.125", "--batch-size", "4", "--batches", "3", "--paths",
+                          "native_nchw,winograd,bf16_native", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sgd_noise"] > 0.1
+    paths = result["paths"]
+    assert set(paths) == {"native_nchw", "winograd", "bf16_native"}
+    for name in ("native_nchw", "winograd"):
+        assert 0 < paths[name]["rel_err"] < 1e-4 and paths[name]["cos"] > 1 - 1e-8
+    assert paths["bf16_native"]["rel_err"] > 100 * paths["winograd"]["rel_err"]
+    for r in paths.values():
+        assert r["err_to_noise"] == pytest.approx(r["rel_err"] / result["sgd_noise"])
+        assert 0 < r["bias_ratio"] <= 1 + 1e-9
+    assert "winograd" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert fidelity.main(["--checkpoint", str(bad)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
