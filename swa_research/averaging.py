@@ -74,14 +74,20 @@ class AveragingPlan:
             return False
         return epoch >= self.start and (epoch - self.start) % self.freq == 0
 
-    def count_updates(self) -> int:
-        total = 0
+    def update_points(self) -> list[int]:
+        """When the average is updated: the iterations (unit iter, cyclical) or epochs (unit
+        epoch) after which it is, in order."""
+        points = []
         for e in range(1, self.epochs + 1):
             if self.cycle is not None or self.unit == "iter":
                 lo, hi = (e - 1) * self.iters_per_epoch + 1, e * self.iters_per_epoch
-                total += sum(self.due_after_iter(n) for n in range(lo, hi + 1))
-            total += self.due_after_epoch(e)
-        return total
+                points.extend(n for n in range(lo, hi + 1) if self.due_after_iter(n))
+            if self.due_after_epoch(e):
+                points.append(e)
+        return points
+
+    def count_updates(self) -> int:
+        return len(self.update_points())
 
 
 def has_batch_norm(model: nn.Module) -> bool:

@@ -8,12 +8,15 @@ Cross-field checks (``swa.start`` within the budget, positive learning rates, ..
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -247,13 +250,20 @@ def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
     from swa_research.averaging import AveragingPlan  # local: avoids an import cycle
 
     plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
-    if plan.count_updates() == 0:
+    points = plan.update_points()
+    budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
+    if not points:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
-        budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else \
-            cfg.trainer.epochs * iters_per_epoch
         raise UserError(
             f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
             f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged")
+    if len(points) == 1 and plan.cycle is None:
+        # An average of one point is that checkpoint (with recomputed BN statistics): almost
+        # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.
+        unit = "epoch" if cfg.swa.unit == "epoch" else "iteration"
+        log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
+                    "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
+                    "more", cfg.swa.freq, cfg.swa.unit, unit, points[0], budget)
 
 
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

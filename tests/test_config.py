@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from conftest import GROUPS, TINY, compose_config, group_options
 from omegaconf import OmegaConf
@@ -225,7 +227,7 @@ def test_compose_itself_rejects_wrong_types() -> None:
         compose_config(["foo=1"])
 
 
-def test_validate_budget() -> None:
+def test_validate_budget(caplog: pytest.LogCaptureFixture) -> None:
     c = load_config(compose_config(["swa.start=100000"]))
     with pytest.raises(UserError, match=r"swa\.start=100000 is beyond .* 17550 iterations"):
         validate_budget(c, 351)  # 50 epochs of 351 iterations
@@ -238,6 +240,19 @@ def test_validate_budget() -> None:
     with pytest.raises(UserError, match=r"300 epochs"):
         validate_budget(paper, 391)
     validate_budget(load_config(compose_config(["experiment=paper_vgg16"])), 391)
+
+    # One update only: allowed, with a warning that names swa.freq.
+    with caplog.at_level(logging.WARNING, logger="swa_research.config"):
+        validate_budget(load_config(compose_config(
+            ["swa.unit=epoch", "swa.start=2", "trainer.epochs=3"])), 351)
+    assert "swa.freq=50 with swa.unit=epoch averages only once in this run (after epoch 2 of 3)" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="swa_research.config"):
+        validate_budget(load_config(compose_config(
+            ["swa.unit=epoch", "swa.start=2", "swa.freq=1", "trainer.epochs=3"])), 351)
+        validate_budget(load_config(compose_config()), 351)
+    assert caplog.text == ""
 
     # No averaging: any start is fine; a batch larger than the training set is not.
     validate_budget(load_config(compose_config(["swa=none", "swa.start=100000"])), 351)
