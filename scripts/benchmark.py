@@ -85,7 +85,7 @@ from swa_research.data import (
 from swa_research.loggers import Loggers
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.step import AUTOCAST_DTYPES, memory_format
+from swa_research.step import AUTOCAST_DTYPES, cpu_has_native, memory_format
 from swa_research.train import resolve_device
 from swa_research.trainer import Trainer
 
@@ -516,8 +516,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model", default="simplified,vgg16",
                    help="comma-separated: simplified, vgg11, vgg13, vgg16, vgg19")
-    p.add_argument("--precision", default="fp32,bf16",
-                   help="comma-separated precisions of the trainer path: fp32, bf16, fp16")
+    p.add_argument("--precision", default=None,
+                   help="comma-separated precisions of the trainer path: fp32, bf16, fp16 "
+                        "(default: fp32,bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per path and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the table gives medians")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
@@ -545,6 +546,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if args.precision is None:
+        cuda = args.device.startswith("cuda") or (args.device == "auto"
+                                                  and torch.cuda.is_available())
+        args.precision = "fp32,bf16" if cuda or cpu_has_native("bf16") else "fp32"
+        if args.precision == "fp32":
+            print("this CPU has no native bf16 (AMX, AVX512-BF16): emulated bf16 runs at about "
+                  "1% of fp32's speed, so only fp32 is measured (--precision fp32,bf16 to "
+                  "insist)", file=sys.stderr)
     args.precisions = [m.strip() for m in args.precision.split(",") if m.strip()]
     for prec in args.precisions:
         if prec not in AUTOCAST_DTYPES:

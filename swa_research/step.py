@@ -11,6 +11,8 @@ bf16 needs no scaler.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from typing import Any
 
 import torch
@@ -19,8 +21,50 @@ from torch import Tensor, nn
 
 from swa_research.config import UserError
 
+log = logging.getLogger(__name__)
+
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# CPU features that compute bf16 / fp16 matmuls in hardware (/proc/cpuinfo's names), and the
+# torch.cpu probes for them where torch has one.
+_NATIVE_CPU_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
+_NATIVE_CPU_PROBES = {"bf16": ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
+                      "fp16": ("_is_amx_fp16_supported",)}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native(precision: str) -> bool:
+    """Whether this CPU multiplies in ``precision`` (bf16, fp16) in hardware: AMX or AVX-512's
+    bf16/fp16 instructions. Without them oneDNN emulates the type, and a bf16 matmul runs at
+    about 1% of fp32's speed (measured on an AVX2 AMD EPYC: 1.4 against 110 GFLOP/s)."""
+    if precision == "fp32":
+        return True
+    if any(flag in _cpu_flags() for flag in _NATIVE_CPU_FLAGS.get(precision, ())):
+        return True
+    for name in _NATIVE_CPU_PROBES.get(precision, ()):
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None and probe():
+            return True
+    return False
+
+
+@functools.cache
+def _warn_emulated(precision: str) -> None:
+    log.warning("trainer.precision=%s on a CPU without native %s (AMX or AVX-512 %s): "
+                "autocast emulates it, tens of times slower than fp32; use "
+                "trainer.precision=fp32 (or auto) here", precision, precision, precision)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -35,6 +79,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
                         f"{', '.join(AUTOCAST_DTYPES)}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("trainer.precision=bf16: this GPU has no bf16 support; use fp16")
+    if device.type == "cpu" and not cpu_has_native(name):
+        _warn_emulated(name)
     return name
 
 

@@ -89,7 +89,14 @@ def test_winograd_rejects_what_it_cannot_compute() -> None:
         winograd_conv3x3(x, torch.randn(3, 2, 3, 3), tile=3)
 
 
-def test_auto_picks_winograd_only_on_small_wide_maps() -> None:
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend the CPU has native bf16 (AMX or AVX512-BF16), which ``auto``'s bf16 GEMM needs."""
+    monkeypatch.setattr("swa_research.conv.cpu_has_native", lambda precision: True)
+
+
+def test_auto_picks_winograd_only_on_small_wide_maps(native_bf16: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     assert auto_algorithm(512, 512, 2, 2) == ("winograd", 2)
     assert auto_algorithm(256, 512, 4, 4) == ("winograd", 4)
     assert auto_algorithm(256, 256, 8, 8) == ("winograd", 4)
@@ -101,9 +108,13 @@ def test_auto_picks_winograd_only_on_small_wide_maps() -> None:
     assert auto_algorithm(256, 512, 4, 4, bf16) == ("gemm", None)
     assert auto_algorithm(256, 256, 8, 8, bf16) == ("native", None)  # oneDNN is faster there
     assert auto_algorithm(512, 512, 2, 2, torch.float16) == ("native", None)
+    # Without native bf16 the GEMM is emulated and slower than oneDNN's emulated convolution.
+    monkeypatch.setattr("swa_research.conv.cpu_has_native", lambda precision: False)
+    assert auto_algorithm(512, 512, 2, 2, bf16) == ("native", None)
+    assert auto_algorithm(512, 512, 2, 2) == ("winograd", 2)
 
 
-def test_fast_conv_falls_back_wherever_winograd_does_not_apply() -> None:
+def test_fast_conv_falls_back_wherever_winograd_does_not_apply(native_bf16: None) -> None:
     conv = FastConv2d(128, 128, 3, padding=1)
     x = torch.randn(1, 128, 4, 4)
     assert conv.choose(x) == ("native", None)  # the default algorithm
@@ -166,7 +177,7 @@ def test_vgg16_trains_the_same_with_winograd(fmt: torch.memory_format) -> None:
         assert (p.grad - q.grad).abs().max().item() <= 1e-3 * scale + 1e-7, name
 
 
-def test_gemm_under_bf16_autocast_matches_onednn() -> None:
+def test_gemm_under_bf16_autocast_matches_onednn(native_bf16: None) -> None:
     """Under bf16 autocast the GEMM path computes what autocast's F.conv2d does: bf16 output and
     fp32 weight gradients, as close to float64 as oneDNN's bf16 convolution is (bf16 rounding:
     a few 1e-3; oneDNN's own rounding differs by CPU, AMX or AVX2, so both are held to float64

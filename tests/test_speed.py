@@ -4,6 +4,7 @@ steps that never read a device tensor on the host."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from swa_research.averaging import Averager, HostCountAveragedModel
 from swa_research.config import UserError
-from swa_research.step import TrainStep, autocast, resolve_precision
+from swa_research.step import TrainStep, autocast, cpu_has_native, resolve_precision
 from swa_research.train import train
 from swa_research.trainer import Trainer
 
@@ -55,6 +56,25 @@ def randomize(model: nn.Module, seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Precision
+
+
+def test_cpu_without_native_bf16_gets_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    import swa_research.step as step
+
+    monkeypatch.setattr(step, "_NATIVE_CPU_PROBES", {})
+    monkeypatch.setattr(step, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    step._warn_emulated.cache_clear()
+    assert not step.cpu_has_native("bf16") and not step.cpu_has_native("fp16")
+    assert step.cpu_has_native("fp32")
+    with caplog.at_level(logging.WARNING, logger="swa_research.step"):
+        assert resolve_precision("bf16", CPU) == "bf16"
+        assert resolve_precision("bf16", CPU) == "bf16"
+        assert resolve_precision("fp32", CPU) == "fp32"
+    assert caplog.text.count("trainer.precision=bf16 on a CPU without native bf16") == 1
+    monkeypatch.setattr(step, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert step.cpu_has_native("bf16") and not step.cpu_has_native("fp16")
+    step._warn_emulated.cache_clear()
 
 
 def test_resolve_precision() -> None:
@@ -306,7 +326,8 @@ def run_benchmark(args: list[str], out: Path) -> tuple[dict[str, Any], str]:
 def test_benchmark_runs_tiny(tmp_path: Path) -> None:
     result, stdout = run_benchmark(
         ["--steps", "3", "--width", "0.125", "--rounds", "2", "--warmup", "1", "--num-images",
-         "512", "--avg-calls", "1", "--loader-batches", "2"], tmp_path / "bench.json")
+         "512", "--avg-calls", "1", "--loader-batches", "2", "--precision", "fp32,bf16"],
+        tmp_path / "bench.json")
     assert result["columns"] == BENCHMARK_COLUMNS
     assert set(result) >= {"machine", "setup", "matmul_peak_tflops", "loader_images_per_s",
                            "rows"}
@@ -338,11 +359,13 @@ def test_benchmark_runs_tiny(tmp_path: Path) -> None:
 def test_benchmark_layers_tiny(tmp_path: Path) -> None:
     result, stdout = run_benchmark(
         ["--layers", "--model", "vgg16", "--width", "0.25", "--batch-size", "4", "--rounds",
-         "1"], tmp_path / "layers.json")
+         "1", "--precision", "fp32,bf16"], tmp_path / "layers.json")
     assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
     assert [r["precision"] for r in result["layers"][:2]] == ["fp32", "bf16"]
     bf16 = [r for r in result["layers"] if r["precision"] == "bf16"]
-    assert [r["auto"] for r in bf16[-3:]] == ["native", "gemm", "gemm"]
+    # The bf16 GEMM only where the CPU multiplies bf16 natively (else oneDNN is faster).
+    gemm = "gemm" if cpu_has_native("bf16") else "native"
+    assert [r["auto"] for r in bf16[-3:]] == ["native", gemm, gemm]
     assert all(r["winograd2_ms"] is None and r["gemm_ms"] > 0 for r in bf16)
     layers = [r for r in result["layers"] if r["precision"] == "fp32"]
     assert [r["layer"] for r in layers] == [
@@ -356,16 +379,32 @@ def test_benchmark_layers_tiny(tmp_path: Path) -> None:
     assert "| model | layer | precision | nchw_ms |" in stdout
 
 
-def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """scripts/conv_fidelity.py: fp32 paths (oneDNN, Winograd everywhere) stay within rounding
-    of float64; bf16 is far coarser; a corrupt checkpoint is a one-line error."""
+def load_script(name: str) -> Any:
+    """scripts/NAME.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "conv_fidelity", Path(__file__).resolve().parents[1] / "scripts" / "conv_fidelity.py")
+        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
-    fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fidelity)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_benchmark_measures_bf16_by_default_only_where_native(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script("benchmark")
+    monkeypatch.setattr(bench, "cpu_has_native", lambda precision: native)
+    args = bench.parse_args(["--device", "cpu"])
+    assert args.precisions == (["fp32", "bf16"] if native else ["fp32"])
+    assert bench.parse_args(["--device", "cpu", "--precision", "bf16"]).precisions == ["bf16"]
+
+
+def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/conv_fidelity.py: fp32 paths (oneDNN, Winograd everywhere) stay within rounding
+    of float64; bf16 is far coarser; a corrupt checkpoint is a one-line error."""
+    fidelity = load_script("conv_fidelity")
     out = tmp_path / "fid.json"
     assert fidelity.main(["--width", "0.125", "--batch-size", "4", "--batches", "3", "--paths",
                           "native_nchw,winograd,bf16_native", "--json", str(out)]) == 0
