@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from swa_research.averaging import Averager, AveragingPlan
 from swa_research.config import (
+    CHOICES,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -240,7 +241,7 @@ class TrainerLoop:
     is one timed chunk; the average is updated every 50 iterations as in the seed."""
 
     def __init__(self, model_cfg: ModelConfig, data: ImageSet, batch_size: int, precision: str,
-                 channels_last: bool, compile_model: bool, conv_algorithm: str,
+                 channels_last: bool, compile_mode: str | None, conv_algorithm: str,
                  device: torch.device, run_dir: Path) -> None:
         fmt = memory_format(channels_last)
         self.data = data.to(device)
@@ -254,11 +255,12 @@ class TrainerLoop:
         plan = AveragingPlan.from_config(swa, ScheduleConfig(), 1, huge)
         schedule = build_schedule(ScheduleConfig(), 1e-4, 1e-4, huge, huge, None)
         self.averager = Averager(self.model, "swa")
-        if compile_model:
-            self.model.compile()
+        if compile_mode is not None:  # as train.py does: in place, after the average's copy
+            self.model.compile(mode=None if compile_mode == "default" else compile_mode)
         pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device, memory_format=fmt)
         cfg = TrainerConfig(batch_size=batch_size, precision=precision,
-                            channels_last=channels_last, compile=compile_model,
+                            channels_last=channels_last, compile=compile_mode is not None,
+                            compile_mode=compile_mode or "default",
                             conv_algorithm=conv_algorithm, progress="none")
         empty = ImageSet(self.data.images[:0], self.data.labels[:0])
         self.trainer = Trainer(
@@ -530,7 +532,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an image folder (train/<class>/*.jpg); default: synthetic images")
     p.add_argument("--num-images", type=int, default=5000, help="synthetic images")
     p.add_argument("--no-channels-last", action="store_true", help="trainer path in NCHW")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=CHOICES["trainer.compile_mode"], metavar="MODE",
+                   help="torch.compile the trainer's model, in MODE (default; reduce-overhead "
+                        "for CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     p.add_argument("--conv-algorithm", default="auto", choices=["auto", "native", "winograd"],
                    help="trainer.conv_algorithm of the trainer path (fp32 on a CPU)")
     p.add_argument("--layers", action="store_true",

@@ -36,6 +36,10 @@ OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progre
                     "trainer.save_checkpoints", "trainer.device", "logger.", "data.root",
                     "data.download", "data.cache")
 
+# What a run computed with before a key existed: a checkpoint that lacks the key is compared as
+# if it held this value (trainer.conv_algorithm came with Winograd; before it, oneDNN only).
+LEGACY_VALUES = {"trainer.conv_algorithm": "native", "trainer.compile_mode": "default"}
+
 
 class CorruptCheckpoint(Exception):
     """A checkpoint file that cannot be read or lacks what a resume needs."""
@@ -153,6 +157,7 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> tuple[dict[str, Any], 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every key that changes what the run computes."""
     a, b = flatten_dict(saved), flatten_dict(current)
+    a.update({k: v for k, v in LEGACY_VALUES.items() if k in b and k not in a})
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):

@@ -107,6 +107,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
+    # torch.compile's mode: default, reduce-overhead (CUDA graphs: a whole step is one launch),
+    # max-autotune (autotuned kernels and CUDA graphs), max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
     # 3x3 convolutions in fp32 on a CPU: auto (Winograd where it is faster, oneDNN elsewhere),
     # native (always oneDNN) or winograd (wherever it applies); see swa_research/conv.py.
     conv_algorithm: str = "auto"  # auto | native | winograd
@@ -157,6 +160,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.conv_algorithm": ("auto", "native", "winograd"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune",
+                             "max-autotune-no-cudagraphs"),
 }
 
 

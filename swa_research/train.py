@@ -155,7 +155,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     if tc.compile:
         # In place, after the average's deepcopy: the average stays an eager module (its BN
         # update and evaluation never recompile) and state dicts keep their keys.
-        model.compile()
+        model.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
 
     dc = config.data
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,

@@ -218,3 +218,18 @@ def test_full_disk_at_checkpoint_time_stops_cleanly(tmp_path: Path,
     assert not list(tmp_path.glob(f".{LATEST}.staged*"))
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
     assert torch.is_tensor(state["rng"]["torch"])
+
+
+def test_a_key_added_after_a_checkpoint_compares_as_its_old_behaviour() -> None:
+    """A checkpoint written before trainer.conv_algorithm existed ran oneDNN only: against the
+    default (auto) that is a difference, against native it is not. Keys absent from both sides
+    are not invented."""
+    from swa_research.checkpoint import config_differences
+
+    saved = {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}
+    current = {"trainer": {"epochs": 3, "conv_algorithm": "auto", "compile_mode": "default"},
+               "swa": {"lr": 0.1}}
+    assert config_differences(saved, current) == ["trainer.conv_algorithm: native -> auto"]
+    current["trainer"]["conv_algorithm"] = "native"
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}) == []

@@ -296,6 +296,21 @@ def test_compile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert list(a) == list(b)  # no _orig_mod. prefix
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile_mode is passed to model.compile (CUDA graphs with reduce-overhead on a
+    GPU); default passes no mode; a wrong mode is a one-line config error."""
+    modes: list[Any] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    finite_run([*TINY, "trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
+               tmp_path / "a")
+    finite_run([*TINY, "trainer.compile=true"], tmp_path / "b")
+    finite_run([*TINY, "trainer.compile_mode=max-autotune"], tmp_path / "c")  # compile off
+    assert modes == ["reduce-overhead", None]
+    with pytest.raises(UserError, match=r"trainer\.compile_mode='fast': expected one of default"):
+        train(compose_config([*TINY, "trainer.compile_mode=fast"]), tmp_path / "d")
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark script
 
