@@ -552,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("steps", "rounds", "batch_size", "num_images", "avg_calls", "loader_batches"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.data_root is None and args.num_images - int(0.1 * args.num_images) < args.batch_size:
+        p.error(f"--num-images {args.num_images} leaves the seed loop (90% of them, drop_last) "
+                f"no batch of {args.batch_size}")
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
     if args.precision is None:
         cuda = args.device.startswith("cuda") or (args.device == "auto"

@@ -439,3 +439,25 @@ def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     bad.write_bytes(b"not a checkpoint")
     assert fidelity.main(["--checkpoint", str(bad)]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh with QUICK=1 DEVICE=cpu: every step runs and leaves its file."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(out),
+           "DATA_TARBALL": str(tmp_path / "none.tar.gz"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    for step in ("smoke", "bench128", "bench512", "graphs"):
+        assert f"{step}: exit 0," in summary, summary
+    assert "cifar: skipped" in summary
+    for name in ("bench128.json", "bench512.json", "graphs.json"):
+        assert json.loads((out / name).read_text())["rows"]
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back

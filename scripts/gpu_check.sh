@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU checks of the speed work (issue 4) as one command for a lent CUDA machine, which has
+# PyTorch but no Hydra, no W&B and no network. About 6 to 9 minutes on an H100.
+#
+# Here, once per session (both folders are git-ignored through .git/info/exclude):
+#   bash ../shared/tools/gpu-wheels.sh
+#   mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ \
+#       && (grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude)
+# Then, with the device tool: command "bash scripts/gpu_check.sh", carry .gpu-wheels and
+# .gpu-data, timeout_s 600. What comes back in $OUT (at most 8 files):
+#   summary.txt       GPU, torch, and each step's exit status and seconds
+#   logs.txt          every step's output
+#   bench128.json     seed loop vs trainer, simplified and VGG16, fp32 and bf16, batch 128
+#   bench512.json     VGG16 bf16 at batch 512 (the >= 30% of the bf16 peak target)
+#   graphs.json       simplified bf16 at batch 128 with --compile reduce-overhead (CUDA graphs)
+#   cifar.json        metrics.json of the seed experiment, 20 epochs, on the CIFAR-10 JPEG copy
+# The steps run in order of importance; each appends to summary.txt and logs.txt as it ends, so
+# a command cut off by the device tool's limit still brings back what finished.
+#
+# QUICK=1 DEVICE=cpu bash scripts/gpu_check.sh   runs every step tiny on a CPU (a dry run of
+# this script); STEP_TIMEOUT (seconds, default 240) bounds each step, CIFAR_TIMEOUT (300) the
+# CIFAR run; DATA_TARBALL names another copy of the data.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_check_out}"
+DEVICE="${DEVICE:-cuda}"
+mkdir -p "$OUT"
+work=$(mktemp -d /tmp/gpu_check.XXXXXX)  # run dirs and the unpacked data: fresh every time
+summary="$OUT/summary.txt"
+logs="$OUT/logs.txt"
+: >"$summary"
+: >"$logs"
+
+if [[ -d .gpu-wheels ]]; then
+    python3 -m pip install -q --no-index --find-links .gpu-wheels hydra-core omegaconf wandb \
+        >>"$logs" 2>&1 || echo "pip install from .gpu-wheels failed" | tee -a "$summary"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_MODE=offline
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+        || echo "no nvidia-smi"
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+        torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+} >>"$summary" 2>&1
+
+step() {  # step NAME COMMAND...: runs it with a time limit, logs it, records status and time
+    local name=$1 start rc
+    shift
+    start=$(date +%s)
+    echo "===== $name: $*" >>"$logs"
+    timeout "${STEP_TIMEOUT:-240}" "$@" >>"$logs" 2>&1
+    rc=$?
+    echo "$name: exit $rc, $(($(date +%s) - start)) s" | tee -a "$summary"
+}
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+    bench=(--width 0.125 --steps 2 --rounds 1 --warmup 1 --num-images 1200 --avg-calls 1
+           --loader-batches 2 --matmul-size 128)
+    train_size=(trainer.epochs=1 model.width=0.125 swa.start=0.5 data.val_fraction=0.5)
+    graphs_mode=default  # compiling for CUDA graphs on a CPU only takes time
+else
+    bench=(--steps 50 --rounds 3 --warmup 5)
+    train_size=(trainer.epochs=20)  # the seed recipe (SWA from iteration 4000 of 7020)
+    graphs_mode=reduce-overhead
+fi
+
+step smoke python3 -m swa_research.train experiment=smoke "trainer.device=$DEVICE" \
+    "hydra.run.dir=$work/smoke"
+step bench128 python3 scripts/benchmark.py --device "$DEVICE" --precision fp32,bf16 \
+    --batch-size 128 "${bench[@]}" --json "$OUT/bench128.json"
+step bench512 python3 scripts/benchmark.py --device "$DEVICE" --precision bf16 --batch-size 512 \
+    --model vgg16 "${bench[@]}" --json "$OUT/bench512.json"
+step graphs python3 scripts/benchmark.py --device "$DEVICE" --precision bf16 --batch-size 128 \
+    --model simplified --compile "$graphs_mode" "${bench[@]}" --json "$OUT/graphs.json"
+
+tarball="${DATA_TARBALL:-.gpu-data/cifar10-jpeg.tar.gz}"
+if [[ -f "$tarball" ]]; then
+    mkdir -p "$work/data"
+    tar xzf "$tarball" -C "$work/data"
+    STEP_TIMEOUT="${CIFAR_TIMEOUT:-300}" step cifar python3 -m swa_research.train \
+        data=imagefolder data.root="$work/data/cifar10-jpeg" "trainer.device=$DEVICE" \
+        trainer.progress=line "${train_size[@]}" "hydra.run.dir=$work/cifar"
+    cp "$work/cifar/metrics.json" "$OUT/cifar.json" 2>/dev/null \
+        || echo "cifar: no metrics.json" | tee -a "$summary"
+else
+    echo "cifar: skipped (no $tarball carried)" | tee -a "$summary"
+fi
