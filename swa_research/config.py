@@ -107,8 +107,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
-    # torch.compile's mode: default, reduce-overhead (CUDA graphs: a whole step is one launch),
-    # max-autotune (autotuned kernels and CUDA graphs), max-autotune-no-cudagraphs.
+    # torch.compile's mode: default, reduce-overhead (the compiled forward and backward replay as
+    # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
+    # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
     # 3x3 convolutions in fp32 on a CPU: auto (Winograd where it is faster, oneDNN elsewhere),
     # native (always oneDNN) or winograd (wherever it applies); see swa_research/conv.py.
