@@ -307,6 +307,11 @@ def test_compile_mode_reaches_torch_compile(tmp_path: Path,
     finite_run([*TINY, "trainer.compile=true"], tmp_path / "b")
     finite_run([*TINY, "trainer.compile_mode=max-autotune"], tmp_path / "c")  # compile off
     assert modes == ["reduce-overhead", None]
+    import torch._inductor
+
+    from swa_research.config import CHOICES
+
+    assert set(CHOICES["trainer.compile_mode"]) <= set(torch._inductor.list_mode_options())
     with pytest.raises(UserError, match=r"trainer\.compile_mode='fast': expected one of default"):
         train(compose_config([*TINY, "trainer.compile_mode=fast"]), tmp_path / "d")
 
