@@ -86,7 +86,7 @@ from swa_research.data import (
 from swa_research.loggers import Loggers
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.step import AUTOCAST_DTYPES, cpu_has_native, memory_format
+from swa_research.step import AUTOCAST_DTYPES, compile_in_place, cpu_has_native, memory_format
 from swa_research.train import resolve_device
 from swa_research.trainer import Trainer
 
@@ -256,7 +256,7 @@ class TrainerLoop:
         schedule = build_schedule(ScheduleConfig(), 1e-4, 1e-4, huge, huge, None)
         self.averager = Averager(self.model, "swa")
         if compile_mode is not None:  # as train.py does: in place, after the average's copy
-            self.model.compile(mode=None if compile_mode == "default" else compile_mode)
+            compile_in_place(self.model, compile_mode)
         pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device, memory_format=fmt)
         cfg = TrainerConfig(batch_size=batch_size, precision=precision,
                             channels_last=channels_last, compile=compile_mode is not None,

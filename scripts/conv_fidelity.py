@@ -32,7 +32,6 @@ The weights are a fresh initialisation (``--seed``) or a training checkpoint's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -50,6 +49,7 @@ from swa_research.conv import set_conv_algorithm
 from swa_research.data import load_datasets, synthetic_images
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
+from swa_research.step import autocast
 
 PATHS: dict[str, dict[str, Any]] = {
     "native_nhwc": dict(algo="native", channels_last=True, bf16=False),
@@ -64,8 +64,7 @@ PATHS: dict[str, dict[str, Any]] = {
 def gradient(model: nn.Module, x: Tensor, y: Tensor, bf16: bool) -> tuple[Tensor, float]:
     """The flattened gradient of the mean cross-entropy over every parameter, and the loss."""
     model.zero_grad(set_to_none=True)
-    ctx = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with ctx:
+    with autocast("bf16" if bf16 else "fp32", torch.device("cpu")):
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     grads = [p.grad.reshape(-1).double() for p in model.parameters()]

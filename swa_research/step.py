@@ -45,6 +45,7 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
 def cpu_has_native(precision: str) -> bool:
     """Whether this CPU multiplies in ``precision`` (bf16, fp16) in hardware: AMX or AVX-512's
     bf16/fp16 instructions. Without them oneDNN emulates the type, and a bf16 matmul runs at
@@ -90,6 +91,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def compile_in_place(model: nn.Module, mode: str) -> None:
+    """``model.compile`` in ``trainer.compile_mode`` (``default`` is torch.compile's own)."""
+    model.compile(mode=None if mode == "default" else mode)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

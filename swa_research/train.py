@@ -41,7 +41,7 @@ from swa_research.locks import GpuClaim
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.step import memory_format, resolve_precision
+from swa_research.step import compile_in_place, memory_format, resolve_precision
 from swa_research.sweep import format_summary, sweep_jobs
 from swa_research.trainer import Preempted, Trainer, TrainingDiverged
 
@@ -155,7 +155,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     if tc.compile:
         # In place, after the average's deepcopy: the average stays an eager module (its BN
         # update and evaluation never recompile) and state dicts keep their keys.
-        model.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
+        compile_in_place(model, tc.compile_mode)
 
     dc = config.data
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,

@@ -65,6 +65,7 @@ def test_cpu_without_native_bf16_gets_a_warning(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(step, "_NATIVE_CPU_PROBES", {})
     monkeypatch.setattr(step, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     step._warn_emulated.cache_clear()
+    step.cpu_has_native.cache_clear()
     assert not step.cpu_has_native("bf16") and not step.cpu_has_native("fp16")
     assert step.cpu_has_native("fp32")
     with caplog.at_level(logging.WARNING, logger="swa_research.step"):
@@ -73,8 +74,10 @@ def test_cpu_without_native_bf16_gets_a_warning(monkeypatch: pytest.MonkeyPatch,
         assert resolve_precision("fp32", CPU) == "fp32"
     assert caplog.text.count("trainer.precision=bf16 on a CPU without native bf16") == 1
     monkeypatch.setattr(step, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    step.cpu_has_native.cache_clear()
     assert step.cpu_has_native("bf16") and not step.cpu_has_native("fp16")
     step._warn_emulated.cache_clear()
+    step.cpu_has_native.cache_clear()  # the real CPU's answers again for later tests
 
 
 def test_resolve_precision() -> None:
