@@ -194,7 +194,7 @@ def test_gemm_under_bf16_autocast_matches_onednn(native_bf16: None) -> None:
     y64.square().sum().backward()
 
     def error(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b).norm() / b.norm())
+        return float((a.detach().double() - b.detach()).norm() / b.detach().norm())
 
     errors = []
     for module in (conv, ref):
