@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -83,10 +82,18 @@ from swa_research.data import (
     synthetic_images,
     train_batches,
 )
+from swa_research.fileio import atomic_write_text
 from swa_research.loggers import Loggers
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.step import AUTOCAST_DTYPES, compile_in_place, cpu_has_native, memory_format
+from swa_research.step import (
+    AUTOCAST_DTYPES,
+    compile_in_place,
+    cpu_has_native,
+    memory_format,
+    peak_gpu_mb,
+    peak_rss_mb,
+)
 from swa_research.train import resolve_device
 from swa_research.trainer import Trainer
 
@@ -99,12 +106,6 @@ AVERAGE_EVERY = 50  # the seed's swa_freq
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 class OtherLoad:
@@ -380,7 +381,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             if load.pct is not None:
                 others[key].append(load.pct)
             if device.type == "cuda":
-                gpu[key] = max(gpu[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+                gpu[key] = max(gpu[key] or 0.0, peak_gpu_mb(device) or 0.0)
             print(f"  {name} round {r + 1}/{args.rounds} {key[0]} {key[1]}: "
                   f"{runs[key][-1]:.0f} images/s (other processes: "
                   f"{load.pct if load.pct is not None else float('nan'):.0f}% CPU)",
@@ -568,6 +569,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for prec in args.precisions:
         if prec not in AUTOCAST_DTYPES:
             p.error(f"--precision {prec}: expected fp32, bf16 or fp16")
+    if args.json:  # before minutes of measuring, not after
+        folder = Path(args.json).expanduser().resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot write in {folder} ({e.strerror or e})")
     return args
 
 
@@ -591,8 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in rows:
             print("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"matmul_peak_tflops": peaks,
-                                                   "layers": rows}, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps({"matmul_peak_tflops": peaks,
+                                                     "layers": rows}, indent=2) + "\n")
         return {"matmul_peak_tflops": peaks, "layers": rows}
     data, seed_set, data_desc = load_data(args)
     peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
@@ -616,6 +625,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     result = {
         "machine": {"device": str(device), "device_name": device_name, "cpu": cpu_model(),
+                    "native_bf16": torch.cuda.is_bf16_supported() if device.type == "cuda"
+                    else cpu_has_native("bf16"),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "setup": {"data": data_desc, "batch_size": bs, "width": args.width,
@@ -636,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                      for k, v in loaders.items()))
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return result
 
 

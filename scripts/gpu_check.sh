@@ -8,7 +8,8 @@
 #       && (grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude)
 # Then, with the device tool: command "bash scripts/gpu_check.sh", carry .gpu-wheels and
 # .gpu-data, timeout_s 600. What comes back in $OUT (at most 8 files):
-#   summary.txt       GPU, torch, and each step's exit status and seconds
+#   summary.txt       GPU, torch, each step's exit status and seconds, and the targets judged
+#                     by scripts/targets.py from the files below
 #   logs.txt          every step's output
 #   bench128.json     seed loop vs trainer, simplified and VGG16, fp32 and bf16, batch 128
 #   bench512.json     VGG16 bf16 at batch 512 (the >= 30% of the bf16 peak target)
@@ -87,3 +88,8 @@ if [[ -f "$tarball" ]]; then
 else
     echo "cifar: skipped (no $tarball carried)" | tee -a "$summary"
 fi
+
+# The targets, judged from what came back (scripts/targets.py), at the end of summary.txt.
+echo "----- targets" >>"$summary"
+python3 scripts/targets.py "$OUT" >>"$summary" 2>>"$logs" \
+    || echo "targets: scripts/targets.py failed (see logs.txt)" >>"$summary"

@@ -24,7 +24,7 @@ from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, tr
 from swa_research.faults import fault_point
 from swa_research.fileio import atomic_torch_save
 from swa_research.loggers import Loggers
-from swa_research.step import TrainStep, autocast, resolve_precision
+from swa_research.step import TrainStep, autocast, peak_gpu_mb, peak_rss_mb, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +403,10 @@ class Trainer:
                 "wall_time_s": round(wall, 3),
                 "images_per_s": round(self.images_seen / self.train_time, 1)
                 if self.train_time > 0 else None,
+                # Of this process (a resumed run: since the resume).
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "peak_gpu_mb": None if (gpu := peak_gpu_mb(self.device)) is None
+                else round(gpu, 1),
             },
         }
         if error:

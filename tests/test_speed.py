@@ -355,6 +355,7 @@ def test_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert set(result) >= {"machine", "setup", "matmul_peak_tflops", "loader_images_per_s",
                            "rows"}
     assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    assert result["machine"]["native_bf16"] == cpu_has_native("bf16")
     rows = result["rows"]
     assert [(r["model"], r["path"], r["precision"]) for r in rows] == [
         (m, path, prec) for m in ("simplified", "vgg16")
@@ -405,11 +406,14 @@ def test_benchmark_layers_tiny(tmp_path: Path) -> None:
 def load_script(name: str) -> Any:
     """scripts/NAME.py as a module."""
     import importlib.util
+    import sys
 
+    module_name = f"scripts_{name}"
     spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+        module_name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -422,6 +426,18 @@ def test_benchmark_measures_bf16_by_default_only_where_native(
     args = bench.parse_args(["--device", "cpu"])
     assert args.precisions == (["fp32", "bf16"] if native else ["fp32"])
     assert bench.parse_args(["--device", "cpu", "--precision", "bf16"]).precisions == ["bf16"]
+
+
+def test_benchmark_refuses_an_unwritable_json_path_before_measuring(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_script("benchmark")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--json", str(tmp_path / "a_file" / "b.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--json {tmp_path / 'a_file' / 'b.json'}: cannot write in" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # no probe file left behind
 
 
 def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -466,6 +482,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     for step in ("smoke", "bench128", "bench512", "graphs"):
         assert f"{step}: exit 0," in summary, summary
     assert "cifar: skipped" in summary
+    # The targets judged at the end: fp32 against the seed loop, per model of bench128.
+    targets = summary.split("----- targets\n", 1)[1]
+    assert targets.count("| CPU: fp32 >= 1.25x the seed loop | ") == 2, targets
+    assert "checks met" in targets
     for name in ("bench128.json", "bench512.json", "graphs.json"):
         assert json.loads((out / name).read_text())["rows"]
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back

@@ -128,7 +128,11 @@ def check_run(r: Run) -> None:
     else:
         assert cal["swa"] is None
 
-    assert set(m["train"]) == {"epochs", "iterations", "wall_time_s", "images_per_s"}
+    assert set(m["train"]) == {"epochs", "iterations", "wall_time_s", "images_per_s",
+                               "peak_rss_mb", "peak_gpu_mb"}
+    # This process's peak so far: at least what torch and the data take, and not the machine.
+    assert 100 < m["train"]["peak_rss_mb"] < 24 * 1024
+    assert m["train"]["peak_gpu_mb"] is None  # on the CPU
     assert m["train"]["epochs"] == c.trainer.epochs
     assert m["train"]["iterations"] == c.trainer.epochs * r.ipe
     assert m["train"]["wall_time_s"] > 0
@@ -264,7 +268,8 @@ def test_batch_norm_average_gets_its_own_statistics(tmp_path: Path) -> None:
 
 def _comparable(metrics: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(metrics))
-    del out["train"]["wall_time_s"], out["train"]["images_per_s"]
+    for key in ("wall_time_s", "images_per_s", "peak_rss_mb", "peak_gpu_mb"):
+        del out["train"][key]
     return out
 
 
