@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,39 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+Slots = list[tuple[dict[str, Any], str]]
+
+
+def tensor_slots(module: nn.Module) -> tuple[Slots, Slots]:
+    """Where each parameter and each buffer of the module lives, in ``parameters()`` and
+    ``buffers()`` order: (the owning module's ``_parameters`` or ``_buffers`` dict, key).
+
+    Reading the tensors through these is a list comprehension, where ``parameters()`` walks the
+    module tree (about 0.3 ms for VGG16-BN per call, measured: as much host time as a GPU
+    spends on a whole small-batch step), and it still sees a tensor that was replaced since
+    (``module.to()`` replaces buffers). Adding or removing submodules needs new slots."""
+    def slots(named: Iterable[tuple[str, Tensor]], kind: str) -> Slots:
+        out = []
+        for name, _ in named:
+            owner, _, leaf = name.rpartition(".")
+            out.append((getattr(module.get_submodule(owner), kind), leaf))
+        return out
+    return (slots(module.named_parameters(), "_parameters"),
+            slots(module.named_buffers(), "_buffers"))
+
+
+def _pairs(mine: Slots, theirs: Slots) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """The tensors of two slot lists, paired and grouped by device and dtype (the
+    multi-tensor ops take one group per call)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for (mine_dict, mine_key), (their_dict, their_key) in zip(mine, theirs, strict=True):
+        a, b = mine_dict[mine_key], their_dict[their_key]
+        pair = groups.setdefault((a.device, a.dtype), ([], []))
+        pair[0].append(a)
+        pair[1].append(b if b.device == a.device else b.to(a.device))
+    return list(groups.values())
+
+
 class HostCountAveragedModel(AveragedModel):
     """AveragedModel whose update never reads a tensor on the host.
 
@@ -112,6 +146,9 @@ class HostCountAveragedModel(AveragedModel):
                  ) -> None:
         super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
         self._count: int | None = 0
+        # Slots of the average and of the last source model (held weakly), built once.
+        self._own_slots: tuple[Slots, Slots] | None = None
+        self._source: tuple[weakref.ref[nn.Module], tuple[Slots, Slots]] | None = None
 
     @property
     def count(self) -> int:
@@ -123,24 +160,30 @@ class HostCountAveragedModel(AveragedModel):
         super()._load_from_state_dict(*args, **kwargs)
         self._count = None
 
+    def _slots(self, model: nn.Module) -> tuple[tuple[Slots, Slots], tuple[Slots, Slots]]:
+        if self._own_slots is None:
+            self._own_slots = tensor_slots(self.module)
+        if self._source is None or self._source[0]() is not model:
+            self._source = (weakref.ref(model), tensor_slots(model))
+        return self._own_slots, self._source[1]
+
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
+        # The tensors come from slots built once (walking the module tree at every update
+        # costs more host time than the arithmetic); no detach(): under no_grad the in-place
+        # multi-tensor ops may write parameters.
         n = self.count
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for mine, theirs in zip(self.module.parameters(), model.parameters(), strict=True):
-            key = (mine.device, mine.dtype)
-            pair = groups.setdefault(key, ([], []))
-            pair[0].append(mine.detach())
-            pair[1].append(theirs.detach().to(mine.device))
+        (my_params, my_buffers), (their_params, their_buffers) = self._slots(model)
         average = self.multi_avg_fn or get_swa_multi_avg_fn()
-        for mine_list, theirs_list in groups.values():
+        for mine_list, theirs_list in _pairs(my_params, their_params):
             if n == 0:
                 torch._foreach_copy_(mine_list, theirs_list)
             else:
                 average(mine_list, theirs_list, n)
-        # use_buffers=False: the buffers (BN statistics) follow the model's.
-        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
-            mine.detach().copy_(theirs.detach().to(mine.device))
+        # use_buffers=False: the buffers (BN statistics) follow the model's, one multi-tensor
+        # copy per device and dtype.
+        for mine_list, theirs_list in _pairs(my_buffers, their_buffers):
+            torch._foreach_copy_(mine_list, theirs_list)
         self._count = n + 1
         self.n_averaged.fill_(n + 1)
 

@@ -167,15 +167,76 @@ def test_averaging_matches_averaged_model(method: str) -> None:
     upstream = AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=False)
     for k in range(4):
         randomize(model, k)
+        model[1].num_batches_tracked.fill_(10 * k + 3)  # an int64 buffer follows too
         ours.update(model)
         upstream.update_parameters(model)
     assert ours.n_averaged == 4
+    assert int(ours.module[1].num_batches_tracked) == 33
     mine, theirs = ours.averaged.state_dict(), upstream.state_dict()
     assert list(mine) == list(theirs)
     assert "n_averaged" in mine and all(k.startswith("module.") for k in mine if
                                         k != "n_averaged")
     for k in mine:
         assert torch.allclose(mine[k].float(), theirs[k].float(), atol=1e-6), k
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the dispatched ops by name: on a GPU, roughly the kernel launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["swa", "ema"])
+def test_an_update_costs_the_same_few_ops_at_any_depth(method: str) -> None:
+    """One multi-tensor op for the weights, one copy per buffer dtype, the counter's fill:
+    nothing per tensor, so the launches (and host time) of an update do not grow with the
+    model's depth."""
+    def net(blocks: int) -> nn.Module:
+        return nn.Sequential(*[m for _ in range(blocks) for m in (
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())])
+
+    counts = []
+    for blocks in (1, 5):
+        model = net(blocks)
+        avg = Averager(model, method, decay=0.9)
+        avg.update(model)  # the first update copies
+        randomize(model, 1)
+        with OpCount() as c:
+            avg.update(model)
+        counts.append(c.ops)
+        for mine, theirs in zip(avg.module.buffers(), model.buffers(), strict=True):
+            assert torch.equal(mine, theirs)
+    assert counts[0] == counts[1]
+    assert counts[0] == {"aten._foreach_lerp_.Scalar": 1, "aten._foreach_copy_.default": 2,
+                         "aten.fill_.Scalar": 1}
+
+
+def test_an_update_sees_replaced_tensors_and_another_model() -> None:
+    """The update reads the model's tensors through slots built once: a parameter or buffer
+    replaced since (surgery, ``.to()``) is still the one averaged, and another model (same
+    layout) gets slots of its own."""
+    model = small_net()
+    avg = Averager(model, "swa")
+    avg.update(model)
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(torch.full_like(model[0].weight, 3.0))
+        model[1].running_mean = torch.full_like(model[1].running_mean, -2.0)
+    avg.update(model)  # mean of the old weight and 3
+    old = avg.module[0].weight.clone()
+    assert torch.equal(avg.module[1].running_mean, torch.full((4,), -2.0))
+    other = small_net()
+    with torch.no_grad():
+        other[0].weight.fill_(6.0)
+    avg.update(other)
+    assert torch.allclose(avg.module[0].weight, (2 * old + 6.0) / 3)
+    assert torch.equal(avg.module[1].running_mean, other[1].running_mean)
 
 
 def test_averaging_reads_nothing_on_the_host() -> None:
