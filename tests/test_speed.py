@@ -489,6 +489,13 @@ def test_benchmark_measures_bf16_by_default_only_where_native(
     assert bench.parse_args(["--device", "cpu", "--precision", "bf16"]).precisions == ["bf16"]
 
 
+def test_benchmark_times_queued_calls_per_call() -> None:
+    bench = load_script("benchmark")
+    calls = []
+    seconds = bench.time_queued(lambda: calls.append(1), torch.device("cpu"), calls=7)
+    assert len(calls) == 8 and seconds >= 0  # one untimed call first, then 7 timed
+
+
 def test_benchmark_refuses_an_unwritable_json_path_before_measuring(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_script("benchmark")
