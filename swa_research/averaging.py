@@ -160,6 +160,11 @@ class HostCountAveragedModel(AveragedModel):
         super()._load_from_state_dict(*args, **kwargs)
         self._count = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Slots are rebuilt after a copy or unpickling: a copy's would name the original's
+        # tensors (and a weak reference cannot be pickled).
+        return {**self.__dict__, "_own_slots": None, "_source": None}
+
     def _slots(self, model: nn.Module) -> tuple[tuple[Slots, Slots], tuple[Slots, Slots]]:
         if self._own_slots is None:
             self._own_slots = tensor_slots(self.module)

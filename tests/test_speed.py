@@ -239,6 +239,27 @@ def test_an_update_sees_replaced_tensors_and_another_model() -> None:
     assert torch.equal(avg.module[1].running_mean, other[1].running_mean)
 
 
+def test_a_copied_or_pickled_average_updates_its_own_tensors() -> None:
+    import copy
+    import io
+
+    model = small_net()
+    avg = Averager(model, "swa")
+    avg.update(model)
+    twin = copy.deepcopy(avg.averaged)
+    buf = io.BytesIO()
+    torch.save(avg.averaged, buf)  # a weak reference to the model would not pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    before = avg.module[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    for copy_ in (twin, loaded):
+        copy_.update_parameters(model)
+        assert torch.allclose(copy_.module[0].weight, (before + 1.0) / 2)
+    assert torch.equal(avg.module[0].weight, before)  # the original is untouched
+
+
 def test_averaging_reads_nothing_on_the_host() -> None:
     model = small_net()
     avg = Averager(model, "swa")
