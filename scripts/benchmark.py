@@ -83,7 +83,7 @@ from swa_research.data import (
     synthetic_images,
     train_batches,
 )
-from swa_research.fileio import atomic_write_text
+from swa_research.fileio import atomic_write_text, probe_writable
 from swa_research.loggers import Loggers
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
@@ -587,9 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.json:  # before minutes of measuring, not after
         folder = Path(args.json).expanduser().resolve().parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
+            probe_writable(folder)
         except OSError as e:
             p.error(f"--json {args.json}: cannot write in {folder} ({e.strerror or e})")
     return args

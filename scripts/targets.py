@@ -30,6 +30,15 @@ from typing import Any
 
 GB_MIB = 1e9 / 2**20  # 3 GB (decimal) in MiB: the RSS threshold errs on the strict side
 
+# The targets, as the table names them.
+CUDA_SPEEDUP = "CUDA: simplified bf16 >= 20x the seed loop"
+CUDA_PEAK = "CUDA: VGG16 bf16 batch 512 >= 30% of the bf16 matmul peak"
+CUDA_AVERAGING = "CUDA: averaging < 2% of a step"
+CPU_SPEEDUP = "CPU: fp32 >= 1.25x the seed loop"
+CPU_PEAK = "CPU: >= 80% of the fp32 matmul peak"
+CPU_BF16 = "CPU: bf16 >= 2x the seed loop (native bf16)"
+RUN_RSS = "full run: peak RSS < 3 GB"
+
 
 @dataclass
 class Check:
@@ -77,28 +86,22 @@ def benchmark_checks(doc: dict[str, Any]) -> list[Check]:
         model, prec, bs = r["model"], r["precision"], r["batch_size"]
         if cuda:
             if model == "simplified" and prec == "bf16" and bs == 128:
-                checks.append(Check("CUDA: simplified bf16 >= 20x the seed loop", where,
-                                    r["ratio_to_seed"], 20, True, "x",
+                checks.append(Check(CUDA_SPEEDUP, where, r["ratio_to_seed"], 20, True, "x",
                                     f"{r['images_per_s']:.0f} images/s"))
             if model == "vgg16" and prec == "bf16" and bs == 512 and r.get("pct_of_peak"):
-                checks.append(Check("CUDA: VGG16 bf16 batch 512 >= 30% of the bf16 matmul peak",
-                                    where, r["pct_of_peak"], 30, True, "%",
+                checks.append(Check(CUDA_PEAK, where, r["pct_of_peak"], 30, True, "%",
                                     f"{r['tflops']} of {r['matmul_peak_tflops']} TFLOP/s"))
-            checks.append(Check("CUDA: averaging < 2% of a step", where,
-                                r["avg_overhead_pct"], 2, False, "%"))
+            checks.append(Check(CUDA_AVERAGING, where, r["avg_overhead_pct"], 2, False, "%"))
             continue
         if prec == "fp32":
-            checks.append(Check("CPU: fp32 >= 1.25x the seed loop", where,
-                                r["ratio_to_seed"], 1.25, True, "x"))
+            checks.append(Check(CPU_SPEEDUP, where, r["ratio_to_seed"], 1.25, True, "x"))
             if r.get("pct_of_peak") is not None:
                 executed = r.get("executed_tflops")
                 note = "" if not executed or not r.get("matmul_peak_tflops") else (
                     f"executed: {100 * executed / r['matmul_peak_tflops']:.0f}%")
-                checks.append(Check("CPU: >= 80% of the fp32 matmul peak", where,
-                                    r["pct_of_peak"], 80, True, "%", note))
+                checks.append(Check(CPU_PEAK, where, r["pct_of_peak"], 80, True, "%", note))
         elif prec == "bf16" and doc.get("machine", {}).get("native_bf16", True):
-            checks.append(Check("CPU: bf16 >= 2x the seed loop (native bf16)", where,
-                                r["ratio_to_seed"], 2, True, "x"))
+            checks.append(Check(CPU_BF16, where, r["ratio_to_seed"], 2, True, "x"))
     return checks
 
 
@@ -107,17 +110,11 @@ def metrics_checks(doc: dict[str, Any], name: str) -> list[Check]:
     rss = (doc.get("train") or {}).get("peak_rss_mb")
     if rss is None:
         return []
-    return [Check("full run: peak RSS < 3 GB", name, rss, round(3 * GB_MIB), False, " MiB")]
+    return [Check(RUN_RSS, name, rss, round(3 * GB_MIB), False, " MiB")]
 
 
-EXPECTED = [
-    "CUDA: simplified bf16 >= 20x the seed loop",
-    "CUDA: VGG16 bf16 batch 512 >= 30% of the bf16 matmul peak",
-    "CUDA: averaging < 2% of a step",
-    "CPU: fp32 >= 1.25x the seed loop",
-    "CPU: >= 80% of the fp32 matmul peak",
-    "full run: peak RSS < 3 GB",
-]
+# What the "not measured" line lists (the bf16 CPU target applies only where bf16 is native).
+EXPECTED = [CUDA_SPEEDUP, CUDA_PEAK, CUDA_AVERAGING, CPU_SPEEDUP, CPU_PEAK, RUN_RSS]
 
 
 def collect(paths: list[Path]) -> list[Check]:

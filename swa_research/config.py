@@ -111,8 +111,9 @@ class TrainerConfig:
     # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
-    # 3x3 convolutions in fp32 on a CPU: auto (Winograd where it is faster, oneDNN elsewhere),
-    # native (always oneDNN) or winograd (wherever it applies); see swa_research/conv.py.
+    # 3x3 convolutions on a CPU: auto (Winograd in fp32, im2col + GEMM in native bf16, each
+    # where it is faster; oneDNN elsewhere), native (always oneDNN) or winograd (fp32,
+    # wherever it applies); see swa_research/conv.py.
     conv_algorithm: str = "auto"  # auto | native | winograd
 
 

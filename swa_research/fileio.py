@@ -35,6 +35,15 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: boo
         raise
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Creates the folder if needed and writes and removes a file in it: an OSError now, not
+    after the work whose results would go there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 

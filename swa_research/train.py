@@ -37,6 +37,7 @@ from swa_research.config import (
 )
 from swa_research.conv import set_conv_algorithm
 from swa_research.data import Preprocess, build_data
+from swa_research.fileio import probe_writable
 from swa_research.locks import GpuClaim
 from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
 from swa_research.models import build_model
@@ -67,10 +68,7 @@ def resolve_device(name: str) -> torch.device:
 
 def check_writable(run_dir: Path) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as e:
         raise UserError(f"output dir {run_dir} is not writable ({e.strerror or e}); "
                         "choose another with hydra.run.dir=... or hydra.sweep.dir=...") from e
