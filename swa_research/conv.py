@@ -130,7 +130,9 @@ class _Winograd(torch.autograd.Function):
                         dd[a, b, :, i0:i0 + ni, j0:j0 + nj, :]
         if ctx.needs_input_grad[1]:
             du = torch.bmm(dm.transpose(1, 2), v)  # [t^2, K, C]
-            grad_w = (du.view(t * t, k * c).t() @ g).view(k, c, 3, 3)
+            # G^T du as [9, K C], a wide matmul: du^T G ([K C, 9]) runs at a third of its
+            # speed. The permuted view is copied into the weight's own layout by autograd.
+            grad_w = (g.t() @ du.view(t * t, k * c)).view(3, 3, k, c).permute(2, 3, 0, 1)
         if ctx.needs_input_grad[2]:
             grad_b = gy.sum((0, 1, 2))
         return grad_x, grad_w, grad_b, None
