@@ -284,7 +284,9 @@ class Preprocess:
             self.scale, self.shift = 1.0 / 255.0, 0.0
 
     def to_float(self, x: Tensor) -> Tensor:
-        x = x.float() * self.scale + self.shift
+        # The layout change on the uint8 batch (a quarter of the bytes); the arithmetic keeps it,
+        # so the last call is a no-op.
+        x = x.contiguous(memory_format=self.memory_format).float() * self.scale + self.shift
         return x.contiguous(memory_format=self.memory_format)
 
     def crop_flip(self, x: Tensor, generator: torch.Generator) -> Tensor:

@@ -433,6 +433,10 @@ def test_preprocess_normalisation() -> None:
     plain = Preprocess(False, mean, std, CPU).to_float(x)
     assert torch.allclose(plain, x.float() / 255, atol=1e-7)
     assert plain.min() > 0 and plain.max() <= 1
+    # channels-last: the same values in the trainer's memory format
+    last = Preprocess(True, mean, std, CPU, memory_format=torch.channels_last).to_float(x)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(last, out)
 
 
 def test_train_batches_cover_the_epoch() -> None:
