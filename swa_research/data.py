@@ -274,20 +274,23 @@ class Preprocess:
         self.augment = augment
         self.pad = pad
         self.memory_format = memory_format
+        self.scale: Tensor | None = None
+        self.shift: Tensor | None = None
         if normalize:
             m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
             s = torch.tensor(std, device=device).view(1, -1, 1, 1)
             # x/255 then (x - m)/s folded into one multiply-add.
-            self.scale: Tensor | float = 1.0 / (255.0 * s)
-            self.shift: Tensor | float = -m / s
-        else:
-            self.scale, self.shift = 1.0 / 255.0, 0.0
+            self.scale = 1.0 / (255.0 * s)
+            self.shift = -m / s
 
     def to_float(self, x: Tensor) -> Tensor:
-        # The layout change on the uint8 batch (a quarter of the bytes); the arithmetic keeps it,
-        # so the last call is a no-op.
-        x = x.contiguous(memory_format=self.memory_format).float() * self.scale + self.shift
-        return x.contiguous(memory_format=self.memory_format)
+        """One kernel from the uint8 batch to floats, in the layout of the uint8 batch (so the
+        layout change runs on a quarter of the bytes): the multiply-add, or without
+        normalisation a division by 255, which is exactly ``ToTensor``'s."""
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.scale is None or self.shift is None:
+            return x.div(255.0)
+        return torch.addcmul(self.shift, x, self.scale)
 
     def crop_flip(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Random pad-``pad`` crops and horizontal flips, one gather for the whole batch.

@@ -155,7 +155,7 @@ class Trainer:
             self.scheduler.step()
             self.iteration += 1
             # Accumulated on the device: no host sync inside the step loop.
-            loss_sum += loss.detach() * y.shape[0]
+            loss_sum.add_(loss.detach(), alpha=y.shape[0])
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
             fault_point("step")

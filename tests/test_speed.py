@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from swa_research.averaging import Averager, HostCountAveragedModel
 from swa_research.config import UserError
+from swa_research.data import Preprocess
 from swa_research.step import TrainStep, autocast, cpu_has_native, resolve_precision
 from swa_research.train import train
 from swa_research.trainer import Trainer
@@ -578,3 +579,22 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     for name in ("bench128.json", "bench512.json", "graphs.json"):
         assert json.loads((out / name).read_text())["rows"]
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_batch_becomes_floats_in_one_op(normalize: bool) -> None:
+    """uint8 to normalised floats is one kernel (a multiply-add, or ToTensor's division), in
+    the trainer's layout; a layout change, where needed, is one copy of the uint8 batch."""
+    pre = Preprocess(normalize, [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261],
+                     torch.device("cpu"), memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    with OpCount() as already:
+        out = pre.to_float(x_last)
+    with OpCount() as convert:
+        out_from_nchw = pre.to_float(x)
+    assert sum(already.ops.values()) == 1, already.ops
+    assert sum(convert.ops.values()) == 2, convert.ops
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_from_nchw)
