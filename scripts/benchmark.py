@@ -38,6 +38,15 @@ processes used during each round, in % of all cores: a shared machine's noise),
 flops_per_step (nominal), executed_flops_per_step and executed_tflops (what the row's
 convolution algorithms execute: fewer than nominal where Winograd runs, fp32 on a CPU).
 
+``--profile PATH`` then runs ``--profile-steps`` more steps of each trainer path under
+torch.profiler and writes its op tables to PATH (sorted by GPU time on CUDA, by CPU time
+elsewhere); the trainer rows of the JSON gain
+  device_busy_ms_per_step  the time the GPU had work during a profiled step (the union of its
+                           kernels' and copies' intervals; null off CUDA)
+  device_busy_pct          that over ms_per_step: near 100 the step is bound by the GPU, far
+                           below it the GPU waits for the host (a step bound by kernel
+                           launches, which CUDA graphs remove)
+
 ``--layers`` times each 3x3 convolution of the models alone instead (forward and backward at
 the batch size, in each ``--precision``): oneDNN in NCHW and NHWC, Winograd (fp32) and im2col +
 GEMM; ``trainer.conv_algorithm=auto`` picks from these figures
@@ -317,6 +326,44 @@ def time_calls(fn: Callable[[], None], device: torch.device, calls: int,
     return min(times) if best else statistics.median(times)
 
 
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: how long a device had work, however
+    its streams overlapped."""
+    busy = 0.0
+    start = end = None
+    for s, e in sorted(spans):
+        if end is None or s > end:
+            if start is not None and end is not None:
+                busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    if start is not None and end is not None:
+        busy += end - start
+    return busy
+
+
+def profile_trainer(loop: TrainerLoop, steps: int, device: torch.device
+                    ) -> tuple[str, float | None]:
+    """torch.profiler over ``steps`` steps of a trainer path: the op table, and the time per
+    step that the GPU had work (None off CUDA)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(device)
+    with profile(activities=activities) as prof:
+        loop.run(steps)
+        sync(device)
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA]
+    busy_ms = busy_us(spans) / 1000 / steps if spans else None
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30), busy_ms
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """The best rate of square matmuls of sizes n / 2, n and 2 n, 5 timed calls each: a peak,
     so the fastest call counts (a neighbour on a shared machine only slows calls down)."""
@@ -365,7 +412,8 @@ def loader_images_per_s(batches: Callable[[], Any], device: torch.device, count:
 
 def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                     data: ImageSet, seed_set: Dataset, precisions: list[str],
-                    peaks: dict[str, float], run_dir: Path) -> list[dict[str, Any]]:
+                    peaks: dict[str, float], run_dir: Path,
+                    profiles: list[str] | None = None) -> list[dict[str, Any]]:
     model_cfg = ModelConfig(name=name, width=args.width)
     torch.manual_seed(0)
     paths: dict[tuple[str, str], Any] = {
@@ -427,6 +475,21 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             "executed_flops_per_step": row_executed,
             "executed_tflops": round(row_executed / (ms / 1000) / 1e12, 4),
         })
+        if args.profile and key[0] == "trainer":
+            try:
+                table, busy_ms = profile_trainer(loop, args.profile_steps, device)
+            except Exception as e:  # a diagnostic: it must not cost the measurements above
+                table, busy_ms = f"profiling failed: {type(e).__name__}: {e}", None
+                print(f"{name} {key[1]}: {table}", file=sys.stderr)
+            rows[-1]["device_busy_ms_per_step"] = None if busy_ms is None else round(busy_ms, 3)
+            rows[-1]["device_busy_pct"] = None if busy_ms is None else round(100 * busy_ms / ms,
+                                                                                1)
+            busy = "-" if busy_ms is None else f"{busy_ms:.3f} ms ({100 * busy_ms / ms:.0f}%)"
+            if profiles is not None:
+                profiles.append(
+                    f"## {name} {key[0]} {key[1]}, batch {args.batch_size}: "
+                    f"{ms:.3f} ms per step timed, device busy per profiled step {busy}\n\n"
+                    f"{table}\n")
     return rows
 
 
@@ -564,8 +627,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-batches", type=int, default=20,
                    help="batches timed for the data paths alone")
     p.add_argument("--json", default=None, help="write the table and the setup to this file")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="profile each trainer path afterwards (torch.profiler) and write the op "
+                        "tables to PATH; the JSON gains the GPU's busy time per step")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled per path")
     args = p.parse_args(argv)
-    for key in ("steps", "rounds", "batch_size", "num_images", "avg_calls", "loader_batches"):
+    for key in ("steps", "rounds", "batch_size", "num_images", "avg_calls", "loader_batches",
+                "profile_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.data_root is None and args.num_images - int(0.1 * args.num_images) < args.batch_size:
@@ -584,12 +652,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for prec in args.precisions:
         if prec not in AUTOCAST_DTYPES:
             p.error(f"--precision {prec}: expected fp32, bf16 or fp16")
-    if args.json:  # before minutes of measuring, not after
-        folder = Path(args.json).expanduser().resolve().parent
-        try:
-            probe_writable(folder)
-        except OSError as e:
-            p.error(f"--json {args.json}: cannot write in {folder} ({e.strerror or e})")
+    for option, path in (("--json", args.json), ("--profile", args.profile)):
+        if path:  # before minutes of measuring, not after
+            folder = Path(path).expanduser().resolve().parent
+            try:
+                probe_writable(folder)
+            except OSError as e:
+                p.error(f"{option} {path}: cannot write in {folder} ({e.strerror or e})")
     return args
 
 
@@ -631,10 +700,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda: train_batches(on_device, bs, gen, pre), device, args.loader_batches, bs),
     }
     rows: list[dict[str, Any]] = []
+    profiles: list[str] = []
     with tempfile.TemporaryDirectory() as run_dir:
         for name in args.models:
             rows += benchmark_model(name, args, device, data, seed_set, args.precisions, peaks,
-                                    Path(run_dir))
+                                    Path(run_dir), profiles)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     result = {
         "machine": {"device": str(device), "device_name": device_name, "cpu": cpu_model(),
@@ -661,6 +731,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.profile:
+        atomic_write_text(args.profile, f"torch.profiler, {args.profile_steps} steps per trainer "
+                          f"path, {device_name} ({device}), torch {torch.__version__}\n\n"
+                          + "\n".join(profiles))
     return result
 
 

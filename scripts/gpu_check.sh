@@ -15,6 +15,9 @@
 #   bench512.json     VGG16 bf16 at batch 512 (the >= 30% of the bf16 peak target)
 #   graphs.json       simplified bf16 at batch 128 with --compile reduce-overhead (CUDA graphs)
 #   cifar.json        metrics.json of the seed experiment, 20 epochs, on the CIFAR-10 JPEG copy
+#   profile.txt       torch.profiler's op tables of bench128's and graphs' trainer paths, with
+#                     the GPU's busy time per step (also device_busy_pct in their JSON rows):
+#                     far below 100%, the step waits for the host (kernel launches)
 # The steps run in order of importance; each appends to summary.txt and logs.txt as it ends, so
 # a command cut off by the device tool's limit still brings back what finished.
 #
@@ -58,7 +61,7 @@ step() {  # step NAME COMMAND...: runs it with a time limit, logs it, records st
 
 if [[ "${QUICK:-0}" == 1 ]]; then
     bench=(--width 0.125 --steps 2 --rounds 1 --warmup 1 --num-images 1200 --avg-calls 1
-           --loader-batches 2 --matmul-size 128)
+           --loader-batches 2 --matmul-size 128 --profile-steps 2)
     train_size=(trainer.epochs=1 model.width=0.125 swa.start=0.5 data.val_fraction=0.5)
     graphs_mode=default  # compiling for CUDA graphs on a CPU only takes time
 else
@@ -70,11 +73,16 @@ fi
 step smoke python3 -m swa_research.train experiment=smoke "trainer.device=$DEVICE" \
     "hydra.run.dir=$work/smoke"
 step bench128 python3 scripts/benchmark.py --device "$DEVICE" --precision fp32,bf16 \
-    --batch-size 128 "${bench[@]}" --json "$OUT/bench128.json"
+    --batch-size 128 "${bench[@]}" --json "$OUT/bench128.json" --profile "$OUT/profile.txt"
 step bench512 python3 scripts/benchmark.py --device "$DEVICE" --precision bf16 --batch-size 512 \
     --model vgg16 "${bench[@]}" --json "$OUT/bench512.json"
 step graphs python3 scripts/benchmark.py --device "$DEVICE" --precision bf16 --batch-size 128 \
-    --model simplified --compile "$graphs_mode" "${bench[@]}" --json "$OUT/graphs.json"
+    --model simplified --compile "$graphs_mode" "${bench[@]}" --json "$OUT/graphs.json" \
+    --profile "$work/profile_graphs.txt"
+if [[ -f "$work/profile_graphs.txt" ]]; then
+    { echo; echo "===== graphs (--compile $graphs_mode)"; cat "$work/profile_graphs.txt"; } \
+        >>"$OUT/profile.txt"
+fi
 
 tarball="${DATA_TARBALL:-.gpu-data/cifar10-jpeg.tar.gz}"
 if [[ -f "$tarball" ]]; then

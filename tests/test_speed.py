@@ -518,16 +518,42 @@ def test_benchmark_times_queued_calls_per_call() -> None:
     assert len(calls) == 8 and seconds >= 0  # one untimed call first, then 7 timed
 
 
-def test_benchmark_refuses_an_unwritable_json_path_before_measuring(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("option", ["--json", "--profile"])
+def test_benchmark_refuses_an_unwritable_output_path_before_measuring(
+        option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_script("benchmark")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--device", "cpu", "--json", str(tmp_path / "a_file" / "b.json")])
+        bench.parse_args(["--device", "cpu", option, str(tmp_path / "a_file" / "b.json")])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"--json {tmp_path / 'a_file' / 'b.json'}: cannot write in" in err
+    assert f"{option} {tmp_path / 'a_file' / 'b.json'}: cannot write in" in err
     assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # no probe file left behind
+
+
+def test_busy_time_is_the_union_of_the_intervals() -> None:
+    busy_us = load_script("benchmark").busy_us
+    assert busy_us([]) == 0
+    assert busy_us([(20.0, 25.0), (0.0, 10.0), (5.0, 15.0)]) == 20  # overlap counted once
+    assert busy_us([(0.0, 10.0), (2.0, 3.0)]) == 10  # nested
+    assert busy_us([(0.0, 1.0), (1.0, 2.0), (4.0, 6.0)]) == 4  # touching, then a gap
+
+
+def test_benchmark_profile_writes_the_op_tables(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.txt"
+    result, _ = run_benchmark(
+        ["--model", "simplified", "--steps", "2", "--width", "0.125", "--rounds", "1",
+         "--warmup", "1", "--num-images", "512", "--avg-calls", "1", "--loader-batches", "1",
+         "--precision", "fp32", "--profile", str(profile), "--profile-steps", "2"],
+        tmp_path / "bench.json")
+    seed, trainer = result["rows"]
+    assert "device_busy_pct" not in seed
+    # No GPU here: nothing to be busy, and the keys say so rather than guess.
+    assert trainer["device_busy_ms_per_step"] is None and trainer["device_busy_pct"] is None
+    text = profile.read_text()
+    assert text.startswith("torch.profiler, 2 steps per trainer path")
+    assert "## simplified trainer fp32, batch 128:" in text
+    assert "aten::convolution_backward" in text and "Self CPU" in text
 
 
 def test_conv_fidelity_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -578,6 +604,9 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     assert "checks met" in targets
     for name in ("bench128.json", "bench512.json", "graphs.json"):
         assert json.loads((out / name).read_text())["rows"]
+    profile = (out / "profile.txt").read_text()
+    assert profile.count("## simplified trainer") == 3  # bench128's fp32 and bf16, graphs'
+    assert "===== graphs (--compile default)" in profile
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
 
 
