@@ -42,7 +42,8 @@ class DataConfig:
     num_classes: int = 10
     train_size: int = 1000
     test_size: int = 200
-    # Where decoded image folders are cached (null: next to the data).
+    # imagefolder: keep the decoded images on disk (data.root/.swa_cache, or the user's cache
+    # dir where data.root is read-only) so that the next run skips decoding.
     cache: bool = True
 
 

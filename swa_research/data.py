@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,32 +143,54 @@ def _cache_key(files: list[Path], labels: list[int], image_size: int | None, roo
     return h.hexdigest()[:16]
 
 
+def cache_dirs(root: Path) -> list[Path]:
+    """Where the decoded images of an image folder are cached, in order: ``root/.swa_cache``,
+    then (for a data set on read-only storage) a folder keyed by the root's path in
+    ``$SWA_CACHE_DIR``, else ``$XDG_CACHE_HOME/swa_research``, else
+    ``~/.cache/swa_research``."""
+    base = os.environ.get("SWA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "swa_research")
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / ".swa_cache", Path(base).expanduser() / f"{root.name}-{key}"]
+
+
 def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: DataConfig,
                        num_workers: int) -> tuple[ImageSet, list[str]]:
     split_dir = root / split
     files, labels, classes = _list_folder(split_dir, classes)
-    key = _cache_key(files, labels, cfg.image_size, root)
-    cache_path = root / ".swa_cache" / f"{split}-{key}.pt"
     if not cfg.cache:
         return _decode_split(files, labels, split_dir, cfg, num_workers), classes
+    key = _cache_key(files, labels, cfg.image_size, root)
+    paths = [d / f"{split}-{key}.pt" for d in cache_dirs(root)]
     # Jobs that start together decode once: the first builds the cache, the others wait for it.
     with file_lock(lock_path(root, "swa_cache"), f"decoding {split_dir}"):
-        return _cached_split(cache_path, files, labels, split_dir, cfg, num_workers), classes
+        return _cached_split(paths, files, labels, split_dir, cfg, num_workers), classes
 
 
-def _cached_split(cache_path: Path, files: list[Path], labels: list[int], split_dir: Path,
+def _cached_split(paths: list[Path], files: list[Path], labels: list[int], split_dir: Path,
                   cfg: DataConfig, num_workers: int) -> ImageSet:
-    if cache_path.is_file():
-        try:
-            blob = torch.load(cache_path, map_location="cpu", weights_only=True)
-            return ImageSet(blob["images"], blob["labels"])
-        except Exception as e:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s); decoding again", cache_path, e)
+    """The split from the first readable cache file in ``paths``; else decoded and saved to the
+    first of them that can be written."""
+    for path in paths:
+        if path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                return ImageSet(blob["images"], blob["labels"])
+            except Exception as e:  # a damaged cache is rebuilt, never trusted
+                log.warning("ignoring unreadable cache %s (%s); decoding again", path, e)
     result = _decode_split(files, labels, split_dir, cfg, num_workers)
-    try:
-        atomic_torch_save({"images": result.images, "labels": result.labels}, cache_path)
-    except OSError as e:
-        log.warning("could not write the decode cache %s (%s)", cache_path, e)
+    failures = []
+    for path in paths:
+        try:
+            atomic_torch_save({"images": result.images, "labels": result.labels}, path)
+        except OSError as e:
+            failures.append(f"{path.parent}: {e.strerror or e}")
+            continue
+        if failures:
+            log.info("cached the decoded images in %s (%s)", path, "; ".join(failures))
+        return result
+    log.warning("could not write the decode cache (%s); the next run decodes again",
+                "; ".join(failures))
     return result
 
 

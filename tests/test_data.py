@@ -249,6 +249,47 @@ def test_imagefolder_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert torch.equal(blob["images"], first.images)
 
 
+def test_imagefolder_on_read_only_storage_caches_in_the_user_cache_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    write_folder(root)
+    # A file where the cache folder would go: root/.swa_cache cannot be written, as on
+    # read-only storage (which a test running as root cannot simulate with permissions).
+    (root / ".swa_cache").write_text("")
+    monkeypatch.delenv("SWA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    train, test, _ = load_datasets(folder_cfg(root))
+    fallback = data_mod.cache_dirs(root)[1]
+    assert fallback.parent == tmp_path / "xdg" / "swa_research"
+    assert fallback.name.startswith("data-")
+    assert sorted(p.name.split("-")[0] for p in fallback.iterdir()) == ["test", "train"]
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded although the fallback cache is valid")
+
+    monkeypatch.setattr(data_mod, "_decode", no_decode)
+    train2, test2, _ = load_datasets(folder_cfg(root))
+    assert torch.equal(train2.images, train.images) and torch.equal(test2.labels, test.labels)
+    # $SWA_CACHE_DIR, where set, comes before the XDG folder.
+    monkeypatch.setenv("SWA_CACHE_DIR", str(tmp_path / "mine"))
+    assert data_mod.cache_dirs(root)[1].parent == tmp_path / "mine"
+
+
+def test_imagefolder_loads_without_any_writable_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "data"
+    write_folder(root)
+    (root / ".swa_cache").write_text("")
+    (tmp_path / "blocked").write_text("")
+    monkeypatch.setenv("SWA_CACHE_DIR", str(tmp_path / "blocked"))
+    with caplog.at_level("WARNING", logger="swa_research.data"):
+        train, test, _ = load_datasets(folder_cfg(root))
+    assert len(train) == 6 and len(test) == 3
+    assert "could not write the decode cache" in caplog.text
+    assert str(root / ".swa_cache") in caplog.text and str(tmp_path / "blocked") in caplog.text
+
+
 def test_imagefolder_cache_off(tmp_path: Path) -> None:
     write_folder(tmp_path)
     train, _, _ = load_datasets(folder_cfg(tmp_path, cache=False))
