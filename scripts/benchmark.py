@@ -413,7 +413,9 @@ def loader_images_per_s(batches: Callable[[], Any], device: torch.device, count:
 def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                     data: ImageSet, seed_set: Dataset, precisions: list[str],
                     peaks: dict[str, float], run_dir: Path,
-                    profiles: list[str] | None = None) -> list[dict[str, Any]]:
+                    profiles: list[str]) -> list[dict[str, Any]]:
+    """The rows of one model; with ``--profile``, each trainer path's op table is appended to
+    ``profiles``."""
     model_cfg = ModelConfig(name=name, width=args.width)
     torch.manual_seed(0)
     paths: dict[tuple[str, str], Any] = {
@@ -481,15 +483,13 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             except Exception as e:  # a diagnostic: it must not cost the measurements above
                 table, busy_ms = f"profiling failed: {type(e).__name__}: {e}", None
                 print(f"{name} {key[1]}: {table}", file=sys.stderr)
+            pct = None if busy_ms is None else 100 * busy_ms / ms
             rows[-1]["device_busy_ms_per_step"] = None if busy_ms is None else round(busy_ms, 3)
-            rows[-1]["device_busy_pct"] = None if busy_ms is None else round(100 * busy_ms / ms,
-                                                                                1)
-            busy = "-" if busy_ms is None else f"{busy_ms:.3f} ms ({100 * busy_ms / ms:.0f}%)"
-            if profiles is not None:
-                profiles.append(
-                    f"## {name} {key[0]} {key[1]}, batch {args.batch_size}: "
-                    f"{ms:.3f} ms per step timed, device busy per profiled step {busy}\n\n"
-                    f"{table}\n")
+            rows[-1]["device_busy_pct"] = None if pct is None else round(pct, 1)
+            busy = "-" if busy_ms is None else f"{busy_ms:.3f} ms ({pct:.0f}%)"
+            profiles.append(f"## {name} {key[0]} {key[1]}, batch {args.batch_size}: "
+                            f"{ms:.3f} ms per step timed, device busy per profiled step "
+                            f"{busy}\n\n{table}\n")
     return rows
 
 

@@ -148,8 +148,8 @@ def cache_dirs(root: Path) -> list[Path]:
     then (for a data set on read-only storage) a folder keyed by the root's path in
     ``$SWA_CACHE_DIR``, else ``$XDG_CACHE_HOME/swa_research``, else
     ``~/.cache/swa_research``."""
-    base = os.environ.get("SWA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "swa_research")
+    base = os.environ.get("SWA_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swa_research"
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     return [root / ".swa_cache", Path(base).expanduser() / f"{root.name}-{key}"]
 
