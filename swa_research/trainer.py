@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,18 +72,48 @@ def evaluate(model: nn.Module, data: ImageSet | None, preprocess: Preprocess,
     return EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
 
 
-class Progress:
-    """A live bar in a terminal (at most a few redraws a second); nothing otherwise."""
+def _hms(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
 
-    def __init__(self, mode: str, total: int) -> None:
-        self.enabled = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+
+class Progress:
+    """Progress inside an epoch.
+
+    ``bar``: a live bar on stderr (at most two redraws a second). ``line``: a log record every
+    :attr:`line_every_s` seconds with the iteration, the running training loss, the speed and
+    the time left in the epoch, for logs that are files (a cluster job's output, Hydra's
+    ``<job>.log``); an epoch shorter than that prints none. ``auto``: the bar in a terminal, else
+    lines. ``none``: nothing. The running loss is read from the device only when shown.
+    """
+
+    line_every_s = 30.0
+
+    def __init__(self, mode: str, total: int, done: int = 0, seen: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "line"
+        self.mode = mode
         self.total = total
-        self._last = 0.0
+        self._clock = clock
+        self._t0 = self._last = clock()
+        if mode == "bar":
+            self._last = 0.0
+        self._done0, self._seen0 = done, seen
 
     def update(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
                seen: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.5 and done < self.total):
+        if self.mode == "bar":
+            self._bar(epoch, epochs, done, loss_sum, seen)
+        elif self.mode == "line":
+            self._line(epoch, epochs, done, loss_sum, seen)
+
+    def _bar(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
+             seen: int) -> None:
+        now = self._clock()
+        if now - self._last < 0.5 and done < self.total:
             return
         self._last = now
         width = 30
@@ -91,8 +122,21 @@ class Progress:
                          f"{done}/{self.total} loss {loss_sum.item() / max(1, seen):.4f}")
         sys.stderr.flush()
 
+    def _line(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
+              seen: int) -> None:
+        now = self._clock()
+        if now - self._last < self.line_every_s or done >= self.total:
+            return  # the epoch's own summary follows its last iteration
+        self._last = now
+        elapsed = max(now - self._t0, 1e-9)
+        per_iter = elapsed / max(1, done - self._done0)
+        log.info("epoch %d/%d: iteration %d/%d (%d%%), train loss %.4f, %.0f images/s, "
+                 "epoch done in %s", epoch, epochs, done, self.total,
+                 100 * done // max(1, self.total), loss_sum.item() / max(1, seen),
+                 (seen - self._seen0) / elapsed, _hms(per_iter * (self.total - done)))
+
     def close(self) -> None:
-        if self.enabled:
+        if self.mode == "bar":
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
@@ -147,7 +191,7 @@ class Trainer:
             order, start, seen = part["order"], part["batch"], part["seen"]
             loss_sum = part["loss_sum"].to(self.device)
             correct = part["correct"].to(self.device)
-        progress = Progress(self.cfg.progress, self.iters_per_epoch)
+        progress = Progress(self.cfg.progress, self.iters_per_epoch, start, seen)
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
                                 self.train_pre, self.cfg.drop_last, order=order, start=start)
         for i, (x, y) in enumerate(batches, start=start + 1):
