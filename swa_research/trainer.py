@@ -98,9 +98,9 @@ class Progress:
         self.mode = mode
         self.total = total
         self._clock = clock
-        self._t0 = self._last = clock()
-        if mode == "bar":
-            self._last = 0.0
+        self._t0 = clock()
+        # The bar draws at the first update; lines come only after line_every_s.
+        self._last = 0.0 if mode == "bar" else self._t0
         self._done0, self._seen0 = done, seen
 
     def update(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
