@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import torch
 
 from swa_research.config import UserError, flatten_dict
 from swa_research.faults import fault_point
-from swa_research.fileio import atomic_write
+from swa_research.fileio import atomic_write, describe_write_error
 
 log = logging.getLogger(__name__)
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-FORMAT_VERSION = 1
+# 2: loadable with torch.load(weights_only=True) (the numpy RNG state as a tensor and numbers).
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "config", "epoch", "iteration", "model", "optimizer", "scheduler",
                  "rng")
 # Keys that may differ between a checkpoint and the run that resumes it: they change how the
@@ -46,9 +48,12 @@ class CorruptCheckpoint(Exception):
 
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # Plain numbers and a tensor, not numpy objects: the file loads with weights_only=True.
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": random.getstate(),
         "data": generator.get_state(),
     }
@@ -60,8 +65,11 @@ def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any
 def set_rng_state(state: dict[str, Any], generator: torch.Generator,
                   device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     generator.set_state(state["data"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -91,7 +99,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         staged.unlink(missing_ok=True)
         kept = latest if latest.exists() else previous if previous.exists() else None
         raise UserError(
-            f"cannot write checkpoint {latest}: {e.strerror or e}; training stopped"
+            f"{describe_write_error(e, latest)}; training stopped"
             + (f", the last good checkpoint {kept} is kept" if kept else "")) from e
     return latest
 
@@ -110,16 +118,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and sanity-check one checkpoint; CorruptCheckpoint names the file."""
+    """Load and sanity-check one checkpoint; CorruptCheckpoint names the file.
+
+    The file is read with ``weights_only=True``: only tensors, numbers, strings and containers
+    of them; a pickle that names any other object is refused before it can run."""
     path = Path(path)
     try:
-        # Our own files, with numpy/python RNG states inside: not loadable with weights_only.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # Never unpickle arbitrary objects: a crafted checkpoint.pt would run its code here.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            raise CorruptCheckpoint(
+                f"checkpoint {path} holds objects other than tensors and numbers (an older "
+                "format, or a crafted file): refused, as loading it could run code") from e
+        raise CorruptCheckpoint(_corrupt(path, e)) from e
     except Exception as e:
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise CorruptCheckpoint(_corrupt(path, e)) from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CorruptCheckpoint(f"checkpoint {path} is not a swa_research training checkpoint")
     if state["format"] != FORMAT_VERSION:
@@ -128,11 +144,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _corrupt(path: Path, e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # torch's weights-only unpickler puts the reason after a paragraph of advice.
+    marker = [i for i, ln in enumerate(lines) if ln.startswith("Please file an issue")]
+    detail = lines[marker[0] + 1] if marker and marker[0] + 1 < len(lines) else (
+        lines[0] if lines else "")
+    detail = detail.removeprefix("WeightsUnpickler error:").strip()
+    return f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {detail[:200]})"
+
+
 def find_resume_checkpoint(run_dir: Path, resume: str) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint to resume from, or None to start afresh.
 
     resume: "never"; "auto" (the run dir's newest good checkpoint, else the previous one, else
-    none); or a path (which must load)."""
+    none when there is neither); or a path (which must load). When every checkpoint the run
+    dir holds is unreadable, nothing is touched: a UserError names them, and
+    ``trainer.resume=never`` is the explicit way to start over."""
     if resume == "never":
         return None
     if resume != "auto":
@@ -143,14 +171,21 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> tuple[dict[str, Any], 
             return load_checkpoint(path), path
         except CorruptCheckpoint as e:
             raise UserError(str(e)) from e
-    for name in (LATEST, PREVIOUS):
-        path = Path(run_dir) / name
-        if not path.is_file():
-            continue
+    present = [Path(run_dir) / n for n in (LATEST, PREVIOUS) if (Path(run_dir) / n).is_file()]
+    errors: list[str] = []
+    for i, path in enumerate(present):
         try:
-            return load_checkpoint(path), path
+            state = load_checkpoint(path)
         except CorruptCheckpoint as e:
-            log.warning("%s; trying the previous one", e)
+            errors.append(str(e))
+            if i + 1 < len(present):
+                log.warning("%s; trying the previous one, %s", e, present[i + 1])
+            continue
+        return state, path
+    if errors:
+        what = "; ".join(errors) if len(errors) > 1 else errors[0]
+        raise UserError(f"cannot resume: {what}; nothing was changed. Start over in this dir "
+                        "with trainer.resume=never, or choose another output dir")
     return None
 
 

@@ -8,6 +8,7 @@ Cross-field checks (``swa.start`` within the budget, positive learning rates, ..
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -168,10 +169,29 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_keys(cfg: DictConfig | dict[str, Any]) -> None:
+    """Every key must be in the schema: ``+trainer.epoch=100`` (for ``epochs``) or a key from
+    another project would otherwise be accepted, ignored and recorded as if it mattered."""
+    given = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    known = flatten_dict(OmegaConf.to_container(OmegaConf.structured(Config)))  # type: ignore[arg-type]
+    groups = {k.split(".")[0] for k in known}
+    for key in flatten_dict(given):  # type: ignore[arg-type]
+        if key in known or key == "hydra" or key.startswith("hydra."):
+            continue
+        near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        if not near and key.split(".")[0] in groups:
+            near = difflib.get_close_matches(key, [k for k in known
+                                                   if k.split(".")[0] == key.split(".")[0]],
+                                             n=1, cutoff=0.0)
+        raise UserError(f"{key}: no such config key" + (f"; did you mean {near[0]}?"
+                                                        if near else ""))
+
+
 def to_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
     """Turn a composed DictConfig into the typed :class:`Config`, checking types and keys."""
     if isinstance(cfg, Config):
         return cfg
+    check_keys(cfg)
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
@@ -214,8 +234,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise UserError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
-    if cfg.optimizer.momentum < 0 or cfg.optimizer.weight_decay < 0:
-        raise UserError("optimizer.momentum and optimizer.weight_decay must be >= 0")
+    o = cfg.optimizer
+    if not (math.isfinite(o.momentum) and 0.0 <= o.momentum < 1.0):
+        raise UserError(f"optimizer.momentum={o.momentum}: must be in [0, 1)")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise UserError(f"optimizer.weight_decay={o.weight_decay}: must be a number >= 0")
     if cfg.optimizer.nesterov and (cfg.optimizer.name != "sgd" or cfg.optimizer.momentum <= 0):
         raise UserError("optimizer.nesterov=true needs optimizer=sgd with optimizer.momentum > 0")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
@@ -223,8 +246,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.normalize and (len(cfg.data.mean) != 3 or len(cfg.data.std) != 3
                                or min(cfg.data.std) <= 0):
         raise UserError("data.mean and data.std need three values each, std > 0")
-    if cfg.swa.start < 0:
-        raise UserError(f"swa.start={cfg.swa.start}: must be >= 0")
+    start = cfg.swa.start
+    if not (math.isfinite(start) and start >= 0) or (start >= 1.0 and start != int(start)):
+        raise UserError(f"swa.start={start}: must be a fraction of the budget below 1.0 "
+                        "(swa.start=0.75) or a whole number of swa.unit (swa.start=4000)")
     if cfg.swa.method == "ema" and not 0.0 < cfg.swa.decay < 1.0:
         raise UserError(f"swa.decay={cfg.swa.decay}: must be in (0, 1)")
     s = cfg.schedule
@@ -264,7 +289,8 @@ def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
         raise UserError(
             f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
-            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged")
+            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged; give the "
+            "start as a fraction of the budget, e.g. swa.start=0.75")
     if len(points) == 1 and plan.cycle is None:
         # An average of one point is that checkpoint (with recomputed BN statistics): almost
         # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.

@@ -116,6 +116,10 @@ def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path]
                 labels.append(idx)
     if not files:
         raise UserError(f"{split_dir}: no images found (expected {split_dir}/<class>/*.jpg)")
+    with_images = sorted({classes[i] for i in labels})
+    if len(with_images) < 2:
+        raise UserError(f"{split_dir}: images of one class only ({with_images[0]}); a "
+                        "classifier needs at least two class folders with images")
     return files, labels, classes
 
 

@@ -3,6 +3,7 @@ so that a reader or a crash never sees half a file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,9 +31,46 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: boo
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error_in(e)
+        if os_error is not None and (os_error is not e or not os_error.filename):
+            # Name the file; torch.save wraps a failed write (ENOSPC) in a RuntimeError from its
+            # C++ writer.
+            raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError that caused ``e``, if any (itself, its cause or its context)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe_write_error(e: OSError, path: str | Path) -> str:
+    """'no space left on device writing PATH', or 'cannot write PATH: reason'."""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device writing {path}"
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Staged files that a killed writer left behind (``.NAME.*.tmp``, ``.NAME.staged``).
+
+    Call only while holding the folder's run lock: another writer's files look the same."""
+    removed = []
+    for pattern in (".*.tmp", ".*.staged"):
+        for p in Path(folder).glob(pattern):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def probe_writable(folder: str | Path) -> None:

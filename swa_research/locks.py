@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -86,3 +87,53 @@ class GpuClaim:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir for the whole run: a second process started into the same
+    dir (two jobs given one ``hydra.run.dir``) is refused instead of interleaving its files with
+    the first's. The lock is an ``flock`` on ``RUN_DIR/.lock``, so the kernel releases it when
+    the holder dies, however it dies: a later run takes it over. The file names the holder
+    (pid, host, start time) for the refusal message."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self._handle: IO[Any] | None = None
+
+    def acquire(self) -> None:
+        from swa_research.config import UserError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"run dir {self.path.parent} is in use by {holder}; wait for it to "
+                            "end, or choose another output dir with hydra.run.dir=...") from None
+        except OSError as e:  # a file system without locks: run unprotected, but say so
+            log.warning("cannot lock %s (%s); two runs started into this dir would clash",
+                        self.path, e.strerror or e)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()} "
+                     f"(since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> RunDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -13,6 +13,7 @@ import logging
 import math
 import netrc
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,7 +74,6 @@ class LocalFiles:
         atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        write_metrics(self.run_dir / "metrics.json", metrics)
         if self.rows:
             from swa_research.plots import plot_history
 
@@ -81,6 +81,8 @@ class LocalFiles:
                 plot_history(self.rows, self.run_dir, title=self.run_dir.name)
             except Exception as e:  # a plot is a convenience: never lose a run over it
                 log.warning("could not write plots into %s: %s", self.run_dir, e)
+        # Last: metrics.json is the run's commit point.
+        write_metrics(self.run_dir / "metrics.json", metrics)
 
 
 def repr_number(v: Any) -> str:
@@ -167,16 +169,19 @@ class WandbLogger:
     local files are never affected."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
-                 name: str | None = None, group: str | None = None) -> None:
+                 name: str | None = None, group: str | None = None,
+                 resuming: bool = False) -> None:
         self.run: Any = None
         self.run_dir = Path(run_dir)
         self._warned = False
         try:
             import wandb
 
-            # The same id for the same run dir: a requeued job continues its own W&B run.
-            # Under a W&B agent the agent chooses the id.
-            run_id = None if os.environ.get("WANDB_SWEEP_ID") else stable_run_id(self.run_dir)
+            # A fresh id for every new run, kept in the run dir: a resumed run (a requeued job)
+            # continues its own W&B run, and a new run in a reused dir never joins the old
+            # one. Under a W&B agent the agent chooses the id.
+            run_id = None if os.environ.get("WANDB_SWEEP_ID") else run_id_for(self.run_dir,
+                                                                              resuming)
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=cfg.group or group,
                 name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten_dict(config),
@@ -253,7 +258,20 @@ class WandbLogger:
             self._disable(e)
 
 
-def stable_run_id(run_dir: Path) -> str:
-    import hashlib
+WANDB_ID_FILE = "wandb_run_id.txt"
 
-    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+def run_id_for(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of the run in ``run_dir``: the one kept there when this run resumes,
+    else a new one (then kept there)."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resuming:
+        try:
+            kept = path.read_text().strip()
+        except OSError:
+            kept = ""
+        if kept:
+            return kept
+    run_id = secrets.token_hex(8)
+    atomic_write_text(path, run_id + "\n")
+    return run_id

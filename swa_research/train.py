@@ -12,7 +12,9 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,12 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from swa_research.averaging import Averager, AveragingPlan
 from swa_research.callbacks import SWEEP
-from swa_research.checkpoint import config_differences, find_resume_checkpoint
+from swa_research.checkpoint import (
+    LATEST,
+    PREVIOUS,
+    config_differences,
+    find_resume_checkpoint,
+)
 from swa_research.config import (
     Config,
     UserError,
@@ -37,14 +44,14 @@ from swa_research.config import (
 )
 from swa_research.conv import set_conv_algorithm
 from swa_research.data import Preprocess, build_data
-from swa_research.fileio import probe_writable
-from swa_research.locks import GpuClaim
-from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger
+from swa_research.fileio import atomic_write_text, probe_writable, remove_stale_temporaries
+from swa_research.locks import GpuClaim, RunDirLock
+from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger, write_metrics
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.step import compile_in_place, memory_format, resolve_precision
 from swa_research.sweep import format_summary, sweep_jobs
-from swa_research.trainer import Preempted, Trainer, TrainingDiverged
+from swa_research.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -86,36 +93,101 @@ def load_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
 
 def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
           run_name: str | None = None, group: str | None = None,
-          job_num: int = 0) -> dict[str, Any]:
+          job_num: int = 0, write_record: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; writes the run's files into ``run_dir`` and
     returns the contents of its metrics.json. ``run_name`` and ``group`` name the run in
     experiment trackers unless ``logger.name`` / ``logger.group`` are set; ``job_num`` (the
-    job's number in a sweep) is the GPU it tries first when several are visible."""
-    config = load_config(cfg)
+    job's number in a sweep) is the GPU it tries first when several are visible.
+
+    The run dir is locked for the whole run. ``write_record`` (the entry point's: Hydra's
+    ``.hydra/`` files) is called once the run is accepted, or at once in a dir that holds no
+    run yet: a refused command never rewrites the record of an existing run."""
     run_dir = Path(run_dir)
     check_writable(run_dir)
-    refuse_finished_run(run_dir)
-    config_dict: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
-        OmegaConf.structured(config), resolve=True)
-    tc = config.trainer
-    resume = find_resume_checkpoint(run_dir, tc.resume)
-    if resume is not None:
-        diffs = config_differences(resume[0]["config"], config_dict)
-        if diffs and not tc.resume_override:
-            raise UserError(
-                f"checkpoint {resume[1]} was written with another config ({'; '.join(diffs)}); "
-                "resume anyway with trainer.resume_override=true, or start afresh in another "
-                "output dir")
-    device = resolve_device(tc.device)
-    resolve_precision(tc.precision, device)  # fail before loading any data
+    previous = _stop_on_signals()
+    try:
+        with RunDirLock(run_dir):
+            for path in remove_stale_temporaries(run_dir):
+                log.info("removed %s, left by a write that was interrupted", path)
+            return _train_locked(cfg, run_dir, run_name, group, job_num, write_record)
+    except Preempted as e:
+        # Under submitit (SLURM), its own handler requeues the job: hand the signal on to it.
+        handler = previous.get(e.signum, signal.getsignal(e.signum))
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        previous = {}
+        if callable(handler):
+            handler(e.signum, None)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Until the training loop takes over: SIGTERM/SIGUSR1/SIGUSR2 stop at once with the
+    requeue status (there is nothing to checkpoint yet, or the checkpoint on disk is current)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("%s received before training started; exiting with status %d for a "
+                    "requeue", signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+        raise Preempted(signum)
+
+    return {sig: signal.signal(sig, stop)
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+
+
+def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
+                  run_name: str | None, group: str | None, job_num: int,
+                  write_record: Callable[[], None] | None) -> dict[str, Any]:
+    fresh = not holds_run(run_dir)
+    if fresh and write_record is not None:
+        write_record()  # a failure below is then recorded with the config that caused it
+    try:
+        config = load_config(cfg)
+        complete = check_finished_run(run_dir)
+        config_dict: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+            OmegaConf.structured(config), resolve=True)
+        tc = config.trainer
+        resume = find_resume_checkpoint(run_dir, "auto" if complete else tc.resume)
+        if complete and resume is None:
+            raise UserError(f"{run_dir} already holds a finished run ({run_dir / 'metrics.json'})"
+                            " whose files are incomplete, and no checkpoint to complete them "
+                            "from; choose another output dir with hydra.run.dir=...")
+        if resume is not None:
+            diffs = config_differences(resume[0]["config"], config_dict)
+            if diffs and not tc.resume_override:
+                raise UserError(
+                    f"checkpoint {resume[1]} was written with another config "
+                    f"({'; '.join(diffs)}); resume anyway with trainer.resume_override=true, "
+                    "or start afresh in another output dir")
+        device = resolve_device(tc.device)
+        resolve_precision(tc.precision, device)  # fail before loading any data
+    except UserError as e:
+        if fresh:
+            write_failure(run_dir, str(e))
+        raise
+    if not fresh and write_record is not None:
+        write_record()
+    if complete:
+        log.info("%s: the run finished but its files are incomplete; completing them from %s",
+                 run_dir, resume[1])  # type: ignore[index]
     claim = None
     if tc.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
         # Jobs sharing a machine (joblib, several agents) each take a GPU of their own.
         claim = GpuClaim.acquire(torch.cuda.device_count(), preferred=job_num)
         device = torch.device("cuda", claim.index)
         log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
+    own_resume = resume is not None and resume[1].parent.resolve() == run_dir.resolve()
     try:
-        return _train_on(config, config_dict, run_dir, device, resume, run_name, group)
+        return _train_on(config, config_dict, run_dir, device, resume, run_name, group,
+                         own_resume)
+    except UserError as e:
+        if fresh and not (run_dir / "metrics.json").is_file():
+            write_failure(run_dir, str(e))
+        raise
     finally:
         if claim is not None:
             claim.release()
@@ -123,7 +195,7 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
 
 def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
               device: torch.device, resume: tuple[dict[str, Any], Path] | None,
-              run_name: str | None, group: str | None) -> dict[str, Any]:
+              run_name: str | None, group: str | None, own_resume: bool) -> dict[str, Any]:
     tc = config.trainer
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -161,7 +233,8 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
     loggers: list[RunLogger] = [LocalFiles(run_dir)]
     if config.logger.backend == "wandb":
-        loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group))
+        loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
+                                   resuming=own_resume))
     trainer = Trainer(
         model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, averager=averager,
         data=data, train_pre=train_pre, eval_pre=eval_pre, cfg=tc, seed=config.seed,
@@ -174,28 +247,64 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
             raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
                             f"({one_line(e)[:300]})") from e
         log.info("resuming from %s", resume[1])
-    try:
-        return trainer.fit()
-    except Preempted as e:
-        # Under submitit (SLURM), its own handler requeues the job: hand the signal on to it.
-        handler = signal.getsignal(e.signum)
-        if callable(handler):
-            handler(e.signum, None)
-        raise
+    return trainer.fit()
 
 
-def refuse_finished_run(run_dir: Path) -> None:
-    """Never overwrite an earlier run's results."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that a new command must not overwrite unasked: a
+    checkpoint, or a finished run."""
+    if any((run_dir / n).is_file() for n in (LATEST, PREVIOUS)):
+        return True
+    return _metrics_status(run_dir)[0] == "finished"
+
+
+def _metrics_status(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
     try:
-        status = json.loads(path.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
-    if status == "finished":
-        raise UserError(f"{run_dir} already holds a finished run ({path}); choose another "
-                        "output dir with hydra.run.dir=... (hydra.sweep.dir=... for -m)")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None, {}
+    if not isinstance(metrics, dict):
+        return None, {}
+    return metrics.get("status"), metrics
+
+
+def check_finished_run(run_dir: Path) -> bool:
+    """Never overwrite an earlier run's results. A finished run whose weight files are all
+    there is refused; True when the run finished but lacks some of them (a crash between the
+    weights and metrics.json of an older version, or a file deleted since): they are completed
+    from its checkpoint."""
+    status, metrics = _metrics_status(run_dir)
+    if status != "finished":
+        return False
+    # metrics.json lists the files written before it; an older metrics.json did not.
+    expected = metrics.get("files", ["sgd_final.pt"])
+    missing = [n for n in expected if not (run_dir / n).is_file()]
+    if not missing:
+        raise UserError(f"{run_dir} already holds a finished run ({run_dir / 'metrics.json'}); "
+                        "choose another output dir with hydra.run.dir=... "
+                        "(hydra.sweep.dir=... for -m)")
+    return True
+
+
+def write_failure(run_dir: Path, error: str) -> None:
+    """metrics.json for a run that failed before training: the record is complete (the sweep
+    summary and report show why), and nothing else is touched."""
+    try:
+        write_metrics(run_dir / "metrics.json", {"status": "failed", "error": error})
+    except OSError:
+        pass
+
+
+def write_hydra_record(run_dir: Path, task_cfg: DictConfig) -> None:
+    """Hydra's record of a job (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
+    written by the job once it is accepted instead of by Hydra before anything is checked
+    (``hydra.output_subdir`` is null in config.yaml)."""
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(task_cfg))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +320,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # The sweep folder's name: the same for every job of the sweep, also after a requeue.
         group = Path(hc.sweep.dir).name
     try:
-        metrics = train(cfg, hc.runtime.output_dir, run_name=job_name(list(hc.overrides.task)),
-                        group=group, job_num=int(hc.job.num) if group else 0)
+        run_dir = Path(hc.runtime.output_dir)
+        metrics = train(cfg, run_dir, run_name=job_name(list(hc.overrides.task)),
+                        group=group, job_num=int(hc.job.num) if group else 0,
+                        write_record=lambda: write_hydra_record(run_dir, cfg))
     except UserError as e:
         _STATE["user_error"] = True
         if hc.mode == RunMode.RUN and not _STATE["full_error"]:

@@ -20,10 +20,10 @@ from torch import nn
 from swa_research.averaging import Averager, AveragingPlan
 from swa_research.calibration import calibrate_run
 from swa_research.checkpoint import rng_state, save_checkpoint, set_rng_state
-from swa_research.config import TrainerConfig
+from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, train_batches
 from swa_research.faults import fault_point
-from swa_research.fileio import atomic_torch_save
+from swa_research.fileio import atomic_torch_save, describe_write_error
 from swa_research.loggers import Loggers
 from swa_research.step import TrainStep, autocast, peak_gpu_mb, peak_rss_mb, resolve_precision
 
@@ -347,10 +347,21 @@ class Trainer:
         finally:
             self._restore_signal_handlers(handlers)
             wall = self.wall_before + time.perf_counter() - start
-            metrics = self.metrics(status, wall, error)
-            self.loggers.finish(metrics)
-        if self.cfg.save_checkpoints:
-            self.save_weights()
+            if status != "finished":
+                self.loggers.finish(self.metrics(status, wall, error))
+        # metrics.json is the commit point, written last: a run dir that says "finished" holds
+        # every file it lists. A crash before it leaves a run that a rerun completes from its
+        # checkpoint.
+        try:
+            files = self.save_weights() if self.cfg.save_checkpoints else []
+        except OSError as e:
+            msg = f"{describe_write_error(e, e.filename or self.run_dir)}; the run's checkpoint " \
+                  "is kept: rerun the same command to complete the run"
+            self.loggers.finish(self.metrics("failed", wall, msg))
+            raise UserError(msg) from e
+        metrics = self.metrics("finished", wall)
+        metrics["files"] = files
+        self.loggers.finish(metrics)
         return metrics
 
     # -- checkpoints, resume, preemption --------------------------------------------------
@@ -457,18 +468,21 @@ class Trainer:
             out["error"] = error
         return out
 
-    def save_weights(self) -> None:
+    def save_weights(self) -> list[str]:
+        """sgd_final.pt, sgd_best_val.pt and swa.pt (those that exist); returns their names."""
         cfg = self.config_dict
-        atomic_torch_save({"state_dict": self.model.state_dict(), "config": cfg,
-                           "iteration": self.iteration}, self.run_dir / "sgd_final.pt")
+        blobs = {"sgd_final.pt": {"state_dict": self.model.state_dict(), "config": cfg,
+                                  "iteration": self.iteration}}
         if self.best_state is not None:
-            atomic_torch_save({"state_dict": self.best_state, "config": cfg,
-                               "epoch": self.best["epoch"] if self.best else None},
-                              self.run_dir / "sgd_best_val.pt")
+            blobs["sgd_best_val.pt"] = {"state_dict": self.best_state, "config": cfg,
+                                        "epoch": self.best["epoch"] if self.best else None}
         if self.averager is not None and self.averager.n_averaged > 0:
-            atomic_torch_save({"state_dict": self.averager.module.state_dict(), "config": cfg,
+            blobs["swa.pt"] = {"state_dict": self.averager.module.state_dict(), "config": cfg,
                                "n_averaged": self.averager.n_averaged,
-                               "method": self.averager.method}, self.run_dir / "swa.pt")
+                               "method": self.averager.method}
+        for name, blob in blobs.items():
+            atomic_torch_save(blob, self.run_dir / name)
+        return list(blobs)
 
     def _log_line(self, row: dict[str, Any], seconds: float) -> None:
         def pct(v: float | None) -> str:

@@ -38,6 +38,8 @@ def cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
 # temporary folder; each case also gets its own hydra.run.dir unless it sets one.
 ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("unknown_key", ["foo=1"], ["foo"]),
+    ("appended_typo", ["+trainer.epoch=100"], ["trainer.epoch:", "did you mean trainer.epochs"]),
+    ("start_nan", ["swa.start=nan"], ["swa.start=nan", "fraction"]),
     ("wrong_type", ["trainer.epochs=abc"], ["trainer.epochs", "abc"]),
     ("unknown_option", ["model=foo"], ["model/foo", "vgg16"]),
     ("negative_lr", ["optimizer.lr=-1"], ["optimizer.lr", "positive"]),
@@ -62,6 +64,8 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
      ["{tmp}/missing_class/test", "missing: b"]),
     ("unreadable_image", ["data=imagefolder", "data.root={tmp}/badimg"],
      ["cannot read image", "{tmp}/badimg/train/a/bad.jpg"]),
+    ("one_class", ["data=imagefolder", "data.root={tmp}/oneclass", "trainer.batch_size=32"],
+     ["{tmp}/oneclass/train", "one class only", "at least two"]),
     ("corrupt_cifar", ["data=cifar10", "data.root={tmp}/badcifar", "data.download=false"],
      ["CIFAR-10", "corrupt", "{tmp}/badcifar/cifar-10-batches-py"]),
     ("finished_run_dir", ["experiment=smoke", "hydra.run.dir={tmp}/finished"],
@@ -86,7 +90,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     image(tmp / "missing_class" / "test" / "a" / "0.png")
     image(tmp / "badimg" / "train" / "a" / "0.png")
     (tmp / "badimg" / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    image(tmp / "badimg" / "train" / "b" / "0.png")
     image(tmp / "badimg" / "test" / "a" / "0.png")
+    image(tmp / "badimg" / "test" / "b" / "0.png")
+    for i in range(40):
+        image(tmp / "oneclass" / "train" / "a" / f"{i}.png")
+    image(tmp / "oneclass" / "test" / "a" / "0.png")
     cifar = tmp / "badcifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
     for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
@@ -159,8 +168,11 @@ def test_user_error_is_one_line(name: str, args: list[str], words: list[str], wo
     for word in words:
         assert word.format(tmp=workdir) in lines[0]
     assert proc.returncode == 2
-    # Nothing was trained, and nothing earlier was lost.
-    assert not list(workdir.glob(f"runs/{name}/metrics.json"))
+    # Nothing was trained, and nothing earlier was lost; a run dir the job made records why.
+    for path in workdir.glob(f"runs/{name}/metrics.json"):
+        record = json.loads(path.read_text())
+        assert record["status"] == "failed" and record["error"] in lines[0]
+        assert not list(path.parent.glob("*.pt"))
     finished = json.loads((workdir / "finished" / "metrics.json").read_text())
     assert finished == {"status": "finished", "sgd": {"test_acc": 0.5}}
 

@@ -187,12 +187,38 @@ def test_command_line_groups_beat_experiment_overrides(experiment: str) -> None:
         ("optimizer.nesterov=true", "nesterov"),
         ("trainer.num_workers=-1", "trainer.num_workers"),
         ("trainer.precision=fp8", "trainer.precision"),
+        ("swa.start=nan", "swa.start"),
+        ("swa.start=inf", "swa.start"),
+        ("swa.start=1.5", "swa.start"),
+        ("optimizer.weight_decay=nan", "optimizer.weight_decay"),
+        ("optimizer.weight_decay=inf", "optimizer.weight_decay"),
+        ("optimizer.momentum=1.0", "optimizer.momentum"),
+        ("optimizer.momentum=-0.1", "optimizer.momentum"),
+        ("optimizer.momentum=nan", "optimizer.momentum"),
+        ("optimizer.momentum=inf", "optimizer.momentum"),
     ],
 )
 def test_load_config_rejects_bad_values(override: str, key: str) -> None:
     cfg = compose_config([override])
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(cfg)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+trainer.epoch=100", "trainer.epoch: no such config key; did you mean trainer.epochs?"),
+    ("+swa.startt=3", "swa.startt: no such config key; did you mean swa.start?"),
+    ("+unknown.key=1", "unknown.key: no such config key"),
+])
+def test_appended_keys_outside_the_schema_are_refused(override: str, message: str) -> None:
+    """``+key=value`` forces a key into the composed config; the schema still refuses it."""
+    with pytest.raises(UserError) as info:
+        load_config(compose_config([override]))
+    assert str(info.value) == message
+
+
+def test_start_is_a_fraction_or_a_whole_count() -> None:
+    for good in ("0", "0.75", "1", "1.0", "4000"):
+        load_config(compose_config([f"swa.start={good}"]))
 
 
 def test_nesterov_with_sgd_momentum_is_fine() -> None:

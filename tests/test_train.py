@@ -21,7 +21,7 @@ from swa_research.models import build_model
 from swa_research.train import load_config, train
 from swa_research.trainer import evaluate
 
-TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "calibration", "train"}
+TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "calibration", "train", "files"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -345,5 +345,5 @@ def test_train_leaves_no_temporary_files_with_a_preexisting_run_dir(tmp_path: Pa
     check_run(r)
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "accuracy.png", "checkpoint.pt", "history.csv", "keep.txt", "loss_curves.png",
+        ".lock", "accuracy.png", "checkpoint.pt", "history.csv", "keep.txt", "loss_curves.png",
         "metrics.json", "reliability.png", "sgd_best_val.pt", "sgd_final.pt", "swa.pt"]
