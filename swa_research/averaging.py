@@ -9,12 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import (
-    AveragedModel,
-    get_ema_multi_avg_fn,
-    get_swa_multi_avg_fn,
-    update_bn,
-)
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
 from swa_research.config import ScheduleConfig, SwaConfig
 
@@ -61,6 +56,19 @@ class AveragingPlan:
         if not self.enabled:
             return None
         return self.start * self.iters_per_epoch if self.unit == "epoch" else self.start
+
+    @property
+    def lr_switch_iter(self) -> int | None:
+        """Where the constant schedule switches to swa.lr: so that the first average is taken
+        after steps at swa.lr in either unit. unit iter: iteration ``start`` (the first average
+        follows a step n > start). unit epoch: the first iteration of epoch ``start`` (counted
+        from 1), whose end gives the first average, as in the paper's code, where the averaged
+        epochs are trained at the SWA lr."""
+        if not self.enabled:
+            return None
+        if self.unit == "epoch" and self.cycle is None:
+            return max(0, self.start - 1) * self.iters_per_epoch
+        return self.start_iter
 
     def due_after_iter(self, n: int) -> bool:
         if not self.enabled:
@@ -197,7 +205,8 @@ class Averager:
     """An equal (SWA) or exponential (EMA) average of a model's weights.
 
     Built on torch.optim.swa_utils.AveragedModel. BN buffers are copied from the model at each
-    update (use_buffers=False) and recomputed with update_bn before the average is evaluated.
+    update (use_buffers=False) and recomputed with :func:`bn_update` before the average is
+    evaluated.
     """
 
     def __init__(self, model: nn.Module, method: str, decay: float = 0.999,
@@ -232,16 +241,43 @@ class Averager:
         self._bn_stale = True
 
     def prepare_for_eval(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Recompute the average's BN statistics if its weights changed; True if it ran.
-
-        update_bn sets BN momentum to None (a cumulative average over one pass) and restores
-        each layer's own momentum afterwards.
-        """
+        """Recompute the average's BN statistics if its weights changed; True if it ran."""
         if not (self.bn_update and self._bn_stale and self.n_averaged > 0):
             return False
-        # inference_mode is allowed: the pass only updates the BN buffers in place, which
-        # stay normal tensors, and the average is never trained through autograd.
-        with torch.inference_mode():
-            update_bn(batches, self.module)
+        bn_update(batches, self.module)
         self._bn_stale = False
         return True
+
+
+@torch.no_grad()
+def bn_update(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> None:
+    """BN statistics recomputed over one pass of ``batches``, each batch weighted by its size.
+
+    As the SWA paper's ``bn_update`` (timgaripov/swa utils.py): the running statistics are reset
+    and every BN layer's momentum is set to b / (n + b) before a batch of b samples, n seen
+    before it, so the result is the sample-weighted mean of the batch statistics (a short last
+    batch counts for what it holds; torch's ``update_bn`` weights batches equally). The sizes
+    are known on the host: no device sync per batch. Momentum and train/eval mode are restored.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = {m: m.momentum for m in layers}
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        # inference_mode is allowed: the pass only updates the BN buffers in place.
+        with torch.inference_mode():
+            for x, _ in batches:
+                b = x.shape[0]
+                for m in layers:
+                    m.momentum = b / (seen + b)
+                model(x)
+                seen += b
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)

@@ -35,7 +35,8 @@ REQUIRED_KEYS = ("format", "config", "epoch", "iteration", "model", "optimizer",
 # run is operated, not what it computes.
 OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progress",
                     "trainer.num_workers", "trainer.checkpoint_every",
-                    "trainer.save_checkpoints", "trainer.device", "logger.", "data.root",
+                    "trainer.save_checkpoints", "trainer.keep_checkpoint", "trainer.device",
+                    "logger.", "data.root",
                     "data.download", "data.cache")
 
 # What a run computed with before a key existed: a checkpoint that lacks the key is compared as
@@ -102,6 +103,17 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
             f"{describe_write_error(e, latest)}; training stopped"
             + (f", the last good checkpoint {kept} is kept" if kept else "")) from e
     return latest
+
+
+def remove_finished_checkpoints(run_dir: Path, keep_latest: bool) -> None:
+    """After a run is committed (metrics.json written): its training checkpoints are several
+    times the size of its weights and no longer needed to resume. ``keep_latest`` keeps
+    checkpoint.pt (``trainer.keep_checkpoint``: to extend or analyse the run later)."""
+    for name in (PREVIOUS,) if keep_latest else (PREVIOUS, LATEST):
+        try:
+            (Path(run_dir) / name).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("could not remove %s: %s", Path(run_dir) / name, e.strerror or e)
 
 
 def _fsync_dir(path: Path) -> None:

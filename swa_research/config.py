@@ -87,6 +87,8 @@ class SwaConfig:
     unit: str = "iter"  # iter | epoch
     decay: float = 0.999  # ema only
     bn_update: bool = True
+    # Batch size of the BN pass over the training data; null: trainer.batch_size (the paper's).
+    bn_batch_size: int | None = None
 
 
 @dataclass
@@ -107,6 +109,11 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic algorithms: bit-exact resume on CPU
     # auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    # Evaluation, the BN update of the average and calibration: fp32 by default, so that small
+    # SWA gains are not measured through bf16 rounding; auto follows trainer.precision's rule.
+    eval_precision: str = "fp32"  # auto | fp32 | bf16 | fp16
+    # Keep checkpoint.pt once the run has finished (checkpoint.prev.pt is always removed then).
+    keep_checkpoint: bool = False
     channels_last: bool = True
     compile: bool = False
     # torch.compile's mode: default, reduce-overhead (the compiled forward and backward replay as
@@ -129,6 +136,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     name: str | None = None  # null: built from the job's overrides
     mode: str = "auto"  # auto | online | offline | disabled
+    init_timeout: float = 20.0  # seconds wandb.init may try to reach W&B; then offline
 
 
 @dataclass
@@ -163,6 +171,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.eval_precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.conv_algorithm": ("auto", "native", "winograd"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune",
                              "max-autotune-no-cudagraphs"),
@@ -224,7 +233,8 @@ def validate(cfg: Config) -> None:
     if cfg.swa.method != "none":
         _positive(cfg.swa.lr, "swa.lr")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
-                "trainer.eval_every", "swa.freq", "model.width", "logger.log_every"):
+                "trainer.eval_every", "swa.freq", "model.width", "logger.log_every",
+                "logger.init_timeout"):
         _positive(_get(cfg, key), key)
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
@@ -267,6 +277,8 @@ def validate(cfg: Config) -> None:
             raise UserError("data.num_classes must be at least 2")
     if cfg.data.image_size is not None:
         _positive(cfg.data.image_size, "data.image_size")
+    if cfg.swa.bn_batch_size is not None:
+        _positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
@@ -298,6 +310,11 @@ def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
         log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
                     "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
                     "more", cfg.swa.freq, cfg.swa.unit, unit, points[0], budget)
+
+
+def bn_batch_size(cfg: Config) -> int:
+    """The batch size of the average's BN pass: swa.bn_batch_size, else the training one."""
+    return cfg.swa.bn_batch_size or cfg.trainer.batch_size
 
 
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

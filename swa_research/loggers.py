@@ -11,13 +11,11 @@ import io
 import json
 import logging
 import math
-import netrc
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from swa_research.config import LoggerConfig, flatten_dict
 from swa_research.fileio import atomic_write_text
@@ -139,22 +137,42 @@ def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _wandb_settings() -> Any:
+    """wandb's own global settings (WANDB_BASE_URL, the settings file of `wandb login --host`,
+    ...), loaded without starting its service process."""
+    from wandb.sdk import wandb_setup
+
+    setup = wandb_setup.singleton()
+    if setup is None:  # older wandb: singleton() does not create it
+        setup = wandb_setup._setup(start_service=False)
+    return setup.settings
+
+
 def api_key_configured() -> bool:
-    """True when W&B has a key without asking: WANDB_API_KEY or a netrc entry for its host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    """True when wandb itself finds credentials for its server without asking: the session's
+    (wandb.login), WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, the netrc entry for its host (the
+    one `wandb login` writes) or the settings file. Never a prompt, never the network."""
     try:
-        auth = netrc.netrc(path).authenticators(host or "api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
+        settings = _wandb_settings()
+        try:
+            from wandb.sdk.lib import wbauth
+        except ImportError:  # wandb before wbauth: its older read-only lookup
+            from wandb.sdk.lib import apikey
+
+            return bool(os.environ.get("WANDB_API_KEY") or apikey.api_key(settings=settings))
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        auth = wbauth.authenticate_session(host=host, source="swa_research", prompt=False,
+                                           verify=False, update_session=False)
+    except Exception as e:  # a malformed key or URL: wandb.init would fail on it as well
+        log.warning("W&B credentials are not usable (%s: %s); W&B runs offline",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
-    return bool(auth and auth[2])
+    return auth is not None
 
 
 def resolve_mode(mode: str) -> str:
-    """auto: WANDB_MODE if the user set it, online with an API key, else offline. Never a
-    prompt: wandb.init without a key and without a mode would ask for one."""
+    """auto: WANDB_MODE if the user set it, online when wandb has credentials, else offline.
+    Never a prompt: wandb.init without a key and without a mode would ask for one."""
     if mode != "auto":
         return mode
     env = os.environ.get("WANDB_MODE")
@@ -163,10 +181,20 @@ def resolve_mode(mode: str) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def offline_run_folder(run: Any) -> Path:
+    """The folder `wandb sync` takes: .../wandb/offline-run-<time>-<id> (run.dir is its files/)."""
+    return Path(run.dir).parent
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 class WandbLogger:
-    """One W&B run per job, on top of the local files. Any W&B failure (no network, bad key,
-    service error) prints one warning and turns W&B off for the run: training goes on and the
-    local files are never affected."""
+    """One W&B run per job, on top of the local files. An online run that cannot reach W&B
+    within logger.init_timeout becomes an offline run (one warning, with its `wandb sync`
+    command). Any other W&B failure (bad settings, service error) prints one warning and turns
+    W&B off for the run: training goes on and the local files are never affected."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
                  name: str | None = None, group: str | None = None,
@@ -182,12 +210,31 @@ class WandbLogger:
             # one. Under a W&B agent the agent chooses the id.
             run_id = None if os.environ.get("WANDB_SWEEP_ID") else run_id_for(self.run_dir,
                                                                               resuming)
-            self.run = wandb.init(
+            kwargs = dict(
                 project=cfg.project, entity=cfg.entity, group=cfg.group or group,
                 name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten_dict(config),
-                dir=str(self.run_dir), mode=resolve_mode(cfg.mode), id=run_id,
-                resume="allow" if run_id else None, reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True, init_timeout=90))
+                dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
+                reinit="finish_previous")
+            mode = resolve_mode(cfg.mode)
+            try:
+                self.run = wandb.init(
+                    mode=mode, **kwargs, settings=wandb.Settings(
+                        console="off", silent=True, init_timeout=cfg.init_timeout))
+            except (wandb.errors.CommError, TimeoutError, ConnectionError) as e:
+                if mode != "online":
+                    raise
+                # No network or no answer within logger.init_timeout: log to an offline run
+                # instead of losing the W&B record; any other failure turns W&B off below.
+                # wandb's service keeps the failed attempt's stream open under the same run id
+                # ("run ID ... is in use"): shut the service down, the next init starts anew.
+                wandb.teardown()
+                self.run = wandb.init(mode="offline", **kwargs,
+                                      settings=wandb.Settings(console="off", silent=True))
+                log.warning("W&B: could not start an online run (%s: %s); logging to an "
+                            "offline run instead. Upload it later with: wandb sync %s",
+                            type(e).__name__, _first_line(e), offline_run_folder(self.run))
+            else:
+                self._say_mode()
             self.run.define_metric("iteration")
             self.run.define_metric("train/*", step_metric="iteration")
             self.run.define_metric("lr", step_metric="iteration")
@@ -196,6 +243,19 @@ class WandbLogger:
                 self.run.define_metric(prefix, step_metric="epoch")
         except Exception as e:
             self._disable(e)
+
+    def _say_mode(self) -> None:
+        """One line in the terminal: where this run's W&B record goes."""
+        run = self.run
+        mode = run.settings.mode
+        if getattr(run, "disabled", mode == "disabled"):
+            log.info("W&B: disabled (logger.mode or WANDB_MODE); only the local files are "
+                     "written")
+        elif getattr(run, "offline", mode in ("offline", "dryrun")):
+            log.info("W&B: offline run in %s; upload it later with: wandb sync %s",
+                     offline_run_folder(run), offline_run_folder(run))
+        else:
+            log.info("W&B: online run %s", run.url)
 
     def _disable(self, e: BaseException) -> None:
         if not self._warned:

@@ -58,10 +58,13 @@ class LRSchedule:
     final_ratio: float = 0.01
     per_epoch: bool = True
     cycle: int = 1
+    # constant: the first iteration at swa_lr (AveragingPlan.lr_switch_iter); None: start_iter.
+    switch_iter: int | None = None
 
     def __call__(self, i: int) -> float:
         if self.name == "constant":
-            if self.start_iter is not None and i >= self.start_iter:
+            switch = self.start_iter if self.switch_iter is None else self.switch_iter
+            if self.start_iter is not None and i >= switch:
                 return self.swa_lr
             return self.lr
         if self.name == "decay_then_constant":
@@ -98,8 +101,9 @@ class LRSchedule:
 
 
 def build_schedule(cfg: ScheduleConfig, lr: float, swa_lr: float, iters_per_epoch: int,
-                   total_iters: int, start_iter: int | None) -> LRSchedule:
-    return LRSchedule(
+                   total_iters: int, start_iter: int | None,
+                   switch_iter: int | None = None) -> LRSchedule:
+    return LRSchedule(switch_iter=switch_iter,
         name=cfg.name, lr=lr, swa_lr=swa_lr, iters_per_epoch=iters_per_epoch,
         total_iters=total_iters, start_iter=start_iter, decay_start=cfg.decay_start,
         decay_end=cfg.decay_end, final_ratio=cfg.final_ratio,

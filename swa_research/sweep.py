@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,34 @@ def format_summary(sweep_dir: Path, jobs: list[JobResult]) -> str:
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def print_optuna_result(sweep_dir: Path, sweep_failed: bool = False) -> None:
+    """After an Optuna multirun, the best parameters (as overrides) and value, and the path of
+    the ``optimization_results.yaml`` that hydra-optuna-sweeper wrote into the sweep dir, on
+    stderr. The best is the whole study's: with a persistent storage, earlier commands' trials
+    count too. Nothing without that file, or when the sweep failed (the sweeper writes it last,
+    so one there is then an earlier command's). Never raises."""
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    if sweep_failed or not path.is_file():
+        return
+    try:
+        res = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        print(f"warning: unreadable {path}: {e}", file=sys.stderr)
+        return
+    if not isinstance(res, dict):
+        return
+
+    def params(p: Any) -> str:
+        return " ".join(f"{k}={v}" for k, v in (p or {}).items()) or "-"
+
+    if "solutions" in res:  # several objectives: the Pareto front
+        lines = [f"Optuna Pareto front: {len(res['solutions'] or [])} solutions"]
+        lines += [f"  values {s.get('values')}: {params(s.get('params'))}"
+                  for s in res["solutions"] or []]
+    else:
+        lines = [f"Optuna best value: {res.get('best_value')}",
+                 f"Optuna best parameters: {params(res.get('best_params'))}"]
+    lines.append(f"Optuna results: {path}")
+    print("\n".join(lines), file=sys.stderr, flush=True)

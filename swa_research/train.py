@@ -50,7 +50,7 @@ from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger, wr
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.step import compile_in_place, memory_format, resolve_precision
-from swa_research.sweep import format_summary, sweep_jobs
+from swa_research.sweep import format_summary, print_optuna_result, sweep_jobs
 from swa_research.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     optimizer = build_optimizer(config.optimizer, model.parameters())
     plan = AveragingPlan.from_config(config.swa, config.schedule, tc.epochs, ipe)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, ipe,
-                              tc.epochs * ipe, plan.start_iter)
+                              tc.epochs * ipe, plan.start_iter, plan.lr_switch_iter)
     scheduler = build_scheduler(optimizer, schedule)
     averager = None
     if plan.enabled:
@@ -239,7 +239,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
         model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, averager=averager,
         data=data, train_pre=train_pre, eval_pre=eval_pre, cfg=tc, seed=config.seed,
         run_dir=run_dir, loggers=Loggers(loggers), config_dict=config_dict,
-        log_every=config.logger.log_every)
+        log_every=config.logger.log_every, bn_batch_size=config.swa.bn_batch_size)
     if resume is not None:
         try:
             trainer.load_state(resume[0])
@@ -434,6 +434,7 @@ def main() -> None:
         jobs = sweep_jobs(sweep_dir)
         write_sweep_report(sweep_dir)
         print(format_summary(sweep_dir, jobs), file=sys.stderr)
+        print_optuna_result(sweep_dir, sweep_failed=code != 0)  # the best, last
         if any(not j.ok for j in jobs):
             code = code or 1
     sys.exit(code)

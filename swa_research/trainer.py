@@ -19,7 +19,12 @@ from torch import nn
 
 from swa_research.averaging import Averager, AveragingPlan
 from swa_research.calibration import calibrate_run
-from swa_research.checkpoint import rng_state, save_checkpoint, set_rng_state
+from swa_research.checkpoint import (
+    remove_finished_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, ImageSet, Preprocess, eval_batches, train_batches
 from swa_research.faults import fault_point
@@ -157,6 +162,7 @@ class Trainer:
     loggers: Loggers
     config_dict: dict[str, Any] = field(default_factory=dict)
     log_every: int = 50
+    bn_batch_size: int | None = None  # the average's BN pass; None: cfg.batch_size
 
     def __post_init__(self) -> None:
         self.device = self.data.train.images.device
@@ -176,6 +182,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self.calibration: dict[str, Any] | None = None
         self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.eval_precision = resolve_precision(self.cfg.eval_precision, self.device)
+        self.last_lr = self.current_lr()  # the lr the latest step used
         self.step = TrainStep(self.model, self.optimizer, self.precision, self.device)
 
     # -- one epoch ------------------------------------------------------------------------
@@ -195,6 +203,7 @@ class Trainer:
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
                                 self.train_pre, self.cfg.drop_last, order=order, start=start)
         for i, (x, y) in enumerate(batches, start=start + 1):
+            self.last_lr = self.current_lr()  # before the scheduler moves on to the next step's
             loss, logits = self.step(x, y)
             self.scheduler.step()
             self.iteration += 1
@@ -211,7 +220,7 @@ class Trainer:
                 last = loss.detach().item()
                 self._check_finite(last, epoch)
                 self.loggers.log_step(self.iteration, {"train/loss": last,
-                                                       "lr": self.current_lr()})
+                                                       "lr": self.last_lr})
             progress.update(epoch, self.cfg.epochs, i, loss_sum, seen)
             if self._stop_signal is not None:
                 progress.close()
@@ -237,11 +246,12 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def bn_batches(self) -> Any:
-        """Training batches for the BN update of the average, with the training augmentation,
+        """Training batches for the BN update of the average (at the training batch size, as the
+        paper's code, unless swa.bn_batch_size says otherwise), with the training augmentation,
         from a generator of their own so that the training order is not disturbed."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
-        return train_batches(self.data.train, self.cfg.eval_batch_size, gen, self.train_pre,
-                             drop_last=False)
+        return train_batches(self.data.train, self.bn_batch_size or self.cfg.batch_size, gen,
+                             self.train_pre, drop_last=False)
 
     @staticmethod
     def _with_fault(batches: Any, point: str) -> Any:
@@ -250,7 +260,7 @@ class Trainer:
             yield batch
 
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
-        with autocast(self.precision, self.device):
+        with autocast(self.eval_precision, self.device):
             return self._evaluate_all(epoch, train_loss, train_acc)
 
     def _evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
@@ -271,7 +281,7 @@ class Trainer:
             n_avg = self.averager.n_averaged
         self.model.train()
         row = {
-            "epoch": epoch, "iteration": self.iteration, "lr": self.current_lr(),
+            "epoch": epoch, "iteration": self.iteration, "lr": self.last_lr,
             "train_loss": train_loss, "train_acc": train_acc,
             "sgd_val_loss": sgd_val.loss, "sgd_val_acc": sgd_val.acc,
             "sgd_test_loss": sgd_test.loss, "sgd_test_acc": sgd_test.acc,
@@ -329,8 +339,10 @@ class Trainer:
                     self._preempt(epoch + 1, None, wall=time.perf_counter() - start)
             # After the final evaluation, so the average's BN statistics are fresh.
             averaged = self.averager.module if self.averager and self.averager.n_averaged else None
-            self.calibration = calibrate_run(self.model, averaged, self.data.test, self.eval_pre,
-                                             self.cfg.eval_batch_size, self.run_dir)
+            with autocast(self.eval_precision, self.device):
+                self.calibration = calibrate_run(self.model, averaged, self.data.test,
+                                                 self.eval_pre, self.cfg.eval_batch_size,
+                                                 self.run_dir)
             status = "finished"
         except Preempted:
             status, error = "preempted", "stopped by a signal; resumes from its checkpoint"
@@ -362,6 +374,7 @@ class Trainer:
         metrics = self.metrics("finished", wall)
         metrics["files"] = files
         self.loggers.finish(metrics)
+        remove_finished_checkpoints(self.run_dir, keep_latest=self.cfg.keep_checkpoint)
         return metrics
 
     # -- checkpoints, resume, preemption --------------------------------------------------

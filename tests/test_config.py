@@ -115,6 +115,24 @@ def test_paper_vgg16_preset() -> None:
     assert c.trainer.drop_last is False
 
 
+@pytest.mark.parametrize(("preset", "data"), [("paper_vgg16_sgd", "cifar10"),
+                                              ("paper_vgg16_sgd_cifar100", "cifar100")])
+def test_paper_sgd_baselines(preset: str, data: str) -> None:
+    """The paper's SGD column: its recipe without averaging, 200 epochs, lr decayed over the
+    whole budget to 1% (0.05 -> 0.0005)."""
+    from swa_research.averaging import AveragingPlan
+    from swa_research.optim import build_schedule
+
+    c = to_config(compose_config([f"experiment={preset}"]))
+    assert c.data.name == data and c.swa.method == "none" and c.trainer.epochs == 200
+    assert c.optimizer.lr == 0.05 and c.optimizer.momentum == 0.9
+    plan = AveragingPlan.from_config(c.swa, c.schedule, 200, 391)
+    sched = build_schedule(c.schedule, c.optimizer.lr, c.swa.lr, 391, plan.total_iters,
+                           plan.start_iter, plan.lr_switch_iter)
+    assert sched(0) == 0.05 and sched(99 * 391) == 0.05  # t = 99/200 <= 0.5
+    assert sched(199 * 391) == pytest.approx(0.0005)
+
+
 def test_paper_variants() -> None:
     base = to_config(compose_config(["experiment=paper_vgg16"]))
     bn = to_config(compose_config(["experiment=paper_vgg16_bn"]))

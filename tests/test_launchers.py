@@ -26,14 +26,15 @@ pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 FAST = [*TINY, "experiment=smoke"]
 
 
-def run_cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
+            split_stderr: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     for k in ("SWA_RUN_ID", "SWA_RESEARCH_FAULT", "HYDRA_FULL_ERROR"):
         if k not in (extra_env or {}):
             env.pop(k, None)
     r = subprocess.run([sys.executable, "-m", "swa_research.train", *args], cwd=cwd, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, text=True,
                        timeout=600)
     return r
 
@@ -101,6 +102,43 @@ def test_optuna_preset_searches_and_reports_the_best(tmp_path: Path) -> None:
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(result["best_params"]) == {"optimizer.lr", "swa.lr", "swa.start"}
     assert result["best_value"] == max(m["swa"]["val_acc"] for m in metrics)
+
+
+def test_optuna_study_in_sqlite_is_continued_by_a_rerun(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    db = tmp_path / "study.db"
+    storage = f"sqlite:///{db}"
+    tiny = [o for o in FAST if not o.startswith("swa.start=")]  # searched, not fixed
+    # The same command twice: each gets a sweep dir of its own (outputs/multirun/<run id>), and
+    # the second continues the study in the sqlite file instead of starting a new one.
+    cmd = ["-m", "hparams_search=optuna_swa", "hydra.sweeper.n_trials=2",
+           "hydra.sweeper.n_jobs=1", f"hydra.sweeper.storage={storage}",
+           "hydra.sweeper.study_name=persisted", *tiny]
+    for n_trials in (2, 4):
+        r = run_cli(cmd, tmp_path, split_stderr=True)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        study = optuna.load_study(study_name="persisted", storage=storage)
+        trials = study.get_trials()
+        assert len(trials) == n_trials
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        sweeps = sorted((tmp_path / "outputs" / "multirun").iterdir(), key=os.path.getmtime)
+        assert len(sweeps) == n_trials // 2
+        results = sweeps[-1].relative_to(tmp_path) / "optimization_results.yaml"
+        assert (tmp_path / results).is_file()
+        # The last stderr lines: the whole study's best (earlier commands' trials included)
+        # and where the sweeper wrote it.
+        last = r.stderr.strip().splitlines()[-3:]
+        assert study.best_value == max(t.value for t in trials)
+        assert last[0] == f"Optuna best value: {study.best_value}"
+        assert last[1] == "Optuna best parameters: " + " ".join(
+            f"{k}={v}" for k, v in study.best_params.items())
+        assert set(study.best_params) == {"optimizer.lr", "swa.lr", "swa.start"}
+        assert last[2] == f"Optuna results: {results}"
+        # No plugin-setup or migration chatter from alembic (imported by optuna).
+        assert "setup plugin" not in out
+        assert "alembic" not in out.lower() and "Context impl" not in out
 
 
 def _hold_gpu(count: int, preferred: int, lock_dir: str, hold_s: float, q: mp.Queue) -> None:

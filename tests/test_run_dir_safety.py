@@ -67,9 +67,15 @@ def record(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    r = launch(run_dir)
+    r = launch(run_dir, ["trainer.keep_checkpoint=true"])
     assert r.returncode == 0, r.stderr[-2000:]
     return run_dir
+
+
+def test_a_finished_run_keeps_only_what_was_asked(finished: Path, tmp_path: Path) -> None:
+    assert (finished / LATEST).is_file() and not (finished / PREVIOUS).exists()
+    train(compose_config([*RUN, "trainer.epochs=2"]), tmp_path)
+    assert not (tmp_path / LATEST).exists() and not (tmp_path / PREVIOUS).exists()
 
 
 def test_metrics_json_lists_the_files_written_before_it(finished: Path) -> None:

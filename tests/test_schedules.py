@@ -46,6 +46,29 @@ def test_constant_switches_to_swa_lr_at_start_iter() -> None:
         assert sched(i) == 5e-4
 
 
+@pytest.mark.parametrize(("unit", "start"), [("iter", 12), ("iter", 0), ("epoch", 3),
+                                            ("epoch", 1), ("epoch", 0), ("iter", 0.5),
+                                            ("epoch", 0.5)])
+def test_constant_first_average_follows_steps_at_swa_lr_in_both_units(unit: str,
+                                                                      start: float) -> None:
+    """The lr switch and the first average agree: every step since the last update point (for
+    unit epoch: the whole epoch before the first average) ran at swa.lr, and no step before
+    the switch did."""
+    ipe, epochs = 5, 6
+    swa = SwaConfig(lr=0.01, start=start, freq=1, unit=unit)
+    plan = AveragingPlan.from_config(swa, ScheduleConfig(name="constant"), epochs, ipe)
+    sched = build_schedule(ScheduleConfig(name="constant"), lr=0.1, swa_lr=0.01,
+                           iters_per_epoch=ipe, total_iters=plan.total_iters,
+                           start_iter=plan.start_iter, switch_iter=plan.lr_switch_iter)
+    points = plan.update_points()
+    first_iter = points[0] * ipe if unit == "epoch" else points[0]  # steps 1..first_iter
+    window = range(first_iter - ipe, first_iter) if unit == "epoch" else range(first_iter - 1,
+                                                                                first_iter)
+    assert all(sched(i) == 0.01 for i in window)  # 0-based indices of the steps before it
+    switch = plan.lr_switch_iter
+    assert all(sched(i) == 0.1 for i in range(switch)) and sched(switch) == 0.01
+
+
 def test_constant_without_averaging_never_switches() -> None:
     sched, plan = make(ScheduleConfig(name="constant"), SwaConfig(method="none", lr=5e-4,
                                                                    start=10), 50, 351, lr=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -145,6 +146,9 @@ def test_auto_mode_without_a_key_runs_offline_and_never_prompts(tmp_path: Path) 
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_offline(run_dir)["exit_code"] == 0
     assert "W&B logging is off" not in r.stderr
+    # The terminal says where the run went and how to upload it.
+    (folder,) = (run_dir / "wandb").glob("offline-run-*")
+    assert f"wandb sync {folder}" in r.stdout
 
 
 def test_wandb_failure_warns_once_and_keeps_the_local_files(tmp_path: Path) -> None:
@@ -161,20 +165,99 @@ def test_wandb_failure_warns_once_and_keeps_the_local_files(tmp_path: Path) -> N
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
 
 
-def test_resolve_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+KEY = "k" * 40  # the shape of a W&B API key
+
+
+@pytest.fixture
+def fresh_wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A machine where nobody ran `wandb login`, and a wandb that (re)reads its settings."""
+    from wandb.sdk import wandb_setup
+
+    for k in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".config" / "wandb"))
+    # wandb loads its settings (WANDB_BASE_URL, ...) once per process: start from none.
+    monkeypatch.setattr(wandb_setup, "_singleton", None)
+    return tmp_path
+
+
+def write_netrc(path: Path, base_url: str) -> None:
+    from urllib.parse import urlsplit
+
+    path.write_text(f"machine {urlsplit(base_url).netloc}\n  login user\n  password {KEY}\n")
+
+
+def test_resolve_mode_asks_wandb_for_its_key(fresh_wandb_env: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from wandb.sdk import wandb_setup
+
+    netrc = fresh_wandb_env / ".netrc"
     assert resolve_mode("auto") == "offline"
     assert resolve_mode("online") == "online" and resolve_mode("disabled") == "disabled"
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    # What `wandb login` writes: a netrc entry for the host wandb itself uses by default
+    # (not api.wandb.ai since wandb 0.31).
+    default_url = wandb_setup.singleton().settings.base_url
+    write_netrc(netrc, default_url)
     assert resolve_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_mode("auto") == "offline"
     monkeypatch.delenv("WANDB_MODE")
-    (tmp_path / "netrc").unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
     assert resolve_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    # Another server: only a key for that host counts.
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    monkeypatch.setattr(wandb_setup, "_singleton", None)
+    write_netrc(netrc, default_url)
+    assert resolve_mode("auto") == "offline"
+    write_netrc(netrc, "https://wandb.example.com")
+    assert resolve_mode("auto") == "online"
+
+
+def test_offline_run_says_how_to_sync(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="swa_research.loggers")
+    lg = WandbLogger(LoggerConfig(backend="wandb", mode="offline"), tmp_path, {"a": 1})
+    try:
+        folder = Path(lg.run.dir).parent
+        assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
+        lines = [r.getMessage() for r in caplog.records if r.name == "swa_research.loggers"]
+        assert any(f"wandb sync {folder}" in line for line in lines), lines
+    finally:
+        lg.finish({"status": "finished"})
+
+
+def test_online_init_timeout_falls_back_to_an_offline_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import wandb
+
+    real_init, modes = wandb.init, []
+
+    def init(*args: Any, **kwargs: Any) -> Any:
+        modes.append((kwargs["mode"], kwargs["settings"].init_timeout))
+        if kwargs["mode"] == "online":  # what wandb-core reports when nothing answers
+            raise wandb.errors.CommError("Run initialization has timed out after 5.0 sec.")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    caplog.set_level(logging.INFO, logger="swa_research.loggers")
+    lg = WandbLogger(LoggerConfig(backend="wandb", mode="online", init_timeout=5.0), tmp_path,
+                     {"a": 1})
+    assert lg.run is not None and lg.run.offline
+    assert modes[0] == ("online", 5.0) and modes[1][0] == "offline"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    folder = Path(lg.run.dir).parent
+    assert "offline run" in warnings[0] and f"wandb sync {folder}" in warnings[0]
+    assert "W&B logging is off" not in caplog.text
+    lg.log_eval({"epoch": 1, "iteration": 2, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5})
+    lg.finish({"status": "finished"})
+    assert lg.run is None and not lg._warned
+    rec = read_offline(tmp_path)
+    assert rec["exit_code"] == 0 and rec["summary"]["status"] == "finished"
 
 
 def test_disabled_mode_and_summary_without_average(tmp_path: Path) -> None:

@@ -36,10 +36,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
 
-from swa_research.averaging import has_batch_norm
-from swa_research.config import Config, UserError, to_config, validate
+from swa_research.averaging import bn_update, has_batch_norm
+from swa_research.config import Config, UserError, bn_batch_size, to_config, validate
 from swa_research.data import DataSplits, ImageSet, Preprocess, build_data, train_batches
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
@@ -161,11 +160,11 @@ class PointEvaluator:
         self.bn = has_batch_norm(self.model)
 
     def bn_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        # As Trainer.bn_batches at the end of the run: eval batch size, training
+        # As Trainer.bn_batches at the end of the run: the BN batch size, training
         # augmentation, the generator seeded from the seed and the last iteration.
         cfg = self.run.config
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.run.iteration)
-        return train_batches(self.train, cfg.trainer.eval_batch_size, gen, self.train_pre,
+        return train_batches(self.train, bn_batch_size(cfg), gen, self.train_pre,
                              drop_last=False)
 
     def __call__(self, weights: State) -> dict[str, float]:
@@ -173,7 +172,7 @@ class PointEvaluator:
         if self.bn:
             # The BN pass runs in train mode (dropout draws): keep the global RNG as it was.
             with torch.random.fork_rng(devices=[]):
-                update_bn(self.bn_batches(), self.model)
+                bn_update(self.bn_batches(), self.model)
         test = evaluate(self.model, self.run.data.test, self.eval_pre, self.batch_size)
         train = evaluate(self.model, self.train, self.eval_pre, self.batch_size)
         assert test.loss is not None and test.acc is not None
