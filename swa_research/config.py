@@ -155,6 +155,16 @@ def register_configs() -> None:
     """Register the schema so that conf/config.yaml can build on it."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    # conf/hydra/launcher/local_gpus.yaml: one job per visible GPU.
+    if not OmegaConf.has_resolver("swa_gpu_count"):
+        OmegaConf.register_new_resolver("swa_gpu_count", visible_gpu_count)
+
+
+def visible_gpu_count() -> int:
+    """CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies); at least 1."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -47,8 +47,9 @@ class RunLogger(Protocol):
 class LocalFiles:
     """history.csv (one row per evaluation) and metrics.json in the run dir."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, title: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.title = title or self.run_dir.name  # the plots' title: the job's overrides
         self.rows: list[dict[str, Any]] = []
 
     def log_step(self, iteration: int, values: dict[str, float]) -> None:
@@ -76,7 +77,7 @@ class LocalFiles:
             from swa_research.plots import plot_history
 
             try:
-                plot_history(self.rows, self.run_dir, title=self.run_dir.name)
+                plot_history(self.rows, self.run_dir, title=self.title)
             except Exception as e:  # a plot is a convenience: never lose a run over it
                 log.warning("could not write plots into %s: %s", self.run_dir, e)
         # Last: metrics.json is the run's commit point.
@@ -115,6 +116,24 @@ class Loggers:
             restore = getattr(lg, "restore_history", None)
             if restore is not None:
                 restore(rows)
+
+def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """The line a finished run ends with: where it is, what it scored, how long it took."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    sgd, best = metrics["sgd"]["test_acc"], metrics["sgd_best_val"]["test_acc"]
+    swa = metrics["swa"]["test_acc"]
+    minutes, seconds = divmod(int(round(metrics["train"]["wall_time_s"])), 60)
+    hours, minutes = divmod(minutes, 60)
+    wall = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    text = (f"finished in {wall}: test accuracy SGD final {pct(sgd)}, SGD best-val {pct(best)}")
+    if swa is not None:
+        text += f", SWA {pct(swa)}"
+        if sgd is not None:
+            text += f" (gain {100 * (swa - sgd):+.2f} pp)"
+    return text + f"; results in {run_dir}"
+
 
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     """The run summary: the dashboard's table columns."""

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 PLOT_FILES = ("loss_curves.png", "accuracy.png")
 
 
@@ -71,6 +73,7 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                     ax.plot(xs, [scale * y for y in ys], ls=ls, marker=".",
                             color=colors[model], label=f"{model.upper()} {split}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(f"{heading} {title}".strip())
         ax.grid(alpha=0.3)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.ticker import MaxNLocator
 
 from swa_research.config import flatten_dict
 from swa_research.fileio import atomic_write_text
@@ -552,13 +553,16 @@ def plot_accuracy(report: Report, path: Path) -> Path:
             m = [100 * v for v in means]
             s = [100 * v for v in spread]
             ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
-            ax.fill_between(epochs, [a - b for a, b in zip(m, s, strict=True)],
-                            [a + b for a, b in zip(m, s, strict=True)], color=color, alpha=0.2)
+            # An accuracy lies in [0, 100]: so does its band.
+            ax.fill_between(epochs, [max(0.0, a - b) for a, b in zip(m, s, strict=True)],
+                            [min(100.0, a + b) for a, b in zip(m, s, strict=True)],
+                            color=color, alpha=0.2)
         ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
         if not row.runs:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -46,7 +46,14 @@ from swa_research.conv import set_conv_algorithm
 from swa_research.data import Preprocess, build_data
 from swa_research.fileio import atomic_write_text, probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
-from swa_research.loggers import LocalFiles, Loggers, RunLogger, WandbLogger, write_metrics
+from swa_research.loggers import (
+    LocalFiles,
+    Loggers,
+    RunLogger,
+    WandbLogger,
+    run_summary,
+    write_metrics,
+)
 from swa_research.models import build_model
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.step import compile_in_place, memory_format, resolve_precision
@@ -182,8 +189,10 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
         log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
     own_resume = resume is not None and resume[1].parent.resolve() == run_dir.resolve()
     try:
-        return _train_on(config, config_dict, run_dir, device, resume, run_name, group,
-                         own_resume)
+        metrics = _train_on(config, config_dict, run_dir, device, resume, run_name, group,
+                            own_resume)
+        log.info("%s", run_summary(run_dir, metrics))
+        return metrics
     except UserError as e:
         if fresh and not (run_dir / "metrics.json").is_file():
             write_failure(run_dir, str(e))
@@ -231,7 +240,7 @@ def _train_on(config: Config, config_dict: dict[str, Any], run_dir: Path,
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
                            memory_format=fmt)
     eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
-    loggers: list[RunLogger] = [LocalFiles(run_dir)]
+    loggers: list[RunLogger] = [LocalFiles(run_dir, title=config.logger.name or run_name)]
     if config.logger.backend == "wandb":
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
                                    resuming=own_resume))
@@ -330,6 +339,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         log.error("error: %s", e)
+        raise
+    except TrainingDiverged as e:
+        # Before Hydra's "Error executing job with overrides" line: the one line is enough.
+        if hc.mode == RunMode.RUN and not _STATE["full_error"]:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         raise
     # The value a sweeper (e.g. Optuna) optimises: the averaged model's validation accuracy,
     # or the SGD model's when there is no average.

@@ -310,9 +310,10 @@ class Trainer:
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         epochs = self.cfg.epochs
-        log.info("training %d epochs of %d iterations on %s (%d train, %s val, %d test images)",
-                 epochs, self.iters_per_epoch, self.device, len(self.data.train),
-                 len(self.data.val) if self.data.val is not None else 0, len(self.data.test))
+        log.info("training %d epoch%s of %d iterations on %s (%d train, %s val, %d test images)",
+                 epochs, "" if epochs == 1 else "s", self.iters_per_epoch, self.device,
+                 len(self.data.train), len(self.data.val) if self.data.val is not None else 0,
+                 len(self.data.test))
         if self.start_epoch > 1 or self.partial is not None:
             log.info("resumed at iteration %d (epoch %d)", self.iteration,
                      self.start_epoch - (self.partial is None))

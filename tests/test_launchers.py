@@ -197,3 +197,24 @@ def test_concurrent_cache_builds_give_one_valid_cache(tmp_path: Path) -> None:
     assert len(caches) == 2 and all(c.endswith(".pt") for c in caches)
     blob = torch.load(root / ".swa_cache" / caches[1], weights_only=True)
     assert blob["images"].dtype == torch.uint8 and blob["images"].shape[0] == 80
+
+
+def test_local_gpus_runs_one_job_per_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("SWA_NUM_GPUS", raising=False)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="swa_research.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["hydra/launcher=local_gpus"],
+                          return_hydra_config=True)
+        assert OmegaConf.select(cfg, "hydra.launcher.n_jobs") == 3
+        monkeypatch.setenv("SWA_NUM_GPUS", "2")
+        assert int(OmegaConf.select(cfg, "hydra.launcher.n_jobs")) == 2
+    finally:
+        GlobalHydra.instance().clear()

@@ -31,3 +31,25 @@ def test_history_round_trip_and_rows_without_average(tmp_path: Path) -> None:
     written = plot_history(rows, tmp_path, title="t")
     assert [p.name for p in written] == list(PLOT_FILES)
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in written)
+
+
+def test_plot_titles_name_the_overrides_and_epoch_ticks_are_whole(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import swa_research.plots as plots
+
+    figures = []
+    real = plots.save_figure
+
+    def keep(fig, path):  # noqa: ANN001, ANN202
+        if Path(path).name not in PLOT_FILES:  # the reliability diagram
+            return real(fig, path)
+        ax = fig.axes[0]
+        ax.set_xlim(0.6, 2.4)  # a short run: matplotlib would put ticks at 1.0, 1.5, 2.0, ...
+        figures.append((ax.get_title(), list(ax.get_xticks())))
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    train(compose_config(["experiment=smoke", *TINY]), tmp_path, run_name="swa.lr=0.001,seed=3")
+    assert len(figures) == len(PLOT_FILES)
+    assert all(title.endswith("swa.lr=0.001,seed=3") for title, _ in figures)
+    assert all(float(t).is_integer() for _, ticks in figures for t in ticks)

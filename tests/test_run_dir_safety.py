@@ -347,3 +347,11 @@ def test_sigterm_before_the_training_loop_exits_for_a_requeue(tmp_path: Path) ->
     assert r.returncode == 75, r.stderr[-2000:]
     assert "SIGTERM received before training started" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_diverged_run_ends_with_one_line(tmp_path: Path) -> None:
+    r = launch(tmp_path / "run", ["optimizer=sgd", "optimizer.lr=1e12"])
+    assert r.returncode == 1
+    assert "Error executing job" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: training loss became")
+    assert status(tmp_path / "run") == "diverged"

@@ -347,3 +347,35 @@ def test_train_leaves_no_temporary_files_with_a_preexisting_run_dir(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".lock", "accuracy.png", "history.csv", "keep.txt", "loss_curves.png",
         "metrics.json", "reliability.png", "sgd_best_val.pt", "sgd_final.pt", "swa.pt"]
+
+
+def test_history_logs_the_lr_each_epoch_trained_at(tmp_path: Path) -> None:
+    """decay_then_constant per epoch with the average from epoch 2 (horizon 2 epochs): epochs
+    1 and 2 train at 0.01 (t = 0, 0.5), epochs 3 and 4 at swa.lr; each row says so."""
+    r = run(["experiment=smoke", *TINY, "schedule=decay_then_constant", "optimizer.lr=0.01",
+             "swa.lr=0.001", "swa.unit=epoch", "swa.start=2", "swa.freq=1", "trainer.epochs=4"],
+            tmp_path)
+    assert [float(row["lr"]) for row in r.history] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+
+
+def test_evaluation_runs_in_eval_precision(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    import swa_research.trainer as trainer_module
+
+    assert load_config(compose_config([])).trainer.eval_precision == "fp32"
+    used: list[str] = []
+    real = trainer_module.autocast
+
+    def spy(precision: str, device: torch.device):  # noqa: ANN202
+        used.append(precision)
+        return real(precision, device)
+
+    monkeypatch.setattr(trainer_module, "autocast", spy)
+    caplog.set_level("INFO")
+    r = run([*TINY, "trainer.epochs=1", "swa.start=0"], tmp_path)
+    assert used and set(used) == {"fp32"}  # every evaluation and the calibration
+    line = [m for m in caplog.messages if m.startswith("finished in")][-1]
+    swa, sgd = r.metrics["swa"]["test_acc"], r.metrics["sgd"]["test_acc"]
+    assert f"SWA {100 * swa:.2f}%" in line and f"gain {100 * (swa - sgd):+.2f} pp" in line
+    assert line.endswith(f"results in {tmp_path}")

@@ -1,5 +1,5 @@
 """The W&B logger, checked on what real offline runs wrote (no mocking of wandb), and the W&B
-sweep specs in conf/sweeps/."""
+sweep specs in sweeps/."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CONF_DIR, TINY, compose_config
+from conftest import TINY, compose_config
 
 from swa_research.config import LoggerConfig
 from swa_research.loggers import WandbLogger, resolve_mode, summary_values
@@ -271,7 +271,7 @@ def test_disabled_mode_and_summary_without_average(tmp_path: Path) -> None:
 
 # -- W&B sweep specs ---------------------------------------------------------------------------
 
-SPECS = sorted((CONF_DIR / "sweeps").glob("*.yaml"))
+SPECS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
 
 
 def test_there_are_sweep_specs() -> None:
