@@ -8,9 +8,10 @@ on the same data, for VGG "simplified" and VGG16.
 The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
 ``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
 process), Adam, and an ``AveragedModel`` updated every 50 steps, in fp32 and NCHW. This
-project's path is ``Trainer.train_epoch`` itself: uint8 tensors in memory, batched
-preprocessing (``train_batches`` and ``Preprocess``), ``TrainStep`` (autocast, channels-last,
-optionally compiled) and the ``Averager``, also every 50 steps.
+project's path is ``Trainer.train_epoch`` itself, on a trainer that ``swa_research.build``
+makes from a config as a run does (``load_config``, ``build_trainer``): uint8 tensors in
+memory, batched preprocessing (``train_batches`` and ``Preprocess``), ``TrainStep`` (autocast,
+channels-last, optionally compiled) and the run's "swa" average, also every 50 steps.
 
 The timed chunks of the two paths alternate, round after round, so that a neighbour on a
 shared machine slows both alike; the table gives medians over the rounds.
@@ -21,22 +22,20 @@ Columns (``--json`` writes them under "rows", one object per row):
   ratio_to_seed       images_per_s / the seed loop's, same model
   ms_per_step         1000 * batch_size / images_per_s
   avg_update_ms       one update of the average (the seed: AveragedModel.update_parameters,
-                      the trainer: Averager.update): --avg-calls updates queued back to back,
-                      one sync at the end, as an EMA's updates between steps are
+                      the trainer: the "swa" average's update): --avg-calls updates queued
+                      back to back, one sync at the end, as an EMA's updates between steps are
   avg_overhead_pct    avg_update_ms / ms_per_step * 100: the cost of averaging at every step
                       (EMA); at the seed's one update per 50 steps it is 1/50 of this
   peak_gpu_mb         torch.cuda.max_memory_allocated over this row's steps (null on CPU)
   peak_rss_mb         the process's peak RSS (getrusage) after this row's first steps; one
                       process runs every row, so it only grows down the table
-  tflops              achieved: the model's FLOPs per training step (FlopCounterMode on the
-                      model with direct convolutions) / time per step; where Winograd runs a
-                      convolution with fewer multiplications this is an effective rate
+  tflops              achieved: the model's nominal FLOPs per training step (FlopCounterMode
+                      on one forward and backward pass) / time per step
   matmul_peak_tflops  the best of timed square matmuls in this run at the row's precision
   pct_of_peak         tflops / matmul_peak_tflops * 100
 and, in the JSON only, images_per_s_rounds, others_cpu_pct_rounds (the CPU that other
-processes used during each round, in % of all cores: a shared machine's noise),
-flops_per_step (nominal), executed_flops_per_step and executed_tflops (what the row's
-convolution algorithms execute: fewer than nominal where Winograd runs, fp32 on a CPU).
+processes used during each round, in % of all cores: a shared machine's noise) and
+flops_per_step.
 
 ``--profile PATH`` then runs ``--profile-steps`` more steps of each trainer path under
 torch.profiler and writes its op tables to PATH (sorted by GPU time on CUDA, by CPU time
@@ -46,17 +45,13 @@ elsewhere); the trainer rows of the JSON gain
   device_busy_pct          that over ms_per_step: near 100 the step is bound by the GPU, far
                            below it the GPU waits for the host (a step bound by kernel
                            launches, which CUDA graphs remove)
-
-``--layers`` times each 3x3 convolution of the models alone instead (forward and backward at
-the batch size, in each ``--precision``): oneDNN in NCHW and NHWC, Winograd (fp32) and im2col +
-GEMM; ``trainer.conv_algorithm=auto`` picks from these figures
-(``swa_research.conv.auto_algorithm``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -64,6 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,44 +69,35 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from swa_research.averaging import Averager, AveragingPlan
+from swa_research.averaging import PRIMARY
+from swa_research.build import build_trainer, config_dict_of, load_config, resolve_device
 from swa_research.config import (
     CHOICES,
+    Config,
     DataConfig,
-    ModelConfig,
     OptimizerConfig,
-    ScheduleConfig,
     SwaConfig,
     TrainerConfig,
+    iterations_per_epoch,
 )
-from swa_research.conv import FastConv2d, set_conv_algorithm, winograd_conv3x3
 from swa_research.data import (
     DataSplits,
     ImageSet,
     Preprocess,
     load_datasets,
-    synthetic_images,
+    split_train_val,
     train_batches,
 )
+from swa_research.errors import UserError
 from swa_research.fileio import atomic_write_text, probe_writable
-from swa_research.loggers import Loggers
-from swa_research.models import build_model
-from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.step import (
-    AUTOCAST_DTYPES,
-    compile_in_place,
-    cpu_has_native,
-    memory_format,
-    peak_gpu_mb,
-    peak_rss_mb,
-)
-from swa_research.train import resolve_device
-from swa_research.trainer import Trainer
+from swa_research.models import MODELS, build_model, resolve_model_config
+from swa_research.step import AUTOCAST_DTYPES, cpu_has_native, peak_gpu_mb, peak_rss_mb
 
 COLUMNS = ["model", "path", "precision", "batch_size", "images_per_s", "ratio_to_seed",
            "ms_per_step", "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb",
            "tflops", "matmul_peak_tflops", "pct_of_peak"]
 AVERAGE_EVERY = 50  # the seed's swa_freq
+VAL_FRACTION = 0.1  # the seed's validation split, held out by both paths
 
 
 def sync(device: torch.device) -> None:
@@ -182,20 +169,40 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.hwc[i])), self.targets[i]
 
 
-def load_data(args: argparse.Namespace) -> tuple[ImageSet, Dataset, str]:
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The data of both paths as a run's config names it: the image folder, or synthetic
+    CIFAR-size images (a test set of one image: the benchmark never evaluates)."""
+    if args.data_root:
+        return DataConfig(name="imagefolder", root=args.data_root, val_fraction=VAL_FRACTION)
+    return DataConfig(name="synthetic", root="", num_classes=10, train_size=args.num_images,
+                      test_size=1, val_fraction=VAL_FRACTION)
+
+
+@dataclass
+class BenchData:
+    train: ImageSet  # the whole training set, uint8, on the CPU
+    classes: list[str]
+    seed_set: Dataset  # the same images as the seed's torchvision-style data set
+    description: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+
+def load_data(args: argparse.Namespace) -> BenchData:
     """The training images twice: as uint8 tensors (this project) and as a torchvision-style
     data set that decodes one image per item (the seed)."""
     from torchvision import datasets, transforms
 
+    train, _, classes = load_datasets(data_config(args), num_workers=2)
     if args.data_root:
-        cfg = DataConfig(name="imagefolder", root=args.data_root)
-        train, _, _ = load_datasets(cfg, num_workers=2)
         seed_set = datasets.ImageFolder(str(Path(args.data_root) / "train"),
                                         transform=transforms.ToTensor())
-        return train, seed_set, f"{args.data_root} (ImageFolder, JPEG decoded per item)"
-    train = synthetic_images(args.num_images, 10, 32, seed=0)
-    return train, PILImages(train, transforms.ToTensor()), \
-        f"synthetic, {args.num_images} uint8 CIFAR-size images in memory"
+        return BenchData(train, classes, seed_set,
+                         f"{args.data_root} (ImageFolder, JPEG decoded per item)")
+    return BenchData(train, classes, PILImages(train, transforms.ToTensor()),
+                     f"synthetic, {args.num_images} uint8 CIFAR-size images in memory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,52 +254,52 @@ class SeedLoop:
         self.swa_model.update_parameters(self.model)
 
 
-class TrainerLoop:
-    """``Trainer.train_epoch`` on a slice of ``steps * batch_size`` images, so that one epoch
-    is one timed chunk; the average is updated every 50 iterations as in the seed."""
+def bench_config(args: argparse.Namespace, name: str, precision: str, device: torch.device,
+                 iterations: int, iters_per_epoch: int) -> Config:
+    """The config of a run whose training steps are the trainer path's: the benchmark's data and
+    model, Adam at the seed's lr of 1e-4 throughout (swa.lr too), the "swa" average from the
+    start every 50 iterations as the seed, and epochs enough for ``iterations`` steps (at
+    least two averaging points: the budget check passes without a warning)."""
+    needed = max(iterations, 2 * AVERAGE_EVERY)
+    return load_config(Config(
+        data=data_config(args),
+        model={"name": name, "width": args.width},
+        optimizer=OptimizerConfig(name="adam", lr=1e-4),
+        swa=SwaConfig(method="swa", lr=1e-4, start=0, freq=AVERAGE_EVERY, unit="iter"),
+        trainer=TrainerConfig(
+            epochs=math.ceil(needed / max(1, iters_per_epoch)), batch_size=args.batch_size,
+            device=str(device), num_workers=2, precision=precision,
+            channels_last=not args.no_channels_last, compile=args.compile is not None,
+            compile_mode=args.compile or "default", progress="none"),
+        seed=0))
 
-    def __init__(self, model_cfg: ModelConfig, data: ImageSet, batch_size: int, precision: str,
-                 channels_last: bool, compile_mode: str | None, conv_algorithm: str,
-                 device: torch.device, run_dir: Path) -> None:
-        fmt = memory_format(channels_last)
-        self.data = data.to(device)
-        self.batch_size = batch_size
-        self.model = build_model(model_cfg, 10).to(device, memory_format=fmt)
-        set_conv_algorithm(self.model, conv_algorithm)
-        optimizer = build_optimizer(OptimizerConfig(name="adam", lr=1e-4),
-                                    self.model.parameters())
-        huge = 10**9  # iterations: the schedule and the plan never end within the benchmark
-        swa = SwaConfig(method="swa", start=0, freq=AVERAGE_EVERY, unit="iter")
-        plan = AveragingPlan.from_config(swa, ScheduleConfig(), 1, huge)
-        schedule = build_schedule(ScheduleConfig(), 1e-4, 1e-4, huge, huge, None)
-        self.averager = Averager(self.model, "swa")
-        if compile_mode is not None:  # as train.py does: in place, after the average's copy
-            compile_in_place(self.model, compile_mode)
-        pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device, memory_format=fmt)
-        cfg = TrainerConfig(batch_size=batch_size, precision=precision,
-                            channels_last=channels_last, compile=compile_mode is not None,
-                            compile_mode=compile_mode or "default",
-                            conv_algorithm=conv_algorithm, progress="none")
-        empty = ImageSet(self.data.images[:0], self.data.labels[:0])
-        self.trainer = Trainer(
-            model=self.model, optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, schedule), plan=plan, averager=self.averager,
-            data=DataSplits(empty, None, empty, [str(i) for i in range(10)]), train_pre=pre,
-            eval_pre=pre, cfg=cfg, seed=0, run_dir=run_dir, loggers=Loggers([]))
+
+class TrainerLoop:
+    """``Trainer.train_epoch`` of the trainer that ``swa_research.build`` makes from ``config``
+    (its data, model, optimizer, schedule, averages, step), each chunk on a slice of
+    ``steps * batch_size`` images of its training set, so that one epoch is one timed chunk;
+    the average is updated every 50 iterations as in the seed."""
+
+    def __init__(self, config: Config, device: torch.device, run_dir: Path) -> None:
+        self.trainer = build_trainer(config, config_dict_of(config), run_dir, device)
+        self.model = self.trainer.model
+        self.average = self.trainer.averages[PRIMARY]
+        self.train_set = self.trainer.data.train
+        self.batch_size = config.trainer.batch_size
         self.offset = 0
 
     def run(self, steps: int) -> None:
         n = steps * self.batch_size
-        if self.offset + n > len(self.data):
+        if self.offset + n > len(self.train_set):
             self.offset = 0
-        index = torch.arange(self.offset, self.offset + n) % len(self.data)
+        index = torch.arange(self.offset, self.offset + n) % len(self.train_set)
         self.offset += n
-        train = self.data.subset(index)
+        train = self.train_set.subset(index)
         self.trainer.data = DataSplits(train, None, train, self.trainer.data.classes)
         self.trainer.train_epoch(1)  # ends by reading its sums: the device has finished
 
     def update_average(self) -> None:
-        self.averager.update(self.model)
+        self.average.update(self.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,15 +383,13 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
     return best
 
 
-def step_flops(model_cfg: ModelConfig, batch_size: int, device: torch.device,
-               conv_algorithm: str = "native") -> int:
-    """FLOPs of one forward and backward pass (the optimizer's elementwise work not counted).
-    With ``native`` convolutions they are the model's nominal FLOPs (a 3x3 convolution counts
-    2 * 9 * C_in * C_out per output pixel); with Winograd, the matmuls it executes."""
-    model = build_model(model_cfg, 10).to(device)
-    set_conv_algorithm(model, conv_algorithm)
-    x = torch.rand(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+def step_flops(model_dict: dict[str, Any], num_classes: int, image_size: int, batch_size: int,
+               device: torch.device) -> int:
+    """Nominal FLOPs of one forward and backward pass of the model (a 3x3 convolution counts
+    2 * 9 * C_in * C_out per output pixel; the optimizer's elementwise work not counted)."""
+    model = build_model(model_dict, num_classes, image_size).to(device)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return int(counter.get_total_flops())
@@ -411,21 +416,24 @@ def loader_images_per_s(batches: Callable[[], Any], device: torch.device, count:
 
 
 def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
-                    data: ImageSet, seed_set: Dataset, precisions: list[str],
-                    peaks: dict[str, float], run_dir: Path,
-                    profiles: list[str]) -> list[dict[str, Any]]:
+                    data: BenchData, precisions: list[str], peaks: dict[str, float],
+                    run_dir: Path, profiles: list[str]) -> list[dict[str, Any]]:
     """The rows of one model; with ``--profile``, each trainer path's op table is appended to
     ``profiles``."""
-    model_cfg = ModelConfig(name=name, width=args.width)
+    model_dict = resolve_model_config({"name": name, "width": args.width})
+    num_classes, size = len(data.classes), data.image_size
     torch.manual_seed(0)
     paths: dict[tuple[str, str], Any] = {
-        ("seed", "fp32"): SeedLoop(build_model(model_cfg, 10), seed_set, args.batch_size,
-                                   device)}
+        ("seed", "fp32"): SeedLoop(build_model(model_dict, num_classes, size), data.seed_set,
+                                   args.batch_size, device)}
+    # The trainer's training set is what the config's validation split (seed 0) leaves.
+    train_size = len(split_train_val(data.train, VAL_FRACTION, 0)[0])
+    ipe = iterations_per_epoch(train_size, args.batch_size, drop_last=True)
+    iterations = args.warmup + args.rounds * args.steps + (args.profile_steps
+                                                           if args.profile else 0)
     for p in precisions:
-        torch.manual_seed(0)
-        paths[("trainer", p)] = TrainerLoop(model_cfg, data, args.batch_size, p,
-                                            not args.no_channels_last, args.compile,
-                                            args.conv_algorithm, device, run_dir)
+        config = bench_config(args, name, p, device, iterations, ipe)
+        paths[("trainer", p)] = TrainerLoop(config, device, run_dir)
     runs: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
     others: dict[tuple[str, str], list[float]] = {k: [] for k in paths}
     gpu: dict[tuple[str, str], float | None] = {k: None for k in paths}
@@ -450,9 +458,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                   f"{runs[key][-1]:.0f} images/s (other processes: "
                   f"{load.pct if load.pct is not None else float('nan'):.0f}% CPU)",
                   file=sys.stderr, flush=True)
-    flops = step_flops(model_cfg, args.batch_size, device)
-    executed = step_flops(model_cfg, args.batch_size, device, args.conv_algorithm) \
-        if device.type == "cpu" else flops
+    flops = step_flops(model_dict, num_classes, size, args.batch_size, device)
     rows = []
     seed_ips = statistics.median(runs[("seed", "fp32")])
     for key, loop in paths.items():
@@ -460,7 +466,6 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
         ms = 1000 * args.batch_size / ips
         update_ms = 1000 * time_queued(loop.update_average, device, calls=args.avg_calls)
         tflops = flops / (ms / 1000) / 1e12
-        row_executed = executed if key == ("trainer", "fp32") else flops
         peak = peaks.get(key[1])
         rows.append({
             "model": name, "path": key[0], "precision": key[1], "batch_size": args.batch_size,
@@ -474,8 +479,6 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             "images_per_s_rounds": [round(v, 1) for v in runs[key]],
             "others_cpu_pct_rounds": [round(v, 1) for v in others[key]],
             "flops_per_step": flops,
-            "executed_flops_per_step": row_executed,
-            "executed_tflops": round(row_executed / (ms / 1000) / 1e12, 4),
         })
         if args.profile and key[0] == "trainer":
             try:
@@ -490,79 +493,6 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
             profiles.append(f"## {name} {key[0]} {key[1]}, batch {args.batch_size}: "
                             f"{ms:.3f} ms per step timed, device busy per profiled step "
                             f"{busy}\n\n{table}\n")
-    return rows
-
-
-def conv_layers(model_cfg: ModelConfig, batch_size: int, device: torch.device) -> list[Any]:
-    """(in, out, height, width) of each distinct 3x3 convolution of the model, in order."""
-    model = build_model(model_cfg, 10).to(device)
-    shapes: list[Any] = []
-
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0]
-        shape = (module.in_channels, module.out_channels, x.shape[2], x.shape[3])
-        if shape not in shapes:
-            shapes.append(shape)
-
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if isinstance(m, FastConv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32, device=device))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def layer_rows(name: str, args: argparse.Namespace, device: torch.device,
-               peaks: dict[str, float]) -> list[dict[str, Any]]:
-    """Forward + backward ms of each convolution by algorithm, one row per layer and precision
-    (the layer's tensors in that dtype; Winograd in fp32 only), and what ``auto`` picks."""
-    from swa_research.conv import auto_algorithm, gemm_conv3x3
-
-    rows = []
-    bs = args.batch_size
-    for cin, cout, h, w in conv_layers(ModelConfig(name=name, width=args.width), bs, device):
-        flops = 2 * 9 * cin * cout * h * w * bs * (3 if cin > 3 else 2)
-        for prec in args.precisions:
-            dtype = AUTOCAST_DTYPES[prec] or torch.float32
-            row: dict[str, Any] = {"model": name, "layer": f"{cin}->{cout} @{h}x{w}",
-                                   "precision": prec}
-            variants = [("nchw", torch.contiguous_format, 0), ("nhwc", torch.channels_last, 0),
-                        ("winograd2", torch.channels_last, 2),
-                        ("winograd4", torch.channels_last, 4), ("gemm", torch.channels_last, -1)]
-            for label, fmt, tile in variants:
-                if tile > 0 and (h % tile or w % tile or prec != "fp32"):
-                    row[f"{label}_ms"] = None
-                    continue
-                x = torch.randn(bs, cin, h, w, device=device).to(dtype, memory_format=fmt)
-                x.requires_grad_(cin > 3)
-                weight = (0.05 * torch.randn(cout, cin, 3, 3, device=device)).to(
-                    dtype, memory_format=fmt).requires_grad_()
-                bias = torch.zeros(cout, device=device, dtype=dtype, requires_grad=True)
-
-                def step(x: torch.Tensor = x, weight: torch.Tensor = weight,
-                         bias: torch.Tensor = bias, tile: int = tile) -> None:
-                    if tile > 0:
-                        y = winograd_conv3x3(x, weight, bias, tile)
-                    elif tile < 0:
-                        y = gemm_conv3x3(x, weight, bias)
-                    else:
-                        y = F.conv2d(x, weight, bias, padding=1)
-                    y.backward(torch.ones_like(y))
-
-                row[f"{label}_ms"] = round(1000 * time_calls(step, device, calls=args.rounds),
-                                           2)
-            times = {k: v for k, v in row.items() if k.endswith("_ms") and v is not None}
-            best = min(times, key=times.__getitem__)
-            row["best"] = best[:-3]
-            algo, tile = auto_algorithm(cin, cout, h, w, dtype)
-            row["auto"] = f"{algo}{tile or ''}"
-            row["best_pct_of_peak"] = round(
-                100 * flops / (times[best] / 1000) / 1e12 / peaks[prec], 1)
-            rows.append(row)
-            print(f"  {name} {row['layer']} {prec}: "
-                  + ", ".join(f"{k} {v}" for k, v in times.items()), file=sys.stderr,
-                  flush=True)
     return rows
 
 
@@ -597,7 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model", default="simplified,vgg16",
-                   help="comma-separated: simplified, vgg11, vgg13, vgg16, vgg19")
+                   help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--precision", default=None,
                    help="comma-separated precisions of the trainer path: fp32, bf16, fp16 "
                         "(default: fp32,bf16 on CUDA and on CPUs with native bf16, else fp32)")
@@ -614,10 +544,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=CHOICES["trainer.compile_mode"], metavar="MODE",
                    help="torch.compile the trainer's model, in MODE (default; reduce-overhead "
                         "for CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
-    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "native", "winograd"],
-                   help="trainer.conv_algorithm of the trainer path (fp32 on a CPU)")
-    p.add_argument("--layers", action="store_true",
-                   help="time each 3x3 convolution alone by algorithm, instead of the loops")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--matmul-size", type=int, default=0,
                    help="n of the n x n matmul that measures the peak (0: 4096 on CUDA, "
@@ -640,6 +566,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-images {args.num_images} leaves the seed loop (90% of them, drop_last) "
                 f"no batch of {args.batch_size}")
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    for name in args.models:  # an unknown model or a bad width, before minutes of measuring
+        try:
+            resolve_model_config({"name": name, "width": args.width})
+        except UserError as e:
+            p.error(str(e))
     if args.precision is None:
         cuda = args.device.startswith("cuda") or (args.device == "auto"
                                                   and torch.cuda.is_available())
@@ -670,31 +601,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     n = args.matmul_size or (4096 if device.type == "cuda" else 2048)
-    if args.layers:
-        peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
-                 for p in args.precisions}
-        rows = [r for name in args.models for r in layer_rows(name, args, device, peaks)]
-        print(f"3x3 convolutions, forward + backward ms at batch {args.batch_size} "
-              f"({device}, {torch.get_num_threads()} threads; matmul peak TFLOP/s: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()) + ")")
-        keys = list(rows[0]) if rows else []
-        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        for r in rows:
-            print("| " + " | ".join("-" if r[k] is None else str(r[k]) for k in keys) + " |")
-        if args.json:
-            atomic_write_text(args.json, json.dumps({"matmul_peak_tflops": peaks,
-                                                     "layers": rows}, indent=2) + "\n")
-        return {"matmul_peak_tflops": peaks, "layers": rows}
-    data, seed_set, data_desc = load_data(args)
+    data = load_data(args)
     peaks = {p: matmul_peak_tflops(device, AUTOCAST_DTYPES[p] or torch.float32, n)
              for p in sorted({"fp32", *args.precisions})}
     bs = args.batch_size
     pre = Preprocess(False, [0.5] * 3, [0.5] * 3, device)
-    on_device = data.to(device)
+    on_device = data.train.to(device)
     gen = torch.Generator().manual_seed(0)
     loaders = {
         "seed": loader_images_per_s(
-            lambda: DataLoader(seed_set, batch_size=bs, shuffle=True, drop_last=True), device,
+            lambda: DataLoader(data.seed_set, batch_size=bs, shuffle=True, drop_last=True),
+            device,
             args.loader_batches, bs),
         "trainer": loader_images_per_s(
             lambda: train_batches(on_device, bs, gen, pre), device, args.loader_batches, bs),
@@ -703,7 +620,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     profiles: list[str] = []
     with tempfile.TemporaryDirectory() as run_dir:
         for name in args.models:
-            rows += benchmark_model(name, args, device, data, seed_set, args.precisions, peaks,
+            rows += benchmark_model(name, args, device, data, args.precisions, peaks,
                                     Path(run_dir), profiles)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     result = {
@@ -712,18 +629,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     else cpu_has_native("bf16"),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
-        "setup": {"data": data_desc, "batch_size": bs, "width": args.width,
+        "setup": {"data": data.description, "batch_size": bs, "width": args.width,
                   "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                   "channels_last": not args.no_channels_last, "compile": args.compile,
-                  "conv_algorithm": args.conv_algorithm,
                   "average_every": AVERAGE_EVERY, "matmul_size": n},
         "matmul_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
         "loader_images_per_s": {k: round(v, 1) for k, v in loaders.items()},
         "columns": COLUMNS,
         "rows": rows,
     }
-    print(f"{device_name} ({device}, {torch.get_num_threads()} threads), {data_desc}; "
-          f"batch {bs}, width {args.width}, median of {args.rounds} rounds of {args.steps} "
+    print(f"{device_name} ({device}, {torch.get_num_threads()} threads), {data.description}"
+          f"; batch {bs}, width {args.width}, median of {args.rounds} rounds of {args.steps} "
           "steps")
     print("matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()))
     print("data path alone (images/s): " + ", ".join(f"{k} {v:.0f}"
@@ -739,4 +655,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad data folder, no GPU for --device cuda: one line
+        sys.exit(f"benchmark.py: {e}")

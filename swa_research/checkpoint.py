@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from swa_research.config import UserError, flatten_dict
-from swa_research.faults import fault_point
 from swa_research.fileio import atomic_write, describe_write_error
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,11 @@ OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progre
                     "data.download", "data.cache")
 
 # What a run computed with before a key existed: a checkpoint that lacks the key is compared as
-# if it held this value (trainer.conv_algorithm came with Winograd; before it, oneDNN only).
-LEGACY_VALUES = {"trainer.conv_algorithm": "native", "trainer.compile_mode": "default"}
+# if it held this value.
+LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": []}
+# Keys that no longer exist: a checkpoint that holds one still resumes (trainer.conv_algorithm
+# chose CPU convolution kernels, which changed rounding only).
+RETIRED_KEYS = ("trainer.conv_algorithm",)
 
 
 class CorruptCheckpoint(Exception):
@@ -86,12 +88,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     staged = run_dir / f".{LATEST}.staged"
     state = {"format": FORMAT_VERSION, **state}
 
-    def write(f: Any) -> None:
-        torch.save(state, f)
-        fault_point("checkpoint_write")  # tests kill the process here: half a file on disk
-
     try:
-        atomic_write(staged, write)
+        atomic_write(staged, lambda f: torch.save(state, f))
         if latest.exists():
             os.replace(latest, previous)
         os.replace(staged, latest)
@@ -204,6 +202,8 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> tuple[dict[str, Any], 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every key that changes what the run computes."""
     a, b = flatten_dict(saved), flatten_dict(current)
+    for key in RETIRED_KEYS:
+        a.pop(key, None)
     a.update({k: v for k, v in LEGACY_VALUES.items() if k in b and k not in a})
     diffs = []
     for key in sorted(set(a) | set(b)):

@@ -2,8 +2,11 @@
 
 Each group has one dataclass that covers all of its options, so that merging any option file
 (or a command-line override) into it fails on an unknown key or a wrong type, naming the key.
-Cross-field checks (``swa.start`` within the budget, positive learning rates, ...) run in
-:func:`validate`, before any data is loaded or any model is built.
+Cross-field checks (positive learning rates, a valid ``swa.start``, ...) run in :func:`validate`,
+before any data is loaded or any model is built. The ``model`` group is the exception: its keys
+are the chosen model's options, which the model registry (:mod:`swa_research.models`) checks;
+averaging method names are checked by :mod:`swa_research.averaging`'s registry. This module
+imports neither (they build on it) and no Hydra: the entry point registers the schema.
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from swa_research.errors import UserError
+
+__all__ = ["UserError"]  # re-exported: raised by every module that checks a user's input
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, exit code 2."""
 
 
 @dataclass
@@ -46,14 +48,6 @@ class DataConfig:
     # imagefolder: keep the decoded images on disk (data.root/.swa_cache, or the user's cache
     # dir where data.root is read-only) so that the next run skips decoding.
     cache: bool = True
-
-
-@dataclass
-class ModelConfig:
-    name: str = "simplified"  # simplified | vgg11 | vgg13 | vgg16 | vgg19
-    batch_norm: bool = False
-    dropout: float = 0.5
-    width: float = 1.0
 
 
 @dataclass
@@ -80,7 +74,10 @@ class ScheduleConfig:
 
 @dataclass
 class SwaConfig:
-    method: str = "swa"  # swa | ema | none
+    method: str = "swa"  # a name in the averaging registry (swa, ema), or none
+    # Further averages kept beside the primary one on the same plan, each under its method's
+    # name (swa.also=[ema]: ema_* columns next to the swa_* ones).
+    also: list[str] = field(default_factory=list)
     lr: float = 5e-4
     start: float = 4000  # in `unit`; below 1.0 a fraction of the budget
     freq: int = 50
@@ -120,10 +117,6 @@ class TrainerConfig:
     # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
-    # 3x3 convolutions on a CPU: auto (Winograd in fp32, im2col + GEMM in native bf16, each
-    # where it is faster; oneDNN elsewhere), native (always oneDNN) or winograd (fp32,
-    # wherever it applies); see swa_research/conv.py.
-    conv_algorithm: str = "auto"  # auto | native | winograd
 
 
 @dataclass
@@ -142,7 +135,9 @@ class LoggerConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # A model's name and its options: the keyword arguments of its builder in the model
+    # registry (VGG: batch_norm, dropout, width), checked and completed there.
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "simplified"})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     swa: SwaConfig = field(default_factory=SwaConfig)
@@ -151,30 +146,12 @@ class Config:
     seed: int = 0
 
 
-def register_configs() -> None:
-    """Register the schema so that conf/config.yaml can build on it."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    # conf/hydra/launcher/local_gpus.yaml: one job per visible GPU.
-    if not OmegaConf.has_resolver("swa_gpu_count"):
-        OmegaConf.register_new_resolver("swa_gpu_count", visible_gpu_count)
-
-
-def visible_gpu_count() -> int:
-    """CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies); at least 1."""
-    import torch
-
-    return max(1, torch.cuda.device_count())
-
-
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
     "data.augment": ("none", "crop_flip"),
-    "model.name": ("simplified", "vgg11", "vgg13", "vgg16", "vgg19"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical"),
     "schedule.step_unit": ("epoch", "iter"),
-    "swa.method": ("swa", "ema", "none"),
     "swa.unit": ("iter", "epoch"),
     "trainer.best_by": ("val_loss", "val_acc"),
     "trainer.progress": ("auto", "bar", "line", "none"),
@@ -182,7 +159,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.eval_precision": ("auto", "fp32", "bf16", "fp16"),
-    "trainer.conv_algorithm": ("auto", "native", "winograd"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune",
                              "max-autotune-no-cudagraphs"),
 }
@@ -195,8 +171,8 @@ def check_keys(cfg: DictConfig | dict[str, Any]) -> None:
     known = flatten_dict(OmegaConf.to_container(OmegaConf.structured(Config)))  # type: ignore[arg-type]
     groups = {k.split(".")[0] for k in known}
     for key in flatten_dict(given):  # type: ignore[arg-type]
-        if key in known or key == "hydra" or key.startswith("hydra."):
-            continue
+        if key in known or key == "hydra" or key.startswith(("hydra.", "model.")):
+            continue  # model.*: the model registry checks a model's options
         near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
         if not near and key.split(".")[0] in groups:
             near = difflib.get_close_matches(key, [k for k in known
@@ -243,7 +219,7 @@ def validate(cfg: Config) -> None:
     if cfg.swa.method != "none":
         _positive(cfg.swa.lr, "swa.lr")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
-                "trainer.eval_every", "swa.freq", "model.width", "logger.log_every",
+                "trainer.eval_every", "swa.freq", "logger.log_every",
                 "logger.init_timeout"):
         _positive(_get(cfg, key), key)
     if cfg.trainer.checkpoint_every < 0:
@@ -252,8 +228,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"trainer.num_workers={cfg.trainer.num_workers}: must be >= 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise UserError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+    if not isinstance(cfg.model.get("name"), str):
+        raise UserError("model.name: must name a model (model=vgg16 or model.name=vgg16)")
     o = cfg.optimizer
     if not (math.isfinite(o.momentum) and 0.0 <= o.momentum < 1.0):
         raise UserError(f"optimizer.momentum={o.momentum}: must be in [0, 1)")
@@ -270,8 +246,6 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(start) and start >= 0) or (start >= 1.0 and start != int(start)):
         raise UserError(f"swa.start={start}: must be a fraction of the budget below 1.0 "
                         "(swa.start=0.75) or a whole number of swa.unit (swa.start=4000)")
-    if cfg.swa.method == "ema" and not 0.0 < cfg.swa.decay < 1.0:
-        raise UserError(f"swa.decay={cfg.swa.decay}: must be in (0, 1)")
     s = cfg.schedule
     if not 0.0 <= s.decay_start <= s.decay_end <= 1.0:
         raise UserError(
@@ -292,34 +266,6 @@ def validate(cfg: Config) -> None:
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def validate_budget(cfg: Config, iters_per_epoch: int) -> None:
-    """Checks that need the data set's size: the averaging must fit in the budget."""
-    if iters_per_epoch < 1:
-        raise UserError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
-            "(drop_last leaves no batch)")
-    if cfg.swa.method == "none":
-        return
-    from swa_research.averaging import AveragingPlan  # local: avoids an import cycle
-
-    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
-    points = plan.update_points()
-    budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
-    if not points:
-        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
-        raise UserError(
-            f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
-            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged; give the "
-            "start as a fraction of the budget, e.g. swa.start=0.75")
-    if len(points) == 1 and plan.cycle is None:
-        # An average of one point is that checkpoint (with recomputed BN statistics): almost
-        # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.
-        unit = "epoch" if cfg.swa.unit == "epoch" else "iteration"
-        log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
-                    "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
-                    "more", cfg.swa.freq, cfg.swa.unit, unit, points[0], budget)
 
 
 def bn_batch_size(cfg: Config) -> int:

@@ -1,9 +1,9 @@
 """File locks for work that several jobs on one machine may start at once: downloading a data
-set, building its decode cache, choosing a GPU."""
+set, building its decode cache, choosing a GPU, running in a run dir. All are ``flock`` locks
+(through ``filelock``), so the kernel releases them when the holder dies, however it dies."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -13,9 +13,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
+
+
+def _flock(path: str | Path, **options: Any) -> FileLock:
+    """A kernel lock, releasable from any thread; no soft-lock marker that outlives a holder."""
+    return FileLock(path, thread_local=False, fallback_to_soft=False, **options)
 
 
 def lock_path(folder: str | Path, name: str) -> Path:
@@ -36,16 +43,14 @@ def lock_path(folder: str | Path, name: str) -> Path:
 def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
     """Exclusive lock on ``path`` for the duration of the block (released if the process
     dies). Says so when it has to wait."""
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process %s (lock %s)", what, path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = _flock(path)
+    try:
+        held = lock.acquire(blocking=False)
+    except Timeout:
+        log.info("waiting for another process %s (lock %s)", what, path)
+        held = lock.acquire()
+    with held:
+        yield
 
 
 class GpuClaim:
@@ -53,9 +58,9 @@ class GpuClaim:
     :meth:`release` (or the process ends). Jobs that share a machine (joblib, several W&B
     agents) thus take different GPUs; a job waits while every GPU is taken."""
 
-    def __init__(self, index: int, handle: IO[Any]) -> None:
+    def __init__(self, index: int, lock: FileLock) -> None:
         self.index = index
-        self._handle: IO[Any] | None = handle
+        self._lock = lock
 
     @classmethod
     def acquire(cls, count: int, preferred: int = 0, lock_dir: str | Path | None = None,
@@ -68,13 +73,12 @@ class GpuClaim:
         waited = False
         while True:
             for index in order:
-                handle = open(folder / f"swa_research-gpu{index}-of-{visible}.lock", "a+")
+                lock = _flock(folder / f"swa_research-gpu{index}-of-{visible}.lock")
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.close()
+                    lock.acquire(blocking=False)
+                except Timeout:
                     continue
-                return cls(index, handle)
+                return cls(index, lock)
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise TimeoutError(f"all {count} GPUs are taken by other jobs")
             if not waited:
@@ -83,10 +87,12 @@ class GpuClaim:
             time.sleep(poll_s)
 
     def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        self._lock.release()  # a no-op once released
+
+
+def _holder() -> str:
+    return (f"pid {os.getpid()} on host {socket.gethostname()} "
+            f"(since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
 
 
 class RunDirLock:
@@ -94,42 +100,37 @@ class RunDirLock:
     dir (two jobs given one ``hydra.run.dir``) is refused instead of interleaving its files with
     the first's. The lock is an ``flock`` on ``RUN_DIR/.lock``, so the kernel releases it when
     the holder dies, however it dies: a later run takes it over. The file names the holder
-    (pid, host, start time) for the refusal message."""
+    (pid, host, start time) for the refusal message; filelock (>= 3.30) opens it without
+    truncating, so a refused process still reads the holder's line."""
 
     NAME = ".lock"
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / self.NAME
-        self._handle: IO[Any] | None = None
+        self._lock = _flock(self.path, blocking=False, on_acquired=self._name_holder)
+
+    @staticmethod
+    def _name_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder().encode(), 0)
 
     def acquire(self) -> None:
         from swa_research.config import UserError
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            self._lock.acquire()
+        except Timeout:  # caught before OSError, which filelock's Timeout (a TimeoutError) is
+            holder = self.path.read_text().strip() or "another process"
             raise UserError(f"run dir {self.path.parent} is in use by {holder}; wait for it to "
                             "end, or choose another output dir with hydra.run.dir=...") from None
         except OSError as e:  # a file system without locks: run unprotected, but say so
             log.warning("cannot lock %s (%s); two runs started into this dir would clash",
                         self.path, e.strerror or e)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on host {socket.gethostname()} "
-                     f"(since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
-        self._handle = handle
+            self.path.write_text(_holder())
 
     def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        self._lock.release()
 
     def __enter__(self) -> RunDirLock:
         self.acquire()

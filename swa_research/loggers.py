@@ -22,11 +22,26 @@ from swa_research.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = [
-    "epoch", "iteration", "lr", "train_loss", "train_acc",
-    "sgd_val_loss", "sgd_val_acc", "sgd_test_loss", "sgd_test_acc",
-    "swa_val_loss", "swa_val_acc", "swa_test_loss", "swa_test_acc", "swa_n_averaged",
-]
+EVAL_KEYS = ("val_loss", "val_acc", "test_loss", "test_acc")
+
+
+def history_columns(averages: list[str] | tuple[str, ...] = ("swa",)) -> list[str]:
+    """history.csv's columns: the step's, the SGD model's, then each average's by name (the
+    primary's ``swa_*`` columns are there also when the run averages nothing)."""
+    names = ["swa", *[n for n in averages if n != "swa"]]
+    cols = ["epoch", "iteration", "lr", "train_loss", "train_acc",
+            *(f"sgd_{k}" for k in EVAL_KEYS)]
+    for name in names:
+        cols += [*(f"{name}_{k}" for k in EVAL_KEYS), f"{name}_n_averaged"]
+    return cols
+
+
+HISTORY_COLUMNS = history_columns()
+
+
+def average_names(metrics: dict[str, Any]) -> list[str]:
+    """The averages a metrics.json holds, primary first (older files: ``swa`` only)."""
+    return list(metrics.get("averages") or ["swa"])
 
 
 def _clean(value: Any) -> Any:
@@ -47,8 +62,10 @@ class RunLogger(Protocol):
 class LocalFiles:
     """history.csv (one row per evaluation) and metrics.json in the run dir."""
 
-    def __init__(self, run_dir: Path, title: str | None = None) -> None:
+    def __init__(self, run_dir: Path, title: str | None = None,
+                 averages: list[str] | tuple[str, ...] = ("swa",)) -> None:
         self.run_dir = Path(run_dir)
+        self.columns = history_columns(averages)
         self.title = title or self.run_dir.name  # the plots' title: the job's overrides
         self.rows: list[dict[str, Any]] = []
 
@@ -65,11 +82,11 @@ class LocalFiles:
 
     def write_history(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()
         for row in self.rows:
             writer.writerow({k: ("" if row.get(k) is None else repr_number(row[k]))
-                             for k in HISTORY_COLUMNS})
+                             for k in self.columns})
         atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
 
     def finish(self, metrics: dict[str, Any]) -> None:
@@ -124,6 +141,8 @@ def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
 
     sgd, best = metrics["sgd"]["test_acc"], metrics["sgd_best_val"]["test_acc"]
     swa = metrics["swa"]["test_acc"]
+    others = [(n, (metrics.get(n) or {}).get("test_acc")) for n in average_names(metrics)
+              if n != "swa"]
     minutes, seconds = divmod(int(round(metrics["train"]["wall_time_s"])), 60)
     hours, minutes = divmod(minutes, 60)
     wall = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
@@ -132,23 +151,28 @@ def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
         text += f", SWA {pct(swa)}"
         if sgd is not None:
             text += f" (gain {100 * (swa - sgd):+.2f} pp)"
+    for name, acc in others:
+        if acc is not None:
+            text += f", {name.upper()} {pct(acc)}"
     return text + f"; results in {run_dir}"
 
 
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
     """The run summary: the dashboard's table columns."""
     out: dict[str, Any] = {"status": metrics.get("status")}
-    for model in ("sgd", "sgd_best_val", "swa"):
+    averages = average_names(metrics)
+    for model in ("sgd", "sgd_best_val", *averages):
         for key in ("test_acc", "test_loss", "val_acc", "val_loss"):
             out[f"{model}/{key}"] = (metrics.get(model) or {}).get(key)
-    out["swa/n_averaged"] = (metrics.get("swa") or {}).get("n_averaged")
+    for name in averages:
+        out[f"{name}/n_averaged"] = (metrics.get(name) or {}).get("n_averaged")
     out["sgd_best_val/epoch"] = (metrics.get("sgd_best_val") or {}).get("epoch")
     for key in ("acc", "loss"):
         swa, sgd = out[f"swa/test_{key}"], out[f"sgd/test_{key}"]
         out[f"swa_gain/test_{key}"] = None if swa is None or sgd is None else swa - sgd
     out["swa_gain"] = out["swa_gain/test_acc"]
     calibration = metrics.get("calibration") or {}
-    for model in ("sgd", "swa"):
+    for model in ("sgd", *averages):
         for key in ("nll", "ece"):
             out[f"calibration/{model}_{key}"] = (calibration.get(model) or {}).get(key)
     for k, v in (metrics.get("train") or {}).items():
@@ -217,9 +241,11 @@ class WandbLogger:
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
                  name: str | None = None, group: str | None = None,
-                 resuming: bool = False) -> None:
+                 resuming: bool = False, averages: list[str] | tuple[str, ...] = ("swa",)
+                 ) -> None:
         self.run: Any = None
         self.run_dir = Path(run_dir)
+        self.averages = ["swa", *[n for n in averages if n != "swa"]]
         self._warned = False
         try:
             import wandb
@@ -258,7 +284,7 @@ class WandbLogger:
             self.run.define_metric("train/*", step_metric="iteration")
             self.run.define_metric("lr", step_metric="iteration")
             self.run.define_metric("epoch")
-            for prefix in ("sgd/*", "swa/*", "epoch/*"):
+            for prefix in ("sgd/*", *(f"{n}/*" for n in self.averages), "epoch/*"):
                 self.run.define_metric(prefix, step_metric="epoch")
         except Exception as e:
             self._disable(e)
@@ -304,9 +330,10 @@ class WandbLogger:
     def log_eval(self, row: dict[str, Any]) -> None:
         data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
                                 "epoch/lr": row["lr"], "epoch/train_loss": row["train_loss"],
-                                "epoch/train_acc": row["train_acc"],
-                                "swa/n_averaged": row.get("swa_n_averaged", 0)}
-        for model in ("sgd", "swa"):
+                                "epoch/train_acc": row["train_acc"]}
+        for name in self.averages:
+            data[f"{name}/n_averaged"] = row.get(f"{name}_n_averaged", 0)
+        for model in ("sgd", *self.averages):
             for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
                 if row.get(f"{model}_{key}") is not None:
                     data[f"{model}/{key}"] = row[f"{model}_{key}"]

@@ -1,4 +1,5 @@
-"""PNG plots of a run: loss curves, and SGD vs averaged accuracy over epochs."""
+"""PNG plots of a run: loss curves, SGD vs averaged accuracy over epochs, and the reliability
+diagram of each model."""
 
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
     return xs, ys
 
 
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def model_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """``sgd`` and the run's averages (the history's ``<name>_n_averaged`` columns), in order."""
+    names = ["sgd"]
+    for r in rows[:1]:
+        names += [k[:-len("_n_averaged")] for k in r if k.endswith("_n_averaged")]
+    return names
+
+
+def color_of(name: str, names: Sequence[str]) -> str:
+    return COLORS[list(names).index(name) % len(COLORS)] if name in names else "tab:gray"
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend: no display needed, safe in worker processes."""
     import matplotlib
@@ -57,7 +73,7 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     plt = pyplot()
     out = Path(out_dir)
     written: list[Path] = []
-    colors = {"sgd": "tab:blue", "swa": "tab:orange"}
+    names = model_names(rows)
     panels = (  # file, metric suffix, y label, scale, title
         (PLOT_FILES[0], "loss", "cross-entropy loss", 1.0, "Loss"),
         (PLOT_FILES[1], "acc", "accuracy (%)", 100.0, "SGD vs averaged accuracy"),
@@ -66,12 +82,12 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if metric == "loss":
             ax.plot(*_series(rows, "train_loss"), color="gray", label="train (SGD, running)")
-        for model in ("sgd", "swa"):
+        for model in names:
             for split, ls in (("val", "--"), ("test", "-")):
                 xs, ys = _series(rows, f"{model}_{split}_{metric}")
                 if xs:
                     ax.plot(xs, [scale * y for y in ys], ls=ls, marker=".",
-                            color=colors[model], label=f"{model.upper()} {split}")
+                            color=color_of(model, names), label=f"{model.upper()} {split}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -80,3 +96,35 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         ax.legend()
         written.append(save_figure(fig, out / filename))
     return written
+
+
+def plot_reliability(bins: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One reliability diagram per model side by side: accuracy per confidence bin against
+    the diagonal (perfect calibration), and the share of samples per bin below it."""
+    import torch
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(bins), figsize=(4.2 * len(bins), 5.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for col, (name, b) in enumerate(bins.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        left = b.edges[:-1].numpy()
+        width = float(b.edges[1] - b.edges[0])
+        acc = torch.nan_to_num(b.accuracy, nan=0.0).numpy()
+        color = color_of(name, list(bins))
+        top.bar(left, acc, width=width, align="edge", color=color, alpha=0.75,
+                edgecolor="black", linewidth=0.5, label="accuracy")
+        top.plot([0, 1], [0, 1], ls="--", color="gray", label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.set_title(f"{name.upper()}: ECE {100 * b.ece:.2f}%")
+        top.legend(loc="upper left", fontsize="small")
+        share = (b.counts.double() / max(1, int(b.counts.sum()))).numpy()
+        bottom.bar(left, share, width=width, align="edge", color=color, alpha=0.75)
+        bottom.set_xlabel("confidence")
+        bottom.set_ylabel("share")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import os
-import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -29,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.ticker import MaxNLocator
+from scipy import stats
 
 from swa_research.config import flatten_dict
 from swa_research.fileio import atomic_write_text
 from swa_research.plots import pyplot, read_history, save_figure
+from swa_research.runs import find_run_dirs, read_run
 
 log = logging.getLogger(__name__)
 
@@ -52,68 +51,35 @@ METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
     ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL"),
 )
-PERCENT = {"sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc", "sgd_ece", "swa_ece"}
+Metric = tuple[str, tuple[str, ...], str]
+
+
+def metric_columns(averages: Sequence[str] = ()) -> list[Metric]:
+    """:data:`METRICS`, then the same four for each further average (``swa.also``) by name."""
+    out = list(METRICS)
+    for name in averages:
+        if name != "swa":
+            label = name.upper()
+            out += [(f"{name}_test_acc", (name, "test_acc"), f"{label} acc %"),
+                    (f"{name}_test_loss", (name, "test_loss"), f"{label} loss"),
+                    (f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
+                    (f"{name}_nll", ("calibration", name, "nll"), f"{label} NLL")]
+    return out
+
+
+def is_percent(column: str) -> bool:
+    return column.endswith(("_acc", "_ece"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x))
-    # The continued fraction converges fast on this side of the mean; use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t distribution with ``df`` degrees of freedom."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t distribution, by bisection on :func:`t_cdf`."""
+    """The p-quantile of Student's t distribution with ``df`` degrees of freedom."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass
@@ -201,34 +167,6 @@ class Run:
         return float(node) if isinstance(node, (int, float)) and math.isfinite(node) else None
 
 
-def _natural_key(path: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
-
-
-def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run dirs at or below ``paths``: folders with metrics.json or .hydra/overrides.yaml."""
-    found: set[Path] = set()
-    for top in paths:
-        top = Path(top)
-        if not top.is_dir():
-            raise FileNotFoundError(f"{top}: no such folder")
-        for dirpath, dirnames, filenames in os.walk(top):
-            # W&B's folders and hidden ones (.hydra, caches) hold no runs.
-            dirnames[:] = [d for d in dirnames if d != "wandb" and not d.startswith(".")]
-            here = Path(dirpath)
-            if "metrics.json" in filenames or (here / ".hydra" / "overrides.yaml").is_file():
-                found.add(here.resolve())
-    return sorted(found, key=_natural_key)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     """Hydra override strings -> {key: value as written}; `+`/`++` prefixes dropped."""
     out: dict[str, str] = {}
@@ -249,7 +187,7 @@ def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
     group = config.get("logger.group")
     if group is None:
         # As the entry point named it: one group per multirun, the sweep folder's name.
-        hydra_cfg = (_read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+        hydra_cfg = read_run(run_dir).hydra
         if hydra_cfg.get("mode") == "MULTIRUN":
             sweep_dir = str((hydra_cfg.get("sweep") or {}).get("dir", ""))
             group = Path(sweep_dir).name if sweep_dir and "${" not in sweep_dir \
@@ -260,29 +198,18 @@ def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
 
 
 def load_run(run_dir: Path, root: Path) -> Run:
-    hydra_dir = run_dir / ".hydra"
-    overrides = parse_overrides(_read_yaml(hydra_dir / "overrides.yaml") or [])
-    config = flatten_dict(_read_yaml(hydra_dir / "config.yaml") or {})
-    hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
+    record = read_run(run_dir)
+    config = flatten_dict(record.config)
     choices = {k: None if v is None else str(v) for k, v in
-               ((hydra_cfg.get("runtime") or {}).get("choices") or {}).items()
+               ((record.hydra.get("runtime") or {}).get("choices") or {}).items()
                if not k.startswith("hydra/")}
-    metrics: dict[str, Any] | None = None
-    error = None
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        status = str(metrics.get("status", "unknown"))
-        error = metrics.get("error")
-    except FileNotFoundError:
-        status, error = "no metrics.json", "the job ended before writing metrics.json"
-    except (OSError, ValueError) as e:
-        status, error = "unreadable", f"metrics.json: {e}"
     try:
         name = run_dir.relative_to(root).as_posix()
     except ValueError:
         name = run_dir.as_posix()
-    return Run(path=run_dir, name=name if name != "." else run_dir.name, overrides=overrides,
-               config=config, choices=choices, metrics=metrics, status=status, error=error,
+    return Run(path=run_dir, name=name if name != "." else run_dir.name,
+               overrides=parse_overrides(record.overrides), config=config, choices=choices,
+               metrics=record.metrics, status=record.status, error=record.error,
                wandb=_wandb_target(run_dir, config))
 
 
@@ -321,8 +248,8 @@ class ConfigRow:
     stats: dict[str, Stat] = field(default_factory=dict)
     gain: PairedCI = field(default_factory=PairedCI)
 
-    def summarise(self) -> None:
-        for column, path, _ in METRICS:
+    def summarise(self, columns: Sequence[Metric] = METRICS) -> None:
+        for column, path, _ in columns:
             self.stats[column] = Stat.of([v for r in self.runs
                                           if (v := r.metric(path)) is not None])
         diffs = []
@@ -343,6 +270,7 @@ class Report:
     markdown: str = ""
     files: list[Path] = field(default_factory=list)
     wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
+    columns: list[Metric] = field(default_factory=lambda: list(METRICS))
 
     @property
     def failed(self) -> list[Run]:
@@ -360,7 +288,7 @@ class Report:
 
     def csv_rows(self) -> tuple[list[str], list[list[Any]]]:
         columns = ["configuration", *self.keys, "n_runs", "n_failed", "seeds"]
-        for column, _, _ in METRICS:
+        for column, _, _ in self.columns:
             columns += [f"{column}_mean", f"{column}_std"]
         columns += ["swa_gain_mean", "swa_gain_std", "swa_gain_ci95_low", "swa_gain_ci95_high",
                     "swa_gain_n"]
@@ -369,7 +297,7 @@ class Report:
             line: list[Any] = [row.label, *(show(row.values[k]) for k in self.keys),
                                len(row.runs), len(row.failed),
                                " ".join(show(r.seed) for r in row.runs)]
-            for column, _, _ in METRICS:
+            for column, _, _ in self.columns:
                 line += [row.stats[column].mean, row.stats[column].std]
             g = row.gain
             line += [g.mean, g.std, g.low, g.high, g.n]
@@ -386,6 +314,10 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
             f"no run dirs (with metrics.json or .hydra/overrides.yaml) under "
             f"{', '.join(str(p) for p in paths)}")
     keys = differing_keys(runs)
+    averages: list[str] = []
+    for run in runs:
+        averages += [n for n in (run.metrics or {}).get("averages") or [] if n not in averages]
+    columns = metric_columns(averages)
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         values = {k: run.value(k) for k in keys}
@@ -393,8 +325,8 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
         row = rows.setdefault(label, ConfigRow(label, values))
         (row.runs if run.finished else row.failed).append(run)
     for row in rows.values():
-        row.summarise()
-    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs)
+        row.summarise(columns)
+    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns)
     report.table = format_table(report)
     report.markdown = format_markdown(report)
     return report
@@ -403,7 +335,7 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
 def _fmt(stat: Stat, column: str) -> str:
     if stat.mean is None:
         return "-"
-    scale, digits = (100.0, 2) if column in PERCENT else (1.0, 4)
+    scale, digits = (100.0, 2) if is_percent(column) else (1.0, 4)
     text = f"{scale * stat.mean:.{digits}f}"
     return text if stat.std is None else f"{text} ± {scale * stat.std:.{digits}f}"
 
@@ -428,14 +360,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(report: Report) -> str:
+    extra = [c for c, _, _ in report.columns[len(METRICS):] if c.endswith("_test_acc")]
     shown = ("sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc")
     losses = ("sgd_test_loss", "sgd_best_val_test_loss", "swa_test_loss")
-    calib = [c for c in ("sgd_ece", "swa_ece") if any(r.stats[c].n for r in report.rows)]
-    labels = {c: lbl for c, _, lbl in METRICS}
+    calib = [c for c, _, _ in report.columns
+             if c.endswith("_ece") and any(r.stats[c].n for r in report.rows)]
+    labels = {c: lbl for c, _, lbl in report.columns}
     header = ["configuration", "n", *(labels[c] for c in shown), "SWA gain pp [95% CI]",
-              *(labels[c] for c in (*losses, *calib)), "failed"]
+              *(labels[c] for c in (*extra, *losses, *calib)), "failed"]
     rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
-             _fmt_gain(r.gain), *(_fmt(r.stats[c], c) for c in (*losses, *calib)),
+             _fmt_gain(r.gain), *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
              str(len(r.failed))] for r in report.rows]
     return _md_table(header, rows)
 

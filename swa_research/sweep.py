@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from swa_research.runs import NO_METRICS, read_run
 
 
 @dataclass
@@ -25,20 +26,14 @@ class JobResult:
 
 
 def read_job(run_dir: Path) -> JobResult:
-    overrides: list[str] = []
-    ov = run_dir / ".hydra" / "overrides.yaml"
-    if ov.is_file():
-        overrides = [str(o) for o in (yaml.safe_load(ov.read_text()) or [])]
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return JobResult(run_dir, overrides, "failed", None,
+    run = read_run(run_dir)
+    if run.status == NO_METRICS:
+        return JobResult(run_dir, run.overrides, "failed", None,
                          "no metrics.json: the job stopped before training ended")
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return JobResult(run_dir, overrides, "failed", None, f"unreadable metrics.json: {e}")
-    return JobResult(run_dir, overrides, str(metrics.get("status", "failed")), metrics,
-                     metrics.get("error"))
+    if run.metrics is None:
+        return JobResult(run_dir, run.overrides, "failed", None, f"unreadable {run.error}")
+    return JobResult(run_dir, run.overrides, run.status if run.status != "unknown" else "failed",
+                     run.metrics, run.error)
 
 
 def sweep_jobs(sweep_dir: Path) -> list[JobResult]:

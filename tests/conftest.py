@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import swa_research
-from swa_research.config import register_configs
+from swa_research.conf import register_configs
 
 # The test models are tiny: threads buy nothing, and OpenMP threads that spin-wait slow a run
 # down by an order of magnitude when another process shares the two cores.
@@ -41,6 +42,31 @@ TINY: list[str] = [
     "swa.start=0.5",
     "swa.freq=1",
 ]
+
+
+FAULT_DIR = Path(__file__).parent / "faultinject"
+
+
+def fault_env(spec: str | None, once: Path | None = None) -> dict[str, str]:
+    """Environment variables that make a Python process (and those it starts) stop at a named
+    point: see tests/faultinject/sitecustomize.py. None: no fault (the variables cleared)."""
+    if not spec:
+        return {"SWA_RESEARCH_FAULT": "", "SWA_RESEARCH_FAULT_ONCE": ""}
+    path = os.pathsep.join(p for p in (str(FAULT_DIR), os.environ.get("PYTHONPATH")) if p)
+    env = {"SWA_RESEARCH_FAULT": spec, "PYTHONPATH": path}
+    if once is not None:
+        env["SWA_RESEARCH_FAULT_ONCE"] = str(once)
+    return env
+
+
+def make_average(model: torch.nn.Module, method: str, decay: float = 0.999,
+                 bn_update: bool = True) -> Any:
+    """An average of ``model`` from the registry, as a run with swa.method=METHOD builds it."""
+    from swa_research.averaging import build_averages
+    from swa_research.config import SwaConfig
+
+    return build_averages(model, SwaConfig(method=method, decay=decay,
+                                           bn_update=bn_update))["swa"]
 
 
 def group_options(group: str) -> list[str]:

@@ -1,12 +1,18 @@
-"""swa_research.averaging.Averager: equal and exponential averages, and the BN update."""
+"""swa_research.averaging: equal and exponential averages, the registry of methods, the BN
+update."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import make_average
 from torch import nn
 
-from swa_research.averaging import Averager, has_batch_norm
+from swa_research.averaging import Average, build_averages, has_batch_norm
+from swa_research.config import SwaConfig, UserError
 
 
 def small_net() -> nn.Module:
@@ -31,7 +37,7 @@ def randomize(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("factory", [lambda: nn.Linear(5, 3), small_net])
 def test_swa_is_the_arithmetic_mean(factory) -> None:
     model = factory()
-    avg = Averager(model, "swa")
+    avg = make_average(model, "swa")
     assert avg.n_averaged == 0
     seen = []
     for k in range(5):
@@ -50,7 +56,7 @@ def test_swa_is_the_arithmetic_mean(factory) -> None:
 
 def test_swa_first_update_copies_the_weights() -> None:
     model = nn.Linear(4, 2)
-    avg = Averager(model, "swa")
+    avg = make_average(model, "swa")
     w = randomize(model, seed=7)
     avg.update(model)
     for name, p in avg.module.named_parameters():
@@ -60,7 +66,7 @@ def test_swa_first_update_copies_the_weights() -> None:
 @pytest.mark.parametrize("decay", [0.9, 0.5])
 def test_ema_recursion(decay: float) -> None:
     model = small_net()
-    avg = Averager(model, "ema", decay=decay)
+    avg = make_average(model, "ema", decay=decay)
     expected: dict[str, torch.Tensor] | None = None
     for k in range(6):
         w = randomize(model, seed=k)
@@ -77,7 +83,7 @@ def test_ema_recursion(decay: float) -> None:
 
 def test_ema_differs_from_swa() -> None:
     model_a, model_b = nn.Linear(3, 3), nn.Linear(3, 3)
-    swa, ema = Averager(model_a, "swa"), Averager(model_b, "ema", decay=0.9)
+    swa, ema = make_average(model_a, "swa"), make_average(model_b, "ema", decay=0.9)
     for k in range(3):
         randomize(model_a, k)
         randomize(model_b, k)
@@ -87,10 +93,11 @@ def test_ema_differs_from_swa() -> None:
 
 
 def test_unknown_method_rejected() -> None:
-    with pytest.raises(ValueError, match="swa.*ema"):
-        Averager(nn.Linear(2, 2), "polyak")
-    with pytest.raises(ValueError):
-        Averager(nn.Linear(2, 2), "none")
+    with pytest.raises(UserError, match="swa.method='polyak': expected one of swa, ema, none"):
+        make_average(nn.Linear(2, 2), "polyak")
+    with pytest.raises(UserError, match=r"swa.decay=1.5: must be in \(0, 1\)"):
+        make_average(nn.Linear(2, 2), "ema", decay=1.5)
+    assert build_averages(nn.Linear(2, 2), SwaConfig(method="none")) == {}
 
 
 def batches(seed: int, sizes: tuple[int, ...] = (8, 8, 5)) -> list[tuple[torch.Tensor,
@@ -138,7 +145,7 @@ def test_bn_update_recomputes_statistics(momentum: float) -> None:
     torch.manual_seed(0)
     model = bn_net(momentum)
     assert has_batch_norm(model)
-    avg = Averager(model, "swa", bn_update=True)
+    avg = make_average(model, "swa", bn_update=True)
     # Give the training model BN buffers of its own; the average copies them on update.
     model.train()
     for x, _ in batches(seed=1):
@@ -181,20 +188,99 @@ def test_bn_update_recomputes_statistics(momentum: float) -> None:
 
 
 def test_bn_update_needs_an_update_first() -> None:
-    avg = Averager(bn_net(), "swa")
+    avg = make_average(bn_net(), "swa")
     assert avg.prepare_for_eval(batches(seed=0)) is False
 
 
 def test_bn_update_off_or_without_bn() -> None:
     model = small_net()
     assert not has_batch_norm(model)
-    avg = Averager(model, "swa", bn_update=True)
+    avg = make_average(model, "swa", bn_update=True)
     avg.update(model)
     assert avg.prepare_for_eval([(torch.randn(2, 3, 5, 5), torch.zeros(2))]) is False
 
     model = bn_net()
-    avg = Averager(model, "ema", decay=0.9, bn_update=False)
+    avg = make_average(model, "ema", decay=0.9, bn_update=False)
     avg.update(model)
     before = avg.module[1].running_mean.clone()
     assert avg.prepare_for_eval(batches(seed=0)) is False
     assert torch.equal(avg.module[1].running_mean, before)
+
+
+class LastPoint(Average):
+    """A toy averaging method written for the test: the weights at the latest averaging point
+    (no averaging at all), with its own state dict."""
+
+    method = "last"
+
+    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
+        self._module = copy.deepcopy(model)
+        self.count = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def n_averaged(self) -> int:
+        return self.count
+
+    def update(self, model: nn.Module) -> None:
+        self._module.load_state_dict(model.state_dict())
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"weights": self._module.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._module.load_state_dict(state["weights"])
+        self.count = state["count"]
+
+
+def test_a_new_averaging_method_is_one_class_and_one_registry_line(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Registered, the toy method is selectable as the primary average (swa.method=last: the
+    swa_* outputs) and as a further one beside SWA (swa.also=[last]: its own history columns,
+    metrics.json entry, weights file, calibration, summary and report columns)."""
+    from conftest import TINY, compose_config
+
+    from swa_research.averaging import METHODS, register_method
+    from swa_research.build import train
+    from swa_research.report import build_report
+
+    monkeypatch.setitem(METHODS, "last", LastPoint)  # removed again after the test
+    register_method("last", LastPoint)
+    # Every iteration from the middle on, the last one included: the "last" average is then
+    # exactly the final SGD model (no BN in the default model, so nothing is recomputed).
+    primary = train(compose_config([*TINY, "swa.method=last", "swa.freq=1"]), tmp_path / "a")
+    assert primary["averages"] == ["swa"]
+    assert primary["swa"]["test_acc"] == primary["sgd"]["test_acc"]
+    assert primary["swa"]["test_loss"] == pytest.approx(primary["sgd"]["test_loss"], abs=1e-6)
+    assert torch.load(tmp_path / "a" / "swa.pt", weights_only=True)["method"] == "last"
+
+    both = train(compose_config([*TINY, "swa.also=[last]", "swa.freq=1"]), tmp_path / "b")
+    assert both["averages"] == ["swa", "last"]
+    assert both["last"]["n_averaged"] == both["swa"]["n_averaged"] > 1
+    assert both["last"]["test_loss"] == pytest.approx(both["sgd"]["test_loss"], abs=1e-6)
+    assert both["swa"]["test_loss"] != both["last"]["test_loss"]  # a real average differs
+    assert set(both["calibration"]) == {"sgd", "swa", "last"}
+    assert {"swa.pt", "last.pt"} <= set(both["files"])
+    header = (tmp_path / "b" / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[-10:] == ["swa_val_loss", "swa_val_acc", "swa_test_loss", "swa_test_acc",
+                            "swa_n_averaged", "last_val_loss", "last_val_acc",
+                            "last_test_loss", "last_test_acc", "last_n_averaged"]
+    report = build_report([tmp_path / "b"])
+    assert "LAST acc %" in report.table
+    columns, rows = report.csv_rows()
+    assert rows[0][columns.index("last_test_acc_mean")] == both["last"]["test_acc"]
+
+
+def test_further_averages_need_their_own_names() -> None:
+    with pytest.raises(UserError, match="'swa' names the primary one"):
+        build_averages(nn.Linear(2, 2), SwaConfig(method="ema", also=["swa"]))
+    with pytest.raises(UserError, match="swa.also: 'polyak' is not an averaging method"):
+        build_averages(nn.Linear(2, 2), SwaConfig(also=["polyak"]))
+    with pytest.raises(UserError, match="swa.method=none averages nothing"):
+        build_averages(nn.Linear(2, 2), SwaConfig(method="none", also=["ema"]))
+    names = build_averages(nn.Linear(2, 2), SwaConfig(method="swa", also=["ema"]))
+    assert list(names) == ["swa", "ema"] and names["ema"].method == "ema"

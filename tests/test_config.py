@@ -8,6 +8,8 @@ import pytest
 from conftest import GROUPS, TINY, compose_config, group_options
 from omegaconf import OmegaConf
 
+from swa_research.averaging import check_budget
+from swa_research.build import load_config
 from swa_research.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,9 +17,7 @@ from swa_research.config import (
     UserError,
     to_config,
     validate,
-    validate_budget,
 )
-from swa_research.train import load_config
 
 # The field of each group that must name the option file it came from.
 NAME_FIELD = {"data": "name", "model": "name", "optimizer": "name", "schedule": "name",
@@ -46,7 +46,9 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path) 
     assert isinstance(config, Config)
     validate(config)
     if group in NAME_FIELD:
-        assert getattr(getattr(config, group), NAME_FIELD[group]) == option
+        node = getattr(config, group)
+        field = NAME_FIELD[group]
+        assert (node[field] if isinstance(node, dict) else getattr(node, field)) == option
     # The typed config round-trips to a plain, fully resolved dict.
     plain = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     assert "${" not in str(plain)
@@ -64,10 +66,10 @@ def test_defaults_are_the_seed_experiment() -> None:
     assert c.data.val_fraction == 0.1
     assert c.data.augment == "none"
     assert c.data.normalize is False
-    assert c.model.name == "simplified"
-    assert c.model.dropout == 0.5
-    assert c.model.batch_norm is False
-    assert c.model.width == 1.0
+    assert c.model["name"] == "simplified"
+    assert c.model["dropout"] == 0.5
+    assert c.model["batch_norm"] is False
+    assert c.model["width"] == 1.0
     assert c.optimizer.name == "adam"
     assert c.optimizer.lr == pytest.approx(1e-4)
     assert c.swa.method == "swa"
@@ -95,8 +97,8 @@ def test_paper_vgg16_preset() -> None:
     assert c.data.std == pytest.approx([0.229, 0.224, 0.225])
     assert c.data.mean == pytest.approx(IMAGENET_MEAN)
     assert c.data.std == pytest.approx(IMAGENET_STD)
-    assert c.model.name == "vgg16"
-    assert c.model.batch_norm is False
+    assert c.model["name"] == "vgg16"
+    assert c.model["batch_norm"] is False
     assert c.optimizer.name == "sgd"
     assert c.optimizer.lr == pytest.approx(0.05)
     assert c.optimizer.momentum == pytest.approx(0.9)
@@ -136,8 +138,8 @@ def test_paper_sgd_baselines(preset: str, data: str) -> None:
 def test_paper_variants() -> None:
     base = to_config(compose_config(["experiment=paper_vgg16"]))
     bn = to_config(compose_config(["experiment=paper_vgg16_bn"]))
-    assert bn.model.batch_norm is True
-    bn.model.batch_norm = False
+    assert bn.model["batch_norm"] is True
+    bn.model["batch_norm"] = False
     assert bn == base  # nothing else differs
 
     c100 = to_config(compose_config(["experiment=paper_vgg16_cifar100"]))
@@ -148,8 +150,8 @@ def test_paper_variants() -> None:
 
 def test_seed_notebook_as_run_has_no_dropout() -> None:
     c = to_config(compose_config(["experiment=seed_notebook_as_run"]))
-    assert c.model.dropout == 0.0
-    c.model.dropout = 0.5
+    assert c.model["dropout"] == 0.0
+    c.model["dropout"] = 0.5
     assert c == to_config(compose_config(["experiment=seed_notebook"]))
 
 
@@ -170,8 +172,8 @@ def test_command_line_groups_beat_experiment_overrides(experiment: str) -> None:
         assert c.data.name == "synthetic"
         assert c.data.train_size == 128
         assert c.trainer.epochs == 2
-        assert c.model.width == 0.0625
-        assert c.model.name == preset.model.name
+        assert c.model["width"] == 0.0625
+        assert c.model["name"] == preset.model["name"]
         assert c.optimizer == preset.optimizer
         assert c.schedule == preset.schedule
         assert c.data.val_fraction == preset.data.val_fraction
@@ -248,7 +250,10 @@ def test_nesterov_with_sgd_momentum_is_fine() -> None:
     [
         ({"trainer": {"epochs": "abc"}}, ["trainer.epochs", "abc"]),
         ({"trainer": {"batch_size": 1.5}}, ["trainer.batch_size"]),
-        ({"model": {"batch_norm": "maybe"}}, ["model.batch_norm"]),
+        ({"data": {"root": "d"}, "model": {"batch_norm": "maybe"}},
+         ["model.batch_norm='maybe': expected a bool"]),
+        ({"data": {"root": "d"}, "model": {"name": "vgg16", "depth": 3}},
+         ["model.depth: not an option of model vgg16"]),
         ({"foo": 1}, ["foo"]),
         ({"trainer": {"epoch": 3}}, ["epoch"]),
     ],
@@ -271,42 +276,42 @@ def test_compose_itself_rejects_wrong_types() -> None:
         compose_config(["foo=1"])
 
 
-def test_validate_budget(caplog: pytest.LogCaptureFixture) -> None:
+def test_check_budget(caplog: pytest.LogCaptureFixture) -> None:
     c = load_config(compose_config(["swa.start=100000"]))
     with pytest.raises(UserError, match=r"swa\.start=100000 is beyond .* 17550 iterations"):
-        validate_budget(c, 351)  # 50 epochs of 351 iterations
-    validate_budget(load_config(compose_config(["swa.start=17549", "swa.freq=1"])), 351)
+        check_budget(c, 351)  # 50 epochs of 351 iterations
+    check_budget(load_config(compose_config(["swa.start=17549", "swa.freq=1"])), 351)
     # The last iteration is not averaged when start equals the budget (n > start).
     with pytest.raises(UserError):
-        validate_budget(load_config(compose_config(["swa.start=17550", "swa.freq=1"])), 351)
+        check_budget(load_config(compose_config(["swa.start=17550", "swa.freq=1"])), 351)
 
     paper = load_config(compose_config(["experiment=paper_vgg16", "swa.start=301"]))
     with pytest.raises(UserError, match=r"300 epochs"):
-        validate_budget(paper, 391)
-    validate_budget(load_config(compose_config(["experiment=paper_vgg16"])), 391)
+        check_budget(paper, 391)
+    check_budget(load_config(compose_config(["experiment=paper_vgg16"])), 391)
 
     # One update only: allowed, with a warning that names swa.freq.
     with caplog.at_level(logging.WARNING, logger="swa_research.config"):
-        validate_budget(load_config(compose_config(
+        check_budget(load_config(compose_config(
             ["swa.unit=epoch", "swa.start=2", "trainer.epochs=3"])), 351)
     assert "swa.freq=50 with swa.unit=epoch averages only once in this run (after epoch 2 of 3)" \
         in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="swa_research.config"):
-        validate_budget(load_config(compose_config(
+        check_budget(load_config(compose_config(
             ["swa.unit=epoch", "swa.start=2", "swa.freq=1", "trainer.epochs=3"])), 351)
-        validate_budget(load_config(compose_config()), 351)
+        check_budget(load_config(compose_config()), 351)
     assert caplog.text == ""
 
     # No averaging: any start is fine; a batch larger than the training set is not.
-    validate_budget(load_config(compose_config(["swa=none", "swa.start=100000"])), 351)
+    check_budget(load_config(compose_config(["swa=none", "swa.start=100000"])), 351)
     with pytest.raises(UserError, match=r"trainer\.batch_size"):
-        validate_budget(load_config(compose_config()), 0)
+        check_budget(load_config(compose_config()), 0)
 
 
 def test_fractional_start_fits_any_budget() -> None:
     # Half of 4 iterations: iterations 3 and 4 are averaged.
-    validate_budget(load_config(compose_config(
+    check_budget(load_config(compose_config(
         ["swa.start=0.5", "swa.freq=1", "trainer.epochs=1"])), 4)
-    validate_budget(load_config(compose_config(
+    check_budget(load_config(compose_config(
         ["swa.start=0.5", "swa.unit=epoch", "swa.freq=1", "trainer.epochs=1"])), 4)

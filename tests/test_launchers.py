@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, fault_env
 from PIL import Image
 
 from swa_research.locks import GpuClaim
@@ -66,8 +66,7 @@ def test_two_job_multirun_on_a_launcher(launcher: str, tmp_path: Path) -> None:
 def test_preempted_submitit_job_is_requeued_and_resumes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # The job sends itself submitit's preemption signal at its 20th step, once.
-    env = {"SWA_RESEARCH_FAULT": "step@20:USR2",
-           "SWA_RESEARCH_FAULT_ONCE": str(tmp_path / "fired")}
+    env = fault_env("step@20:USR2", once=tmp_path / "fired")
     r = run_cli(["-m", "hydra/launcher=submitit_local", *FAST, "data.train_size=256",
                  "trainer.epochs=3", "trainer.deterministic=true", "seed=0",
                  f"hydra.sweep.dir={sweep}"], tmp_path, env)

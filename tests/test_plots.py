@@ -6,8 +6,8 @@ from pathlib import Path
 
 from conftest import TINY, compose_config
 
+from swa_research.build import train
 from swa_research.plots import PLOT_FILES, plot_history, read_history
-from swa_research.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

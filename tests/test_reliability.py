@@ -1,6 +1,6 @@
 """Checkpoints, bit-exact resume after SIGKILL/SIGTERM, corrupt checkpoints, config changes on
 resume, failing sweep jobs and a full disk. Crashes are real: subprocesses killed at named
-points through swa_research.faults (SWA_RESEARCH_FAULT)."""
+points by the test harness (tests/faultinject, SWA_RESEARCH_FAULT)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, fault_env
 
 import swa_research.checkpoint as checkpoint_module
+from swa_research.build import train
 from swa_research.checkpoint import LATEST, PREVIOUS, load_checkpoint
 from swa_research.config import UserError
-from swa_research.train import train
 
 # Tiny, with BN (so the BN update of the average runs) and averaging from the middle.
 # 231 training images, batch 32: 7 iterations an epoch, 21 in all.
@@ -31,10 +31,7 @@ TIMING = ("wall_time_s", "images_per_s", "peak_rss_mb", "peak_gpu_mb")  # vary r
 
 def launch(run_dir: Path, extra: list[str] = (), fault: str | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("SWA_RESEARCH_FAULT", None)
-    if fault:
-        env["SWA_RESEARCH_FAULT"] = fault
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **fault_env(fault)}
     r = subprocess.run(
         [sys.executable, "-m", "swa_research.train", *RUN, *extra,
          f"hydra.run.dir={run_dir}"],
@@ -221,15 +218,16 @@ def test_full_disk_at_checkpoint_time_stops_cleanly(tmp_path: Path,
 
 
 def test_a_key_added_after_a_checkpoint_compares_as_its_old_behaviour() -> None:
-    """A checkpoint written before trainer.conv_algorithm existed ran oneDNN only: against the
-    default (auto) that is a difference, against native it is not. Keys absent from both sides
-    are not invented."""
+    """A checkpoint written before swa.also existed kept no further averages: against the
+    default ([]) that is no difference, against [ema] it is. A retired key
+    (trainer.conv_algorithm, CPU kernels since removed) in an old checkpoint is no difference.
+    Keys absent from both sides are not invented."""
     from swa_research.checkpoint import config_differences
 
-    saved = {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}
-    current = {"trainer": {"epochs": 3, "conv_algorithm": "auto", "compile_mode": "default"},
-               "swa": {"lr": 0.1}}
-    assert config_differences(saved, current) == ["trainer.conv_algorithm: native -> auto"]
-    current["trainer"]["conv_algorithm"] = "native"
+    saved = {"trainer": {"epochs": 3, "conv_algorithm": "winograd"}, "swa": {"lr": 0.1}}
+    current = {"trainer": {"epochs": 3, "compile_mode": "default"},
+               "swa": {"lr": 0.1, "also": []}}
     assert config_differences(saved, current) == []
+    current["swa"]["also"] = ["ema"]
+    assert config_differences(saved, current) == ["swa.also: [] -> ['ema']"]
     assert config_differences(saved, {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}) == []

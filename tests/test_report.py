@@ -269,6 +269,9 @@ def test_t_quantile_and_paired_interval() -> None:
         assert t_quantile(0.025, df) == pytest.approx(-value, abs=1e-6)
     assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
     assert t_quantile(0.995, 5) == pytest.approx(4.0321430, abs=1e-6)
+    for p, df in ((0.0, 4), (1.0, 4), (0.975, 0)):
+        with pytest.raises(ValueError, match="need 0 < p < 1 and df > 0"):
+            t_quantile(p, df)
     ci = PairedCI.of([0.01, 0.03, 0.02, 0.06])
     m, sd = mean_sd([0.01, 0.03, 0.02, 0.06])
     assert (ci.mean, ci.std) == (pytest.approx(m), pytest.approx(sd))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing as mp
 import os
 import pickle
 import socket
@@ -20,10 +21,11 @@ import torch
 from conftest import TINY, compose_config
 
 import swa_research.fileio as fileio
+from swa_research.build import train
 from swa_research.checkpoint import LATEST, PREVIOUS, find_resume_checkpoint, load_checkpoint
 from swa_research.config import UserError
+from swa_research.locks import RunDirLock
 from swa_research.loggers import WANDB_ID_FILE, run_id_for
-from swa_research.train import train
 
 # 7 iterations an epoch (231 training images, batch 32), 3 epochs, averaging from the middle.
 RUN = ["experiment=smoke", *TINY, "data.train_size=256", "model.batch_norm=true",
@@ -88,7 +90,7 @@ def test_metrics_json_lists_the_files_written_before_it(finished: Path) -> None:
 
 # -- 1. a kill between the weights and metrics.json --------------------------------------------
 KILL_AFTER_FIRST_WEIGHTS = """
-import swa_research.trainer as t
+import swa_research.outputs as t
 _save = t.atomic_torch_save
 def save(obj, path):
     _save(obj, path)
@@ -173,6 +175,43 @@ def test_a_second_process_in_a_locked_run_dir_is_refused_and_a_dead_holder_is_ta
     assert status(run_dir) == "finished"
 
 
+def _hold_run_dir(run_dir: str, held: mp.Event) -> None:
+    with RunDirLock(run_dir):
+        held.set()
+        time.sleep(600)
+
+
+def test_run_dir_lock_names_its_holder_and_outlives_it(tmp_path: Path) -> None:
+    """The lock alone, in-process: the holder's line survives a refused attempt, a second lock
+    in the holder's own process is refused too, and a killed holder's lock is taken over."""
+    ctx = mp.get_context("fork")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_run_dir, args=(str(tmp_path), held))
+    holder.start()
+    try:
+        assert held.wait(60)
+        line = (tmp_path / RunDirLock.NAME).read_text()
+        assert line.startswith(f"pid {holder.pid} on host {socket.gethostname()} (since ")
+        for _ in range(2):  # the refusal leaves the holder's line for the next one
+            with pytest.raises(UserError) as refused:
+                RunDirLock(tmp_path).acquire()
+            assert str(refused.value) == (
+                f"run dir {tmp_path} is in use by {line.strip()}; wait for it to end, or "
+                "choose another output dir with hydra.run.dir=...")
+            assert (tmp_path / RunDirLock.NAME).read_text() == line
+    finally:
+        holder.kill()
+        holder.join(60)
+    with RunDirLock(tmp_path):
+        mine = f"pid {os.getpid()} on host {socket.gethostname()} (since "
+        assert (tmp_path / RunDirLock.NAME).read_text().startswith(mine)
+        with pytest.raises(UserError, match=f"is in use by pid {os.getpid()} "):
+            RunDirLock(tmp_path).acquire()
+    assert (tmp_path / RunDirLock.NAME).read_text().startswith(mine)  # kept after release
+    with RunDirLock(tmp_path):  # released: free again
+        pass
+
+
 # -- 3. a refused command never rewrites the record --------------------------------------------
 @pytest.mark.parametrize("extra", [["optimizer.lr=0.5"], ["model=vgg11"], ["swa.start=nan"],
                                    ["+trainer.epoch=100"]])
@@ -210,7 +249,7 @@ def test_a_new_run_dir_records_a_refused_config_and_why(tmp_path: Path) -> None:
 
 # -- 5. every checkpoint unreadable ------------------------------------------------------------
 SIGTERM_AT_ITERATION = """
-import swa_research.trainer as t
+import swa_research.progress as t
 _update = t.Progress.update
 def update(self, epoch, epochs, done, loss_sum, seen):
     _update(self, epoch, epochs, done, loss_sum, seen)
@@ -333,7 +372,7 @@ def test_stale_temporaries_are_removed_at_the_next_start(tmp_path: Path) -> None
 
 
 SIGTERM_WHILE_LOADING = """
-import swa_research.train as t
+import swa_research.build as t
 _build = t.build_data
 def build(*a, **k):
     os.kill(os.getpid(), signal.SIGTERM)

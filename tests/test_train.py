@@ -15,13 +15,13 @@ from conftest import TINY, compose_config, group_options
 from omegaconf import OmegaConf
 
 from swa_research.averaging import AveragingPlan, has_batch_norm
-from swa_research.config import Config, ModelConfig, iterations_per_epoch, to_config
+from swa_research.build import load_config, train
+from swa_research.config import Config, iterations_per_epoch, to_config
 from swa_research.data import ImageSet, Preprocess, build_data
+from swa_research.evaluation import evaluate
 from swa_research.models import build_model
-from swa_research.train import load_config, train
-from swa_research.trainer import evaluate
 
-TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "calibration", "train", "files"}
+TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "averages", "calibration", "train", "files"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -61,7 +61,7 @@ class Run:
 
     def model_from(self, name: str) -> torch.nn.Module:
         ckpt = self.checkpoint(name)
-        model = build_model(ModelConfig(**ckpt["config"]["model"]), self.config.data.num_classes)
+        model = build_model(ckpt["config"]["model"], self.config.data.num_classes)
         model.load_state_dict(ckpt["state_dict"], strict=True)
         return model
 
@@ -108,6 +108,7 @@ def check_run(r: Run) -> None:
         assert all(v is None for v in m["sgd_best_val"].values())
 
     assert set(m["swa"]) == EVAL_KEYS | {"n_averaged"}
+    assert m["averages"] == (["swa"] if averaging else [])
     expected_updates = r.plan().count_updates()
     if averaging:
         check_eval_values(m["swa"], has_val)
@@ -322,7 +323,7 @@ def test_smoke_preset_learns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("training", [True, False])
 def test_evaluate_restores_the_mode(training: bool) -> None:
-    model = build_model(ModelConfig(width=0.0625, dropout=0.5), num_classes=3)
+    model = build_model(dict(name="simplified", width=0.0625, dropout=0.5), num_classes=3)
     model.train(training)
     data = ImageSet(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8),
                     torch.tensor([0, 1, 2, 0, 1]))

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import TINY, compose_config
 
+from swa_research.build import load_config, train
 from swa_research.config import LoggerConfig
 from swa_research.loggers import WandbLogger, resolve_mode, summary_values
-from swa_research.train import load_config, train
 from swa_research.trainer import TrainingDiverged
 
 WANDB_TINY = [*TINY, "logger=wandb", "logger.mode=offline"]

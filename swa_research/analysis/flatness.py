@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from swa_research.averaging import bn_update, has_batch_norm
-from swa_research.config import Config, UserError, bn_batch_size, to_config, validate
+from swa_research.build import load_run_config
+from swa_research.config import Config, UserError, bn_batch_size
 from swa_research.data import DataSplits, ImageSet, Preprocess, build_data, train_batches
+from swa_research.evaluation import evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
 from swa_research.plots import pyplot, save_figure
-from swa_research.trainer import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ def _load_weights(path: Path, device: torch.device) -> dict[str, Any]:
 def load_run(run_dir: str | Path, device: torch.device, num_workers: int = 0) -> LoadedRun:
     """The run's config, data (the same seeded split), model and both solutions' weights."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / ".hydra" / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{cfg_path} not found: RUN_DIR must be a run dir written by "
-                        "python -m swa_research.train")
-    config = to_config(OmegaConf.load(cfg_path))
-    validate(config)
+    config = load_run_config(run_dir)
     sgd = _load_weights(run_dir / "sgd_final.pt", device)
     swa = _load_weights(run_dir / "swa.pt", device)
     data = build_data(config.data, config.seed, device, num_workers)

@@ -1,15 +1,20 @@
-"""Calibration of a classifier: negative log-likelihood, expected calibration error (ECE) and
-the reliability diagram, for the SGD and the averaged model at the end of a run.
+"""Evaluation of a model or an average on a data set: mean loss and accuracy
+(:func:`evaluate`), and calibration: negative log-likelihood, expected calibration error (ECE)
+and the reliability diagram, for the SGD model and each average at the end of a run.
 
 ECE (Guo et al., 2017): the top-class confidences are put into equal-width bins over [0, 1]
 (bin i holds (i/B, (i+1)/B]); ECE = sum over bins of |accuracy - mean confidence| weighted by
 the fraction of samples in the bin. The functions on tensors are pure; :func:`collect_logits`
 and :func:`calibrate_run` run models over an :class:`~swa_research.data.ImageSet`.
+
+What is evaluated is a network (``nn.Module``) or an average
+(:class:`~swa_research.averaging.Average`: its ``predict``, in its module's eval mode).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from swa_research.averaging import Average
 from swa_research.data import ImageSet, Preprocess, eval_batches
 
 log = logging.getLogger(__name__)
 
 N_BINS = 15
 RELIABILITY_FILE = "reliability.png"
+
+Evaluated = nn.Module | Average
+
+
+def _network(model: Evaluated) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    """The module whose mode is set, and the function that gives logits."""
+    if isinstance(model, Average):
+        return model.module, model.predict
+    return model, model
+
+
+@dataclass
+class EvalResult:
+    loss: float | None = None
+    acc: float | None = None
+
+
+@torch.inference_mode()
+def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
+             batch_size: int) -> EvalResult:
+    """Mean cross-entropy and accuracy over the whole set, in eval mode (restored after).
+    Sums stay on the device: one host read at the end."""
+    if data is None or len(data) == 0:
+        return EvalResult()
+    module, predict = _network(model)
+    was_training = module.training
+    module.eval()
+    loss_sum = torch.zeros((), device=data.images.device, dtype=torch.float64)
+    correct = torch.zeros((), device=data.images.device, dtype=torch.int64)
+    try:
+        for x, y in eval_batches(data, batch_size, preprocess):
+            logits = predict(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+    finally:
+        module.train(was_training)
+    n = len(data)
+    return EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
 
 
 @dataclass
@@ -87,19 +131,20 @@ def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
 
 
 @torch.inference_mode()
-def collect_logits(model: nn.Module, data: ImageSet, preprocess: Preprocess,
+def collect_logits(model: Evaluated, data: ImageSet, preprocess: Preprocess,
                    batch_size: int) -> tuple[Tensor, Tensor]:
     """Logits (float32, on the CPU) and labels of the whole set, in eval mode; the model's
     mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
+    module, predict = _network(model)
+    was_training = module.training
+    module.eval()
     outs, labels = [], []
     try:
         for x, y in eval_batches(data, batch_size, preprocess):
-            outs.append(model(x).float().cpu())
+            outs.append(predict(x).float().cpu())
             labels.append(y.cpu())
     finally:
-        model.train(was_training)
+        module.train(was_training)
     if not outs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(outs), torch.cat(labels)
@@ -111,49 +156,17 @@ def calibration_summary(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
     return {"nll": negative_log_likelihood(logits, labels), "ece": bins.ece}, bins
 
 
-def plot_reliability(bins: dict[str, ReliabilityBins], path: str | Path, title: str = ""
-                     ) -> Path:
-    """One reliability diagram per model side by side: accuracy per confidence bin against
-    the diagonal (perfect calibration), and the share of samples per bin below it."""
-    from swa_research.plots import pyplot, save_figure
-
-    plt = pyplot()
-    colors = {"sgd": "tab:blue", "swa": "tab:orange"}
-    fig, axes = plt.subplots(2, len(bins), figsize=(4.2 * len(bins), 5.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    for col, (name, b) in enumerate(bins.items()):
-        top, bottom = axes[0][col], axes[1][col]
-        left = b.edges[:-1].numpy()
-        width = float(b.edges[1] - b.edges[0])
-        acc = torch.nan_to_num(b.accuracy, nan=0.0).numpy()
-        color = colors.get(name, "tab:green")
-        top.bar(left, acc, width=width, align="edge", color=color, alpha=0.75,
-                edgecolor="black", linewidth=0.5, label="accuracy")
-        top.plot([0, 1], [0, 1], ls="--", color="gray", label="perfect calibration")
-        top.set_xlim(0, 1)
-        top.set_ylim(0, 1)
-        top.set_ylabel("accuracy")
-        top.set_title(f"{name.upper()}: ECE {100 * b.ece:.2f}%")
-        top.legend(loc="upper left", fontsize="small")
-        share = (b.counts.double() / max(1, int(b.counts.sum()))).numpy()
-        bottom.bar(left, share, width=width, align="edge", color=color, alpha=0.75)
-        bottom.set_xlabel("confidence")
-        bottom.set_ylabel("share")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def calibrate_run(sgd: nn.Module, averaged: nn.Module | None, test: ImageSet,
+def calibrate_run(models: dict[str, Evaluated | None], test: ImageSet,
                   preprocess: Preprocess, batch_size: int, run_dir: str | Path,
                   n_bins: int = N_BINS) -> dict[str, Any]:
-    """NLL and ECE of the SGD model and of the average (None when there is none) on the test
-    set, and their reliability diagram in ``run_dir``: the value of metrics.json's
-    "calibration" key. The average must already have its BN statistics recomputed."""
-    result: dict[str, Any] = {"sgd": None, "swa": None}
+    """NLL and ECE of each model by name (``sgd`` and the averages; None where there is nothing
+    to evaluate) on the test set, and their reliability diagram in ``run_dir``: the value of
+    metrics.json's "calibration" key. Averages must already be prepared for evaluation."""
+    from swa_research.plots import plot_reliability
+
+    result: dict[str, Any] = dict.fromkeys(models)
     bins: dict[str, ReliabilityBins] = {}
-    for name, model in (("sgd", sgd), ("swa", averaged)):
+    for name, model in models.items():
         if model is None:
             continue
         logits, labels = collect_logits(model, test, preprocess, batch_size)

@@ -1,12 +1,15 @@
-"""VGG11/13/16/19 for 32x32 inputs (torchvision's cfgs A/B/D/E, the SWA paper's CIFAR head)
-and the seed notebook's "simplified" VGG."""
+"""The VGG family: VGG11/13/16/19 for 32x32 inputs (torchvision's cfgs A/B/D/E with the SWA
+paper's CIFAR head) and the seed notebook's "simplified" VGG.
+
+Options (``model.batch_norm``, ``model.dropout``, ``model.width``) are the builders'
+keyword arguments; the registry in ``swa_research/models/__init__.py`` names the builders.
+"""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from functools import partial
 
-from swa_research.config import ModelConfig
-from swa_research.conv import FastConv2d
+from torch import Tensor, nn
 
 # torchvision.models.vgg cfgs A, B, D, E; "M" is a 2x2 max pool.
 VGG_CFGS: dict[str, list[int | str]] = {
@@ -33,7 +36,7 @@ def make_features(cfg: list[int | str], batch_norm: bool, width: float = 1.0,
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
         out = _scale(int(v), width)
-        layers.append(FastConv2d(in_channels, out, kernel_size=3, padding=1))
+        layers.append(nn.Conv2d(in_channels, out, kernel_size=3, padding=1))
         if batch_norm:
             layers.append(nn.BatchNorm2d(out))
         layers.append(nn.ReLU(inplace=True))
@@ -111,18 +114,25 @@ def vgg_simplified(num_classes: int, batch_norm: bool = False, dropout: float = 
     return model
 
 
-def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> VGG:
-    if cfg.name == "simplified":
-        min_size = 8
-    elif cfg.name in VGG_CFGS:
-        min_size = 32
-    else:
-        raise ValueError(f"unknown model {cfg.name!r}: expected simplified or vgg11/13/16/19")
-    if image_size % min_size:
-        raise ValueError(f"model {cfg.name} needs an image size that is a multiple of "
-                         f"{min_size}, got {image_size}")
-    kwargs = dict(num_classes=num_classes, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-                  width=cfg.width, image_size=image_size)
-    if cfg.name == "simplified":
-        return vgg_simplified(**kwargs)
-    return vgg_cifar(cfg.name, **kwargs)
+def _check(dropout: float, width: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout={dropout}: must be in [0, 1)")
+    if not width > 0:
+        raise ValueError(f"model.width={width}: must be a positive number")
+
+
+def simplified(num_classes: int, image_size: int = 32, *, batch_norm: bool = False,
+               dropout: float = 0.5, width: float = 1.0) -> VGG:
+    """The seed notebook's VGG (conv 64,64,M,128,128,M,256,256,M; head 4096-1024-1024)."""
+    _check(dropout, width)
+    return vgg_simplified(num_classes, batch_norm, dropout, width, image_size)
+
+
+def vgg(depth_name: str, num_classes: int, image_size: int = 32, *, batch_norm: bool = False,
+        dropout: float = 0.5, width: float = 1.0) -> VGG:
+    """VGG11/13/16/19 (``depth_name``) with the SWA paper's CIFAR head."""
+    _check(dropout, width)
+    return vgg_cifar(depth_name, num_classes, batch_norm, dropout, width, image_size)
+
+
+vgg11, vgg13, vgg16, vgg19 = (partial(vgg, name) for name in ("vgg11", "vgg13", "vgg16", "vgg19"))

@@ -1,0 +1,78 @@
+"""Weight averaging: when (:mod:`.plan`), what (the methods, by name), and the BN update.
+
+The registry :data:`METHODS` maps ``swa.method`` names to builders ``(model, SwaConfig) ->``
+:class:`~swa_research.averaging.base.Average`. Adding a method is one file with its class and
+one line here (or a call of :func:`register_method`); ``swa.method=NAME`` then selects it.
+A run's averages are named: the primary (``swa.method``) is ``swa`` in every output (history
+columns ``swa_*``, metrics.json's ``swa``, W&B's ``swa/...``); each of ``swa.also`` is kept
+under its method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from swa_research.averaging.base import (
+    Average,
+    HostCountAveragedModel,
+    WeightAverage,
+    bn_update,
+    has_batch_norm,
+)
+from swa_research.averaging.ema import EMA
+from swa_research.averaging.plan import AveragingPlan, check_budget
+from swa_research.averaging.swa import SWA
+from swa_research.config import SwaConfig, UserError
+
+__all__ = ["Average", "AveragingPlan", "HostCountAveragedModel", "METHODS", "PRIMARY",
+           "WeightAverage", "average_names", "bn_update", "build_averages", "check_budget",
+           "check_methods", "has_batch_norm", "register_method"]
+
+METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
+    "swa": SWA,
+    "ema": EMA,
+}
+
+PRIMARY = "swa"  # the primary average's name in every output, whatever its method
+
+
+def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average]) -> None:
+    """Add an averaging method under ``name`` (from a plugin, a notebook or a test)."""
+    METHODS[name] = build
+
+
+def average_names(cfg: SwaConfig) -> dict[str, str]:
+    """The run's averages: output name -> method name (empty when swa.method=none)."""
+    if cfg.method == "none":
+        return {}
+    return {PRIMARY: cfg.method, **{m: m for m in cfg.also}}
+
+
+def check_methods(cfg: SwaConfig) -> None:
+    """swa.method and swa.also name registered methods, no two averages share a name, and each
+    method's own options are valid (a method's optional ``check(cfg)``)."""
+    known = ", ".join([*METHODS, "none"])
+    if cfg.method != "none" and cfg.method not in METHODS:
+        raise UserError(f"swa.method={cfg.method!r}: expected one of {known}")
+    for m in cfg.also:
+        if m not in METHODS:
+            raise UserError(f"swa.also: {m!r} is not an averaging method; expected "
+                            f"{', '.join(METHODS)}")
+    if cfg.also and cfg.method == "none":
+        raise UserError("swa.also needs a primary average: swa.method=none averages nothing")
+    if len(set(cfg.also)) != len(cfg.also) or PRIMARY in cfg.also:
+        raise UserError(f"swa.also={list(cfg.also)}: each further average needs its own name, "
+                        f"and '{PRIMARY}' names the primary one (swa.method={cfg.method}); "
+                        "e.g. swa.method=swa swa.also=[ema]")
+    for method in set(average_names(cfg).values()):
+        check = getattr(METHODS[method], "check", None)
+        if check is not None:
+            check(cfg)
+
+
+def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
+    """The run's averages of ``model``, by output name, primary first."""
+    check_methods(cfg)
+    return {name: METHODS[method](model, cfg) for name, method in average_names(cfg).items()}

@@ -1,0 +1,185 @@
+"""What an average of a model's weights is to the rest of the project, the weight average that
+SWA and EMA share, and the BN update of an average."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+class Average(ABC):
+    """One average kept during training and evaluated beside the SGD model.
+
+    The trainer calls :meth:`update` when the averaging plan says so, :meth:`prepare_for_eval`
+    before it evaluates (with training batches, for the BN statistics), then evaluates
+    :meth:`predict` (in eval mode, through :attr:`module`'s mode); a run saves :attr:`module`'s
+    weights and checkpoints :meth:`state_dict`.
+    """
+
+    method: str = ""  # the registry name
+
+    @abstractmethod
+    def update(self, model: nn.Module) -> None:
+        """Take the model's current weights into the average."""
+
+    @property
+    @abstractmethod
+    def n_averaged(self) -> int:
+        """How many times the average was updated; 0: there is nothing to evaluate yet."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The averaged network: its state dict is the saved weights, its train/eval mode the
+        mode :meth:`predict` runs in."""
+
+    def prepare_for_eval(self, batches: Batches) -> bool:
+        """Get ready to be evaluated (e.g. recompute BN statistics); True if work was done."""
+        return False
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits for a batch of inputs."""
+        return self.module(x)
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class HostCountAveragedModel(AveragedModel):
+    """``AveragedModel`` whose update never reads a tensor on the host.
+
+    Upstream's ``update_parameters`` tests its ``n_averaged`` tensor with ``bool()`` and ``>``
+    (pytorch#157705): on a GPU each update then waits for all queued work. Here the count is a
+    Python int; the ``n_averaged`` buffer is still filled (a queued kernel), so state dicts keep
+    upstream's layout, and read once when a state dict is loaded. The arithmetic is upstream's
+    multi-tensor SWA or EMA function, one call per device and dtype; the buffers (BN statistics)
+    are copied from the model (``use_buffers=False``) and recomputed before evaluation.
+    """
+
+    def __init__(self, model: nn.Module,
+                 multi_avg_fn: Callable[[list[Tensor], list[Tensor], Any], None] | None = None
+                 ) -> None:
+        # None: the equal average (kept None, as upstream does, so that the module pickles).
+        super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        self.count = 0
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.count = int(self.n_averaged)
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        for mine, theirs in _grouped(self.module.parameters(), model.parameters()):
+            if self.count == 0:
+                torch._foreach_copy_(mine, theirs)
+            else:
+                (self.multi_avg_fn or _SWA)(mine, theirs, self.count)
+        for mine, theirs in _grouped(self.module.buffers(), model.buffers()):
+            torch._foreach_copy_(mine, theirs)
+        self.count += 1
+        self.n_averaged.fill_(self.count)
+
+
+_SWA = get_swa_multi_avg_fn()
+
+
+def _grouped(mine: Iterable[Tensor], theirs: Iterable[Tensor]
+             ) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Paired tensors grouped by device and dtype (a multi-tensor op takes one group)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for a, b in zip(mine, theirs, strict=True):
+        pair = groups.setdefault((a.device, a.dtype), ([], []))
+        pair[0].append(a)
+        pair[1].append(b if b.device == a.device else b.to(a.device))
+    return list(groups.values())
+
+
+class WeightAverage(Average):
+    """An average of the weights themselves, one network evaluated like the model: SWA and EMA
+    differ only in the multi-tensor function that mixes a new point in (``multi_avg_fn``).
+
+    The BN statistics of an averaged network are not the average of the model's: they are
+    recomputed with :func:`bn_update` before the average is evaluated, once per change.
+    """
+
+    def __init__(self, model: nn.Module, multi_avg_fn: Callable[..., None] | None = None,
+                 bn_update: bool = True) -> None:
+        self.averaged = HostCountAveragedModel(model, multi_avg_fn)
+        self.bn_update = bn_update and has_batch_norm(model)
+        self._bn_stale = False
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    @property
+    def n_averaged(self) -> int:
+        return self.averaged.count
+
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(model)
+        self._bn_stale = True
+
+    def prepare_for_eval(self, batches: Batches) -> bool:
+        if not (self.bn_update and self._bn_stale and self.n_averaged > 0):
+            return False
+        bn_update(batches, self.module)
+        self._bn_stale = False
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average (with its n_averaged) and whether its BN statistics are stale."""
+        return {"averaged": self.averaged.state_dict(), "bn_stale": self._bn_stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state["averaged"])
+        self._bn_stale = bool(state["bn_stale"])
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def bn_update(batches: Batches, model: nn.Module) -> None:
+    """BN statistics recomputed over one pass of ``batches``, each batch weighted by its size.
+
+    As the SWA paper's ``bn_update`` (timgaripov/swa utils.py): the running statistics are reset
+    and every BN layer's momentum is set to b / (n + b) before a batch of b samples, n seen
+    before it, so the result is the sample-weighted mean of the batch statistics (a short last
+    batch counts for what it holds; torch's ``update_bn`` weights batches equally). The sizes
+    are known on the host: no device sync per batch. Momentum and train/eval mode are restored.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = {m: m.momentum for m in layers}
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        # inference_mode is allowed: the pass only updates the BN buffers in place.
+        with torch.inference_mode():
+            for x, _ in batches:
+                b = x.shape[0]
+                for m in layers:
+                    m.momentum = b / (seen + b)
+                model(x)
+                seen += b
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)

@@ -1,0 +1,122 @@
+"""When the averages are updated (a pure function of the iteration), and the check that
+the averaging fits in the training budget."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from swa_research.config import Config, ScheduleConfig, SwaConfig, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AveragingPlan:
+    """When the average is updated.
+
+    unit iter (torchcontrib's SWA, the seed): after the n-th step (n counted from 1) when
+      n > start and n % freq == 0. The lr phase starts at iteration ``start``.
+    unit epoch (timgaripov/swa): after the E-th epoch (E counted from 1) when E >= start and
+      (E - start) % freq == 0. The lr phase (the schedule's horizon) is ``start`` epochs.
+    cyclical schedule: at the end of every cycle after the start, whatever the unit.
+    """
+
+    method: str  # the primary average's method, or none
+    unit: str
+    start: int  # resolved to iterations (unit iter) or epochs (unit epoch)
+    freq: int
+    iters_per_epoch: int
+    epochs: int
+    cycle: int | None = None  # set for the cyclical schedule
+
+    @classmethod
+    def from_config(cls, swa: SwaConfig, schedule: ScheduleConfig, epochs: int,
+                    iters_per_epoch: int) -> AveragingPlan:
+        budget = epochs if swa.unit == "epoch" else epochs * iters_per_epoch
+        start = int(round(swa.start * budget)) if swa.start < 1.0 else int(round(swa.start))
+        return cls(method=swa.method, unit=swa.unit, start=start, freq=swa.freq,
+                   iters_per_epoch=iters_per_epoch, epochs=epochs,
+                   cycle=schedule.cycle if schedule.name == "cyclical" else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    @property
+    def start_iter(self) -> int | None:
+        """First iteration of the averaging phase, for the lr schedule; None when off."""
+        if not self.enabled:
+            return None
+        return self.start * self.iters_per_epoch if self.unit == "epoch" else self.start
+
+    @property
+    def lr_switch_iter(self) -> int | None:
+        """Where the constant schedule switches to swa.lr: so that the first average is taken
+        after steps at swa.lr in either unit. unit iter: iteration ``start`` (the first average
+        follows a step n > start). unit epoch: the first iteration of epoch ``start`` (counted
+        from 1), whose end gives the first average, as in the paper's code, where the averaged
+        epochs are trained at the SWA lr."""
+        if not self.enabled:
+            return None
+        if self.unit == "epoch" and self.cycle is None:
+            return max(0, self.start - 1) * self.iters_per_epoch
+        return self.start_iter
+
+    def due_after_iter(self, n: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.cycle is not None:
+            origin = self.start_iter or 0
+            return n > origin and (n - origin) % self.cycle == 0
+        return self.unit == "iter" and n > self.start and n % self.freq == 0
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        if not self.enabled or self.cycle is not None or self.unit != "epoch":
+            return False
+        return epoch >= self.start and (epoch - self.start) % self.freq == 0
+
+    def update_points(self) -> list[int]:
+        """When the average is updated: the iterations (unit iter, cyclical) or epochs (unit
+        epoch) after which it is, in order."""
+        points = []
+        for e in range(1, self.epochs + 1):
+            if self.cycle is not None or self.unit == "iter":
+                lo, hi = (e - 1) * self.iters_per_epoch + 1, e * self.iters_per_epoch
+                points.extend(n for n in range(lo, hi + 1) if self.due_after_iter(n))
+            if self.due_after_epoch(e):
+                points.append(e)
+        return points
+
+    def count_updates(self) -> int:
+        return len(self.update_points())
+
+
+def check_budget(cfg: Config, iters_per_epoch: int) -> None:
+    """Checks that need the data set's size: the averaging must fit in the budget."""
+    if iters_per_epoch < 1:
+        raise UserError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
+            "(drop_last leaves no batch)")
+    if cfg.swa.method == "none":
+        return
+    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
+    points = plan.update_points()
+    budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
+    if not points:
+        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
+        raise UserError(
+            f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
+            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged; give the "
+            "start as a fraction of the budget, e.g. swa.start=0.75")
+    if len(points) == 1 and plan.cycle is None:
+        # An average of one point is that checkpoint (with recomputed BN statistics): almost
+        # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.
+        unit = "epoch" if cfg.swa.unit == "epoch" else "iteration"
+        log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
+                    "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
+                    "more", cfg.swa.freq, cfg.swa.unit, unit, points[0], budget)

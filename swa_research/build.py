@@ -1,0 +1,242 @@
+"""Config -> objects -> :class:`~swa_research.trainer.Trainer`, and :func:`train`: one run in a
+run dir, from a notebook, a test or the entry point, without Hydra.
+
+:func:`train` guards the run dir (a lock, no overwriting of a finished run, resume from its
+checkpoint), records a failure before training in metrics.json, and returns the run's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from swa_research.averaging import AveragingPlan, build_averages, check_budget, check_methods
+from swa_research.checkpoint import RETIRED_KEYS, config_differences, find_resume_checkpoint
+from swa_research.config import Config, iterations_per_epoch, to_config, validate
+from swa_research.data import Preprocess, build_data
+from swa_research.errors import UserError, one_line
+from swa_research.fileio import probe_writable, remove_stale_temporaries
+from swa_research.locks import GpuClaim, RunDirLock
+from swa_research.loggers import (
+    LocalFiles,
+    Loggers,
+    RunLogger,
+    WandbLogger,
+    run_summary,
+    write_metrics,
+)
+from swa_research.models import build_model, resolve_model_config
+from swa_research.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.preemption import stop_on_signals
+from swa_research.runs import check_finished_run, holds_run
+from swa_research.step import compile_in_place, memory_format, resolve_precision
+from swa_research.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.device={name}: no CUDA GPU is available here; "
+                            "use trainer.device=cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"trainer.device={name}: only {torch.cuda.device_count()} "
+                            "GPU(s) visible")
+        return dev
+    return torch.device(name)
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        probe_writable(run_dir)
+    except OSError as e:
+        raise UserError(f"output dir {run_dir} is not writable ({e.strerror or e}); "
+                        "choose another with hydra.run.dir=... or hydra.sweep.dir=...") from e
+
+
+def load_config(cfg: DictConfig | Config | dict[str, Any]) -> Config:
+    """The typed, validated config: a wrong type, an unknown key, a missing value, an unknown
+    model or averaging method, or a bad option of either is a UserError naming the key. The
+    model's options are completed with its builder's defaults."""
+    try:
+        config = to_config(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(one_line(e)) from e
+    validate(config)
+    config.model = resolve_model_config(config.model)
+    check_methods(config.swa)
+    return config
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The validated config of the run in ``run_dir`` (its ``.hydra/config.yaml``); keys that
+    no longer exist are dropped, so that older runs still load."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {run_dir} must be a run dir written by "
+                        "python -m swa_research.train")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    assert isinstance(cfg, dict)
+    for key in RETIRED_KEYS:
+        group, _, leaf = key.partition(".")
+        (cfg.get(group) or {}).pop(leaf, None)
+    return load_config(cfg)
+
+
+def config_dict_of(config: Config) -> dict[str, Any]:
+    """The plain nested dict of a typed config (what checkpoints and trackers record)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
+          run_name: str | None = None, group: str | None = None,
+          job_num: int = 0, write_record: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration; writes the run's files into ``run_dir`` and
+    returns the contents of its metrics.json. ``run_name`` and ``group`` name the run in
+    experiment trackers unless ``logger.name`` / ``logger.group`` are set; ``job_num`` (the
+    job's number in a sweep) is the GPU it tries first when several are visible.
+
+    The run dir is locked for the whole run. ``write_record`` (the entry point's: Hydra's
+    ``.hydra/`` files) is called once the run is accepted, or at once in a dir that holds no
+    run yet: a refused command never rewrites the record of an existing run."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    with stop_on_signals(), RunDirLock(run_dir):
+        for path in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by a write that was interrupted", path)
+        return _train_locked(cfg, run_dir, run_name, group, job_num, write_record)
+
+
+def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
+                  run_name: str | None, group: str | None, job_num: int,
+                  write_record: Callable[[], None] | None) -> dict[str, Any]:
+    fresh = not holds_run(run_dir)
+    if fresh and write_record is not None:
+        write_record()  # a failure below is then recorded with the config that caused it
+    try:
+        config = load_config(cfg)
+        complete = check_finished_run(run_dir)
+        config_dict = config_dict_of(config)
+        trainer_cfg = config.trainer
+        resume = find_resume_checkpoint(run_dir, "auto" if complete else trainer_cfg.resume)
+        if complete and resume is None:
+            raise UserError(f"{run_dir} already holds a finished run ({run_dir / 'metrics.json'})"
+                            " whose files are incomplete, and no checkpoint to complete them "
+                            "from; choose another output dir with hydra.run.dir=...")
+        if resume is not None:
+            diffs = config_differences(resume[0]["config"], config_dict)
+            if diffs and not trainer_cfg.resume_override:
+                raise UserError(
+                    f"checkpoint {resume[1]} was written with another config "
+                    f"({'; '.join(diffs)}); resume anyway with trainer.resume_override=true, "
+                    "or start afresh in another output dir")
+        device = resolve_device(trainer_cfg.device)
+        resolve_precision(trainer_cfg.precision, device)  # fail before loading any data
+    except UserError as e:
+        if fresh:
+            write_failure(run_dir, str(e))
+        raise
+    if not fresh and write_record is not None:
+        write_record()
+    if complete:
+        log.info("%s: the run finished but its files are incomplete; completing them from %s",
+                 run_dir, resume[1])  # type: ignore[index]
+    claim = None
+    if trainer_cfg.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
+        # Jobs sharing a machine (joblib, several agents) each take a GPU of their own.
+        claim = GpuClaim.acquire(torch.cuda.device_count(), preferred=job_num)
+        device = torch.device("cuda", claim.index)
+        log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
+    own_resume = resume is not None and resume[1].parent.resolve() == run_dir.resolve()
+    try:
+        trainer = build_trainer(config, config_dict, run_dir, device, run_name, group,
+                                resuming=own_resume)
+        if resume is not None:
+            try:
+                trainer.load_state(resume[0])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
+                                f"({one_line(e)[:300]})") from e
+            log.info("resuming from %s", resume[1])
+        metrics = trainer.fit()
+        log.info("%s", run_summary(run_dir, metrics))
+        return metrics
+    except UserError as e:
+        if fresh and not (run_dir / "metrics.json").is_file():
+            write_failure(run_dir, str(e))
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
+                  device: torch.device, run_name: str | None = None, group: str | None = None,
+                  resuming: bool = False) -> Trainer:
+    """Config -> data, model, optimizer, schedule, averages, loggers -> a :class:`Trainer` on
+    ``device``, writing into ``run_dir``. ``config`` comes from :func:`load_config`;
+    ``config_dict`` is its plain form (recorded in checkpoints and trackers)."""
+    trainer_cfg = config.trainer
+    prepare_device(device, trainer_cfg.deterministic)
+    torch.manual_seed(config.seed)
+    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers)
+    iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
+    check_budget(config, iters)
+    fmt = memory_format(trainer_cfg.channels_last)
+    model = build_model(config.model, data.num_classes, data.image_size).to(
+        device, memory_format=fmt)
+    optimizer = build_optimizer(config.optimizer, model.parameters())
+    plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
+    schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
+                              trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
+    averages = build_averages(model, config.swa)
+    if trainer_cfg.compile:
+        # In place, after the averages' deepcopy: an average stays an eager module (its BN
+        # update and evaluation never recompile) and state dicts keep their keys.
+        compile_in_place(model, trainer_cfg.compile_mode)
+    dc = config.data
+    train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
+                           memory_format=fmt)
+    eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
+    loggers: list[RunLogger] = [LocalFiles(run_dir, title=config.logger.name or run_name,
+                                           averages=list(averages))]
+    if config.logger.backend == "wandb":
+        loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
+                                   resuming=resuming, averages=list(averages)))
+    return Trainer(
+        model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, schedule),
+        plan=plan, averages=averages, data=data, train_pre=train_pre, eval_pre=eval_pre,
+        cfg=trainer_cfg, seed=config.seed, run_dir=run_dir, loggers=Loggers(loggers),
+        config_dict=config_dict, log_every=config.logger.log_every,
+        bn_batch_size=config.swa.bn_batch_size)
+
+
+def prepare_device(device: torch.device, deterministic: bool) -> None:
+    """Make ``device`` current and set the determinism switches for a run on it."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if deterministic:
+        # cuBLAS needs this before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def write_failure(run_dir: Path, error: str) -> None:
+    """metrics.json for a run that failed before training: the record is complete (the sweep
+    summary and report show why), and nothing else is touched."""
+    try:
+        write_metrics(run_dir / "metrics.json", {"status": "failed", "error": error})
+    except OSError:
+        pass

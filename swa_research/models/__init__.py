@@ -1,0 +1,116 @@
+"""The model registry: a name (``model=NAME``) -> a builder with plain arguments.
+
+A builder is ``builder(num_classes, image_size, *, option=default, ...)``: its keyword-only
+arguments are the model's options on the command line (``model.OPTION=...``), their defaults
+the defaults, their annotations (bool, int, float, str) the types. A family's options stay its
+own: ``model.batch_norm`` is refused for a model whose builder does not take it. A builder
+raises ValueError for a bad option value, naming it.
+
+Adding a model is one file with its builder and one line in :data:`MODELS` (or a call of
+:func:`register_model`); ``model=NAME`` then works without a yaml file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from swa_research.errors import UserError
+from swa_research.models import vgg
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[..., nn.Module]
+    # The input size must be a multiple of this (the network's total downsampling).
+    image_multiple: int = 1
+
+
+MODELS: dict[str, ModelEntry] = {
+    "simplified": ModelEntry(vgg.simplified, image_multiple=8),
+    "vgg11": ModelEntry(vgg.vgg11, image_multiple=32),
+    "vgg13": ModelEntry(vgg.vgg13, image_multiple=32),
+    "vgg16": ModelEntry(vgg.vgg16, image_multiple=32),
+    "vgg19": ModelEntry(vgg.vgg19, image_multiple=32),
+}
+
+
+def register_model(name: str, build: Callable[..., nn.Module], image_multiple: int = 1) -> None:
+    """Add a model under ``name`` (from a plugin, a notebook or a test)."""
+    MODELS[name] = ModelEntry(build, image_multiple)
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of a registered model: its builder's keyword-only arguments."""
+    sig = inspect.signature(MODELS[name].build)
+    return {p.name: p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+_TYPES: dict[Any, type] = {bool: bool, int: int, float: float, str: str,
+                           "bool": bool, "int": int, "float": float, "str": str}
+
+
+def _typed(key: str, value: Any, param: inspect.Parameter) -> Any:
+    want = _TYPES.get(param.annotation)
+    if want is None or value is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and not isinstance(value, bool) or not isinstance(value, want):
+        raise UserError(f"model.{key}={value!r}: expected a {want.__name__}")
+    return value
+
+
+def resolve_model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """``{"name": ..., options}`` completed with the builder's defaults, each option checked
+    for its name and type, and its value by building the model on the meta device (no
+    memory, no compute). Raises UserError naming the key."""
+    name = model.get("name")
+    if name not in MODELS:
+        raise UserError(f"model={name}: no such model; expected one of {', '.join(MODELS)}")
+    params = model_options(name)
+    out: dict[str, Any] = {"name": name}
+    for key, value in model.items():
+        if key == "name":
+            continue
+        if key not in params:
+            near = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
+            raise UserError(
+                f"model.{key}: not an option of model {name} (its options: "
+                f"{', '.join(params) or 'none'})" + (f"; did you mean model.{near[0]}?"
+                                                     if near else ""))
+        out[key] = _typed(key, value, params[key])
+    for key, p in params.items():
+        if key not in out:
+            if p.default is inspect.Parameter.empty:
+                raise UserError(f"model.{key} has no value: set it on the command line "
+                                f"(model.{key}=...)")
+            out[key] = p.default
+    entry = MODELS[name]
+    try:
+        with torch.device("meta"):
+            entry.build(2, entry.image_multiple * max(1, 32 // entry.image_multiple),
+                        **{k: v for k, v in out.items() if k != "name"})
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return out
+
+
+def build_model(model: dict[str, Any], num_classes: int, image_size: int = 32) -> nn.Module:
+    """The model ``model`` (a resolved model config) names, for ``num_classes`` classes and
+    square inputs of ``image_size``."""
+    name = model["name"]
+    if name not in MODELS:
+        raise UserError(f"model={name}: no such model; expected one of {', '.join(MODELS)}")
+    entry = MODELS[name]
+    if image_size % entry.image_multiple:
+        raise UserError(f"model {name} needs an image size that is a multiple of "
+                        f"{entry.image_multiple}, got {image_size} (set data.image_size)")
+    return entry.build(num_classes, image_size, **{k: v for k, v in model.items()
+                                                   if k != "name"})

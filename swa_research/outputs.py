@@ -1,0 +1,73 @@
+"""What a run leaves: the metrics.json record and the weight files.
+
+metrics.json keeps one layout for every run: ``sgd`` (the final SGD model), ``sgd_best_val``
+(the SGD model of the best validation epoch), one entry per average by name (``swa`` for the
+primary; ``averages`` lists the names), ``calibration`` and ``train`` (budget, timing, memory).
+The weights: ``sgd_final.pt``, ``sgd_best_val.pt`` and ``<name>.pt`` per average that holds
+anything (``swa.pt`` for the primary).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swa_research.averaging import Average
+from swa_research.fileio import atomic_torch_save
+from swa_research.step import peak_gpu_mb, peak_rss_mb
+
+EMPTY_EVAL = {"test_acc": None, "test_loss": None, "val_acc": None, "val_loss": None}
+
+
+def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, iterations: int,
+                sgd: dict[str, Any], best: dict[str, Any] | None,
+                averages: dict[str, dict[str, Any]], names: list[str],
+                calibration: dict[str, Any] | None, images_seen: int, train_time: float,
+                device: torch.device) -> dict[str, Any]:
+    """The contents of metrics.json. ``averages``: the latest evaluation of each average by
+    name; ``names``: the run's averages (the primary ``swa`` is always there, empty when the
+    run averages nothing, so that readers find the key)."""
+    out: dict[str, Any] = {
+        "status": status,
+        "sgd": sgd or dict(EMPTY_EVAL),
+        "sgd_best_val": best or {"epoch": None, **EMPTY_EVAL},
+    }
+    for name in ["swa", *[n for n in names if n != "swa"]]:
+        out[name] = averages.get(name) or {**EMPTY_EVAL, "n_averaged": 0}
+    out["averages"] = list(names)
+    out["calibration"] = calibration
+    gpu = peak_gpu_mb(device)
+    out["train"] = {
+        "epochs": epochs,
+        "iterations": iterations,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(images_seen / train_time, 1) if train_time > 0 else None,
+        # Of this process (a resumed run: since the resume).
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_gpu_mb": None if gpu is None else round(gpu, 1),
+    }
+    if error:
+        out["error"] = error
+    return out
+
+
+def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iteration: int,
+                 best_state: dict[str, torch.Tensor] | None, best: dict[str, Any] | None,
+                 averages: dict[str, Average]) -> list[str]:
+    """sgd_final.pt, sgd_best_val.pt and one file per average that holds anything, each
+    written atomically; returns their names."""
+    blobs = {"sgd_final.pt": {"state_dict": model.state_dict(), "config": config,
+                              "iteration": iteration}}
+    if best_state is not None:
+        blobs["sgd_best_val.pt"] = {"state_dict": best_state, "config": config,
+                                    "epoch": best["epoch"] if best else None}
+    for name, average in averages.items():
+        if average.n_averaged > 0:
+            blobs[f"{name}.pt"] = {"state_dict": average.module.state_dict(), "config": config,
+                                   "n_averaged": average.n_averaged, "method": average.method}
+    for name, blob in blobs.items():
+        atomic_torch_save(blob, Path(run_dir) / name)
+    return list(blobs)

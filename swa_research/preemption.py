@@ -1,0 +1,87 @@
+"""Preemption: SIGTERM, SIGUSR1 or SIGUSR2 (what SLURM and submitit send before preemption or the
+time limit) stop a run with the requeue status, after a checkpoint where there is work to save.
+
+Before the training loop, :func:`stop_on_signals` stops at once (nothing to save yet, or the
+checkpoint on disk is current). In the loop, :class:`SignalFlag` notes the signal; the trainer
+finishes its step, writes a checkpoint and raises :class:`Preempted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again": asks for a requeue
+# SIGUSR2 too: submitit's default preemption signal.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(SystemExit):
+    """A preemption signal arrived; the process exits for a requeue.
+
+    A SystemExit, so that Hydra's job runner and launchers let it through."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.signum = signum
+
+
+def _install(handler: Any) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set from the main thread
+    return {sig: signal.signal(sig, handler) for sig in SIGNALS}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Until the training loop takes over, a preemption signal raises :class:`Preempted`. The
+    signal is then handed on to the handler that was there before (under submitit, its own,
+    which requeues the job)."""
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("%s received before training started; exiting with status %d for a "
+                    "requeue", signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+        raise Preempted(signum)
+
+    previous = _install(stop)
+    try:
+        yield
+    except Preempted as e:
+        _restore(previous)
+        handler = previous.get(e.signum)
+        previous = {}
+        if callable(handler):
+            handler(e.signum, None)
+        raise
+    finally:
+        _restore(previous)
+
+
+class SignalFlag:
+    """While active (a context manager), notes the latest preemption signal in :attr:`signum`
+    instead of acting on it."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> SignalFlag:
+        self._previous = _install(self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _restore(self._previous)
+        self._previous = {}

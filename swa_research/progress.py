@@ -1,0 +1,82 @@
+"""Progress inside an epoch: a live bar in a terminal, or a log line every 30 s for the log
+files of cluster jobs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _hms(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
+
+
+class Progress:
+    """Progress inside an epoch.
+
+    ``bar``: a live bar on stderr (at most two redraws a second). ``line``: a log record every
+    :attr:`line_every_s` seconds with the iteration, the running training loss, the speed and
+    the time left in the epoch, for logs that are files (a cluster job's output, Hydra's
+    ``<job>.log``); an epoch shorter than that prints none. ``auto``: the bar in a terminal, else
+    lines. ``none``: nothing. The running loss is read from the device only when shown.
+    """
+
+    line_every_s = 30.0
+
+    def __init__(self, mode: str, total: int, done: int = 0, seen: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "line"
+        self.mode = mode
+        self.total = total
+        self._clock = clock
+        self._t0 = clock()
+        # The bar draws at the first update; lines come only after line_every_s.
+        self._last = 0.0 if mode == "bar" else self._t0
+        self._done0, self._seen0 = done, seen
+
+    def update(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
+               seen: int) -> None:
+        if self.mode == "bar":
+            self._bar(epoch, epochs, done, loss_sum, seen)
+        elif self.mode == "line":
+            self._line(epoch, epochs, done, loss_sum, seen)
+
+    def _bar(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
+             seen: int) -> None:
+        now = self._clock()
+        if now - self._last < 0.5 and done < self.total:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        sys.stderr.write(f"\repoch {epoch}/{epochs} [{'=' * filled}{' ' * (width - filled)}] "
+                         f"{done}/{self.total} loss {loss_sum.item() / max(1, seen):.4f}")
+        sys.stderr.flush()
+
+    def _line(self, epoch: int, epochs: int, done: int, loss_sum: torch.Tensor,
+              seen: int) -> None:
+        now = self._clock()
+        if now - self._last < self.line_every_s or done >= self.total:
+            return  # the epoch's own summary follows its last iteration
+        self._last = now
+        elapsed = max(now - self._t0, 1e-9)
+        per_iter = elapsed / max(1, done - self._done0)
+        log.info("epoch %d/%d: iteration %d/%d (%d%%), train loss %.4f, %.0f images/s, "
+                 "epoch done in %s", epoch, epochs, done, self.total,
+                 100 * done // max(1, self.total), loss_sum.item() / max(1, seen),
+                 (seen - self._seen0) / elapsed, _hms(per_iter * (self.total - done)))
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
