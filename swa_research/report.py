@@ -468,9 +468,20 @@ def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float]
     return epochs, means, spread
 
 
+def accuracy_band(means: Sequence[float], spread: Sequence[float]
+                  ) -> tuple[list[float], list[float]]:
+    """Mean ± one std of accuracies in percent, clipped to [0, 100] where an accuracy lies."""
+    return ([max(0.0, a - b) for a, b in zip(means, spread, strict=True)],
+            [min(100.0, a + b) for a, b in zip(means, spread, strict=True)])
+
+
 def plot_accuracy(report: Report, path: Path) -> Path:
-    """Test accuracy over epochs, SGD vs SWA, mean over seeds (band: ± one std), one panel
-    per configuration."""
+    """Test accuracy over epochs, SGD vs each average, mean over seeds (band: ± one std,
+    within [0, 100]), one panel per configuration."""
+    from swa_research.plots import color_of
+
+    names = ["sgd", "swa", *(c[:-len("_test_acc")] for c, _, _ in report.columns[len(METRICS):]
+                            if c.endswith("_test_acc"))]
     plt = pyplot()
     rows = report.rows
     ncols = min(3, max(1, len(rows)))
@@ -480,16 +491,14 @@ def plot_accuracy(report: Report, path: Path) -> Path:
     for ax in axes.flat[len(rows):]:
         ax.set_visible(False)
     for ax, row in zip(axes.flat, rows, strict=False):
-        for model, color in (("sgd", "tab:blue"), ("swa", "tab:orange")):
+        for model in names:
             epochs, means, spread = _mean_curve(row.runs, f"{model}_test_acc")
             if not epochs:
                 continue
             m = [100 * v for v in means]
-            s = [100 * v for v in spread]
+            color = color_of(model, names)
             ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
-            # An accuracy lies in [0, 100]: so does its band.
-            ax.fill_between(epochs, [max(0.0, a - b) for a, b in zip(m, s, strict=True)],
-                            [min(100.0, a + b) for a, b in zip(m, s, strict=True)],
+            ax.fill_between(epochs, *accuracy_band(m, [100 * v for v in spread]),
                             color=color, alpha=0.2)
         ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
         if not row.runs:

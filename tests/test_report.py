@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -297,3 +298,32 @@ def test_configurations_compare_resolved_values(tmp_path: Path) -> None:
     assert report.keys == ["model"]
     assert [(r.label, len(r.runs)) for r in report.rows] == [("model=simplified", 2),
                                                              ("model=vgg11", 1)]
+
+
+def test_the_accuracy_band_stays_within_0_and_100_percent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three seeds at 99.8, 90 and 99.9% have a mean of 96.6% and an sd of 5.6 points: the
+    band's top is 100%, not 102%; at low accuracy its bottom is 0%, not below."""
+    from matplotlib.axes import Axes
+
+    import swa_research.report as report_module
+
+    assert report_module.accuracy_band([96.0, 3.0], [5.0, 4.5]) == ([91.0, 0.0], [100.0, 7.5])
+    for seed, sgd in ((0, 0.998), (1, 0.90), (2, 0.999)):
+        fake_run(tmp_path / "runs" / str(seed), seed, 0.1, sgd=sgd, swa=sgd)
+    bands: list[tuple[list[float], list[float]]] = []
+    fill = Axes.fill_between
+
+    def record(self: Axes, x: Any, lo: Any, hi: Any, **kwargs: Any) -> Any:
+        bands.append((list(lo), list(hi)))
+        return fill(self, x, lo, hi, **kwargs)
+
+    monkeypatch.setattr(Axes, "fill_between", record)
+    report = build_report([tmp_path / "runs"])
+    report_module.plot_accuracy(report, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    # SGD: epoch 1 at 30% in every run (sd 0), epoch 2 the three accuracies above; SWA (the
+    # same numbers) has no value at epoch 1.
+    low = 100 * (statistics.fmean([0.998, 0.90, 0.999]) - statistics.stdev([0.998, 0.90, 0.999]))
+    assert bands == [([pytest.approx(30.0), pytest.approx(low)], [pytest.approx(30.0), 100.0]),
+                     ([pytest.approx(low)], [100.0])]
