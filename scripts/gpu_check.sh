@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of the speed work (issue 4) as one command for a lent CUDA machine, which has
+# The GPU checks of the speed targets as one command for a lent CUDA machine, which has
 # PyTorch but no Hydra, no W&B and no network. About 6 to 9 minutes on an H100.
 #
-# Here, once per session (both folders are git-ignored through .git/info/exclude):
+# Here, once per checkout (both folders are git-ignored through .git/info/exclude):
 #   bash ../shared/tools/gpu-wheels.sh
 #   mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ \
 #       && (grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude)

@@ -2,7 +2,8 @@
 
 metrics.json keeps one layout for every run: ``sgd`` (the final SGD model), ``sgd_best_val``
 (the SGD model of the best validation epoch), one entry per average by name (``swa`` for the
-primary; ``averages`` lists the names), ``calibration`` and ``train`` (budget, timing, memory).
+primary; ``averages`` lists the names), ``calibration``, ``model`` (name and parameter count) and
+``train`` (budget, timing, memory).
 The weights: ``sgd_final.pt``, ``sgd_best_val.pt`` and ``<name>.pt`` per average that holds
 anything (``swa.pt`` for the primary).
 """
@@ -26,7 +27,7 @@ def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, ite
                 sgd: dict[str, Any], best: dict[str, Any] | None,
                 averages: dict[str, dict[str, Any]], names: list[str],
                 calibration: dict[str, Any] | None, images_seen: int, train_time: float,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, model: dict[str, Any] | None = None) -> dict[str, Any]:
     """The contents of metrics.json. ``averages``: the latest evaluation of each average by
     name; ``names``: the run's averages (the primary ``swa`` is always there, empty when the
     run averages nothing, so that readers find the key)."""
@@ -39,6 +40,7 @@ def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, ite
         out[name] = averages.get(name) or {**EMPTY_EVAL, "n_averaged": 0}
     out["averages"] = list(names)
     out["calibration"] = calibration
+    out["model"] = model or {"name": None, "parameters": None}  # name, parameter count
     gpu = peak_gpu_mb(device)
     out["train"] = {
         "epochs": epochs,

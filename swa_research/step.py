@@ -51,7 +51,7 @@ def _cpu_flags() -> frozenset[str]:
 def cpu_has_native(precision: str) -> bool:
     """Whether this CPU multiplies in ``precision`` (bf16, fp16) in hardware: AMX or AVX-512's
     bf16/fp16 instructions. Without them oneDNN emulates the type, and a bf16 matmul runs at
-    about 1% of fp32's speed (measured on an AVX2 AMD EPYC: 1.4 against 110 GFLOP/s)."""
+    about 1% of fp32's speed (docs/speed.md)."""
     if precision == "fp32":
         return True
     if any(flag in _cpu_flags() for flag in _NATIVE_CPU_FLAGS.get(precision, ())):

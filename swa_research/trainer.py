@@ -83,6 +83,8 @@ class Trainer:
         self.eval_precision = resolve_precision(self.cfg.eval_precision, self.device)
         self.last_lr = self.current_lr()  # the lr the latest step used
         self.step = TrainStep(self.model, self.optimizer, self.precision, self.device)
+        self.model_info = {"name": (self.config_dict.get("model") or {}).get("name"),
+                           "parameters": sum(p.numel() for p in self.model.parameters())}
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -207,10 +209,11 @@ class Trainer:
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         epochs = self.cfg.epochs
-        log.info("training %d epoch%s of %d iterations on %s (%d train, %s val, %d test images)",
-                 epochs, "" if epochs == 1 else "s", self.iters_per_epoch, self.device,
-                 len(self.data.train), len(self.data.val) if self.data.val is not None else 0,
-                 len(self.data.test))
+        log.info("training %s (%s parameters) for %d epoch%s of %d iterations on %s (%d train, "
+                 "%s val, %d test images)", self.model_info["name"] or "the model",
+                 f"{self.model_info['parameters']:,}", epochs, "" if epochs == 1 else "s",
+                 self.iters_per_epoch, self.device, len(self.data.train),
+                 len(self.data.val) if self.data.val is not None else 0, len(self.data.test))
         if self.start_epoch > 1 or self.partial is not None:
             log.info("resumed at iteration %d (epoch %d)", self.iteration,
                      self.start_epoch - (self.partial is None))
@@ -352,6 +355,7 @@ class Trainer:
         return run_metrics(status, wall, error, epochs=self.cfg.epochs, iterations=self.iteration,
                            sgd=self.last_sgd, best=self.best, averages=self.last_avg,
                            names=list(self.averages), calibration=self.calibration,
+                           model=self.model_info,
                            images_seen=self.images_seen, train_time=self.train_time,
                            device=self.device)
 

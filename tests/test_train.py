@@ -21,7 +21,8 @@ from swa_research.data import ImageSet, Preprocess, build_data
 from swa_research.evaluation import evaluate
 from swa_research.models import build_model
 
-TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "averages", "calibration", "train", "files"}
+TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "averages", "calibration", "model", "train",
+            "files"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -109,6 +110,10 @@ def check_run(r: Run) -> None:
 
     assert set(m["swa"]) == EVAL_KEYS | {"n_averaged"}
     assert m["averages"] == (["swa"] if averaging else [])
+    assert m["model"]["name"] == c.model["name"]
+    if c.trainer.save_checkpoints:
+        net = r.model_from("sgd_final.pt")
+        assert m["model"]["parameters"] == sum(p.numel() for p in net.parameters()) > 0
     expected_updates = r.plan().count_updates()
     if averaging:
         check_eval_values(m["swa"], has_val)

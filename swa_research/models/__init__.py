@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from swa_research.errors import UserError
-from swa_research.models import vgg
+from swa_research.models import preresnet, vgg, wrn
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ MODELS: dict[str, ModelEntry] = {
     "vgg13": ModelEntry(vgg.vgg13, image_multiple=32),
     "vgg16": ModelEntry(vgg.vgg16, image_multiple=32),
     "vgg19": ModelEntry(vgg.vgg19, image_multiple=32),
+    "preresnet110": ModelEntry(preresnet.preresnet110, image_multiple=4),
+    "preresnet164": ModelEntry(preresnet.preresnet164, image_multiple=4),
+    "wrn28x10": ModelEntry(wrn.wrn28x10, image_multiple=4),
 }
 
 
