@@ -263,7 +263,7 @@ def bench_config(args: argparse.Namespace, name: str, precision: str, device: to
     needed = max(iterations, 2 * AVERAGE_EVERY)
     return load_config(Config(
         data=data_config(args),
-        model={"name": name, "width": args.width},
+        model=model_spec(name, args.width),
         optimizer=OptimizerConfig(name="adam", lr=1e-4),
         swa=SwaConfig(method="swa", lr=1e-4, start=0, freq=AVERAGE_EVERY, unit="iter"),
         trainer=TrainerConfig(
@@ -420,7 +420,7 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                     run_dir: Path, profiles: list[str]) -> list[dict[str, Any]]:
     """The rows of one model; with ``--profile``, each trainer path's op table is appended to
     ``profiles``."""
-    model_dict = resolve_model_config({"name": name, "width": args.width})
+    model_dict = resolve_model_config(model_spec(name, args.width))
     num_classes, size = len(data.classes), data.image_size
     torch.manual_seed(0)
     paths: dict[tuple[str, str], Any] = {
@@ -523,6 +523,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def model_spec(name: str, width: float) -> dict[str, Any]:
+    """The model config for ``name``: ``--width`` goes to the models that take a width (the
+    VGGs); the others are built as registered."""
+    from swa_research.models import MODELS, model_options
+
+    if name in MODELS and "width" in model_options(name):
+        return {"name": name, "width": width}
+    return {"name": name}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -568,7 +578,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
     for name in args.models:  # an unknown model or a bad width, before minutes of measuring
         try:
-            resolve_model_config({"name": name, "width": args.width})
+            resolve_model_config(model_spec(name, args.width))
         except UserError as e:
             p.error(str(e))
     if args.precision is None:

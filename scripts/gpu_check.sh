@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed targets as one command for a lent CUDA machine, which has
-# PyTorch but no Hydra, no W&B and no network. About 6 to 9 minutes on an H100.
+# PyTorch but no Hydra, no W&B and no network. About 7 to 10 minutes on an H100.
 #
 # Here, once per checkout (both folders are git-ignored through .git/info/exclude):
 #   bash ../shared/tools/gpu-wheels.sh
@@ -15,6 +15,10 @@
 #   bench512.json     VGG16 bf16 at batch 512 (the >= 30% of the bf16 peak target)
 #   graphs.json       simplified bf16 at batch 128 with --compile reduce-overhead (CUDA graphs)
 #   cifar.json        metrics.json of the seed experiment, 20 epochs, on the CIFAR-10 JPEG copy
+#   paper_speed.txt   the training speed of PreResNet164 and WRN28x10 (two short epochs of the
+#                     SWA paper's recipe, experiment=paper/<model>_cifar10_sgd, on synthetic
+#                     32x32 images, bf16) and the GPU hours of their presets at that speed
+#                     (python -m swa_research.paper --images-per-s ...; docs/paper.md)
 #   profile.txt       torch.profiler's op tables of bench128's and graphs' trainer paths, with
 #                     the GPU's busy time per step (also device_busy_pct in their JSON rows):
 #                     far below 100%, the step waits for the host (kernel launches)
@@ -64,10 +68,14 @@ if [[ "${QUICK:-0}" == 1 ]]; then
            --loader-batches 2 --matmul-size 128 --profile-steps 2)
     train_size=(trainer.epochs=1 model.width=0.125 swa.start=0.5 data.val_fraction=0.5)
     graphs_mode=default  # compiling for CUDA graphs on a CPU only takes time
+    paper_size=(data.train_size=32 data.test_size=16 trainer.batch_size=16
+                trainer.eval_batch_size=16 trainer.epochs=1)
 else
     bench=(--steps 50 --rounds 3 --warmup 5)
     train_size=(trainer.epochs=20)  # the seed recipe (SWA from iteration 4000 of 7020)
     graphs_mode=reduce-overhead
+    # 300 steps of batch 128 an epoch, two epochs (the first steps' cuDNN autotuning included).
+    paper_size=(data.train_size=38400 data.test_size=1000 trainer.epochs=2)
 fi
 
 step smoke python3 -m swa_research.train experiment=smoke "trainer.device=$DEVICE" \
@@ -96,6 +104,37 @@ if [[ -f "$tarball" ]]; then
 else
     echo "cifar: skipped (no $tarball carried)" | tee -a "$summary"
 fi
+
+# The SWA paper's larger models (scripts/benchmark.py builds every model with model.width,
+# which only the VGGs take): a short run of each one's paper recipe through the trainer, its
+# images/s from metrics.json (train.images_per_s: training steps only, no evaluation).
+for model in preresnet164 wrn28x10; do
+    step "paper_$model" python3 -m swa_research.train "experiment=paper/${model}_cifar10_sgd" \
+        data=synthetic "${paper_size[@]}" "trainer.device=$DEVICE" trainer.progress=none \
+        trainer.save_checkpoints=false trainer.checkpoint_every=0 \
+        "hydra.run.dir=$work/paper_$model"
+done
+python3 - "$work" >"$OUT/paper_speed.txt" 2>>"$logs" <<'PY' || echo "paper_speed: failed (see logs.txt)" | tee -a "$summary"
+import json, sys
+from pathlib import Path
+from swa_research.paper import estimate_table
+speeds = {}
+for model in ("preresnet164", "wrn28x10"):
+    try:
+        m = json.loads((Path(sys.argv[1]) / f"paper_{model}" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        print(f"{model}: no metrics.json")
+        continue
+    t = m["train"]
+    speeds[model] = t["images_per_s"]
+    print(f"{model}: {t['images_per_s']:.0f} training images/s ({t['iterations']} steps, "
+          f"{t['wall_time_s']:.1f} s in all, peak GPU memory {t['peak_gpu_mb']} MiB)")
+if speeds:
+    print("\nGPU hours of the paper presets at these speeds (an evaluation image counted as a "
+          "third of a training image):\n")
+    print(estimate_table(images_per_s=speeds))
+PY
+grep -E '^(preresnet164|wrn28x10): ' "$OUT/paper_speed.txt" >>"$summary" 2>/dev/null
 
 # The targets, judged from what came back (scripts/targets.py), at the end of summary.txt.
 echo "----- targets" >>"$summary"

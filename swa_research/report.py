@@ -10,6 +10,12 @@ runs. Failed runs (status other than "finished", or no metrics.json) are listed 
 averaged. Writes report.md, report.csv and PNG plots atomically, and logs the table to W&B
 when the runs used it. A multirun of ``swa_research.train`` ends with this report for its
 sweep dir.
+
+When finished runs measure cells of the SWA paper's Table 1 (``swa_research.paper``: a run of
+one of its recipes, e.g. ``experiment=paper/preresnet164_cifar100_swa1.5``), the report also
+gives, per cell, the published mean ± std against the measured mean ± std over seeds, n, the
+difference, and whether the measured mean lies within the published mean ± 1 std or ± 2 std
+(a "paper vs measured" table, also in report_paper.csv). Without such runs nothing changes.
 """
 
 from __future__ import annotations
@@ -32,12 +38,24 @@ from scipy import stats
 
 from swa_research.config import flatten_dict
 from swa_research.fileio import atomic_write_text
+from swa_research.paper import (
+    COMPARISON_HEADER,
+    CSV_HEADER,
+    Comparison,
+    classify,
+    compare,
+    comparison_cells,
+    comparison_csv_row,
+    measured_cells,
+    recipe_differences,
+)
 from swa_research.plots import pyplot, read_history, save_figure
 from swa_research.runs import find_run_dirs, read_run
 
 log = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.md", "report.csv", "report_swa_gain.png", "report_accuracy.png")
+PAPER_CSV = "report_paper.csv"  # only when runs measure cells of the SWA paper's table
 # (column, path in metrics.json, label); accuracies are shown in percent.
 METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("sgd_test_acc", ("sgd", "test_acc"), "SGD final acc %"),
@@ -271,14 +289,22 @@ class Report:
     files: list[Path] = field(default_factory=list)
     wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
     columns: list[Metric] = field(default_factory=lambda: list(METRICS))
+    # The SWA paper's cells these runs measure (swa_research.paper), and the finished runs of
+    # its models and data sets left out because their recipe differs (with the differences).
+    paper: list[Comparison] = field(default_factory=list)
+    paper_skipped: list[tuple[Run, list[tuple[str, Any, Any]]]] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Run]:
         return [r for r in self.runs if not r.finished]
 
     def text(self) -> str:
-        """The table, and the failed runs one per line: what the commands print."""
+        """The table, and the failed runs one per line: what the commands print (and the
+        paper-vs-measured table when runs measure the paper's cells)."""
         lines = [self.table]
+        if self.paper:
+            lines += ["", "paper vs measured (SWA paper, Table 1; test accuracy %):",
+                      format_paper_table(self)]
         if self.failed:
             lines.append(f"failed runs ({len(self.failed)}, not averaged):")
             for r in self.failed:
@@ -327,9 +353,63 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
     for row in rows.values():
         row.summarise(columns)
     report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns)
+    report.paper, report.paper_skipped = paper_comparison(runs)
     report.table = format_table(report)
     report.markdown = format_markdown(report)
     return report
+
+
+def _history_rows(run: Run) -> list[dict[str, float | None]]:
+    try:
+        return read_history(run.path / "history.csv")
+    except (OSError, ValueError):
+        return []
+
+
+def paper_comparison(runs: Sequence[Run]
+                     ) -> tuple[list[Comparison], list[tuple[Run, list[tuple[str, Any, Any]]]]]:
+    """The paper's cells the finished runs measure, compared with the published figures;
+    and, when there are any, the finished runs of the paper's models and data sets whose
+    recipe differs from the paper's (not compared)."""
+    measurements = []
+    skipped = []
+    for run in runs:
+        if not run.finished or classify(run.config) is None:
+            continue
+        diffs = recipe_differences(run.config)
+        if diffs:
+            skipped.append((run, diffs))
+            continue
+        measurements += measured_cells(run.config, run.metrics or {}, _history_rows(run))
+    cells = compare(measurements)
+    return cells, skipped if cells else []
+
+
+def format_paper_table(report: Report) -> str:
+    return _md_table(COMPARISON_HEADER, [comparison_cells(c) for c in report.paper])
+
+
+def format_paper_section(report: Report) -> list[str]:
+    """The "paper vs measured" section of report.md (empty without paper cells)."""
+    if not report.paper:
+        return []
+    parts = ["## Paper vs measured", "",
+             "The SWA paper's Table 1 (timgaripov/swa README.md; mean ± std over 3 runs) against "
+             "these runs (mean ± sample std over seeds, n runs). SGD: the final SGD model of a "
+             "run without averaging over the budget; SWA 1, 1.25, 1.5 budgets: the average of a "
+             "SWA run at that epoch (history.csv). Difference: measured minus published mean "
+             "in percentage points. Within published: the measured mean lies within the "
+             "published mean ± 1 std (\"1 std\"), else within ± 2 std (\"2 std\"), else "
+             "\"no\".", "", format_paper_table(report), ""]
+    if report.paper_skipped:
+        parts += ["Not compared (a paper model and data set, another recipe):", ""]
+        for run, diffs in report.paper_skipped:
+            what = ", ".join(f"{k}={show(have)} (paper: {show(want)})"
+                             for k, have, want in diffs[:4])
+            more = f", and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+            parts.append(f"- {run.name}: {what}{more}")
+        parts.append("")
+    return parts
 
 
 def _fmt(stat: Stat, column: str) -> str:
@@ -389,6 +469,7 @@ def format_markdown(report: Report) -> str:
         "",
         report.table,
         "",
+        *format_paper_section(report),
     ]
     if report.failed:
         parts += ["## Failed runs", "",
@@ -533,6 +614,14 @@ def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
     writer.writerows([["" if v is None else v for v in line] for line in data])
     atomic_write_text(out / "report.csv", buf.getvalue())
     report.files = [out / "report.md", out / "report.csv"]
+    if report.paper:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(CSV_HEADER)
+        writer.writerows([["" if v is None else v for v in comparison_csv_row(c)]
+                          for c in report.paper])
+        atomic_write_text(out / PAPER_CSV, buf.getvalue())
+        report.files.append(out / PAPER_CSV)
     for name, plot in (("report_swa_gain.png", plot_gain), ("report_accuracy.png",
                                                            plot_accuracy)):
         try:
@@ -567,6 +656,9 @@ def log_to_wandb(report: Report, out: Path) -> str | None:
                         settings=wandb.Settings(console="off", silent=True,
                                                 init_timeout=90)) as run:
             logged: dict[str, Any] = {"report/table": wandb.Table(columns=columns, data=data)}
+            if report.paper:
+                logged["report/paper_table"] = wandb.Table(
+                    columns=CSV_HEADER, data=[comparison_csv_row(c) for c in report.paper])
             for p in report.files:
                 if p.suffix == ".png" and p.is_file():
                     logged[f"report/{p.stem}"] = wandb.Image(str(p))

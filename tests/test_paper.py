@@ -1,0 +1,467 @@
+"""The SWA paper's Table 1: the presets experiment=paper/* against timgaripov/swa's recipes,
+the published table as data, which cells a run measures, the sweep report's "paper vs
+measured" table on hand-made run dirs, scripts/reproduce.sh's paper mode, and docs/paper.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import CONF_DIR, compose_config
+
+from swa_research import paper
+from swa_research.averaging import AveragingPlan, check_budget
+from swa_research.build import config_dict_of, load_config
+from swa_research.config import flatten_dict, iterations_per_epoch, to_config
+from swa_research.optim import build_schedule
+from swa_research.report import build_report, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = paper.presets()
+ITERS = iterations_per_epoch(50_000, 128, False)  # 391: the last partial batch kept
+
+
+def config_of(preset: str, *overrides: str) -> dict[str, Any]:
+    """The plain nested config of a preset, as a run's .hydra/config.yaml holds it."""
+    return config_dict_of(load_config(compose_config([f"experiment={preset}", *overrides])))
+
+
+# -- the presets ---------------------------------------------------------------------------------
+
+
+def test_the_presets_are_the_whole_table() -> None:
+    assert len(PRESETS) == 12
+    files = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
+                   for p in (CONF_DIR / "experiment" / "paper").glob("*.yaml"))
+    assert files == sorted(PRESETS)
+    assert paper.presets("preresnet164", "cifar100") == [
+        "paper/preresnet164_cifar100_sgd", "paper/preresnet164_cifar100_swa1.5"]
+    assert len(paper.presets(dataset="cifar10")) == 6 and len(paper.presets("wrn28x10")) == 4
+    with pytest.raises(ValueError):
+        paper.presets("resnet50")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_validates_and_fits_its_budget(preset: str) -> None:
+    config = load_config(compose_config([f"experiment={preset}"]))
+    check_budget(config, ITERS)
+    model, dataset, run = re.fullmatch(r"paper/(\w+?)_(cifar100|cifar10)_(sgd|swa1\.5)",
+                                       preset).groups()
+    assert (config.model["name"], config.data.name) == (model, dataset)
+    # Its comment names the source.
+    text = (CONF_DIR / "experiment" / f"{preset}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert "timgaripov/swa README.md" in text and "train.py" in text
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_its_recipe(preset: str) -> None:
+    """The preset's values are paper.RECIPES' (what the report matches runs against), and a
+    run of it measures the cells of its kind at epochs it evaluates."""
+    flat = flatten_dict(config_of(preset))
+    found = paper.classify(flat)
+    assert found is not None
+    recipe, run = found
+    assert paper.preset(recipe.model, recipe.dataset, run) == preset
+    assert paper.recipe_differences(flat) == []
+    assert flat["trainer.epochs"] == recipe.epochs(run)
+    every = flat["trainer.eval_every"]
+    if run == "swa1.5":
+        for column in ("swa1", "swa1.25", "swa1.5"):
+            epoch = recipe.column_epochs[column]
+            assert epoch % every == 0 or epoch == flat["trainer.epochs"], column
+
+
+# (preset, lr, weight decay, swa lr or None, swa start or None, epochs, normalisation mean[0])
+# as read from timgaripov/swa README.md's commands and models/*.py.
+KEY_VALUES = [
+    ("paper/vgg16_cifar10_swa1.5", 0.05, 5e-4, 0.01, 161, 300, 0.485),
+    ("paper/vgg16_cifar10_sgd", 0.05, 5e-4, None, None, 200, 0.485),
+    ("paper/vgg16_cifar100_swa1.5", 0.05, 5e-4, 0.01, 161, 300, 0.485),
+    ("paper/vgg16_cifar100_sgd", 0.05, 5e-4, None, None, 200, 0.485),
+    ("paper/preresnet164_cifar10_swa1.5", 0.1, 3e-4, 0.01, 126, 225, 0.4914),
+    ("paper/preresnet164_cifar100_swa1.5", 0.1, 3e-4, 0.05, 126, 225, 0.4914),
+    ("paper/preresnet164_cifar10_sgd", 0.1, 3e-4, None, None, 150, 0.4914),
+    ("paper/preresnet164_cifar100_sgd", 0.1, 3e-4, None, None, 150, 0.4914),
+    ("paper/wrn28x10_cifar10_swa1.5", 0.1, 5e-4, 0.05, 161, 300, 0.4914),
+    ("paper/wrn28x10_cifar100_swa1.5", 0.1, 5e-4, 0.05, 161, 300, 0.4914),
+    ("paper/wrn28x10_cifar10_sgd", 0.1, 5e-4, None, None, 200, 0.4914),
+    ("paper/wrn28x10_cifar100_sgd", 0.1, 5e-4, None, None, 200, 0.4914),
+]
+
+
+@pytest.mark.parametrize(("preset", "lr", "wd", "swa_lr", "start", "epochs", "mean0"), KEY_VALUES,
+                         ids=[k[0] for k in KEY_VALUES])
+def test_key_values(preset: str, lr: float, wd: float, swa_lr: float | None,
+                    start: int | None, epochs: int, mean0: float) -> None:
+    c = to_config(compose_config([f"experiment={preset}"]))
+    assert c.optimizer.name == "sgd" and c.optimizer.momentum == 0.9
+    assert c.optimizer.nesterov is False
+    assert c.optimizer.lr == pytest.approx(lr)
+    assert c.optimizer.weight_decay == pytest.approx(wd)
+    assert c.trainer.epochs == epochs
+    assert (c.trainer.batch_size, c.trainer.drop_last) == (128, False)
+    assert c.data.val_fraction == 0.0 and c.data.augment == "crop_flip" and c.data.normalize
+    assert c.data.mean[0] == pytest.approx(mean0)
+    assert c.schedule.name == "decay_then_constant" and c.schedule.step_unit == "epoch"
+    if swa_lr is None:
+        assert c.swa.method == "none" and c.schedule.final_ratio == 0.01
+    else:
+        assert c.swa.method == "swa"
+        assert c.swa.lr == pytest.approx(swa_lr)
+        assert (c.swa.start, c.swa.freq, c.swa.unit) == (start, 1, "epoch")
+    name = c.model["name"]
+    if name == "vgg16":  # the paper's VGG16: no BN, dropout 0.5, full width
+        assert (c.model["batch_norm"], c.model["dropout"], c.model["width"]) == (False, 0.5, 1.0)
+    elif name == "wrn28x10":
+        assert c.model["dropout"] == 0.0
+
+
+def source_lr(epoch: int, lr_init: float, epochs: int, swa: bool, swa_start: float,
+              swa_lr: float) -> float:
+    """timgaripov/swa train.py's schedule(epoch), epoch counted from 0."""
+    t = epoch / (swa_start if swa else epochs)
+    lr_ratio = swa_lr / lr_init if swa else 0.01
+    if t <= 0.5:
+        factor = 1.0
+    elif t <= 0.9:
+        factor = 1.0 - (1.0 - lr_ratio) * (t - 0.5) / 0.4
+    else:
+        factor = lr_ratio
+    return lr_init * factor
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_schedule_and_averaging_are_the_sources(preset: str) -> None:
+    """Every epoch's lr is train.py's schedule(), and the average takes the epochs from
+    swa_start on (train.py: after epoch index e when e + 1 >= swa_start)."""
+    c = to_config(compose_config([f"experiment={preset}"]))
+    epochs = c.trainer.epochs
+    plan = AveragingPlan.from_config(c.swa, c.schedule, epochs, ITERS)
+    sched = build_schedule(c.schedule, c.optimizer.lr, c.swa.lr, ITERS, plan.total_iters,
+                           plan.start_iter, plan.lr_switch_iter)
+    swa = c.swa.method == "swa"
+    for e in range(epochs):
+        want = source_lr(e, c.optimizer.lr, epochs, swa, c.swa.start, c.swa.lr)
+        assert sched(e * ITERS) == pytest.approx(want, rel=1e-9), e
+        assert sched(e * ITERS + ITERS - 1) == pytest.approx(want, rel=1e-9), e
+    if swa:
+        assert plan.update_points() == list(range(int(c.swa.start), epochs + 1))
+    else:
+        assert plan.update_points() == []
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("paper_vgg16", "paper/vgg16_cifar10_swa1.5"),
+    ("paper_vgg16_sgd", "paper/vgg16_cifar10_sgd"),
+    ("paper_vgg16_cifar100", "paper/vgg16_cifar100_swa1.5"),
+    ("paper_vgg16_sgd_cifar100", "paper/vgg16_cifar100_sgd"),
+])
+def test_the_older_vgg16_presets_are_the_same_recipes(old: str, new: str) -> None:
+    assert config_of(old) == config_of(new)
+
+
+def test_command_line_groups_beat_the_presets() -> None:
+    c = to_config(compose_config(["experiment=paper/wrn28x10_cifar100_swa1.5", "data=synthetic",
+                                  "data.train_size=64"]))
+    assert c.data.name == "synthetic" and c.model["name"] == "wrn28x10"
+
+
+# -- the table and the cells a run measures ----------------------------------------------------
+
+
+def test_the_published_table() -> None:
+    assert set(paper.PUBLISHED) == set(paper.RECIPES) == {
+        (m, d) for m in paper.MODELS for d in paper.DATASETS}
+    assert paper.PUBLISHED[("vgg16", "cifar10")]["sgd"] == (93.25, 0.16)
+    assert paper.PUBLISHED[("preresnet164", "cifar100")]["swa1.25"] == (80.18, 0.23)
+    assert paper.PUBLISHED[("wrn28x10", "cifar10")]["swa1.5"] == (96.79, 0.05)
+    assert paper.PUBLISHED[("wrn28x10", "cifar100")]["swa1"] == (81.46, 0.23)
+    for cells in paper.PUBLISHED.values():
+        assert list(cells) == list(paper.COLUMNS)
+    assert paper.RECIPES[("preresnet164", "cifar10")].column_epochs == {
+        "sgd": 150, "swa1": 150, "swa1.25": 188, "swa1.5": 225}
+    assert paper.RECIPES[("vgg16", "cifar100")].column_epochs == {
+        "sgd": 200, "swa1": 200, "swa1.25": 250, "swa1.5": 300}
+
+
+def history(rows: dict[int, float | None]) -> list[dict[str, Any]]:
+    """history.csv rows as plots.read_history gives them (floats, None for empty)."""
+    return [{"epoch": float(e), "sgd_test_acc": 0.7, "swa_test_acc": acc} for e, acc in
+            rows.items()]
+
+
+def metrics(sgd: float = 0.7, swa: float | None = None, status: str = "finished"
+            ) -> dict[str, Any]:
+    return {"status": status, "sgd": {"test_acc": sgd}, "swa": {"test_acc": swa}}
+
+
+def test_a_swa_run_measures_three_cells() -> None:
+    flat = flatten_dict(config_of("paper/preresnet164_cifar100_swa1.5"))
+    rows = history({124: None, 150: 0.795, 186: 0.80, 188: 0.802, 224: 0.80, 225: 0.804})
+    cells = paper.measured_cells(flat, metrics(swa=0.804), rows)
+    assert [(c.column, c.epoch) for c in cells] == [("swa1", 150), ("swa1.25", 188),
+                                                    ("swa1.5", 225)]
+    assert [c.acc for c in cells] == pytest.approx([79.5, 80.2, 80.4])
+    assert {(c.model, c.dataset) for c in cells} == {("preresnet164", "cifar100")}
+    # Nested and flat configs alike.
+    assert paper.measured_cells(config_of("paper/preresnet164_cifar100_swa1.5"),
+                                metrics(swa=0.804), rows) == cells
+    # The last epoch falls back to metrics.json; an epoch not evaluated gives no cell.
+    cells = paper.measured_cells(flat, metrics(swa=0.81), history({150: 0.79}))
+    assert [(c.column, c.acc) for c in cells] == [("swa1", pytest.approx(79.0)),
+                                                  ("swa1.5", pytest.approx(81.0))]
+
+
+def test_a_shorter_swa_run_measures_the_cells_it_reaches() -> None:
+    flat = flatten_dict(config_of("paper/vgg16_cifar10_swa1.5", "trainer.epochs=200"))
+    assert paper.recipe_differences(flat) == []
+    cells = paper.measured_cells(flat, metrics(swa=0.935), history({200: 0.935}))
+    assert [(c.column, c.epoch, c.acc) for c in cells] == [("swa1", 200, pytest.approx(93.5))]
+
+
+def test_an_sgd_run_measures_the_sgd_cell() -> None:
+    flat = flatten_dict(config_of("paper/wrn28x10_cifar10_sgd"))
+    cells = paper.measured_cells(flat, metrics(sgd=0.9612), history({200: None}))
+    assert cells == [paper.Measurement("wrn28x10", "cifar10", "sgd", 200, pytest.approx(96.12))]
+
+
+@pytest.mark.parametrize("override", ["swa.lr=0.02", "optimizer.lr=0.05", "trainer.epochs=150",
+                                      "data.val_fraction=0.1", "model.dropout=0.3",
+                                      "swa.method=ema", "trainer.batch_size=256"])
+def test_another_recipe_measures_no_cell(override: str) -> None:
+    base = "paper/wrn28x10_cifar100_sgd" if override == "trainer.epochs=150" else \
+        "paper/wrn28x10_cifar100_swa1.5"
+    flat = flatten_dict(config_of(base, override))
+    key = override.split("=")[0]
+    assert [d[0] for d in paper.recipe_differences(flat)] == [key]
+    rows = history({200: 0.81, 250: 0.82, 300: 0.83})
+    assert paper.measured_cells(flat, metrics(swa=0.83), rows) == []
+
+
+def test_other_runs_measure_no_cell() -> None:
+    rows = history({200: 0.9, 250: 0.9, 300: 0.9})
+    flat = flatten_dict(config_of("paper/vgg16_cifar10_swa1.5"))
+    for status in ("diverged", "failed"):
+        assert paper.measured_cells(flat, metrics(swa=0.9, status=status), rows) == []
+    assert paper.measured_cells(flat, None, rows) == []
+    for override in ("model=vgg19", "data=synthetic"):
+        other = flatten_dict(config_of("paper/vgg16_cifar10_swa1.5", override))
+        assert paper.classify(other) is None and paper.recipe_differences(other) == []
+        assert paper.measured_cells(other, metrics(swa=0.9), rows) == []
+    seed = flatten_dict(config_of("seed_notebook"))  # CIFAR-10, but VGG "simplified"
+    assert paper.measured_cells(seed, metrics(swa=0.8), rows) == []
+
+
+def test_within_one_or_two_published_stds() -> None:
+    assert paper.within(93.25, 93.25, 0.16) == "1 std"
+    assert paper.within(93.09, 93.25, 0.16) == "1 std"  # on the edge
+    assert paper.within(93.41, 93.25, 0.16) == "1 std"
+    assert paper.within(93.50, 93.25, 0.16) == "2 std"
+    assert paper.within(92.93, 93.25, 0.16) == "2 std"
+    assert paper.within(93.60, 93.25, 0.16) == "no"
+
+
+def test_compare_summarises_cells_in_table_order() -> None:
+    ms = [paper.Measurement("wrn28x10", "cifar10", "sgd", 200, v) for v in (96.0, 96.2, 96.4)]
+    ms += [paper.Measurement("vgg16", "cifar100", "swa1", 200, 74.1)]
+    ms += [paper.Measurement("vgg16", "cifar10", "swa1.5", 300, v) for v in (93.5, 93.7)]
+    rows = paper.compare(ms)
+    assert [(c.model, c.dataset, c.column) for c in rows] == [
+        ("vgg16", "cifar10", "swa1.5"), ("wrn28x10", "cifar10", "sgd"),
+        ("vgg16", "cifar100", "swa1")]
+    wrn = rows[1]
+    assert (wrn.n, wrn.mean, wrn.std) == (3, pytest.approx(96.2), pytest.approx(0.2))
+    assert wrn.difference == pytest.approx(0.02) and wrn.within == "1 std"
+    assert rows[2].std is None and rows[2].within == "2 std"  # 74.10 vs 73.91 ± 0.12: +0.19
+    assert paper.comparison_cells(rows[2])[5] == "74.10"
+
+
+def test_estimates_add_up() -> None:
+    recipe = paper.RECIPES[("preresnet164", "cifar100")]
+    assert paper.evaluations(recipe, "sgd") == list(range(5, 151, 5))
+    evals = paper.evaluations(recipe, "swa1.5")
+    assert evals[:2] == [2, 4] and evals[-2:] == [224, 225] and len(evals) == 113
+    train, forward = paper.images_processed(recipe, "swa1.5")
+    averaged = len([e for e in evals if e >= 126])  # 126..224 even, and 225: 51
+    assert averaged == 51
+    assert train == 225 * 50_000
+    assert forward == 113 * 10_000 + 10_000 + 51 * (10_000 + 50_000) + 10_000
+    vgg = paper.RECIPES[("vgg16", "cifar10")]  # no BN: no BN pass
+    assert paper.images_processed(vgg, "swa1.5")[1] == 60 * 10_000 + 10_000 + 28 * 10_000 \
+        + 10_000
+    e = paper.estimate("preresnet164", "cifar100", "sgd", forward=1e9, sustained_tflops=100)
+    assert e.flops == 3e9 * 7_500_000 + 1e9 * 310_000
+    assert e.hours == pytest.approx(e.flops / 1e14 / 3600)
+    assert e.hours_3_seeds == pytest.approx(3 * e.hours)
+    measured = paper.estimate("wrn28x10", "cifar10", "sgd", forward=1e9, images_per_s=1000)
+    assert measured.hours == pytest.approx((10_000_000 + 410_000 / 3) / 1000 / 3600)
+
+
+# -- the sweep report ------------------------------------------------------------------------------
+
+
+def fake_run(path: Path, preset: str, seed: int, acc: dict[int, float | None] | None = None,
+             sgd: float = 0.7, status: str = "finished", extra: tuple[str, ...] = ()) -> None:
+    """A run dir as the entry point writes it: the preset's composed config, its overrides,
+    metrics.json and history.csv with chosen accuracies (``acc``: epoch -> swa_test_acc)."""
+    overrides = [f"experiment={preset}", *extra, f"seed={seed}"]
+    config = config_of(preset, *extra, f"seed={seed}")
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    acc = acc or {}
+    last = max(acc) if acc else None
+    swa = acc.get(last) if last is not None else None
+    (path / "metrics.json").write_text(json.dumps({
+        "status": status, "sgd": {"test_acc": sgd, "test_loss": 1.0 - sgd},
+        "sgd_best_val": {"test_acc": None, "test_loss": None},
+        "swa": {"test_acc": swa, "test_loss": None if swa is None else 1.0 - swa}}))
+    lines = ["epoch,sgd_test_acc,swa_test_acc"]
+    lines += [f"{e},{sgd},{'' if a is None else a}" for e, a in sorted(acc.items())]
+    if not acc:
+        lines.append(f"{config['trainer']['epochs']},{sgd},")
+    (path / "history.csv").write_text("\n".join(lines) + "\n")
+
+
+SGD_ACC = (0.785, 0.787, 0.780)  # 78.40 ± 0.36 against 78.49 ± 0.36: within 1 std
+SWA1 = (0.794, 0.795, 0.796)  # 79.50 ± 0.10 against 79.77 ± 0.17: -0.27, within 2 std
+SWA125 = (0.810, 0.811, 0.812)  # 81.10 ± 0.10 against 80.18 ± 0.23: +0.92, no
+SWA15 = (0.8035, 0.8030, 0.8040)  # 80.35 ± 0.05 against 80.35 ± 0.16: within 1 std
+
+
+@pytest.fixture
+def paper_sweep(tmp_path: Path) -> Path:
+    """A sweep of the PreResNet164 CIFAR-100 row over 3 seeds, a SWA run of another swa.lr,
+    and a run that failed."""
+    sweep = tmp_path / "sweep"
+    job = 0
+    for seed in range(3):
+        fake_run(sweep / str(job), "paper/preresnet164_cifar100_sgd", seed, sgd=SGD_ACC[seed])
+        job += 1
+        fake_run(sweep / str(job), "paper/preresnet164_cifar100_swa1.5", seed, sgd=0.77,
+                 acc={124: None, 150: SWA1[seed], 188: SWA125[seed], 225: SWA15[seed]})
+        job += 1
+    fake_run(sweep / str(job), "paper/preresnet164_cifar100_swa1.5", 0, extra=("swa.lr=0.01",),
+             acc={150: 0.5, 188: 0.5, 225: 0.5})
+    fake_run(sweep / str(job + 1), "paper/preresnet164_cifar100_swa1.5", 1, status="diverged",
+             acc={150: 0.01, 188: 0.01, 225: 0.01})
+    return sweep
+
+
+def test_report_compares_the_paper_cells(paper_sweep: Path) -> None:
+    report = write_report(paper_sweep, use_wandb=False)
+    got = [(c.column, c.epoch, c.n, round(c.mean, 4), c.within) for c in report.paper]
+    assert got == [("sgd", 150, 3, 78.4, "1 std"), ("swa1", 150, 3, 79.5, "2 std"),
+                   ("swa1.25", 188, 3, 81.1, "no"), ("swa1.5", 225, 3, 80.35, "1 std")]
+    assert [r.name for r, _ in report.paper_skipped] == ["6"]
+    md = (paper_sweep / "report.md").read_text()
+    assert "## Paper vs measured" in md
+    assert ("| PreResNet164 | CIFAR-100 | SGD | 150 | 78.49 ± 0.36 | 78.40 ± 0.36 | 3 | -0.09 | "
+            "1 std |") in md
+    assert ("| PreResNet164 | CIFAR-100 | SWA 1.25 budgets | 188 | 80.18 ± 0.23 | 81.10 ± 0.10 "
+            "| 3 | +0.92 | no |") in md
+    assert "- 6: swa.lr=0.01 (paper: 0.05)" in md
+    assert "within the published mean ± 1 std" in md
+    # The main table is still there, one configuration per preset and swa.lr.
+    assert any(line.startswith("| experiment=paper/preresnet164_cifar100_sgd, swa.lr=")
+               and "| 3 |" in line for line in md.splitlines())
+    assert "paper vs measured" in report.text()
+    with open(paper_sweep / "report_paper.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["column"] for r in rows] == ["sgd", "swa1", "swa1.25", "swa1.5"]
+    assert float(rows[2]["measured_mean"]) == pytest.approx(81.1)
+    assert float(rows[2]["difference"]) == pytest.approx(0.92)
+    assert float(rows[0]["published_std"]) == 0.36 and rows[0]["n"] == "3"
+    assert paper_sweep / "report_paper.csv" in report.files
+
+
+def test_a_report_without_paper_runs_is_unchanged(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for seed in range(2):  # the recipe on another data set: no paper cell
+        fake_run(sweep / str(seed), "paper/vgg16_cifar10_swa1.5", seed,
+                 extra=("data=synthetic",), acc={200: 0.5, 250: 0.5, 300: 0.5})
+    report = write_report(sweep, use_wandb=False)
+    assert report.paper == [] and report.paper_skipped == []
+    assert "Paper vs measured" not in report.markdown
+    assert "paper vs measured" not in report.text()
+    assert not (sweep / "report_paper.csv").exists()
+    # A finished run of the recipe with another swa.lr alone: no section either.
+    other = tmp_path / "other"
+    fake_run(other / "0", "paper/vgg16_cifar10_swa1.5", 0, extra=("swa.lr=0.02",),
+             acc={200: 0.5, 250: 0.5, 300: 0.5})
+    assert build_report([other]).paper == []
+
+
+# -- scripts/reproduce.sh and the docs -------------------------------------------------------------
+
+
+def reproduce(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "SWEEP_DIR": "out/sweep"}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_reproduce_paper_builds_one_multirun() -> None:
+    proc = reproduce("paper", "preresnet164", "cifar100", "hydra/launcher=slurm_gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.replace("\\", "").split() == [
+        sys.executable, "-m", "swa_research.train", "-m",
+        "experiment=paper/preresnet164_cifar100_sgd,paper/preresnet164_cifar100_swa1.5",
+        "seed=0,1,2", "hydra.sweep.dir=out/sweep", "hydra/launcher=slurm_gpu"]
+    whole = reproduce("paper").stdout.replace("\\", "")
+    assert f"experiment={','.join(PRESETS)} " in whole
+    row = reproduce("paper", "all", "cifar10", "trainer.device=cuda").stdout.replace("\\", "")
+    assert f"experiment={','.join(paper.presets(dataset='cifar10'))} " in row
+    assert reproduce("paper_vgg16").stdout.replace("\\", "").split()[4] == \
+        "experiment=paper_vgg16"
+    bad = reproduce("paper", "resnet")
+    assert bad.returncode == 2 and "expected a model" in bad.stderr
+
+
+def test_docs_paper_lists_every_cell_and_preset() -> None:
+    text = (ROOT / "docs" / "paper.md").read_text()
+    for cells in paper.PUBLISHED.values():
+        for mean, std in cells.values():
+            assert f"{mean:.2f} ± {std:.2f}" in text
+    for preset in PRESETS:
+        assert f"`{preset}`" in text
+    assert "not run" in text
+    assert "docs/paper.md" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_docs_paper_holds_the_computed_estimates() -> None:
+    """docs/paper.md's GPU-hour table is what ``python -m swa_research.paper`` prints (FLOPs
+    measured with FlopCounterMode: several seconds on a CPU)."""
+    assert paper.estimate_table() in (ROOT / "docs" / "paper.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_tiny_multirun_of_paper_presets(tmp_path: Path) -> None:
+    """The nested preset names run as one multirun on a CPU (synthetic data, two epochs of a
+    few images) and the sweep report names them."""
+    sweep = tmp_path / "sweep"
+    args = ["experiment=paper/preresnet164_cifar10_sgd,paper/preresnet164_cifar10_swa1.5",
+            "data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.epochs=2",
+            "trainer.batch_size=32", "trainer.eval_batch_size=32", "trainer.num_workers=0",
+            "trainer.progress=none", "trainer.device=cpu", "swa.start=1",
+            "trainer.eval_every=1", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "swa_research.train", "-m", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "report.csv", newline="") as f:
+        labels = [r["configuration"] for r in csv.DictReader(f)]
+    assert any("paper/preresnet164_cifar10_sgd" in x for x in labels)
+    assert any("paper/preresnet164_cifar10_swa1.5" in x for x in labels)
+    assert not (sweep / "report_paper.csv").exists()  # synthetic data: no paper cell
