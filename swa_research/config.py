@@ -86,6 +86,15 @@ class SwaConfig:
     bn_update: bool = True
     # Batch size of the BN pass over the training data; null: trainer.batch_size (the paper's).
     bn_batch_size: int | None = None
+    # swag and swag_diag (Maddox et al., 2019; wjmaddox/swa_gaussian): the last max_models
+    # deviations form the low-rank part; an evaluation is the mean of the predicted
+    # probabilities of `samples` networks drawn with variance scale `swag_scale`.
+    max_models: int = 20
+    swag_scale: float = 0.5
+    samples: int = 30
+    swag_device: str = "auto"  # auto (the training device) | cpu | cuda | cuda:N
+    # Sample at every swag_eval_every-th evaluation of the run; 0: at the final one only.
+    swag_eval_every: int = 0
 
 
 @dataclass
@@ -263,6 +272,19 @@ def validate(cfg: Config) -> None:
         _positive(cfg.data.image_size, "data.image_size")
     if cfg.swa.bn_batch_size is not None:
         _positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
+    sw = cfg.swa
+    if sw.max_models < 2:
+        # The low-rank part divides by sqrt(max_models - 1) (swa_gaussian's SWAG.sample_fullrank).
+        raise UserError(f"swa.max_models={sw.max_models}: must be at least 2")
+    if not (math.isfinite(sw.swag_scale) and sw.swag_scale >= 0):
+        raise UserError(f"swa.swag_scale={sw.swag_scale}: must be a number >= 0")
+    if sw.samples < 1:
+        raise UserError(f"swa.samples={sw.samples}: must be at least 1")
+    if sw.swag_eval_every < 0:
+        raise UserError(f"swa.swag_eval_every={sw.swag_eval_every}: must be >= 0 "
+                        "(0: only at the final evaluation)")
+    if not (sw.swag_device in ("auto", "cpu", "cuda") or sw.swag_device.startswith("cuda:")):
+        raise UserError(f"swa.swag_device={sw.swag_device!r}: expected auto, cpu, cuda or cuda:N")
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")

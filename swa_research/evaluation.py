@@ -8,7 +8,11 @@ the fraction of samples in the bin. The functions on tensors are pure; :func:`co
 and :func:`calibrate_run` run models over an :class:`~swa_research.data.ImageSet`.
 
 What is evaluated is a network (``nn.Module``) or an average
-(:class:`~swa_research.averaging.Average`: its ``predict``, in its module's eval mode).
+(:class:`~swa_research.averaging.Average`: its ``predict``, in its module's eval mode). An
+average that predicts whole sets itself (``Average.collect_probs``, e.g. SWAG's Bayesian model
+average) gives class probabilities: they are scored with log(probabilities) as the logits
+(:func:`logits_from_probs`, :func:`evaluate_probs`), so that the cross-entropy is the NLL of the
+averaged prediction and softmax gives the probabilities back for accuracy and ECE.
 """
 
 from __future__ import annotations
@@ -68,6 +72,24 @@ def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
         module.train(was_training)
     n = len(data)
     return EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
+
+
+def logits_from_probs(probs: Tensor) -> Tensor:
+    """log(probabilities) in float64 (a probability of 0 becomes the smallest positive
+    double's log rather than -inf): softmax of it gives the probabilities back."""
+    return probs.double().clamp_min(torch.finfo(torch.float64).tiny).log()
+
+
+def evaluate_probs(probs: Tensor | None, data: ImageSet | None) -> EvalResult:
+    """Mean negative log-likelihood and accuracy of predicted class probabilities [N, C] of
+    ``data`` (in its order): :func:`evaluate` for an average that predicts whole sets."""
+    if probs is None or data is None or len(data) == 0:
+        return EvalResult()
+    logits = logits_from_probs(probs)
+    labels = data.labels.to(logits.device)
+    loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(data)
+    acc = (logits.argmax(1) == labels).sum().item() / len(data)
+    return EvalResult(loss=loss, acc=acc)
 
 
 @dataclass
@@ -156,12 +178,14 @@ def calibration_summary(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
     return {"nll": negative_log_likelihood(logits, labels), "ece": bins.ece}, bins
 
 
-def calibrate_run(models: dict[str, Evaluated | None], test: ImageSet,
+def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], test: ImageSet,
                   preprocess: Preprocess, batch_size: int, run_dir: str | Path,
                   n_bins: int = N_BINS) -> dict[str, Any]:
     """NLL and ECE of each model by name (``sgd`` and the averages; None where there is nothing
     to evaluate) on the test set, and their reliability diagram in ``run_dir``: the value of
-    metrics.json's "calibration" key. Averages must already be prepared for evaluation."""
+    metrics.json's "calibration" key. Averages must already be prepared for evaluation; an
+    entry may instead be the (logits, labels) of the test set already collected (an average
+    that predicts whole sets: :func:`logits_from_probs` of its probabilities)."""
     from swa_research.plots import plot_reliability
 
     result: dict[str, Any] = dict.fromkeys(models)
@@ -169,7 +193,10 @@ def calibrate_run(models: dict[str, Evaluated | None], test: ImageSet,
     for name, model in models.items():
         if model is None:
             continue
-        logits, labels = collect_logits(model, test, preprocess, batch_size)
+        if isinstance(model, tuple):
+            logits, labels = model
+        else:
+            logits, labels = collect_logits(model, test, preprocess, batch_size)
         result[name], bins[name] = calibration_summary(logits, labels, n_bins)
     if bins:
         try:

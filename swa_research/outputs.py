@@ -5,7 +5,8 @@ metrics.json keeps one layout for every run: ``sgd`` (the final SGD model), ``sg
 primary; ``averages`` lists the names), ``calibration``, ``model`` (name and parameter count) and
 ``train`` (budget, timing, memory).
 The weights: ``sgd_final.pt``, ``sgd_best_val.pt`` and ``<name>.pt`` per average that holds
-anything (``swa.pt`` for the primary).
+anything (``swa.pt`` for the primary), with what the average exports besides (``Average.export``:
+SWAG's posterior under "swag").
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iterat
     for name, average in averages.items():
         if average.n_averaged > 0:
             blobs[f"{name}.pt"] = {"state_dict": average.module.state_dict(), "config": config,
-                                   "n_averaged": average.n_averaged, "method": average.method}
+                                   "n_averaged": average.n_averaged, "method": average.method,
+                                   **average.export()}
     for name, blob in blobs.items():
         atomic_torch_save(blob, Path(run_dir) / name)
     return list(blobs)

@@ -28,7 +28,13 @@ from swa_research.checkpoint import (
 )
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess, train_batches
-from swa_research.evaluation import EvalResult, calibrate_run, evaluate
+from swa_research.evaluation import (
+    EvalResult,
+    calibrate_run,
+    evaluate,
+    evaluate_probs,
+    logits_from_probs,
+)
 from swa_research.fileio import describe_write_error
 from swa_research.loggers import Loggers
 from swa_research.outputs import run_metrics, save_weights
@@ -79,6 +85,9 @@ class Trainer:
         self.partial: dict[str, Any] | None = None  # a mid-epoch position to resume from
         self.signals = SignalFlag()
         self.calibration: dict[str, Any] | None = None
+        # Test-set (logits, labels) of the averages that predict whole sets (SWAG), from the
+        # final evaluation: calibration reuses them instead of sampling again.
+        self.final_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.eval_precision = resolve_precision(self.cfg.eval_precision, self.device)
         self.last_lr = self.current_lr()  # the lr the latest step used
@@ -174,26 +183,66 @@ class Trainer:
         }
         self.last_sgd = {"test_acc": test.acc, "test_loss": test.loss,
                          "val_acc": val.acc, "val_loss": val.loss}
+        final = epoch == self.cfg.epochs
+        evaluation = len(self.history) + 1  # this evaluation's number (its history row)
         for name, average in self.averages.items():
             a_val, a_test = EvalResult(), EvalResult()
-            if average.n_averaged > 0:
-                # Preparing (the BN pass) runs the average in train mode, so its dropout draws
-                # from the global RNG that training uses: fork it, so that evaluating (and
-                # trainer.eval_every) does not change the training run.
-                cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):
-                    average.prepare_for_eval(self.bn_batches())
-                a_val = evaluate(average, self.data.val, self.eval_pre, bs)
-                a_test = evaluate(average, self.data.test, self.eval_pre, bs)
+            due = average.n_averaged > 0 and average.eval_due(evaluation, final)
+            if due:
+                probs = self._collect_probs(average, {"val": self.data.val,
+                                                      "test": self.data.test})
+                if probs is None:  # one network: prepared, then evaluated batch by batch
+                    with self._forked_rng():
+                        average.prepare_for_eval(self.bn_batches())
+                    a_val = evaluate(average, self.data.val, self.eval_pre, bs)
+                    a_test = evaluate(average, self.data.test, self.eval_pre, bs)
+                else:
+                    a_val = evaluate_probs(probs.get("val"), self.data.val)
+                    a_test = evaluate_probs(probs.get("test"), self.data.test)
+                    if final and "test" in probs:
+                        self.final_logits[name] = (logits_from_probs(probs["test"]).cpu(),
+                                                   self.data.test.labels.cpu())
             row.update({f"{name}_val_loss": a_val.loss, f"{name}_val_acc": a_val.acc,
                         f"{name}_test_loss": a_test.loss, f"{name}_test_acc": a_test.acc,
                         f"{name}_n_averaged": average.n_averaged})
-            self.last_avg[name] = {"test_acc": a_test.acc, "test_loss": a_test.loss,
-                                   "val_acc": a_val.acc, "val_loss": a_val.loss,
-                                   "n_averaged": average.n_averaged}
+            if due or average.n_averaged == 0 or name not in self.last_avg:
+                # An evaluation the average skips (eval_due) keeps its latest results.
+                self.last_avg[name] = {"test_acc": a_test.acc, "test_loss": a_test.loss,
+                                       "val_acc": a_val.acc, "val_loss": a_val.loss,
+                                       "n_averaged": average.n_averaged}
         self.model.train()
         self._track_best(epoch)
         return row
+
+    def _forked_rng(self) -> Any:
+        """Preparing an average (the BN pass) runs it in train mode, so its dropout draws from
+        the global RNG that training uses: fork it, so that evaluating (and
+        trainer.eval_every) does not change the training run."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda)
+
+    def _collect_probs(self, average: Average, sets: dict[str, Any]
+                       ) -> dict[str, torch.Tensor] | None:
+        """The average's own probabilities of whole sets (``Average.collect_probs``), or None
+        for an average that is one network. Seeded by the run's seed and the iteration: the
+        same evaluation gives the same result."""
+        with self._forked_rng():
+            return average.collect_probs(
+                sets, self.eval_pre, self.cfg.eval_batch_size, self.bn_batches,
+                seed=self.seed * 1_000_003 + self.iteration)
+
+    def _calibration_input(self, name: str, average: Average) -> Any:
+        """What calibration evaluates for an average: the average itself, or the test-set
+        (logits, labels) of one that predicts whole sets (sampled again only where the final
+        evaluation's are not at hand: a run completed from its checkpoint)."""
+        if not average.n_averaged:
+            return None
+        if name in self.final_logits:
+            return self.final_logits[name]
+        probs = self._collect_probs(average, {"test": self.data.test})
+        if probs is None:
+            return average
+        return logits_from_probs(probs["test"]).cpu(), self.data.test.labels.cpu()
 
     def _track_best(self, epoch: int) -> None:
         if self.last_sgd["val_loss"] is None:
@@ -225,9 +274,9 @@ class Trainer:
                 self._epochs(start)
             # After the final evaluation, so that the averages are prepared (fresh BN).
             models: dict[str, Any] = {"sgd": self.model, PRIMARY: None}
-            models.update({name: a if a.n_averaged else None
-                           for name, a in self.averages.items()})
             with autocast(self.eval_precision, self.device):
+                models.update({name: self._calibration_input(name, a)
+                               for name, a in self.averages.items()})
                 self.calibration = calibrate_run(models, self.data.test, self.eval_pre,
                                                  self.cfg.eval_batch_size, self.run_dir)
             status = "finished"

@@ -1,19 +1,25 @@
-"""The command line, ``python -m swa_research.train``, in subprocesses: a run, a multirun,
-and one clean line on stderr with exit code 2 for every mistake a user can make."""
+"""The command line, ``python -m swa_research.train``: a run, a multirun and a few mistakes in
+subprocesses, and one clean line on stderr with exit code 2 for every mistake a user can make
+(in this process through ``main()``, for speed)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
+
+import swa_research.train as train_module
+from swa_research.callbacks import SWEEP
 
 # Shrinks the smoke preset further; the CLI tests are about the process, not the learning.
 FAST = ["data.train_size=128", "data.test_size=64", "trainer.epochs=2", "trainer.device=cpu"]
@@ -45,7 +51,7 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("negative_lr", ["optimizer.lr=-1"], ["optimizer.lr", "positive"]),
     ("foreign_model_option", ["model=vgg16", "+model.depth=3"],
      ["model.depth: not an option of model vgg16", "batch_norm, dropout, width"]),
-    ("unknown_method", ["swa.method=polyak"], ["swa.method='polyak'", "swa, ema, none"]),
+    ("unknown_method", ["swa.method=polyak"], ["swa.method='polyak'", "swag_diag, none"]),
     ("zero_batch", ["trainer.batch_size=0"], ["trainer.batch_size", "positive"]),
     ("start_beyond_budget", ["experiment=smoke", "swa.start=100000"],
      ["swa.start=100000", "budget", "trainer.epochs"]),
@@ -72,6 +78,9 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("finished_run_dir", ["experiment=smoke", "hydra.run.dir={tmp}/finished"],
      ["{tmp}/finished", "already holds a finished run"]),
 ]
+# Also run as real processes: a mistake found while Hydra composes the config, and one found
+# by the job itself (its sys.exit inside Hydra's run_job); the interpreter's exit status counts.
+SUBPROCESS_CASES = ("unknown_key", "start_beyond_budget")
 
 
 @pytest.fixture(scope="module")
@@ -123,52 +132,98 @@ print(to_config(cfg).data.name)
 
 
 @pytest.fixture(scope="module")
-def jobs(workdir: Path) -> Iterator[dict[str, Future[Proc]]]:
-    """Every command of this file, started at once in the background on first use; each test
-    waits for its own. The two concurrent multiruns go first so that they start together."""
+def jobs(workdir: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Future[Proc]]]:
+    """The commands of the tests selected in this file, started at once in the background on
+    first use; each test waits for its own. The two concurrent multiruns go first so that they
+    start together, then the mistakes run as processes (their test comes first, and checks the
+    other mistakes in this process meanwhile)."""
     runs = workdir / "runs"
     concurrent = workdir / "concurrent"
     concurrent.mkdir()
+    selected = {item.name for item in request.session.items}
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures: dict[str, Future[Proc]] = {}
+
+        def submit(key: str, test: str, *args: Any) -> None:
+            if test in selected:
+                futures[key] = pool.submit(cli, *args)
+
         for i in range(2):
-            futures[f"concurrent{i}"] = pool.submit(
-                cli, ["-m", "experiment=smoke", *FAST], concurrent)
-        futures["smoke"] = pool.submit(
-            cli, ["experiment=smoke", f"hydra.run.dir={runs}/smoke"], workdir)
-        futures["multirun"] = pool.submit(
-            cli, ["-m", "experiment=smoke", "seed=0,1", *FAST,
-                  f"hydra.sweep.dir={workdir}/sweep"], workdir)
-        futures["script"] = pool.submit(
-            cli, ["experiment=smoke", *FAST, f"hydra.run.dir={runs}/script"], workdir, None,
-            ENTRY_SCRIPT)
-        futures["compose_api"] = pool.submit(cli, [], workdir, None, COMPOSE_SCRIPT)
-        futures["full_error"] = pool.submit(
-            cli, ["optimizer.lr=-1", f"hydra.run.dir={runs}/full"], workdir,
-            {"HYDRA_FULL_ERROR": "1"})
+            submit(f"concurrent{i}", "test_concurrent_multiruns_get_their_own_sweep_dirs",
+                   ["-m", "experiment=smoke", *FAST], concurrent)
         for name, args, _ in ERROR_CASES:
-            if name == "no_gpu" and torch.cuda.is_available():
-                continue
-            args = [a.format(tmp=workdir) for a in args]
-            if not any(a.startswith("hydra.run.dir=") for a in args):
-                args.append(f"hydra.run.dir={runs}/{name}")
-            futures[name] = pool.submit(cli, args, workdir)
+            if name in SUBPROCESS_CASES:
+                submit(name, f"test_user_error_is_one_line[{name}]",
+                       case_args(name, args, workdir), workdir)
+        submit("smoke", "test_smoke_run",
+               ["experiment=smoke", f"hydra.run.dir={runs}/smoke"], workdir)
+        submit("multirun", "test_multirun_writes_one_dir_per_job",
+               ["-m", "experiment=smoke", "seed=0,1", *FAST, f"hydra.sweep.dir={workdir}/sweep"],
+               workdir)
+        submit("script", "test_installed_script_entry_point",
+               ["experiment=smoke", *FAST, f"hydra.run.dir={runs}/script"], workdir, None,
+               ENTRY_SCRIPT)
+        submit("compose_api", "test_compose_api_in_a_fresh_interpreter", [], workdir, None,
+               COMPOSE_SCRIPT)
+        submit("full_error", "test_hydra_full_error_gives_the_traceback",
+               ["optimizer.lr=-1", f"hydra.run.dir={runs}/full"], workdir,
+               {"HYDRA_FULL_ERROR": "1"})
         yield futures
+
+
+def case_args(name: str, args: list[str], workdir: Path) -> list[str]:
+    args = [a.format(tmp=workdir) for a in args]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={workdir}/runs/{name}")
+    return args
+
+
+def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str, str]:
+    """``swa-train ARGS`` in this process: (exit code, stdout, stderr). The environment, the
+    entry point's module state and Hydra's logging setup are put back afterwards."""
+    for key in ("HYDRA_FULL_ERROR", "SWA_RUN_ID", "SWA_DATA_ROOT"):
+        monkeypatch.setenv(key, "")  # recorded, so that what main() sets is undone
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(sys, "argv", ["swa-train", *args])
+    monkeypatch.setattr(train_module, "_STATE", dict.fromkeys(train_module._STATE, False))
+    monkeypatch.setitem(SWEEP, "dir", None)
+    monkeypatch.chdir(cwd)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train_module.main()
+    finally:
+        # Hydra configured the root logger for the job: a console handler and train.log.
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
 
 
 @pytest.mark.parametrize(("name", "args", "words"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
 def test_user_error_is_one_line(name: str, args: list[str], words: list[str], workdir: Path,
-                                jobs: dict[str, Future[Proc]]) -> None:
-    if name not in jobs:
+                                jobs: dict[str, Future[Proc]], monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    if name == "no_gpu" and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
-    proc = jobs[name].result()
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
+    if name in SUBPROCESS_CASES:
+        proc = jobs[name].result()
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = run_main(case_args(name, args, workdir), workdir, monkeypatch, capsys)
+    assert "Traceback" not in err + out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
     for word in words:
         assert word.format(tmp=workdir) in lines[0]
-    assert proc.returncode == 2
+    assert code == 2
     # Nothing was trained, and nothing earlier was lost; a run dir the job made records why.
     for path in workdir.glob(f"runs/{name}/metrics.json"):
         record = json.loads(path.read_text())
@@ -234,8 +289,11 @@ def test_multirun_writes_one_dir_per_job(workdir: Path, jobs: dict[str, Future[P
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     # Different seeds, different runs.
     assert results["0"]["sgd"] != results["1"]["sgd"]
+    # The sweep's report, written after the last job: seeds are not a configuration.
+    assert "| all runs | 2 |" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_concurrent_multiruns_get_their_own_sweep_dirs(workdir: Path,
                                                       jobs: dict[str, Future[Proc]]) -> None:
     for i in range(2):

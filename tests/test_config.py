@@ -48,7 +48,9 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path) 
     if group in NAME_FIELD:
         node = getattr(config, group)
         field = NAME_FIELD[group]
-        assert (node[field] if isinstance(node, dict) else getattr(node, field)) == option
+        value = node[field] if isinstance(node, dict) else getattr(node, field)
+        # swa=swag: the SWA mean is the primary average, SWAG a further one (swa.also).
+        assert value == option or (group == "swa" and option in config.swa.also)
     # The typed config round-trips to a plain, fully resolved dict.
     plain = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     assert "${" not in str(plain)

@@ -48,9 +48,8 @@ def finished_jobs(sweep: Path, n: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("launcher", [
-    pytest.param("submitit_local", marks=pytest.mark.slow),  # the requeue test covers it too
-    "joblib"])
+@pytest.mark.slow  # the default run has a multirun on the basic launcher (tests/test_cli.py)
+@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
 def test_two_job_multirun_on_a_launcher(launcher: str, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
@@ -63,6 +62,7 @@ def test_two_job_multirun_on_a_launcher(launcher: str, tmp_path: Path) -> None:
     assert f"sweep {sweep}: 2 jobs, 2 finished, 0 not finished" in r.stdout
 
 
+@pytest.mark.slow  # kill and resume: tests/test_reliability.py (SIGTERM, exit 75, identical)
 def test_preempted_submitit_job_is_requeued_and_resumes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # The job sends itself submitit's preemption signal at its 20th step, once.
@@ -103,6 +103,7 @@ def test_optuna_preset_searches_and_reports_the_best(tmp_path: Path) -> None:
     assert result["best_value"] == max(m["swa"]["val_acc"] for m in metrics)
 
 
+@pytest.mark.slow
 def test_optuna_study_in_sqlite_is_continued_by_a_rerun(tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")

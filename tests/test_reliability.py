@@ -91,6 +91,7 @@ def test_sigusr1_is_handled_like_sigterm(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "run" / LATEST)["iteration"] == 3
 
 
+@pytest.mark.slow  # the SIGTERM test above kills and resumes identically in the default run
 def test_sigkill_mid_epoch_then_resume_is_identical(baseline: Path, tmp_path: Path) -> None:
     killed, resumed, run_dir = kill_and_resume(tmp_path, "step@20")
     assert killed.returncode == -9
@@ -172,6 +173,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     assert f"checkpoint {ckpt} does not fit this model" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # tests/test_cli.py: the finished_run_dir case
 def test_a_finished_run_dir_is_never_overwritten(baseline: Path) -> None:
     before = (baseline / "metrics.json").read_bytes()
     r = launch(baseline)
@@ -179,6 +181,7 @@ def test_a_finished_run_dir_is_never_overwritten(baseline: Path) -> None:
     assert (baseline / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow  # a diverged run: tests/test_run_dir_safety.py; a multirun: tests/test_cli.py
 def test_nan_job_in_a_three_job_multirun(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     r = subprocess.run(

@@ -81,6 +81,9 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+# The three tests on real multiruns are slow; the default run has the report of a multirun
+# (tests/test_cli.py) and its numbers on hand-made run dirs below.
+@pytest.mark.slow
 def test_multirun_writes_its_report_with_seed_statistics(sweeps) -> None:
     tmp, futures = sweeps
     proc = futures["grid"].result()
@@ -125,6 +128,7 @@ def test_multirun_writes_its_report_with_seed_statistics(sweeps) -> None:
     assert "## Failed runs" not in md
 
 
+@pytest.mark.slow
 def test_report_is_logged_to_wandb_with_the_runs(sweeps) -> None:
     tmp, futures = sweeps
     assert futures["grid"].result().returncode == 0
@@ -151,6 +155,7 @@ def test_report_is_logged_to_wandb_with_the_runs(sweeps) -> None:
     assert job["calibration/swa_nll"] == pytest.approx(metrics["calibration"]["swa"]["nll"])
 
 
+@pytest.mark.slow
 def test_failed_job_is_listed_not_averaged(sweeps) -> None:
     tmp, futures = sweeps
     proc = futures["failing"].result()

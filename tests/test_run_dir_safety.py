@@ -99,6 +99,9 @@ t.atomic_torch_save = save
 """
 
 
+# Slow, as is the next: in the default run, the weights written before metrics.json are checked
+# above and a rerun completing them from the checkpoint by the full-disk test below.
+@pytest.mark.slow
 def test_kill_while_writing_weights_then_rerun_completes_the_run(finished: Path,
                                                                  tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -116,6 +119,7 @@ def test_kill_while_writing_weights_then_rerun_completes_the_run(finished: Path,
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_a_finished_run_that_lost_a_weights_file_is_completed_from_its_checkpoint(
         finished: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -149,6 +153,7 @@ t.Trainer.fit = fit
 """
 
 
+@pytest.mark.slow  # the lock alone, in the default run: the next test
 def test_a_second_process_in_a_locked_run_dir_is_refused_and_a_dead_holder_is_taken_over(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -213,8 +218,11 @@ def test_run_dir_lock_names_its_holder_and_outlives_it(tmp_path: Path) -> None:
 
 
 # -- 3. a refused command never rewrites the record --------------------------------------------
-@pytest.mark.parametrize("extra", [["optimizer.lr=0.5"], ["model=vgg11"], ["swa.start=nan"],
-                                   ["+trainer.epoch=100"]])
+@pytest.mark.parametrize("extra", [
+    ["optimizer.lr=0.5"],  # refused by the job
+    pytest.param(["model=vgg11"], marks=pytest.mark.slow),
+    pytest.param(["swa.start=nan"], marks=pytest.mark.slow),
+    ["+trainer.epoch=100"]])  # refused while Hydra composes the config
 def test_a_refused_command_leaves_the_record_of_a_finished_run(finished: Path,
                                                                extra: list[str]) -> None:
     before = record(finished)
@@ -225,6 +233,7 @@ def test_a_refused_command_leaves_the_record_of_a_finished_run(finished: Path,
     assert (finished / "metrics.json").read_bytes() == metrics
 
 
+@pytest.mark.slow  # tests/test_reliability.py: a resume with another config is refused
 def test_a_refused_resume_leaves_the_record(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert launch(run_dir, patch=SIGTERM_AT_ITERATION.format(n=5)).returncode == 75
@@ -237,6 +246,7 @@ def test_a_refused_resume_leaves_the_record(tmp_path: Path) -> None:
     assert "swa.lr=0.01" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow  # tests/test_cli.py: the start_beyond_budget case checks the failed record
 def test_a_new_run_dir_records_a_refused_config_and_why(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     r = launch(run_dir, ["swa.start=100000"])
@@ -261,6 +271,7 @@ t.Progress.update = update
 """
 
 
+@pytest.mark.slow  # a corrupt checkpoint stops with one line: tests/test_reliability.py
 def test_both_checkpoints_corrupt_stops_and_touches_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert launch(run_dir, patch=SIGTERM_AT_ITERATION.format(n=16)).returncode == 75

@@ -573,6 +573,7 @@ def test_busy_time_is_the_union_of_the_intervals() -> None:
     assert busy_us([(0.0, 1.0), (1.0, 2.0), (4.0, 6.0)]) == 4  # touching, then a gap
 
 
+@pytest.mark.slow  # the benchmark itself: test_benchmark_runs_tiny; --profile's path check above
 def test_benchmark_profile_writes_the_op_tables(tmp_path: Path) -> None:
     profile = tmp_path / "profile.txt"
     result, _ = run_benchmark(

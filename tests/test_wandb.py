@@ -120,6 +120,7 @@ def test_failed_job_is_a_failed_run_and_the_next_is_separate(tmp_path: Path) -> 
     assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "diverged"
 
 
+@pytest.mark.slow  # a run's name and W&B record: the offline run above, in the default run
 def test_multirun_gives_one_group_and_named_runs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     r = subprocess.run(
@@ -136,6 +137,7 @@ def test_multirun_gives_one_group_and_named_runs(tmp_path: Path) -> None:
     assert all(rec["exit_code"] == 0 for rec in recs)
 
 
+@pytest.mark.slow  # in this process: test_resolve_mode_asks_wandb_for_its_key, ..._how_to_sync
 def test_auto_mode_without_a_key_runs_offline_and_never_prompts(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     r = subprocess.run(

@@ -1,4 +1,5 @@
 """Weight averaging: when (:mod:`.plan`), what (the methods, by name), and the BN update.
+The methods: swa, ema, and the SWAG posteriors swag and swag_diag (:mod:`.swag`).
 
 The registry :data:`METHODS` maps ``swa.method`` names to builders ``(model, SwaConfig) ->``
 :class:`~swa_research.averaging.base.Average`. Adding a method is one file with its class and
@@ -24,15 +25,18 @@ from swa_research.averaging.base import (
 from swa_research.averaging.ema import EMA
 from swa_research.averaging.plan import AveragingPlan, check_budget
 from swa_research.averaging.swa import SWA
+from swa_research.averaging.swag import SWAG, SWAGDiag
 from swa_research.config import SwaConfig, UserError
 
-__all__ = ["Average", "AveragingPlan", "HostCountAveragedModel", "METHODS", "PRIMARY",
-           "WeightAverage", "average_names", "bn_update", "build_averages", "check_budget",
-           "check_methods", "has_batch_norm", "register_method"]
+__all__ = ["METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan", "HostCountAveragedModel",
+           "SWAGDiag", "WeightAverage", "average_names", "bn_update", "build_averages",
+           "check_budget", "check_methods", "has_batch_norm", "register_method"]
 
 METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
     "swa": SWA,
     "ema": EMA,
+    "swag": SWAG,
+    "swag_diag": SWAGDiag,
 }
 
 PRIMARY = "swa"  # the primary average's name in every output, whatever its method

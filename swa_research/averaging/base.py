@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
+
+if TYPE_CHECKING:
+    from swa_research.data import ImageSet, Preprocess
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -21,6 +24,11 @@ class Average(ABC):
     before it evaluates (with training batches, for the BN statistics), then evaluates
     :meth:`predict` (in eval mode, through :attr:`module`'s mode); a run saves :attr:`module`'s
     weights and checkpoints :meth:`state_dict`.
+
+    An average that is not one network (a posterior whose prediction is the mean over sampled
+    networks, e.g. SWAG) overrides :meth:`collect_probs`: it then predicts whole sets itself,
+    and the trainer scores the log of its probabilities as logits (loss, accuracy, NLL, ECE).
+    :meth:`eval_due` lets such an average skip evaluations that would cost too much.
     """
 
     method: str = ""  # the registry name
@@ -47,6 +55,25 @@ class Average(ABC):
     def predict(self, x: Tensor) -> Tensor:
         """Logits for a batch of inputs."""
         return self.module(x)
+
+    def eval_due(self, evaluation: int, final: bool) -> bool:
+        """Whether the run's ``evaluation``-th evaluation (counted from 1; ``final``: the last
+        one) evaluates this average; False leaves its columns empty there. Default: always."""
+        return True
+
+    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
+                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
+                      ) -> dict[str, Tensor] | None:
+        """Class probabilities [N, C] of whole sets by name, for an average that predicts a set
+        itself; ``bn_batches()`` gives a fresh pass over training batches each time it is
+        called, ``seed`` makes the result reproducible. None (the default): the average is one
+        network, prepared with :meth:`prepare_for_eval` and evaluated batch by batch through
+        :meth:`predict`."""
+        return None
+
+    def export(self) -> dict[str, Any]:
+        """What ``<name>.pt`` holds besides ``module``'s state dict (e.g. a posterior)."""
+        return {}
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

@@ -1,0 +1,272 @@
+"""SWAG: a Gaussian posterior over the weights fitted to the SGD iterates (Maddox et al., 2019,
+"A Simple Baseline for Bayesian Uncertainty in Deep Learning"; code: wjmaddox/swa_gaussian).
+
+At each averaging point of the plan (the same points as SWA) the average takes the iterate w
+into a running mean and a running mean of squares, and (``swag``, not ``swag_diag``) keeps the
+deviation of w from the mean *after* the update in a ring buffer of the last K =
+``swa.max_models`` deviations: ``SWAG.collect_model`` in ``swag/posteriors/swag.py``, where the
+mean is ``mean * n / (n + 1) + w / (n + 1)``, the second moment likewise with ``w ** 2``, and the
+deviation ``w - mean`` is appended as a row of ``cov_mat_sqrt``, the oldest row dropped once
+there are more than ``max_num_models``.
+
+A sample follows ``SWAG.sample_fullrank`` of the same file:
+
+    var = clamp(sq_mean - mean ** 2, var_clamp)          (var_clamp = 1e-30, SWAG.__init__)
+    z1 ~ N(0, I_P), z2 ~ N(0, I_k)                        (k: the deviations stored, <= K)
+    w = mean + sqrt(scale) * (sqrt(var) * z1 + D^T z2 / sqrt(K - 1))
+
+with D the k x P matrix of stored deviations, oldest first, and K the buffer's capacity (the
+reference divides by ``max_num_models - 1`` also while fewer than K deviations are stored).
+``swag_diag`` draws ``mean + sqrt(scale) * sqrt(var) * z1`` only (``cov=False``). The paper's
+scale is 0.5 (``swa.swag_scale``).
+
+An evaluation is Bayesian model averaging as ``experiments/uncertainty/uncertainty.py`` does
+it: for each of ``swa.samples`` (the reference's ``--N``, 30) samples, the weights are loaded
+into a working network, its BN statistics are recomputed over the training data
+(``utils.bn_update``), and the softmax probabilities of the whole sets are accumulated; the
+prediction is their mean. The samples come from a generator seeded per evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from swa_research.averaging.base import Average, Batches, bn_update, has_batch_norm
+from swa_research.config import SwaConfig, UserError
+
+if TYPE_CHECKING:
+    from swa_research.data import ImageSet, Preprocess
+
+log = logging.getLogger(__name__)
+
+VAR_CLAMP = 1e-30  # swa_gaussian swag/posteriors/swag.py, SWAG.__init__(var_clamp=1e-30)
+
+
+def flat_parameters(model: nn.Module, device: torch.device) -> Tensor:
+    """The model's parameters as one float32 vector on ``device``, in ``parameters()`` order."""
+    return torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float32)
+                      for p in model.parameters()])
+
+
+@torch.no_grad()
+def load_flat(model: nn.Module, flat: Tensor) -> None:
+    """Copy a vector of :func:`flat_parameters`'s layout into the model's parameters."""
+    params = list(model.parameters())
+    if flat.numel() != sum(p.numel() for p in params):
+        raise ValueError(f"a vector of {flat.numel()} weights does not fit a model of "
+                         f"{sum(p.numel() for p in params)} parameters")
+    pieces = torch.split(flat, [p.numel() for p in params])
+    for p, piece in zip(params, pieces, strict=True):
+        p.copy_(piece.view_as(p))
+
+
+def resolve_swag_device(name: str, model: nn.Module) -> torch.device:
+    """swa.swag_device: auto is the device of the model's parameters (the training device)."""
+    if name == "auto":
+        return next(model.parameters()).device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"swa.swag_device={name}: no CUDA GPU is available here; use "
+                        "swa.swag_device=auto or cpu")
+    return torch.device(name)
+
+
+class SWAG(Average):
+    """SWAG with the low-rank plus diagonal covariance (``swa.also=[swag]``); see the module
+    docstring for the reference lines followed."""
+
+    method = "swag"
+    low_rank = True
+
+    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
+        self.device = resolve_swag_device(cfg.swag_device, model)
+        self.scale = float(cfg.swag_scale)
+        self.samples = int(cfg.samples)
+        self.max_models = int(cfg.max_models)
+        self.eval_every = int(cfg.swag_eval_every)
+        self.bn_update = cfg.bn_update and has_batch_norm(model)
+        # The working network: the mean's weights between evaluations, a sample during one.
+        self.net = copy.deepcopy(model)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.numel = sum(p.numel() for p in model.parameters())
+        self.count = 0
+        self.mean = torch.zeros(self.numel, device=self.device)
+        self.sq_mean = torch.zeros(self.numel, device=self.device)
+        self.position = 0  # the buffer's row the next deviation goes into
+        self.filled = 0  # rows holding a deviation (min(count, K))
+        self.buffer = (torch.zeros(self.max_models, self.numel, device=self.device)
+                       if self.low_rank else None)
+        mb = self.numel * 4 / 2**20
+        if self.buffer is not None:
+            log.info("%s: a buffer of %d deviations x %s parameters in float32 costs %.1f MiB "
+                     "on %s (+ %.1f MiB for the mean and the mean of squares)", self.method,
+                     self.max_models, f"{self.numel:,}", self.buffer_mb, self.device, 2 * mb)
+        else:
+            log.info("%s: the mean and the mean of squares of %s parameters cost %.1f MiB on %s",
+                     self.method, f"{self.numel:,}", 2 * mb, self.device)
+
+    # -- the moments -----------------------------------------------------------------------
+    @property
+    def buffer_mb(self) -> float:
+        """What the deviation buffer costs: parameters x 4 bytes x K, in MiB (0 for diag)."""
+        return 0.0 if self.buffer is None else self.buffer.numel() * 4 / 2**20
+
+    @property
+    def n_averaged(self) -> int:
+        return self.count
+
+    @property
+    def module(self) -> nn.Module:
+        return self.net
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """``SWAG.collect_model``: first and second moments, then the deviation from the
+        updated mean into the ring buffer."""
+        w = flat_parameters(model, self.device)
+        n = float(self.count)
+        # As written there: mean * n / (n + 1) + w / (n + 1), evaluated left to right.
+        self.mean.mul_(n).div_(n + 1.0).add_(w / (n + 1.0))
+        self.sq_mean.mul_(n).div_(n + 1.0).add_(w ** 2 / (n + 1.0))
+        if self.buffer is not None:
+            self.buffer[self.position].copy_(w - self.mean)
+            self.position = (self.position + 1) % self.max_models
+            self.filled = min(self.filled + 1, self.max_models)
+        self.count += 1
+        # The saved network (swag.pt's state dict): the mean, with the model's buffers (BN
+        # statistics) at this point, as the SWA average copies them.
+        load_flat(self.net, self.mean)
+        for mine, theirs in zip(self.net.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def variance(self) -> Tensor:
+        """The diagonal variance, clamped as the reference does: clamp(sq_mean - mean^2)."""
+        return torch.clamp(self.sq_mean - self.mean ** 2, VAR_CLAMP)
+
+    def deviations(self) -> Tensor:
+        """The stored deviations [k, P], oldest first (the reference's ``cov_mat_sqrt``)."""
+        if self.buffer is None:
+            return torch.zeros(0, self.numel, device=self.device)
+        rows = self.buffer[:self.filled]
+        return torch.roll(rows, -self.position, dims=0) if self.filled else rows
+
+    @torch.no_grad()
+    def sample(self, generator: torch.Generator) -> Tensor:
+        """One weight vector drawn as ``SWAG.sample_fullrank(scale, cov)`` draws it: z1 over
+        the P weights first, then z2 over the k stored deviations."""
+        if self.count == 0:
+            raise RuntimeError(f"{self.method}: nothing to sample before the first update")
+        var = self.variance()
+        rand = var.sqrt() * torch.randn(self.numel, generator=generator, device=self.device)
+        if self.buffer is not None and self.filled:
+            z2 = torch.randn(self.filled, generator=generator, device=self.device)
+            # Row j of the chronological D is buffer row (position + j) % k: D^T z2 equals
+            # buffer^T roll(z2, position) (a roll by a multiple of k is the identity).
+            rows = self.buffer[:self.filled]
+            cov = torch.roll(z2, self.position) @ rows
+            rand += cov / math.sqrt(self.max_models - 1)
+        return self.mean + math.sqrt(self.scale) * rand
+
+    # -- evaluation ------------------------------------------------------------------------
+    def eval_due(self, evaluation: int, final: bool) -> bool:
+        """At the final evaluation, and at every ``swa.swag_eval_every``-th one if set."""
+        return final or (self.eval_every > 0 and evaluation % self.eval_every == 0)
+
+    @torch.no_grad()
+    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
+                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
+                      ) -> dict[str, Tensor]:
+        """The Bayesian model average of ``swa.samples`` samples on each set (float64 on the
+        set's device), as ``experiments/uncertainty/uncertainty.py``: sample, ``bn_update``,
+        softmax of the predictions summed over the samples, divided by their number."""
+        from swa_research.data import eval_batches
+
+        sets = {k: v for k, v in sets.items() if v is not None and len(v)}
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sums: dict[str, Tensor] = {}
+        buffers = [b.clone() for b in self.net.buffers()]
+        was_training = self.net.training
+        try:
+            for i in range(self.samples):
+                t0 = time.perf_counter()
+                load_flat(self.net, self.sample(generator))
+                if self.bn_update:
+                    bn_update(bn_batches(), self.net)
+                self.net.eval()
+                accs = []
+                for name, data in sets.items():
+                    parts = [torch.softmax(self.net(x).float(), dim=1).double()
+                             for x, _ in eval_batches(data, batch_size, preprocess)]
+                    probs = torch.cat(parts)
+                    sums[name] = probs if name not in sums else sums[name].add_(probs)
+                    hit = (sums[name].argmax(1) == data.labels).double().mean()
+                    accs.append(f"{name} {100 * hit.item():.2f}%")
+                log.info("%s: sample %d/%d (%s) in %.1fs; BMA accuracy so far: %s", self.method,
+                         i + 1, self.samples, "BN recomputed" if self.bn_update else "no BN",
+                         time.perf_counter() - t0, ", ".join(accs) or "-")
+        finally:
+            load_flat(self.net, self.mean)
+            for mine, kept in zip(self.net.buffers(), buffers, strict=True):
+                mine.copy_(kept)
+            self.net.train(was_training)
+        return {name: s / self.samples for name, s in sums.items()}
+
+    # -- checkpoints and the saved file ----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Mean, mean of squares, the stored deviations in buffer order, the ring position and
+        the count: a resume continues bit for bit. Only the filled rows are kept."""
+        rows = None
+        if self.buffer is not None:
+            # A slice would be saved with its whole storage: copy a partial buffer.
+            rows = self.buffer if self.filled == self.max_models else \
+                self.buffer[:self.filled].clone()
+        return {"count": self.count, "mean": self.mean, "sq_mean": self.sq_mean,
+                "deviations": rows, "position": self.position, "filled": self.filled,
+                "max_models": self.max_models,
+                "net_buffers": {k: v for k, v in self.net.named_buffers()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["mean"].shape != self.mean.shape:
+            raise ValueError(f"{self.method}: the checkpoint's mean holds "
+                             f"{state['mean'].numel()} weights, this model "
+                             f"{self.numel}")
+        if (state["deviations"] is None) != (self.buffer is None) or (
+                self.buffer is not None and state["max_models"] != self.max_models):
+            raise ValueError(f"{self.method}: the checkpoint's deviation buffer (max_models="
+                             f"{state['max_models']}) does not fit this run's "
+                             f"(swa.max_models={self.max_models})")
+        self.mean.copy_(state["mean"])
+        self.sq_mean.copy_(state["sq_mean"])
+        self.count, self.position = int(state["count"]), int(state["position"])
+        self.filled = int(state["filled"])
+        if self.buffer is not None:
+            self.buffer.zero_()
+            self.buffer[:self.filled].copy_(state["deviations"])
+        load_flat(self.net, self.mean)
+        mine = dict(self.net.named_buffers())
+        for k, v in state["net_buffers"].items():
+            mine[k].copy_(v)
+
+    def export(self) -> dict[str, Any]:
+        """swag.pt: besides the mean's state dict, the posterior to draw samples from."""
+        return {"swag": {"mean": self.mean.cpu(), "sq_mean": self.sq_mean.cpu(),
+                         "deviations": self.deviations().cpu(), "max_models": self.max_models,
+                         "scale": self.scale, "var_clamp": VAR_CLAMP,
+                         "low_rank": self.buffer is not None}}
+
+
+class SWAGDiag(SWAG):
+    """SWAG-Diagonal (``swa.also=[swag_diag]``): the reference's ``no_cov_mat=True``; samples
+    have no low-rank part."""
+
+    method = "swag_diag"
+    low_rank = False
