@@ -36,6 +36,7 @@ from swa_research.models import build_model, resolve_model_config
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.preemption import stop_on_signals
 from swa_research.runs import check_finished_run, holds_run
+from swa_research.snapshots import SnapshotWriter
 from swa_research.step import compile_in_place, memory_format, resolve_precision
 from swa_research.trainer import Trainer
 
@@ -219,7 +220,9 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         plan=plan, averages=averages, data=data, train_pre=train_pre, eval_pre=eval_pre,
         cfg=trainer_cfg, seed=config.seed, run_dir=run_dir, loggers=Loggers(loggers),
         config_dict=config_dict, log_every=config.logger.log_every,
-        bn_batch_size=config.swa.bn_batch_size)
+        bn_batch_size=config.swa.bn_batch_size,
+        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters) if trainer_cfg.snapshot_every
+        else None)
 
 
 def prepare_device(device: torch.device, deterministic: bool) -> None:

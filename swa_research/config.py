@@ -95,6 +95,9 @@ class SwaConfig:
     swag_device: str = "auto"  # auto (the training device) | cpu | cuda | cuda:N
     # Sample at every swag_eval_every-th evaluation of the run; 0: at the final one only.
     swag_eval_every: int = 0
+    # ema: warm the decay up as decay_t = min(decay, 1 - (1 + n) ** (-2/3)), n the points already
+    # averaged (timm's ModelEmaV3 warmup); docs/posthoc.md.
+    ema_warmup: bool = False
 
 
 @dataclass
@@ -126,6 +129,11 @@ class TrainerConfig:
     # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
+    # Weight snapshots of the training model for post-hoc averaging (python -m
+    # swa_research.posthoc): every snapshot_every snapshot_units (0: none) into trajectory/.
+    snapshot_every: int = 0
+    snapshot_unit: str = "epoch"  # iter | epoch
+    snapshot_dtype: str = "fp32"  # fp32 | bf16 (integer buffers stay integer)
 
 
 @dataclass
@@ -139,6 +147,8 @@ class LoggerConfig:
     name: str | None = None  # null: built from the job's overrides
     mode: str = "auto"  # auto | online | offline | disabled
     init_timeout: float = 20.0  # seconds wandb.init may try to reach W&B; then offline
+    # A multirun ends with a W&B report of the sweep (swa_research.dashboard; logger=wandb).
+    dashboard: bool = False
 
 
 @dataclass
@@ -170,6 +180,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.eval_precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune",
                              "max-autotune-no-cudagraphs"),
+    "trainer.snapshot_unit": ("iter", "epoch"),
+    "trainer.snapshot_dtype": ("fp32", "bf16"),
 }
 
 
@@ -233,6 +245,9 @@ def validate(cfg: Config) -> None:
         _positive(_get(cfg, key), key)
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
+    if cfg.trainer.snapshot_every < 0:
+        raise UserError(f"trainer.snapshot_every={cfg.trainer.snapshot_every}: must be >= 0 "
+                        "(0: no snapshots)")
     if cfg.trainer.num_workers < 0:
         raise UserError(f"trainer.num_workers={cfg.trainer.num_workers}: must be >= 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

@@ -148,6 +148,9 @@ def main() -> None:
         sweep_dir = Path(SWEEP["dir"])
         jobs = sweep_jobs(sweep_dir)
         write_sweep_report(sweep_dir)
+        from swa_research.dashboard import end_of_sweep
+
+        end_of_sweep(sweep_dir)  # with logger=wandb logger.dashboard=true; never raises
         print(format_summary(sweep_dir, jobs), file=sys.stderr)
         print_optuna_result(sweep_dir, sweep_failed=code != 0)  # the best, last
         if any(not j.ok for j in jobs):

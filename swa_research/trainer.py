@@ -40,6 +40,7 @@ from swa_research.loggers import Loggers
 from swa_research.outputs import run_metrics, save_weights
 from swa_research.preemption import REQUEUE_EXIT_CODE, Preempted, SignalFlag
 from swa_research.progress import Progress
+from swa_research.snapshots import SnapshotWriter
 from swa_research.step import TrainStep, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Trainer:
     config_dict: dict[str, Any] = field(default_factory=dict)
     log_every: int = 50
     bn_batch_size: int | None = None  # the average's BN pass; None: cfg.batch_size
+    snapshots: SnapshotWriter | None = None  # trainer.snapshot_every: the trajectory
 
     def __post_init__(self) -> None:
         self.device = self.data.train.images.device
@@ -122,6 +124,8 @@ class Trainer:
             seen += y.shape[0]
             if self.plan.due_after_iter(self.iteration):
                 self._update_averages()
+            if self.snapshots is not None and self.snapshots.due_after_iter(self.iteration):
+                self.snapshots.save(self.model, self.iteration)
             if self.iteration % self.log_every == 0:
                 # The one sync every log_every steps: the logged loss, also a divergence check.
                 last = loss.detach().item()
@@ -136,6 +140,9 @@ class Trainer:
         progress.close()
         if self.plan.due_after_epoch(epoch):
             self._update_averages()
+        if self.snapshots is not None and self.snapshots.due_after_epoch(epoch):
+            # Before the checkpoint of this epoch: a resume from it finds the snapshot.
+            self.snapshots.save(self.model, self.iteration)
         self.images_seen += seen
         train_loss = loss_sum.item() / max(1, seen)
         self._check_finite(train_loss, epoch)
@@ -266,6 +273,8 @@ class Trainer:
         if self.start_epoch > 1 or self.partial is not None:
             log.info("resumed at iteration %d (epoch %d)", self.iteration,
                      self.start_epoch - (self.partial is None))
+        if self.snapshots is not None:  # a plan that does not fit the disk fails here
+            self.snapshots.prepare(self.model, self.iteration)
         start = time.perf_counter()
         status = "failed"
         error: str | None = None

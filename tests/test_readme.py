@@ -157,7 +157,8 @@ def test_docs_command_runs_as_written(name: str, command: str, error: str | None
 # The other entry points the README and docs show: their documented flags must parse. Run in
 # an empty folder, every path they name is missing, so each stops with exit status 2 ("no such
 # folder") after parsing, before reading or writing anything; argparse would exit instead.
-OTHER_MODULES = ("swa_research.report", "swa_research.analysis.flatness")
+OTHER_MODULES = ("swa_research.report", "swa_research.analysis.flatness", "swa_research.posthoc",
+                 "swa_research.dashboard")
 OTHER_COMMANDS = [(module, c) for module in OTHER_MODULES for p in [README, *DOCS]
                   for c, _ in documented_commands(p, module, inline=False)
                   if c.startswith(f"python -m {module} ")]  # not a file listing's mention

@@ -1,13 +1,49 @@
 """EMA: an exponential moving average of the weights at the averaging points, decay
-``swa.decay`` (w <- decay * w + (1 - decay) * w_model; the first point is copied)."""
+``swa.decay`` (w <- decay * w + (1 - decay) * w_model; the first point is copied).
+
+With ``swa.ema_warmup`` the decay is warmed up as timm's ``ModelEmaV3`` does it
+(``timm/utils/model_ema.py``, ``get_decay`` with ``use_warmup=True``, warmup_gamma 1, warmup_power
+2/3, min_decay 0): the update that mixes in a point when n points are already averaged uses
+decay_n = min(decay, 1 - (1 + n) ** (-2/3)) (n >= 1; the first point is copied, timm's decay 0 at
+its first step). The same function mixes snapshots post hoc (:mod:`swa_research.posthoc`), so
+both give the same weights.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from swa_research.averaging.base import WeightAverage
 from swa_research.config import SwaConfig, UserError
+
+
+def warmup_decay(decay: float, n: int) -> float:
+    """The decay of the update that mixes a point into an average of ``n`` points."""
+    return max(0.0, min(decay, 1.0 - (1.0 + n) ** (-2.0 / 3.0)))
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool = False
+                     ) -> Callable[[list[Tensor], list[Tensor], Any], None]:
+    """The multi-tensor EMA update (upstream's ``get_ema_multi_avg_fn`` without warmup); with
+    ``warmup`` its decay follows :func:`warmup_decay` of the number of points averaged."""
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(avg: list[Tensor], cur: list[Tensor], n_averaged: Any) -> None:
+        d = warmup_decay(decay, int(n_averaged))
+        if torch.is_floating_point(avg[0]):
+            torch._foreach_lerp_(avg, cur, 1.0 - d)
+        else:
+            for a, c in zip(avg, cur, strict=True):
+                a.copy_(a * d + c * (1.0 - d))
+
+    return update
 
 
 class EMA(WeightAverage):
@@ -20,4 +56,5 @@ class EMA(WeightAverage):
 
     def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
         self.check(cfg)
-        super().__init__(model, get_ema_multi_avg_fn(cfg.decay), bn_update=cfg.bn_update)
+        super().__init__(model, ema_multi_avg_fn(cfg.decay, cfg.ema_warmup),
+                         bn_update=cfg.bn_update)

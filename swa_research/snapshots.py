@@ -1,0 +1,167 @@
+"""Snapshots of the training model's weights for post-hoc averaging (``trainer.snapshot_every``).
+
+Every ``trainer.snapshot_every`` ``trainer.snapshot_unit``\\ s (after the n-th iteration with
+n % every == 0, or after the E-th epoch with E % every == 0) the training model's state dict
+(parameters and buffers: BN statistics) is written to ``RUN_DIR/trajectory/itNNNNNN.pt``
+(``{"state_dict", "iteration", "epoch"}``, on the CPU, in fp32 or bf16; integer buffers stay
+integers), atomically, and ``trajectory/index.json`` is rewritten atomically after each one.
+
+A snapshot is taken before the checkpoint of the same position is written, so on resume from a
+checkpoint at iteration c every snapshot up to c is on disk; :meth:`SnapshotWriter.prepare`
+rebuilds the index from the files up to c and removes the later ones (written after the
+checkpoint, before the kill): they are taken again, and the trajectory has neither a gap nor a
+duplicate. :func:`swa_research.posthoc` reads the trajectory back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swa_research.config import TrainerConfig, UserError
+from swa_research.fileio import atomic_torch_save, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TRAJECTORY = "trajectory"
+INDEX = "index.json"
+FILE_RE = re.compile(r"^it(\d+)\.pt$")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def snapshot_file(iteration: int) -> str:
+    return f"it{iteration:06d}.pt"
+
+
+def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int) -> list[int]:
+    """The iterations after which a snapshot is taken, in order (none when every is 0)."""
+    if every <= 0:
+        return []
+    if unit == "epoch":
+        return [e * iters_per_epoch for e in range(every, epochs + 1, every)]
+    return list(range(every, epochs * iters_per_epoch + 1, every))
+
+
+def snapshot_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, floating-point tensors in ``dtype``."""
+    return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype,
+                             copy=True)
+            for k, v in model.state_dict().items()}
+
+
+def bytes_per_snapshot(model: nn.Module, dtype: torch.dtype) -> int:
+    """Parameters and buffers x bytes per element (floating point in ``dtype``): the tensor
+    data of one snapshot, without the file format's few hundred bytes per tensor."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(v.numel() * (size if v.is_floating_point() else v.element_size())
+               for v in model.state_dict().values())
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def read_index(run_dir: str | Path) -> dict[str, Any]:
+    """The trajectory's index (a UserError when the run dir holds none)."""
+    path = Path(run_dir) / TRAJECTORY / INDEX
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no snapshots ({TRAJECTORY}/{INDEX} not found); "
+                        "train with trainer.snapshot_every=N to record them")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from e
+    if not index.get("snapshots"):
+        raise UserError(f"{path} lists no snapshots: the run stopped before its first one")
+    return index
+
+
+class SnapshotWriter:
+    """Takes the run's snapshots and keeps ``trajectory/index.json`` in step with them."""
+
+    def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int) -> None:
+        self.dir = Path(run_dir) / TRAJECTORY
+        self.unit, self.every = cfg.snapshot_unit, cfg.snapshot_every
+        self.dtype_name = cfg.snapshot_dtype
+        self.dtype = DTYPES[cfg.snapshot_dtype]
+        self.iters_per_epoch = iters_per_epoch
+        self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch)
+        self.entries: list[dict[str, Any]] = []
+
+    def due_after_iter(self, iteration: int) -> bool:
+        return self.unit == "iter" and iteration % self.every == 0
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return self.unit == "epoch" and epoch % self.every == 0
+
+    def epoch_of(self, iteration: int) -> int:
+        return (iteration - 1) // self.iters_per_epoch + 1
+
+    def prepare(self, model: nn.Module, iteration: int) -> None:
+        """Before training (``iteration``: where it starts, 0 or a checkpoint's): log the plan
+        and its disk cost, refuse one that does not fit the free space, and rebuild the index
+        from the snapshots on disk up to ``iteration`` (later ones are removed)."""
+        per = bytes_per_snapshot(model, self.dtype)
+        todo = [p for p in self.points if p > iteration]
+        parent = self.dir
+        while not parent.is_dir() and parent != parent.parent:
+            parent = parent.parent  # the nearest folder that exists: its file system
+        free = shutil.disk_usage(parent).free
+        log.info("snapshots: %d (every %d %s%s, %s), %s each, %s in all into %s",
+                 len(self.points), self.every, self.unit, "" if self.every == 1 else "s",
+                 self.dtype_name, human(per), human(per * len(self.points)), self.dir)
+        if per * len(todo) > free:
+            raise UserError(
+                f"trainer.snapshot_every={self.every} ({self.unit}): {len(todo)} snapshots of "
+                f"{human(per)} need {human(per * len(todo))}, but {parent} has {human(free)} "
+                "free; snapshot less often (a larger trainer.snapshot_every), in "
+                "trainer.snapshot_dtype=bf16, or into another output dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):  # a write that a kill interrupted
+            tmp.unlink(missing_ok=True)
+        wanted = {p for p in self.points if p <= iteration}
+        on_disk: dict[int, Path] = {}
+        for path in self.dir.glob("it*.pt"):
+            m = FILE_RE.match(path.name)
+            if m:
+                on_disk[int(m.group(1))] = path
+        for n, path in sorted(on_disk.items()):
+            if n not in wanted:  # after the checkpoint (taken again), or not in this plan
+                path.unlink()
+        missing = sorted(wanted - set(on_disk))
+        if missing:
+            log.warning("%d snapshot(s) up to iteration %d are missing from %s (first: "
+                        "iteration %d); the trajectory has a gap there", len(missing),
+                        iteration, self.dir, missing[0])
+        self.entries = [self._entry(n) for n in sorted(wanted & set(on_disk))]
+        self._write_index()
+        if self.entries:
+            log.info("snapshots: %d on disk up to iteration %d", len(self.entries), iteration)
+
+    def save(self, model: nn.Module, iteration: int) -> None:
+        entry = self._entry(iteration)
+        state = {"state_dict": snapshot_state(model, self.dtype), "iteration": iteration,
+                 "epoch": entry["epoch"]}
+        atomic_torch_save(state, self.dir / entry["file"])
+        self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
+        self._write_index()
+
+    def _entry(self, iteration: int) -> dict[str, Any]:
+        return {"iteration": iteration, "epoch": self.epoch_of(iteration),
+                "file": snapshot_file(iteration)}
+
+    def _write_index(self) -> None:
+        index = {"unit": self.unit, "every": self.every, "dtype": self.dtype_name,
+                 "iters_per_epoch": self.iters_per_epoch, "snapshots": self.entries}
+        atomic_write_text(self.dir / INDEX, json.dumps(index, indent=1) + "\n")
