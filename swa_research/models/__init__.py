@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from swa_research.errors import UserError
-from swa_research.models import preresnet, vgg, wrn
+from swa_research.models import preresnet, tv, vgg, wrn
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ MODELS: dict[str, ModelEntry] = {
     "preresnet110": ModelEntry(preresnet.preresnet110, image_multiple=4),
     "preresnet164": ModelEntry(preresnet.preresnet164, image_multiple=4),
     "wrn28x10": ModelEntry(wrn.wrn28x10, image_multiple=4),
+    "torchvision": ModelEntry(tv.torchvision_model),
 }
 
 
@@ -60,7 +61,10 @@ _TYPES: dict[Any, type] = {bool: bool, int: int, float: float, str: str,
 
 
 def _typed(key: str, value: Any, param: inspect.Parameter) -> Any:
-    want = _TYPES.get(param.annotation)
+    annotation = param.annotation
+    if isinstance(annotation, str):  # "str | None": a str, or None (null)
+        annotation = annotation.removesuffix(" | None")
+    want = _TYPES.get(annotation)
     if want is None or value is None:
         return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
