@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import CONF_DIR, compose_config
+from test_schedules import paper_schedule
 
 from swa_research import paper
 from swa_research.averaging import AveragingPlan, check_budget
@@ -125,20 +126,6 @@ def test_key_values(preset: str, lr: float, wd: float, swa_lr: float | None,
         assert c.model["dropout"] == 0.0
 
 
-def source_lr(epoch: int, lr_init: float, epochs: int, swa: bool, swa_start: float,
-              swa_lr: float) -> float:
-    """timgaripov/swa train.py's schedule(epoch), epoch counted from 0."""
-    t = epoch / (swa_start if swa else epochs)
-    lr_ratio = swa_lr / lr_init if swa else 0.01
-    if t <= 0.5:
-        factor = 1.0
-    elif t <= 0.9:
-        factor = 1.0 - (1.0 - lr_ratio) * (t - 0.5) / 0.4
-    else:
-        factor = lr_ratio
-    return lr_init * factor
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_schedule_and_averaging_are_the_sources(preset: str) -> None:
     """Every epoch's lr is train.py's schedule(), and the average takes the epochs from
@@ -150,7 +137,7 @@ def test_schedule_and_averaging_are_the_sources(preset: str) -> None:
                            plan.start_iter, plan.lr_switch_iter)
     swa = c.swa.method == "swa"
     for e in range(epochs):
-        want = source_lr(e, c.optimizer.lr, epochs, swa, c.swa.start, c.swa.lr)
+        want = paper_schedule(e, c.optimizer.lr, c.swa.lr, c.swa.start, epochs, swa)
         assert sched(e * ITERS) == pytest.approx(want, rel=1e-9), e
         assert sched(e * ITERS + ITERS - 1) == pytest.approx(want, rel=1e-9), e
     if swa:
