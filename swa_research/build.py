@@ -35,7 +35,7 @@ from swa_research.loggers import (
 from swa_research.models import build_model, resolve_model_config
 from swa_research.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.preemption import stop_on_signals
-from swa_research.runs import check_finished_run, holds_run
+from swa_research.runs import check_finished_run, holds_run, read_metrics
 from swa_research.snapshots import SnapshotWriter
 from swa_research.step import compile_in_place, memory_format, resolve_precision
 from swa_research.trainer import Trainer
@@ -122,12 +122,13 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
 def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
                   run_name: str | None, group: str | None, job_num: int,
                   write_record: Callable[[], None] | None) -> dict[str, Any]:
-    fresh = not holds_run(run_dir)
+    status, earlier, _ = read_metrics(run_dir)  # read once: the run dir is locked
+    fresh = not holds_run(run_dir, status)
     if fresh and write_record is not None:
         write_record()  # a failure below is then recorded with the config that caused it
     try:
         config = load_config(cfg)
-        complete = check_finished_run(run_dir)
+        complete = check_finished_run(run_dir, status, earlier)
         config_dict = config_dict_of(config)
         trainer_cfg = config.trainer
         resume = find_resume_checkpoint(run_dir, "auto" if complete else trainer_cfg.resume)

@@ -195,7 +195,8 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
+def _wandb_target(run_dir: Path, config: dict[str, Any], hydra_cfg: dict[str, Any]
+                  ) -> WandbTarget | None:
     from swa_research.loggers import resolve_mode
 
     mode = resolve_mode(str(config.get("logger.mode") or "auto"))
@@ -205,7 +206,6 @@ def _wandb_target(run_dir: Path, config: dict[str, Any]) -> WandbTarget | None:
     group = config.get("logger.group")
     if group is None:
         # As the entry point named it: one group per multirun, the sweep folder's name.
-        hydra_cfg = read_run(run_dir).hydra
         if hydra_cfg.get("mode") == "MULTIRUN":
             sweep_dir = str((hydra_cfg.get("sweep") or {}).get("dir", ""))
             group = Path(sweep_dir).name if sweep_dir and "${" not in sweep_dir \
@@ -228,7 +228,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
     return Run(path=run_dir, name=name if name != "." else run_dir.name,
                overrides=parse_overrides(record.overrides), config=config, choices=choices,
                metrics=record.metrics, status=record.status, error=record.error,
-               wandb=_wandb_target(run_dir, config))
+               wandb=_wandb_target(run_dir, config, record.hydra))
 
 
 def _ignored(key: str) -> bool:

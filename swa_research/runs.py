@@ -96,20 +96,20 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found, key=_natural_key)
 
 
-def holds_run(run_dir: Path) -> bool:
+def holds_run(run_dir: Path, status: str) -> bool:
     """Whether ``run_dir`` holds a run that a new command must not overwrite unasked: a
-    checkpoint, or a finished run."""
+    checkpoint, or a finished run (``status``: its :func:`read_metrics` status)."""
     if any((run_dir / n).is_file() for n in (LATEST, PREVIOUS)):
         return True
-    return read_metrics(run_dir)[0] == "finished"
+    return status == "finished"
 
 
-def check_finished_run(run_dir: Path) -> bool:
-    """Never overwrite an earlier run's results. A finished run whose files are all there is
+def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | None) -> bool:
+    """Never overwrite an earlier run's results (``status`` and ``metrics``: what
+    :func:`read_metrics` read from ``run_dir``). A finished run whose files are all there is
     refused (UserError); True when the run finished but lacks some of them (a crash between the
     weights and metrics.json of an older version, or a file deleted since): they are completed
     from its checkpoint. False when there is no finished run."""
-    status, metrics, _ = read_metrics(run_dir)
     if status != "finished" or metrics is None:
         return False
     # metrics.json lists the files written before it; an older metrics.json did not.
