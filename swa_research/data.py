@@ -362,6 +362,16 @@ def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
         yield preprocess.train(data.images[idx], generator), data.labels[idx]
 
 
+def bn_pass_batches(data: ImageSet, batch_size: int, seed: int, iteration: int,
+                    preprocess: Preprocess) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches of an average's BN pass after ``iteration``: the whole set, with
+    the training augmentation, in an order from a generator of its own (seeded by the run's
+    seed and the iteration), so that the training order is not disturbed and the trainer, the
+    flatness analysis and post-hoc averages see the same batches."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    return train_batches(data, batch_size, gen, preprocess, drop_last=False)
+
+
 def eval_batches(data: ImageSet, batch_size: int, preprocess: Preprocess
                  ) -> Iterator[tuple[Tensor, Tensor]]:
     for i in range(0, len(data), batch_size):

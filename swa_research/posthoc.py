@@ -46,7 +46,7 @@ from swa_research.averaging import HostCountAveragedModel, bn_update, has_batch_
 from swa_research.averaging.ema import ema_multi_avg_fn
 from swa_research.build import load_run_config, prepare_device, resolve_device
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
-from swa_research.data import DataSplits, Preprocess, build_data, train_batches
+from swa_research.data import DataSplits, Preprocess, bn_pass_batches, build_data
 from swa_research.evaluation import calibration_summary, collect_logits, evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
@@ -216,9 +216,8 @@ class PosthocRun:
 
     def bn_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``Trainer.bn_batches`` at the run's final evaluation."""
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.final_iteration)
-        return train_batches(self.data.train, bn_batch_size(self.config), gen, self.train_pre,
-                             drop_last=False)
+        return bn_pass_batches(self.data.train, bn_batch_size(self.config), self.config.seed,
+                               self.final_iteration, self.train_pre)
 
     def evaluate(self, module: nn.Module) -> dict[str, float | None]:
         bs = self.config.trainer.eval_batch_size

@@ -27,7 +27,7 @@ from swa_research.checkpoint import (
     set_rng_state,
 )
 from swa_research.config import TrainerConfig, UserError
-from swa_research.data import DataSplits, Preprocess, train_batches
+from swa_research.data import DataSplits, Preprocess, bn_pass_batches, train_batches
 from swa_research.evaluation import (
     EvalResult,
     calibrate_run,
@@ -166,9 +166,8 @@ class Trainer:
         """Training batches for the BN update of the average (at the training batch size, as the
         paper's code, unless swa.bn_batch_size says otherwise), with the training augmentation,
         from a generator of their own so that the training order is not disturbed."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
-        return train_batches(self.data.train, self.bn_batch_size or self.cfg.batch_size, gen,
-                             self.train_pre, drop_last=False)
+        return bn_pass_batches(self.data.train, self.bn_batch_size or self.cfg.batch_size,
+                               self.seed, self.iteration, self.train_pre)
 
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
         with autocast(self.eval_precision, self.device):

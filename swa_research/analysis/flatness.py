@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from swa_research.averaging import bn_update, has_batch_norm
 from swa_research.build import load_run_config
 from swa_research.config import Config, UserError, bn_batch_size
-from swa_research.data import DataSplits, ImageSet, Preprocess, build_data, train_batches
+from swa_research.data import DataSplits, ImageSet, Preprocess, bn_pass_batches, build_data
 from swa_research.evaluation import evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
@@ -158,9 +158,8 @@ class PointEvaluator:
         # As Trainer.bn_batches at the end of the run: the BN batch size, training
         # augmentation, the generator seeded from the seed and the last iteration.
         cfg = self.run.config
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.run.iteration)
-        return train_batches(self.train, bn_batch_size(cfg), gen, self.train_pre,
-                             drop_last=False)
+        return bn_pass_batches(self.train, bn_batch_size(cfg), cfg.seed, self.run.iteration,
+                               self.train_pre)
 
     def __call__(self, weights: State) -> dict[str, float]:
         self.model.load_state_dict(weights)
