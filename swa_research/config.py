@@ -48,6 +48,20 @@ class DataConfig:
     # imagefolder: keep the decoded images on disk (data.root/.swa_cache, or the user's cache
     # dir where data.root is read-only) so that the next run skips decoding.
     cache: bool = True
+    # Image folders (imagefolder, imagenet): auto | true | false. true: decoded once into memory
+    # (on the training device); false: decoded per batch from disk in trainer.num_workers
+    # worker processes (swa_research.streaming); auto: in memory when the decoded set is
+    # estimated to fit within memory_fraction of host RAM (and of GPU memory on CUDA).
+    in_memory: str = "auto"
+    memory_fraction: float = 0.5
+    # The held-out split's folder next to train/ (imagenet: val).
+    test_split: str = "test"
+    # Streaming: evaluation resizes the shorter side to resize_size (null: image_size), then
+    # centre-crops image_size; augment=random_resized_crop samples crops of crop_scale of the
+    # area; each worker keeps prefetch_factor batches in flight.
+    resize_size: int | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    prefetch_factor: int = 2
 
 
 @dataclass
@@ -166,8 +180,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("cifar10", "cifar100", "imagefolder", "synthetic"),
-    "data.augment": ("none", "crop_flip"),
+    "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic"),
+    "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical"),
     "schedule.step_unit": ("epoch", "iter"),
@@ -285,6 +299,7 @@ def validate(cfg: Config) -> None:
             raise UserError("data.num_classes must be at least 2")
     if cfg.data.image_size is not None:
         _positive(cfg.data.image_size, "data.image_size")
+    validate_data_paths(cfg.data)
     if cfg.swa.bn_batch_size is not None:
         _positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
     sw = cfg.swa
@@ -303,6 +318,43 @@ def validate(cfg: Config) -> None:
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def validate_data_paths(d: DataConfig) -> None:
+    """data.in_memory and the streaming keys (swa_research.streaming); UserError naming the key."""
+    mode = str(d.in_memory).strip().lower()  # Hydra's true/false arrive as "True"/"False"
+    if mode not in ("auto", "true", "false"):
+        raise UserError(f"data.in_memory={d.in_memory!r}: expected auto, true or false")
+    folder = d.name in ("imagefolder", "imagenet")
+    if mode == "false" and not folder:
+        raise UserError(f"data.in_memory=false: only image folders stream from disk "
+                        f"(data.name={d.name} is loaded into memory)")
+    if d.augment == "random_resized_crop" and not folder:
+        raise UserError(f"data.augment=random_resized_crop: needs an image folder streamed from "
+                        f"disk (data.name={d.name})")
+    if d.augment == "random_resized_crop" and mode == "true":
+        raise UserError("data.augment=random_resized_crop: crops each image while decoding, "
+                        "so it needs data.in_memory=auto or false")
+    if folder and (mode == "false" or d.augment == "random_resized_crop") and not d.image_size:
+        raise UserError("data.image_size: the streaming path needs a crop size "
+                        "(e.g. data.image_size=224)")
+    if not (math.isfinite(d.memory_fraction) and 0 < d.memory_fraction <= 1):
+        raise UserError(f"data.memory_fraction={d.memory_fraction}: must be in (0, 1]")
+    if d.resize_size is not None:
+        _positive(d.resize_size, "data.resize_size")
+        if d.image_size and d.resize_size < d.image_size:
+            raise UserError(f"data.resize_size={d.resize_size}: smaller than "
+                            f"data.image_size={d.image_size} (the centre crop would pad)")
+    cs = d.crop_scale
+    if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
+        raise UserError(f"data.crop_scale={list(cs)}: expected [min, max] with "
+                        "0 < min <= max <= 1")
+    if d.prefetch_factor < 1:
+        raise UserError(f"data.prefetch_factor={d.prefetch_factor}: must be at least 1")
+    split = d.test_split
+    if not split or split == "train" or "/" in split or split.startswith("."):
+        raise UserError(f"data.test_split={split!r}: must name a folder next to train/ "
+                        "(test, val)")
 
 
 def bn_batch_size(cfg: Config) -> int:

@@ -1,0 +1,337 @@
+"""The streaming data path (swa_research.streaming) on tiny generated image folders: its
+evaluation batches equal the in-memory path's, its memory does not grow with the set, a resumed
+epoch equals the uninterrupted one whatever the number of workers, shards make up the global
+batch, choose_path's decision and the config checks, and the ImageNet presets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+
+from swa_research.averaging import AveragingPlan, check_budget
+from swa_research.build import load_config
+from swa_research.config import DataConfig, UserError, iterations_per_epoch
+from swa_research.data import ImageSet, Preprocess, eval_batches
+from swa_research.streaming import (
+    StreamingSet,
+    StreamTransform,
+    choose_path,
+    image_seeds,
+    open_image_folder,
+    random_resized_crop_params,
+)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def write_folder(root: Path, split: str, per_class: int, classes: int = 3,
+                 sizes: tuple[tuple[int, int], ...] = ((40, 30), (30, 44), (36, 36)),
+                 fmt: str = "JPEG") -> None:
+    """``root/split/c<k>/<i>.jpg|png``: smooth random images of a few sizes (real files)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(hash((split, per_class, fmt)) % 2**31)
+    ext = "jpg" if fmt == "JPEG" else "png"
+    for c in range(classes):
+        folder = root / split / f"c{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = sizes[(c + i) % len(sizes)]
+            coarse = torch.rand(3, 4, 4, generator=g)
+            img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear",
+                                                  align_corners=False)[0]
+            arr = (img * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(folder / f"{i:04d}.{ext}", fmt)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    write_folder(tmp_path, "train", 8)
+    write_folder(tmp_path, "test", 3, fmt="PNG")
+    return tmp_path
+
+
+def streaming(root: Path, split: str = "train", workers: int = 0, **kw: object) -> StreamingSet:
+    options = dict(image_size=24, resize_size=28, augment="random_resized_crop",
+                   mean=MEAN, std=STD, num_workers=workers)
+    options.update(kw)
+    return StreamingSet.from_folder(root / split, **options)  # type: ignore[arg-type]
+
+
+def collect(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in batches]
+
+
+# -- evaluation batches equal the in-memory path's ------------------------------------------------
+
+
+def test_eval_batches_equal_the_in_memory_path(folder: Path) -> None:
+    """The same files decoded with PIL, resized (shorter side 28) and centre-cropped (24) into
+    an ImageSet, through data.eval_batches and Preprocess: exactly the streamed batches. The
+    classic PIL pipeline (torchvision.transforms Resize/CenterCrop on PIL images) differs only
+    by its resampling: within 3/255 before normalisation."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms.v2 import functional as F
+
+    s = streaming(folder, "test")
+    paths = [Path(s.path(i)) for i in range(len(s))]
+    decoded = []
+    classic = []
+    for p in paths:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB")
+        t = torch.from_numpy(__import__("numpy").asarray(rgb).copy()).permute(2, 0, 1)
+        decoded.append(F.center_crop(F.resize(t, [28], antialias=True), [24, 24]))
+        classic.append(T.Compose([T.Resize(28), T.CenterCrop(24), T.PILToTensor()])(rgb))
+    ref = ImageSet(torch.stack(decoded), s.labels.clone())
+    pre = Preprocess(True, MEAN, STD, torch.device("cpu"))
+    expected = list(eval_batches(ref, 4, pre))
+    got = collect(s.eval_batches(4))
+    assert len(got) == len(expected) == 3
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 24, 24)
+        torch.testing.assert_close(x, ex, rtol=0, atol=0)
+        assert torch.equal(y, ey)
+    classic_x = Preprocess(True, MEAN, STD, torch.device("cpu")).to_float(torch.stack(classic))
+    scale = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    diff = ((torch.cat([x for x, _ in got]) - classic_x) * scale).abs()
+    assert diff.max() <= 3.01, diff.max()
+
+
+def test_train_transform_is_torchvision_v2s(folder: Path) -> None:
+    """Per image, the streamed crop and flip are v2.Compose([RandomResizedCrop, Flip]) under
+    torch.manual_seed(the image's seed): the same random draws."""
+    from torchvision.transforms import v2
+
+    tf = StreamTransform(image_size=24, augment="random_resized_crop")
+    reference = v2.Compose([v2.RandomResizedCrop(24, antialias=True), v2.RandomHorizontalFlip()])
+    img = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = reference(img)
+        assert torch.equal(tf.train(img, torch.Generator().manual_seed(seed)), expected)
+    g = torch.Generator().manual_seed(0)
+    top, left, h, w = random_resized_crop_params(40, 30, (0.08, 1.0), (0.75, 4 / 3), g)
+    assert 0 <= top <= 40 - h and 0 <= left <= 30 - w
+
+
+# -- memory does not grow with the set -----------------------------------------------------------
+
+
+PEAK_CHILD = textwrap.dedent("""
+    import json, resource, sys, torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    mode, root = sys.argv[1], Path(sys.argv[2])
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+    out = {}
+    for n in ("small", "large"):
+        if mode == "streaming":
+            from swa_research.streaming import StreamingSet
+            s = StreamingSet.from_folder(root / n / "train", image_size=96, augment="none",
+                                         num_workers=0)
+            order = torch.randperm(len(s))
+            for x, y in s.train_batches(32, order, drop_last=False):
+                pass
+            for x, y in s.eval_batches(32):
+                pass
+        else:
+            from swa_research.config import DataConfig
+            from swa_research.data import load_datasets
+            train, test, _ = load_datasets(DataConfig(name="imagefolder", root=str(root / n),
+                                                      cache=False))
+            x = train.images.float()  # a touch of work on it, as a run does
+        out[n] = peak()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_set(tmp_path: Path) -> None:
+    """Peak RSS after N and after 4N images (96x96, 27 KiB decoded each): the streaming
+    path's grows by less than 12 MiB; the in-memory path's by more than 40 MiB (the
+    decoded 3N images alone are 81 MiB), so the test can fail."""
+    n = 250
+    write_folder(tmp_path / "small", "train", n // 2, classes=2, sizes=((96, 96),))
+    write_folder(tmp_path / "large", "train", 4 * n // 2, classes=2, sizes=((96, 96),))
+    for name in ("small", "large"):
+        write_folder(tmp_path / name, "test", 2, classes=2, sizes=((96, 96),))
+    peaks = {}
+    for mode in ("streaming", "in_memory"):
+        out = subprocess.run([sys.executable, "-c", PEAK_CHILD, mode, str(tmp_path)],
+                             capture_output=True, text=True, check=True)
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    grow = {m: p["large"] - p["small"] for m, p in peaks.items()}
+    assert grow["streaming"] < 12, peaks
+    assert grow["in_memory"] > 40, peaks
+
+
+# -- resume, workers, shards ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("augment", ["random_resized_crop", "crop_flip"])
+def test_resume_mid_epoch_is_exact_with_any_number_of_workers(folder: Path,
+                                                              augment: str) -> None:
+    s0 = streaming(folder, workers=0, augment=augment)
+    order = torch.randperm(len(s0), generator=torch.Generator().manual_seed(3))
+    full = collect(s0.train_batches(5, order, aug_seed=11, drop_last=False))
+    assert len(full) == 5 and full[-1][0].shape[0] == 4  # 24 images: 4 of 5, one of 4
+    resumed = collect(s0.train_batches(5, order, start=2, aug_seed=11, drop_last=False))
+    s2 = streaming(folder, workers=2, augment=augment)
+    with_workers = collect(s2.train_batches(5, order, start=2, aug_seed=11, drop_last=False))
+    again = collect(s2.train_batches(5, order, start=0, aug_seed=11, drop_last=False))
+    s2.close()
+    for got in (resumed, with_workers):
+        assert len(got) == 3
+        for (x, y), (ex, ey) in zip(got, full[2:], strict=True):
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, full, strict=True))
+    # Another aug_seed: other crops of the same images.
+    other = collect(s0.train_batches(5, order, aug_seed=12))
+    assert torch.equal(other[0][1], full[0][1]) and not torch.equal(other[0][0], full[0][0])
+    assert torch.equal(full[0][1], s0.labels[order[:5]])
+
+
+def test_shards_make_up_the_global_batch(folder: Path) -> None:
+    s = streaming(folder)
+    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(5))
+    whole = collect(s.train_batches(8, order, aug_seed=2))
+    shards = [collect(s.train_batches(8, order, aug_seed=2, shard=(r, 4))) for r in range(4)]
+    assert len(whole) == 3 and all(len(sh) == 3 for sh in shards)
+    for i, (x, y) in enumerate(whole):
+        assert all(sh[i][0].shape[0] == 2 for sh in shards)
+        assert torch.equal(torch.cat([sh[i][0] for sh in shards]), x)
+        assert torch.equal(torch.cat([sh[i][1] for sh in shards]), y)
+    # A last partial batch is split into near-equal parts; evaluation into contiguous slices.
+    part = [collect(s.train_batches(10, order, aug_seed=2, drop_last=False, shard=(r, 2)))
+            for r in range(2)]
+    full = collect(s.train_batches(10, order, aug_seed=2, drop_last=False))
+    assert torch.equal(torch.cat([part[0][-1][0], part[1][-1][0]]), full[-1][0])
+    ev = [collect(s.eval_batches(5, shard=(r, 3))) for r in range(3)]
+    assert torch.equal(torch.cat([y for e in ev for _, y in e]), s.labels)
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        s.train_batches(6, order, shard=(0, 4))
+
+
+def test_loader_wait_is_measured(folder: Path) -> None:
+    s = streaming(folder)
+    batches = s.train_batches(4, torch.arange(len(s)), aug_seed=0)
+    assert len(batches) == 6
+    for _ in batches:
+        pass
+    assert 0 < batches.wait_s <= batches.elapsed_s
+    assert batches.describe().startswith("loader wait ") and batches.describe().endswith("%")
+    assert s.wait.total_s == pytest.approx(batches.wait_s)
+    assert 0 < s.wait.last_fraction <= 1
+
+
+def test_splits_follow_the_in_memory_validation_split(folder: Path) -> None:
+    from swa_research.data import split_train_val
+
+    cfg = DataConfig(name="imagefolder", root=str(folder), image_size=24, val_fraction=0.25,
+                     normalize=True, augment="random_resized_crop", in_memory="false")
+    splits = open_image_folder(cfg, seed=4, num_workers=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 9)
+    ref_train, ref_val = split_train_val(ImageSet(torch.zeros(24, 1, 1, 1, dtype=torch.uint8),
+                                                  torch.arange(24)), 0.25, 4)
+    full = StreamingSet.from_folder(folder / "train", image_size=24)
+    assert [splits.val.path(i) for i in range(6)] == [full.path(int(i)) for i in ref_val.labels]
+    assert splits.classes == ["c0", "c1", "c2"] and splits.num_classes == 3
+    seeds = image_seeds(7, torch.arange(4))
+    assert seeds.dtype == torch.int64 and (seeds >= 0).all() and len(set(seeds.tolist())) == 4
+
+
+# -- which path, and the config checks ---------------------------------------------------------
+
+
+def test_choose_path_streams_when_the_estimate_exceeds_the_limit(folder: Path) -> None:
+    gb = 10**9
+    imagenet = DataConfig(name="imagenet", root="/nowhere", image_size=224, in_memory="auto",
+                          augment="none")
+    big = 1_281_167 * 3 * 224 * 224
+    in_memory, reason = choose_path(imagenet, "cpu", decoded_bytes=big, ram_bytes=24 * gb)
+    assert not in_memory
+    assert reason == "data: streaming from disk (estimated 193 GB decoded > 50% of 24 GB RAM)"
+    assert choose_path(imagenet, "cpu", decoded_bytes=10 * gb, ram_bytes=24 * gb) == (
+        True, "data: in memory (estimated 10 GB decoded <= 50% of 24 GB RAM)")
+    # On CUDA the GPU's memory is a limit too (the in-memory path keeps the set there).
+    in_memory, reason = choose_path(imagenet, "cuda", decoded_bytes=10 * gb, ram_bytes=512 * gb,
+                                    gpu_bytes=16 * gb)
+    assert not in_memory and "> 50% of 16 GB GPU memory" in reason
+    # Forced either way; the crop needs streaming; small sets stay in memory.
+    forced = DataConfig(name="imagefolder", root=str(folder), image_size=24, in_memory="False")
+    assert choose_path(forced)[0] is False
+    assert choose_path(DataConfig(name="imagefolder", root=str(folder), in_memory="True"))[0]
+    rrc = DataConfig(name="imagefolder", root=str(folder), image_size=24,
+                     augment="random_resized_crop")
+    assert "random_resized_crop" in choose_path(rrc)[1]
+    assert choose_path(DataConfig(name="cifar10", root="data"))[0]
+    # Estimated from the files: 24 + 9 images, 3 x 24 x 24 bytes each, well within the RAM.
+    small = DataConfig(name="imagefolder", root=str(folder), image_size=24, memory_fraction=0.1)
+    assert choose_path(small, ram_bytes=gb) == (
+        True, "data: in memory (estimated 5.7e-05 GB decoded <= 10% of 1 GB RAM)")
+    assert choose_path(small, ram_bytes=100_000)[0] is False
+    no_size = DataConfig(name="imagefolder", root=str(folder), memory_fraction=0.1)
+    with pytest.raises(UserError, match=r"^data.image_size: the streaming path needs"):
+        choose_path(no_size, ram_bytes=1000)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.in_memory=maybe", "data.in_memory='maybe': expected auto, true or false"),
+    ("data.memory_fraction=1.5", "data.memory_fraction=1.5: must be in (0, 1]"),
+    ("data.resize_size=200", "data.resize_size=200: smaller than data.image_size=224 (the "
+                             "centre crop would pad)"),
+    ("data.crop_scale=[0.5,0.1]", "data.crop_scale=[0.5, 0.1]: expected [min, max] with "
+                                  "0 < min <= max <= 1"),
+    ("data.prefetch_factor=0", "data.prefetch_factor=0: must be at least 1"),
+    ("data.test_split=train", "data.test_split='train': must name a folder next to train/ "
+                              "(test, val)"),
+    ("data.image_size=null", "data.image_size: the streaming path needs a crop size "
+                             "(e.g. data.image_size=224)"),
+    ("data.augment=random_resized_crop data.in_memory=true",
+     "data.augment=random_resized_crop: crops each image while decoding, so it needs "
+     "data.in_memory=auto or false"),
+])
+def test_bad_values_are_one_line_user_errors(override: str, message: str) -> None:
+    with pytest.raises(UserError) as e:
+        load_config(compose_config(["data=imagenet", *override.split()]))
+    assert str(e.value) == message
+
+
+def test_streaming_needs_an_image_folder() -> None:
+    with pytest.raises(UserError, match=r"^data.in_memory=false: only image folders stream"):
+        load_config(compose_config(["data=cifar10", "data.in_memory=false"]))
+    with pytest.raises(UserError, match=r"^data.augment=random_resized_crop: needs an image"):
+        load_config(compose_config(["data=cifar10", "data.augment=random_resized_crop"]))
+
+
+# -- the ImageNet presets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet152", "densenet161"])
+def test_imagenet_presets_compose_and_validate(arch: str) -> None:
+    c = load_config(compose_config([f"experiment=imagenet/{arch}_swa"]))
+    assert (c.data.name, c.data.test_split, c.data.in_memory) == ("imagenet", "val", "False")
+    assert (c.data.image_size, c.data.resize_size, c.data.augment) == (
+        224, 256, "random_resized_crop")
+    assert c.model["arch"] == arch and c.model["weights"] == "IMAGENET1K_V1"
+    assert (c.schedule.name, c.optimizer.lr, c.swa.lr, c.trainer.epochs) == (
+        "cyclical", 1e-3, 1e-5, 10)
+    iters = iterations_per_epoch(1_281_167, c.trainer.batch_size, c.trainer.drop_last)
+    assert c.schedule.cycle == iters == 5004  # one cycle per epoch
+    check_budget(c, iters)
+    plan = AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, iters)
+    assert plan.update_points() == [5004 * k for k in range(1, 11)]  # the end of every epoch
+    header = (Path(__file__).resolve().parent.parent / "swa_research" / "conf" / "experiment"
+              / "imagenet" / f"{arch}_swa.yaml").read_text()
+    assert header.startswith("# @package _global_\n") and "Table 2" in header
+    assert "Source of the figures" in header
