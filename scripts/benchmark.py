@@ -4,6 +4,7 @@ on the same data, for VGG "simplified" and VGG16.
     python scripts/benchmark.py                          # both models, fp32 and bf16
     python scripts/benchmark.py --device cuda --precision bf16 --batch-size 512
     python scripts/benchmark.py --data-root /work/data/cifar10-jpeg --json speed.json
+    python scripts/benchmark.py --ranks 1,2,4,8 --model wrn28x10   # DDP scaling (torchrun)
 
 The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
 ``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
@@ -37,6 +38,14 @@ and, in the JSON only, images_per_s_rounds, others_cpu_pct_rounds (the CPU that 
 processes used during each round, in % of all cores: a shared machine's noise) and
 flops_per_step.
 
+``--ranks 1,2,...`` measures DDP scaling instead: for each N, one training run of the trainer
+(``python -m swa_research.train`` under ``torchrun --standalone --nproc-per-node N``, weak
+scaling: ``--batch-size`` images per rank, so the global batch is N times that) of two epochs of
+``--steps`` x ``--rounds`` steps each, without averaging, checkpoints or weights files; the
+images/s are the run's own (``metrics.json``: images trained over training time, both epochs,
+so the first steps' warm-up counts alike at every N). Columns: ranks, global_batch,
+images_per_s, speedup (over the first N), efficiency (speedup / (N / first N)).
+
 ``--profile PATH`` then runs ``--profile-steps`` more steps of each trainer path under
 torch.profiler and writes its op tables to PATH (sorted by GPU time on CUDA, by CPU time
 elsewhere); the trainer rows of the JSON gain
@@ -55,6 +64,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -533,6 +543,52 @@ def model_spec(name: str, width: float) -> dict[str, Any]:
     return {"name": name}
 
 
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """images/s of the same training run on each number of ranks in ``args.ranks``."""
+    rows: list[dict[str, Any]] = []
+    name = args.models[0]
+    prec = args.precisions[0]
+    for n in args.ranks:
+        batch = args.batch_size * n
+        data = (["data=imagefolder", f"data.root={args.data_root}"] if args.data_root else
+                ["data=synthetic", f"data.train_size={batch * args.steps * args.rounds}",
+                 "data.test_size=256", "data.val_fraction=0"])
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc-per-node={n}", "-m", "swa_research.train", f"model={name}",
+                       *data, "swa=none", f"trainer.batch_size={batch}", "trainer.epochs=2",
+                       "trainer.eval_every=2", "trainer.checkpoint_every=0",
+                       "trainer.save_checkpoints=false", "trainer.progress=none",
+                       f"trainer.device={args.device}", f"trainer.precision={prec}",
+                       f"trainer.compile={args.compile is not None}",
+                       f"trainer.channels_last={not args.no_channels_last}",
+                       f"hydra.run.dir={tmp}/run"]
+            if "width" in model_spec(name, args.width):
+                command.append(f"model.width={args.width}")
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise UserError(f"{n} ranks: the run failed (exit {done.returncode}): "
+                                f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        ips = metrics["train"]["images_per_s"]
+        rows.append({"ranks": n, "global_batch": batch, "images_per_s": round(ips, 1)})
+        print(f"{n} rank(s): {ips:.0f} images/s (global batch {batch})", flush=True)
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = round(row["images_per_s"] / base["images_per_s"], 3)
+        row["efficiency"] = round(row["speedup"] / (row["ranks"] / base["ranks"]), 3)
+    header = "| ranks | global batch | images/s | speedup | efficiency |"
+    lines = [header, "| --- | --- | --- | --- | --- |"] + [
+        f"| {r['ranks']} | {r['global_batch']} | {r['images_per_s']:.0f} | {r['speedup']:.2f} "
+        f"| {100 * r['efficiency']:.0f}% |" for r in rows]
+    print(f"DDP scaling: {name}, {prec}, {args.batch_size} images per rank, device "
+          f"{args.device}\n" + "\n".join(lines))
+    return {"scaling": rows, "setup": {"model": name, "precision": prec,
+                                       "batch_per_rank": args.batch_size,
+                                       "steps_per_epoch": args.steps * args.rounds,
+                                       "device": args.device, "torch": torch.__version__}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -567,7 +623,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile each trainer path afterwards (torch.profiler) and write the op "
                         "tables to PATH; the JSON gains the GPU's busy time per step")
     p.add_argument("--profile-steps", type=int, default=5, help="steps profiled per path")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated numbers of DDP ranks: measure scaling (torchrun) "
+                        "instead; the first model and precision")
     args = p.parse_args(argv)
+    try:
+        args.ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+    except ValueError:
+        p.error(f"--ranks {args.ranks}: expected comma-separated whole numbers, e.g. 1,2,4")
+    if args.ranks is not None and min(args.ranks) < 1:
+        p.error("--ranks: every number of ranks must be at least 1")
     for key in ("steps", "rounds", "batch_size", "num_images", "avg_calls", "loader_batches",
                 "profile_steps"):
         if getattr(args, key) < 1:
@@ -605,6 +670,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.ranks:
+        result = scaling(args)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -7,7 +7,7 @@
 #   mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ \
 #       && (grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude)
 # Then, with the device tool: command "bash scripts/gpu_check.sh", carry .gpu-wheels and
-# .gpu-data, timeout_s 600. What comes back in $OUT (at most 8 files):
+# .gpu-data, timeout_s 600. What comes back in $OUT (at most 9 files):
 #   summary.txt       GPU, torch, each step's exit status and seconds, and the targets judged
 #                     by scripts/targets.py from the files below
 #   logs.txt          every step's output
@@ -19,6 +19,7 @@
 #                     SWA paper's recipe, experiment=paper/<model>_cifar10_sgd, on synthetic
 #                     32x32 images, bf16) and the GPU hours of their presets at that speed
 #                     (python -m swa_research.paper --images-per-s ...; docs/paper.md)
+#   scaling.json      DDP scaling, VGG16 bf16 on 1, 2, ... N ranks (only with several GPUs)
 #   profile.txt       torch.profiler's op tables of bench128's and graphs' trainer paths, with
 #                     the GPU's busy time per step (also device_busy_pct in their JSON rows):
 #                     far below 100%, the step waits for the host (kernel launches)
@@ -135,6 +136,19 @@ if speeds:
     print(estimate_table(images_per_s=speeds))
 PY
 grep -E '^(preresnet164|wrn28x10): ' "$OUT/paper_speed.txt" >>"$summary" 2>/dev/null
+
+# DDP scaling (docs/distributed.md) where the machine has more than one GPU: one run of VGG16
+# bf16 on 1, 2, ... N ranks under torchrun, 128 images per rank.
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [[ "$DEVICE" == cuda && "${gpus:-0}" -gt 1 ]]; then
+    ranks=$(python3 -c "import sys; n = int(sys.argv[1]); print(','.join(str(k) for k in
+        sorted({1, 2, 4, 8, n}) if k <= n))" "$gpus")
+    step scaling python3 scripts/benchmark.py --ranks "$ranks" --device cuda --precision bf16 \
+        --model vgg16 --batch-size 128 "${bench[@]}" --json "$OUT/scaling.json"
+else
+    echo "scaling: skipped (${gpus:-0} GPU(s); DDP scaling needs more than one)" \
+        | tee -a "$summary"
+fi
 
 # The targets, judged from what came back (scripts/targets.py), at the end of summary.txt.
 echo "----- targets" >>"$summary"

@@ -7,9 +7,11 @@ checkpoint), records a failure before training in metrics.json, and returns the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from swa_research.averaging import AveragingPlan, build_averages, check_budget, 
 from swa_research.checkpoint import RETIRED_KEYS, config_differences, find_resume_checkpoint
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Preprocess, build_data
+from swa_research.distributed import agree, world
 from swa_research.errors import UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    if world().distributed:
+        return _rank_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -56,6 +61,44 @@ def resolve_device(name: str) -> torch.device:
                             "GPU(s) visible")
         return dev
     return torch.device(name)
+
+
+def _rank_device(name: str) -> torch.device:
+    """Under DDP each rank trains on the GPU of its local rank (or on the CPU)."""
+    w = world()
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name not in ("auto", "cuda"):
+        raise UserError(f"trainer.device={name}: under DDP each rank uses the GPU of its local "
+                        "rank; use trainer.device=auto, cuda or cpu")
+    if not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda: no CUDA GPU is available here; use "
+                        "trainer.device=cpu or auto")
+    if w.local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {w.local_rank} has no GPU: {torch.cuda.device_count()} "
+                        "visible on this machine; start at most that many processes per node")
+    return torch.device("cuda", w.local_rank)
+
+
+def check_strategy(config: Config) -> None:
+    """trainer.strategy against the processes the launcher started; the global batch must
+    split evenly over the ranks."""
+    w = world()
+    strategy = config.trainer.strategy
+    if strategy == "single" and w.size > 1:
+        raise UserError(f"trainer.strategy=single, but this process is {w.describe()}: use "
+                        "trainer.strategy=auto or ddp, or start one process")
+    if strategy == "ddp" and not w.distributed:
+        raise UserError("trainer.strategy=ddp needs several processes started by torchrun "
+                        "or srun, and this is one: torchrun --nproc-per-node N -m "
+                        "swa_research.train ... (docs/distributed.md)")
+    if w.size > 1 and config.trainer.batch_size % w.size:
+        raise UserError(f"trainer.batch_size={config.trainer.batch_size}: the global batch "
+                        f"must split evenly over the {w.size} ranks")
+    if w.distributed and config.model.get("sync_bn") and not (
+            config.trainer.device in ("auto", "cuda") and torch.cuda.is_available()):
+        raise UserError("model.sync_bn=true needs CUDA GPUs (SyncBatchNorm does not run on "
+                        "the CPU)")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -112,11 +155,24 @@ def train(cfg: DictConfig | Config | dict[str, Any], run_dir: str | Path,
     ``.hydra/`` files) is called once the run is accepted, or at once in a dir that holds no
     run yet: a refused command never rewrites the record of an existing run."""
     run_dir = Path(run_dir)
-    check_writable(run_dir)
-    with stop_on_signals(), RunDirLock(run_dir):
-        for path in remove_stale_temporaries(run_dir):
-            log.info("removed %s, left by a write that was interrupted", path)
-        return _train_locked(cfg, run_dir, run_name, group, job_num, write_record)
+    is_main = world().is_main
+    with ExitStack() as stack:
+        stack.enter_context(stop_on_signals())
+        error: UserError | None = None
+        if is_main:  # under DDP rank 0 alone writes the run dir, and holds its lock
+            try:
+                check_writable(run_dir)
+                stack.enter_context(RunDirLock(run_dir))
+            except UserError as e:
+                error = e
+        agree(error, "opening the run dir")
+        if error is not None:
+            raise error
+        if is_main:
+            for path in remove_stale_temporaries(run_dir):
+                log.info("removed %s, left by a write that was interrupted", path)
+        return _train_locked(cfg, run_dir, run_name, group, job_num,
+                             write_record if is_main else None)
 
 
 def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
@@ -143,39 +199,49 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
                     f"checkpoint {resume[1]} was written with another config "
                     f"({'; '.join(diffs)}); resume anyway with trainer.resume_override=true, "
                     "or start afresh in another output dir")
+        check_strategy(config)
         device = resolve_device(trainer_cfg.device)
         resolve_precision(trainer_cfg.precision, device)  # fail before loading any data
     except UserError as e:
-        if fresh:
+        if fresh and world().is_main:
             write_failure(run_dir, str(e))
+        agree(e, "checking the config")
         raise
+    agree(None, "checking the config")
     if not fresh and write_record is not None:
         write_record()
     if complete:
         log.info("%s: the run finished but its files are incomplete; completing them from %s",
                  run_dir, resume[1])  # type: ignore[index]
     claim = None
-    if trainer_cfg.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1:
+    if trainer_cfg.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1 \
+            and not world().distributed:
         # Jobs sharing a machine (joblib, several agents) each take a GPU of their own.
         claim = GpuClaim.acquire(torch.cuda.device_count(), preferred=job_num)
         device = torch.device("cuda", claim.index)
         log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
     own_resume = resume is not None and resume[1].parent.resolve() == run_dir.resolve()
     try:
-        trainer = build_trainer(config, config_dict, run_dir, device, run_name, group,
-                                resuming=own_resume)
-        if resume is not None:
-            try:
-                trainer.load_state(resume[0])
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
-                                f"({one_line(e)[:300]})") from e
-            log.info("resuming from %s", resume[1])
+        try:
+            trainer = build_trainer(config, config_dict, run_dir, device, run_name, group,
+                                    resuming=own_resume)
+            if resume is not None:
+                try:
+                    trainer.load_state(resume[0])
+                except (RuntimeError, KeyError, ValueError) as e:
+                    raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
+                                    f"({one_line(e)[:300]})") from e
+                log.info("resuming from %s", resume[1])
+        except Exception as e:
+            agree(e, "building the run")
+            raise
+        agree(None, "building the run")
         metrics = trainer.fit()
-        log.info("%s", run_summary(run_dir, metrics))
+        if world().is_main:
+            log.info("%s", run_summary(run_dir, metrics))
         return metrics
     except UserError as e:
-        if fresh and not (run_dir / "metrics.json").is_file():
+        if fresh and world().is_main and not (run_dir / "metrics.json").is_file():
             write_failure(run_dir, str(e))
         raise
     finally:
@@ -203,6 +269,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
                               trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
     averages = build_averages(model, config.swa)
+    train_model = wrap_for_ddp(model, config, device)
+    if world().rank > 0:
+        # The weights are rank 0's; dropout on this rank's shard draws from a stream of its own.
+        torch.manual_seed(config.seed * 1_000_003 + world().rank)
     if trainer_cfg.compile:
         # In place, after the averages' deepcopy: an average stays an eager module (its BN
         # update and evaluation never recompile) and state dicts keep their keys.
@@ -211,9 +281,11 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
                            memory_format=fmt)
     eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
-    loggers: list[RunLogger] = [LocalFiles(run_dir, title=config.logger.name or run_name,
-                                           averages=list(averages))]
-    if config.logger.backend == "wandb":
+    loggers: list[RunLogger] = []
+    if world().is_main:  # under DDP rank 0 alone writes files and logs to W&B
+        loggers.append(LocalFiles(run_dir, title=config.logger.name or run_name,
+                                  averages=list(averages)))
+    if config.logger.backend == "wandb" and world().is_main:
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
                                    resuming=resuming, averages=list(averages)))
     return Trainer(
@@ -222,8 +294,36 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         cfg=trainer_cfg, seed=config.seed, run_dir=run_dir, loggers=Loggers(loggers),
         config_dict=config_dict, log_every=config.logger.log_every,
         bn_batch_size=config.swa.bn_batch_size,
-        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters) if trainer_cfg.snapshot_every
-        else None)
+        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters)
+        if trainer_cfg.snapshot_every and world().is_main else None,
+        train_model=train_model)
+
+
+def wrap_for_ddp(model: torch.nn.Module, config: Config, device: torch.device
+                 ) -> torch.nn.Module:
+    """Under DDP the module the step trains: ``model`` (with SyncBatchNorm layers when
+    model.sync_bn) in DistributedDataParallel, which averages the gradients over the ranks.
+    Its buffers are not broadcast from rank 0 at each step (``broadcast_buffers=False``): each
+    rank keeps the BN statistics of its shard, averaged over the ranks before an evaluation.
+    Alone: ``model`` itself."""
+    if not world().distributed:
+        if config.model.get("sync_bn"):
+            log.info("model.sync_bn: one process, nothing to synchronise")
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if config.model.get("sync_bn"):
+        # In place: the layers become SyncBatchNorm with the same parameters and buffers, so
+        # the averages (deep copies made before) keep the same state dict layout.
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert converted is model or not isinstance(model, torch.nn.modules.batchnorm._BatchNorm)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    # The keyword that keeps buffers out of the forward pass's sync: newer torch names it
+    # forward_sync_buffers (and deprecates broadcast_buffers).
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params
+               else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None, **no_sync)
 
 
 def prepare_device(device: torch.device, deterministic: bool) -> None:

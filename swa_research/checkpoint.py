@@ -35,7 +35,7 @@ REQUIRED_KEYS = ("format", "config", "epoch", "iteration", "model", "optimizer",
 OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progress",
                     "trainer.num_workers", "trainer.checkpoint_every",
                     "trainer.save_checkpoints", "trainer.keep_checkpoint", "trainer.device",
-                    "logger.", "data.root",
+                    "trainer.strategy", "logger.", "data.root",
                     "data.download", "data.cache")
 
 # What a run computed with before a key existed: a checkpoint that lacks the key is compared as
@@ -44,7 +44,7 @@ LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": [], "swa.max_mod
                  "swa.swag_scale": 0.5, "swa.samples": 30, "swa.swag_device": "auto",
                  "swa.swag_eval_every": 0, "swa.ema_warmup": False,
                  "trainer.snapshot_every": 0, "trainer.snapshot_unit": "epoch",
-                 "trainer.snapshot_dtype": "fp32"}
+                 "trainer.snapshot_dtype": "fp32", "model.sync_bn": False}
 # Keys that no longer exist: a checkpoint that holds one still resumes (trainer.conv_algorithm
 # chose CPU convolution kernels, which changed rounding only).
 RETIRED_KEYS = ("trainer.conv_algorithm",)

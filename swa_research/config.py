@@ -121,6 +121,9 @@ class TrainerConfig:
     eval_batch_size: int = 1000
     drop_last: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: DDP when a launcher (torchrun, srun) started several processes, else one process.
+    # Under DDP batch_size is the global batch, split evenly over the ranks.
+    strategy: str = "auto"  # auto | single | ddp
     eval_every: int = 1
     num_workers: int = 2
     best_by: str = "val_loss"  # val_loss | val_acc
@@ -182,6 +185,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
+    "trainer.strategy": ("auto", "single", "ddp"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical"),
     "schedule.step_unit": ("epoch", "iter"),

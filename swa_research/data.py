@@ -319,18 +319,24 @@ class Preprocess:
             return x.div(255.0)
         return torch.addcmul(self.shift, x, self.scale)
 
-    def crop_flip(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Random pad-``pad`` crops and horizontal flips, one gather for the whole batch.
-
-        Random numbers come from a CPU generator so that the result does not depend on the
-        device."""
-        n, c, h, w = x.shape
+    def draw(self, n: int, generator: torch.Generator) -> Tensor | None:
+        """The random crop offsets and flips of a batch of ``n`` images, [3, n] (dy, dx, flip)
+        on the CPU, from a CPU generator so that the result does not depend on the device;
+        None without augmentation (nothing is drawn)."""
+        if self.augment != "crop_flip":
+            return None
         p = self.pad
         dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < 0.5
+        return torch.stack([dy, dx, flip.long()])
+
+    def apply(self, x: Tensor, params: Tensor) -> Tensor:
+        """The crops and flips ``params`` (from :meth:`draw`) applied to a uint8 batch."""
+        n, c, h, w = x.shape
+        p = self.pad
         # One copy to the device for all three.
-        dy, dx, flip = to_device_async(torch.stack([dy, dx, flip.long()]), x.device)
+        dy, dx, flip = to_device_async(params, x.device)
         flip = flip.bool()
         padded = F.pad(x, (p, p, p, p))
         rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
@@ -342,34 +348,57 @@ class Preprocess:
         return padded[batch, chans, rows, cols]
 
     def train(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        if self.augment == "crop_flip":
-            x = self.crop_flip(x, generator)
-        return self.to_float(x)
+        params = self.draw(x.shape[0], generator)
+        return self.to_float(x if params is None else self.apply(x, params))
+
+
+Shard = tuple[int, int]  # (rank, world size)
 
 
 def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
                   preprocess: Preprocess, drop_last: bool = True, order: Tensor | None = None,
-                  start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+                  start: int = 0, shard: Shard | None = None, whole_batches: bool = False
+                  ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled, augmented batches; the order comes from ``generator`` unless
-    given. ``start`` skips that many batches (resuming an epoch)."""
+    given. ``start`` skips that many batches (resuming an epoch).
+
+    With ``shard=(rank, world)`` (DDP) every rank walks the same global batches and draws the
+    same random numbers; it takes the ``rank``-th slice of each global batch (``batch_size`` is
+    the global batch), or with ``whole_batches`` every ``world``-th whole batch from the
+    ``rank``-th on. Either way the ranks together see exactly what one process sees."""
     n = len(data)
     if order is None:
         order = torch.randperm(n, generator=generator)
     order = order.to(data.images.device)
+    rank, world = shard or (0, 1)
     stop = n - n % batch_size if drop_last else n
-    for i in range(start * batch_size, stop, batch_size):
+    for k, i in enumerate(range(start * batch_size, stop, batch_size), start=start):
         idx = order[i:i + batch_size]
-        yield preprocess.train(data.images[idx], generator), data.labels[idx]
+        params = preprocess.draw(idx.shape[0], generator)  # on every rank, for the whole batch
+        if world > 1:
+            if whole_batches:
+                if k % world != rank:
+                    continue
+            else:
+                lo, hi = idx.shape[0] * rank // world, idx.shape[0] * (rank + 1) // world
+                idx = idx[lo:hi]
+                params = None if params is None else params[:, lo:hi]
+        x = data.images[idx]
+        yield preprocess.to_float(x if params is None else preprocess.apply(x, params)), \
+            data.labels[idx]
 
 
 def bn_pass_batches(data: ImageSet, batch_size: int, seed: int, iteration: int,
-                    preprocess: Preprocess) -> Iterator[tuple[Tensor, Tensor]]:
+                    preprocess: Preprocess, shard: Shard | None = None
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
     """The training batches of an average's BN pass after ``iteration``: the whole set, with
     the training augmentation, in an order from a generator of its own (seeded by the run's
     seed and the iteration), so that the training order is not disturbed and the trainer, the
-    flatness analysis and post-hoc averages see the same batches."""
+    flatness analysis and post-hoc averages see the same batches. Under DDP (``shard``) each
+    rank takes whole batches of that one pass in turn; the BN update sums over the ranks."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-    return train_batches(data, batch_size, gen, preprocess, drop_last=False)
+    return train_batches(data, batch_size, gen, preprocess, drop_last=False, shard=shard,
+                         whole_batches=True)
 
 
 def eval_batches(data: ImageSet, batch_size: int, preprocess: Preprocess

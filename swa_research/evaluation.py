@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from swa_research.averaging import Average
 from swa_research.data import ImageSet, Preprocess, eval_batches
+from swa_research.distributed import all_reduce_sum_, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +56,27 @@ class EvalResult:
 def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
              batch_size: int) -> EvalResult:
     """Mean cross-entropy and accuracy over the whole set, in eval mode (restored after).
-    Sums stay on the device: one host read at the end."""
+    Sums stay on the device: one host read at the end. Under DDP each rank evaluates its slice
+    of the set and the sums are added over the ranks: every rank gets the whole set's result."""
     if data is None or len(data) == 0:
         return EvalResult()
     module, predict = _network(model)
     was_training = module.training
     module.eval()
-    loss_sum = torch.zeros((), device=data.images.device, dtype=torch.float64)
-    correct = torch.zeros((), device=data.images.device, dtype=torch.int64)
+    n = len(data)
+    lo, hi = shard_range(n)
+    part = data if (lo, hi) == (0, n) else ImageSet(data.images[lo:hi], data.labels[lo:hi])
+    sums = torch.zeros(2, device=data.images.device, dtype=torch.float64)  # loss, correct
     try:
-        for x, y in eval_batches(data, batch_size, preprocess):
+        for x, y in eval_batches(part, batch_size, preprocess):
             logits = predict(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] += (logits.argmax(1) == y).sum()
     finally:
         module.train(was_training)
-    n = len(data)
-    return EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
+    all_reduce_sum_([sums])
+    loss_sum, correct = sums.tolist()
+    return EvalResult(loss=loss_sum / n, acc=round(correct) / n)
 
 
 def logits_from_probs(probs: Tensor) -> Tensor:
@@ -180,12 +185,13 @@ def calibration_summary(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
 
 def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], test: ImageSet,
                   preprocess: Preprocess, batch_size: int, run_dir: str | Path,
-                  n_bins: int = N_BINS) -> dict[str, Any]:
+                  n_bins: int = N_BINS, plot: bool = True) -> dict[str, Any]:
     """NLL and ECE of each model by name (``sgd`` and the averages; None where there is nothing
     to evaluate) on the test set, and their reliability diagram in ``run_dir``: the value of
     metrics.json's "calibration" key. Averages must already be prepared for evaluation; an
     entry may instead be the (logits, labels) of the test set already collected (an average
-    that predicts whole sets: :func:`logits_from_probs` of its probabilities)."""
+    that predicts whole sets: :func:`logits_from_probs` of its probabilities). ``plot``: write
+    the diagram (under DDP rank 0 alone does)."""
     from swa_research.plots import plot_reliability
 
     result: dict[str, Any] = dict.fromkeys(models)
@@ -198,7 +204,7 @@ def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], t
         else:
             logits, labels = collect_logits(model, test, preprocess, batch_size)
         result[name], bins[name] = calibration_summary(logits, labels, n_bins)
-    if bins:
+    if bins and plot:
         try:
             plot_reliability(bins, Path(run_dir) / RELIABILITY_FILE, title=Path(run_dir).name)
         except Exception as e:  # a plot is a convenience: never lose a run over it

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from swa_research import distributed
 from swa_research.build import train
 from swa_research.callbacks import SWEEP
 from swa_research.conf import register_configs
@@ -49,6 +50,9 @@ def write_hydra_record(run_dir: Path, task_cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     _STATE["job_started"] = True
+    # A launcher may run the job in processes of its own (submitit's tasks): join there.
+    if not distributed.setup().is_main:
+        quiet_follower_logging()
     hc = HydraConfig.get()
     group = None
     if hc.mode == RunMode.MULTIRUN:
@@ -59,6 +63,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg, run_dir, run_name=job_name(list(hc.overrides.task)),
                         group=group, job_num=int(hc.job.num) if group else 0,
                         write_record=lambda: write_hydra_record(run_dir, cfg))
+    except distributed.PeerFailed as e:
+        # Another rank failed: its own log says why; this one says that much.
+        _STATE["user_error"] = True
+        if hc.mode == RunMode.RUN and not _STATE["full_error"]:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise
     except UserError as e:
         _STATE["user_error"] = True
         if hc.mode == RunMode.RUN and not _STATE["full_error"]:
@@ -76,6 +87,20 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # or the SGD model's when there is no average.
     swa_acc = metrics["swa"]["val_acc"]
     return swa_acc if swa_acc is not None else metrics["sgd"]["val_acc"]
+
+
+def quiet_follower_logging() -> None:
+    """Under DDP the ranks other than 0 write no log file (rank 0's is the run's) and print
+    warnings and errors only, marked with their rank."""
+    rank = distributed.world().rank
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
 
 
 def job_name(overrides: list[str]) -> str | None:
@@ -116,8 +141,18 @@ def default_run_id() -> str:
 
 
 def main() -> None:
-    # One id per command, shared by every job it starts (see hydra.run.dir in config.yaml).
-    os.environ.setdefault("SWA_RUN_ID", default_run_id())
+    try:
+        # Under torchrun or srun: join the other ranks of this run (docs/distributed.md).
+        world = distributed.setup()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # One id per command, shared by every job it starts (see hydra.run.dir in config.yaml),
+    # and under DDP by every rank: rank 0's.
+    os.environ["SWA_RUN_ID"] = distributed.broadcast_str(
+        os.environ.get("SWA_RUN_ID") or default_run_id())
+    if not world.is_main:
+        sys.argv.append("hydra/hydra_logging=disabled")  # Hydra's own lines: rank 0's
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _STATE["full_error"] = full_error  # the job's own errors then raise too
     # Hydra then raises instead of printing a trimmed traceback, and we print one line.
@@ -144,7 +179,8 @@ def main() -> None:
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    if SWEEP["dir"] is not None:
+        distributed.teardown()
+    if SWEEP["dir"] is not None and world.is_main:
         sweep_dir = Path(SWEEP["dir"])
         jobs = sweep_jobs(sweep_dir)
         write_sweep_report(sweep_dir)

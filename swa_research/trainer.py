@@ -28,6 +28,15 @@ from swa_research.checkpoint import (
 )
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess, bn_pass_batches, train_batches
+from swa_research.distributed import (
+    all_reduce_sum_,
+    as_peer_failure,
+    average_buffers_,
+    barrier,
+    check_identical,
+    gather_objects,
+    world,
+)
 from swa_research.evaluation import (
     EvalResult,
     calibrate_run,
@@ -68,9 +77,15 @@ class Trainer:
     log_every: int = 50
     bn_batch_size: int | None = None  # the average's BN pass; None: cfg.batch_size
     snapshots: SnapshotWriter | None = None  # trainer.snapshot_every: the trajectory
+    # What the step runs: the model, or under DDP its DistributedDataParallel wrapper (the
+    # averages, evaluation, checkpoints and saved weights use ``model`` itself).
+    train_model: nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.device = self.data.train.images.device
+        self.world = world()
+        # Under DDP: this rank's slice of every global batch.
+        self.shard = (self.world.rank, self.world.size) if self.world.distributed else None
         self.iters_per_epoch = self.plan.iters_per_epoch
         self.generator = torch.Generator().manual_seed(self.seed)
         self.iteration = 0
@@ -93,7 +108,8 @@ class Trainer:
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.eval_precision = resolve_precision(self.cfg.eval_precision, self.device)
         self.last_lr = self.current_lr()  # the lr the latest step used
-        self.step = TrainStep(self.model, self.optimizer, self.precision, self.device)
+        self.step = TrainStep(self.train_model or self.model, self.optimizer, self.precision,
+                              self.device)
         self.model_info = {"name": (self.config_dict.get("model") or {}).get("name"),
                            "parameters": sum(p.numel() for p in self.model.parameters())}
 
@@ -110,9 +126,11 @@ class Trainer:
             order, start, seen = part["order"], part["batch"], part["seen"]
             loss_sum = part["loss_sum"].to(self.device)
             correct = part["correct"].to(self.device)
-        progress = Progress(self.cfg.progress, self.iters_per_epoch, start, seen)
+        progress = Progress(self.cfg.progress if self.world.is_main else "none",
+                            self.iters_per_epoch, start, seen)
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
-                                self.train_pre, self.cfg.drop_last, order=order, start=start)
+                                self.train_pre, self.cfg.drop_last, order=order, start=start,
+                                shard=self.shard)
         for i, (x, y) in enumerate(batches, start=start + 1):
             self.last_lr = self.current_lr()  # before the scheduler moves on to the next step's
             loss, logits = self.step(x, y)
@@ -126,18 +144,26 @@ class Trainer:
                 self._update_averages()
             if self.snapshots is not None and self.snapshots.due_after_iter(self.iteration):
                 self.snapshots.save(self.model, self.iteration)
+            stop = False
             if self.iteration % self.log_every == 0:
-                # The one sync every log_every steps: the logged loss, also a divergence check.
-                last = loss.detach().item()
+                # The one sync every log_every steps: the logged loss, also a divergence check;
+                # under DDP the mean over the ranks, with the ranks' preemption flags.
+                last, stop = self._sync_loss(loss)
                 self._check_finite(last, epoch)
                 self.loggers.log_step(self.iteration, {"train/loss": last,
                                                        "lr": self.last_lr})
             progress.update(epoch, self.cfg.epochs, i, loss_sum, seen)
-            if self.signals.signum is not None:
+            if stop or (self.shard is None and self.signals.signum is not None):
                 progress.close()
                 self._preempt(epoch, {"order": order, "batch": i, "seen": seen,
                                       "loss_sum": loss_sum, "correct": correct})
         progress.close()
+        if self.shard is not None:  # the epoch's loss and accuracy over all ranks
+            sums = torch.stack([loss_sum.double(), correct.double(),
+                                torch.tensor(float(seen), dtype=torch.float64,
+                                             device=self.device)])
+            all_reduce_sum_([sums])
+            loss_sum, correct, seen = sums[0], sums[1], round(sums[2].item())
         if self.plan.due_after_epoch(epoch):
             self._update_averages()
         if self.snapshots is not None and self.snapshots.due_after_epoch(epoch):
@@ -146,7 +172,29 @@ class Trainer:
         self.images_seen += seen
         train_loss = loss_sum.item() / max(1, seen)
         self._check_finite(train_loss, epoch)
-        return train_loss, correct.item() / max(1, seen)
+        return train_loss, round(correct.item()) / max(1, seen)
+
+    def _sync_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """The step's loss (under DDP its mean over the ranks) and whether any rank got a
+        preemption signal: one host read, and under DDP one all-reduce that the ranks make at
+        the same step, so that all of them stop there."""
+        if self.shard is None:
+            return loss.detach().item(), False
+        flag = float(self.signals.signum is not None)
+        pair = torch.stack([loss.detach().double(),
+                            torch.tensor(flag, dtype=torch.float64, device=self.device)])
+        all_reduce_sum_([pair])
+        mean, flags = pair.tolist()
+        return mean / self.world.size, flags > 0
+
+    def _stop_agreed(self) -> bool:
+        """Whether this rank or any other got a preemption signal (between epochs)."""
+        if self.shard is None:
+            return self.signals.signum is not None
+        flag = torch.tensor([float(self.signals.signum is not None)], dtype=torch.float64,
+                            device=self.device)
+        all_reduce_sum_([flag])
+        return flag.item() > 0
 
     def _update_averages(self) -> None:
         for average in self.averages.values():
@@ -167,13 +215,28 @@ class Trainer:
         paper's code, unless swa.bn_batch_size says otherwise), with the training augmentation,
         from a generator of their own so that the training order is not disturbed."""
         return bn_pass_batches(self.data.train, self.bn_batch_size or self.cfg.batch_size,
-                               self.seed, self.iteration, self.train_pre)
+                               self.seed, self.iteration, self.train_pre, shard=self.shard)
 
     def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
         with autocast(self.eval_precision, self.device):
             return self._evaluate_all(epoch, train_loss, train_acc)
 
+    def _sync_ranks(self) -> None:
+        """Under DDP, before an evaluation: the BN running statistics averaged over the ranks
+        (each rank's are of its shard), then the weights and every average compared across the
+        ranks by checksum: they must be identical, and an error says so if not."""
+        if self.shard is None:
+            return
+        average_buffers_(self.model)
+        for average in self.averages.values():
+            average_buffers_(average.module)
+        named = {"the SGD model": list(self.model.state_dict().values())}
+        for name, average in self.averages.items():
+            named[f"the average {name}"] = _tensors(average.state_dict())
+        check_identical(named, f"at iteration {self.iteration}")
+
     def _evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
+        self._sync_ranks()
         bs = self.cfg.eval_batch_size
         val = evaluate(self.model, self.data.val, self.eval_pre, bs)
         test = evaluate(self.model, self.data.test, self.eval_pre, bs)
@@ -272,6 +335,9 @@ class Trainer:
         if self.start_epoch > 1 or self.partial is not None:
             log.info("resumed at iteration %d (epoch %d)", self.iteration,
                      self.start_epoch - (self.partial is None))
+        if self.world.distributed:
+            log.info("DDP: %d ranks, global batch %d (%d per rank)", self.world.size,
+                     self.cfg.batch_size, self.cfg.batch_size // self.world.size)
         if self.snapshots is not None:  # a plan that does not fit the disk fails here
             self.snapshots.prepare(self.model, self.iteration)
         start = time.perf_counter()
@@ -286,7 +352,8 @@ class Trainer:
                 models.update({name: self._calibration_input(name, a)
                                for name, a in self.averages.items()})
                 self.calibration = calibrate_run(models, self.data.test, self.eval_pre,
-                                                 self.cfg.eval_batch_size, self.run_dir)
+                                                 self.cfg.eval_batch_size, self.run_dir,
+                                                 plot=self.world.is_main)
             status = "finished"
         except Preempted:
             status, error = "preempted", "stopped by a signal; resumes from its checkpoint"
@@ -298,6 +365,10 @@ class Trainer:
             status, error = "interrupted", "interrupted by the user"
             raise
         except Exception as e:
+            peer = as_peer_failure(e)
+            if peer is not None and peer is not e:
+                error = str(peer)
+                raise peer from e
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
@@ -307,6 +378,8 @@ class Trainer:
         # metrics.json is the commit point, written last: a run dir that says "finished" holds
         # every file it lists. A crash before it leaves a run that a rerun completes from its
         # checkpoint.
+        if not self.world.is_main:  # rank 0 writes the run's files
+            return self.metrics("finished", wall)
         try:
             files = self.save_weights() if self.cfg.save_checkpoints else []
         except OSError as e:
@@ -337,7 +410,7 @@ class Trainer:
             every = self.cfg.checkpoint_every
             if every and (epoch % every == 0 or epoch == epochs):
                 self.save_checkpoint(epoch, wall=time.perf_counter() - start)
-            if self.signals.signum is not None:
+            if self._stop_agreed():
                 self._preempt(epoch + 1, None, wall=time.perf_counter() - start)
 
     # -- checkpoints, resume, preemption --------------------------------------------------
@@ -361,11 +434,48 @@ class Trainer:
             "rng": rng_state(self.generator, self.device),
             "timing": {"train_time": self.train_time, "images_seen": self.images_seen,
                        "wall": self.wall_before + wall},
+            # Under DDP, what differs between the ranks: their RNG (dropout) and the BN running
+            # statistics of their shards (the model's and those the averages copied).
+            "ranks": gather_objects(self._rank_state()) if self.shard is not None else None,
         }
+
+    def _rank_state(self) -> dict[str, Any]:
+        modules = {"model": self.model, **{f"average:{name}": a.module
+                                           for name, a in self.averages.items()}}
+        return {"rng": rng_state(self.generator, self.device),
+                "buffers": {key: {n: b.detach().cpu().clone()
+                                  for n, b in m.named_buffers() if b.is_floating_point()}
+                            for key, m in modules.items()}}
+
+    def _load_rank_state(self, ranks: list[dict[str, Any]] | None) -> None:
+        if ranks is None or self.shard is None:
+            return
+        if len(ranks) != self.world.size:
+            log.warning("the checkpoint was written by %d ranks, this run has %d: every rank "
+                        "continues from rank 0's BN running statistics and random state",
+                        len(ranks), self.world.size)
+            return
+        mine = ranks[self.world.rank]
+        modules = {"model": self.model, **{f"average:{name}": a.module
+                                           for name, a in self.averages.items()}}
+        with torch.no_grad():
+            for key, module in modules.items():
+                saved = mine["buffers"].get(key, {})
+                for n, b in module.named_buffers():
+                    if n in saved:
+                        b.copy_(saved[n])
+        set_rng_state(mine["rng"], self.generator, self.device)
 
     def save_checkpoint(self, epoch: int, partial: dict[str, Any] | None = None,
                         wall: float = 0.0) -> Path:
-        return save_checkpoint(self.run_dir, self.state(epoch, partial, wall))
+        """Every rank takes part (the state gathers the ranks' own parts); rank 0 writes, and
+        the others wait for it, so that no rank exits before the checkpoint is on disk."""
+        state = self.state(epoch, partial, wall)
+        path = self.run_dir / "checkpoint.pt"
+        if self.world.is_main:
+            path = save_checkpoint(self.run_dir, state)
+        barrier()
+        return path
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -392,20 +502,42 @@ class Trainer:
         self.loggers.restore_history(self.history)
         self.iteration = state["iteration"]
         self.partial = state["partial"]
+        if self.partial is not None and self.shard is not None:
+            ranks = self.partial.pop("rank_sums", None)
+            if ranks is not None and len(ranks) == self.world.size:
+                loss_sum, correct, seen = ranks[self.world.rank]
+                self.partial = {**self.partial, "loss_sum": loss_sum, "correct": correct,
+                                "seen": seen}
+            elif not self.world.is_main:  # the totals continue on rank 0
+                self.partial = {**self.partial, "seen": 0,
+                                "loss_sum": torch.zeros_like(self.partial["loss_sum"]),
+                                "correct": torch.zeros_like(self.partial["correct"])}
+        elif self.partial is not None:
+            self.partial.pop("rank_sums", None)
         self.start_epoch = state["epoch"] + 1
         timing = state["timing"]
         self.train_time, self.images_seen = timing["train_time"], timing["images_seen"]
         self.wall_before = timing["wall"]
         set_rng_state(state["rng"], self.generator, self.device)
+        self._load_rank_state(state.get("ranks"))
 
     def _preempt(self, epoch: int, partial: dict[str, Any] | None, wall: float = 0.0) -> None:
         """Checkpoint at the current position (inside ``epoch``, or before it when
         ``partial`` is None) and stop with the requeue status."""
         signum = self.signals.signum or signal.SIGTERM
+        if partial is not None and self.shard is not None:
+            # Each rank's sums of the epoch so far (a resume on as many ranks continues them
+            # bit for bit), and their totals (for a resume on another number of ranks).
+            ranks = gather_objects((partial["loss_sum"].cpu(), partial["correct"].cpu(),
+                                    partial["seen"]))
+            partial = {**partial, "rank_sums": ranks,
+                       "loss_sum": sum(r[0].double() for r in ranks).float(),
+                       "correct": sum(r[1] for r in ranks), "seen": sum(r[2] for r in ranks)}
         path = self.save_checkpoint(epoch - 1, partial, wall)
-        log.warning("%s received: checkpoint %s written at iteration %d; exiting with status "
-                    "%d for a requeue", signal.Signals(signum).name, path, self.iteration,
-                    REQUEUE_EXIT_CODE)
+        why = signal.Signals(signum).name + " received" if self.signals.signum is not None \
+            else "another rank was signalled"
+        log.warning("%s: checkpoint %s written at iteration %d; exiting with status %d for a "
+                    "requeue", why, path, self.iteration, REQUEUE_EXIT_CODE)
         raise Preempted(signum)
 
     def metrics(self, status: str, wall: float, error: str | None = None) -> dict[str, Any]:
@@ -438,3 +570,14 @@ class Trainer:
                         f"{pct(row[f'{name}_test_acc'])} (n={row[f'{name}_n_averaged']})")
         msg += f" | {seconds:.1f}s"
         log.info(msg)
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors of a nested state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors(item)]
+    return []

@@ -439,7 +439,7 @@ def crop_flip_candidates(img: torch.Tensor, pad: int = 4) -> list[tuple[int, int
 def test_crop_flip_outputs_are_pad4_crops() -> None:
     x = random_images(32)
     pre = Preprocess(False, [0.5] * 3, [0.5] * 3, CPU, augment="crop_flip")
-    y = pre.crop_flip(x, torch.Generator().manual_seed(0))
+    y = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(0)))
     assert y.shape == x.shape and y.dtype == torch.uint8
     chosen = []
     for i in range(len(x)):
@@ -455,9 +455,9 @@ def test_crop_flip_outputs_are_pad4_crops() -> None:
 def test_crop_flip_is_seeded() -> None:
     x = random_images(16)
     pre = Preprocess(False, [0.5] * 3, [0.5] * 3, CPU, augment="crop_flip")
-    a = pre.crop_flip(x, torch.Generator().manual_seed(5))
-    b = pre.crop_flip(x, torch.Generator().manual_seed(5))
-    c = pre.crop_flip(x, torch.Generator().manual_seed(6))
+    a = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(5)))
+    b = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(5)))
+    c = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(6)))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 

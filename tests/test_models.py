@@ -157,7 +157,7 @@ def test_model_options_are_the_builders_and_stay_with_their_family() -> None:
     """The options come from the builder's keyword arguments, with its defaults and types;
     another family's option, a typo, a wrong type and a bad value are refused by name."""
     assert resolve_model_config({"name": "vgg16"}) == {
-        "name": "vgg16", "batch_norm": False, "dropout": 0.5, "width": 1.0}
+        "name": "vgg16", "sync_bn": False, "batch_norm": False, "dropout": 0.5, "width": 1.0}
     assert resolve_model_config({"name": "vgg11", "width": 1})["width"] == 1.0  # int -> float
     with pytest.raises(UserError, match=r"model.widht: not an option of model vgg16 .*"
                                         r"did you mean model.width\?"):
@@ -191,7 +191,7 @@ def test_a_new_model_is_one_builder_and_one_registry_line(
     tiny = [o for o in TINY if not o.startswith("model.")]  # VGG options
     overrides = [*tiny, "model=toy", "model.hidden=8"]
     cfg = compose_config(overrides)
-    assert load_config(cfg).model == {"name": "toy", "hidden": 8}
+    assert load_config(cfg).model == {"name": "toy", "hidden": 8, "sync_bn": False}
     with pytest.raises(UserError, match="model.batch_norm: not an option of model toy"):
         load_config(compose_config([*overrides, "+model.batch_norm=true"]))
     with pytest.raises(UserError, match="model.hidden=0: must be at least 1"):

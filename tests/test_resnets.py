@@ -145,9 +145,10 @@ def test_wrn_forward_shapes() -> None:
 
 
 def test_options_and_defaults() -> None:
-    assert resolve_model_config({"name": "preresnet110"}) == {"name": "preresnet110"}
-    assert resolve_model_config({"name": "preresnet164"}) == {"name": "preresnet164"}
-    assert resolve_model_config({"name": "wrn28x10"}) == {"name": "wrn28x10", "dropout": 0.0}
+    for name in ("preresnet110", "preresnet164"):
+        assert resolve_model_config({"name": name}) == {"name": name, "sync_bn": False}
+    assert resolve_model_config({"name": "wrn28x10"}) == {"name": "wrn28x10", "sync_bn": False,
+                                                          "dropout": 0.0}
     assert resolve_model_config({"name": "wrn28x10", "dropout": 0})["dropout"] == 0.0
     with pytest.raises(UserError, match=r"model.dropout=1.5: must be in \[0, 1\)"):
         resolve_model_config({"name": "wrn28x10", "dropout": 1.5})
@@ -179,4 +180,4 @@ def test_composes_and_loads(name: str) -> None:
 def test_wrn_dropout_from_the_command_line() -> None:
     config = load_config(compose_config(["model=wrn28x10", "model.dropout=0.3",
                                          "data=synthetic"]))
-    assert config.model == {"name": "wrn28x10", "dropout": 0.3}
+    assert config.model == {"name": "wrn28x10", "sync_bn": False, "dropout": 0.3}

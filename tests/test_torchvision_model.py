@@ -32,7 +32,7 @@ def test_builds_by_name_for_the_data_classes(arch: str) -> None:
 
 def test_defaults_are_resnet18_without_weights() -> None:
     assert resolve_model_config({"name": "torchvision"}) == {
-        "name": "torchvision", "arch": "resnet18", "weights": None}
+        "name": "torchvision", "sync_bn": False, "arch": "resnet18", "weights": None}
 
 
 def test_unknown_arch_is_refused_with_near_matches() -> None:
@@ -148,7 +148,8 @@ def test_vit_needs_the_weights_image_size() -> None:
 def test_composes_and_loads() -> None:
     config = load_config(compose_config(["model=torchvision", "model.arch=resnet18",
                                          "data=synthetic"]))
-    assert config.model == {"name": "torchvision", "arch": "resnet18", "weights": None}
+    assert config.model == {"name": "torchvision", "sync_bn": False, "arch": "resnet18",
+                            "weights": None}
     with pytest.raises(UserError, match=r"model\.arch='resnet181'"):
         load_config(compose_config(["model=torchvision", "model.arch=resnet181"]))
 

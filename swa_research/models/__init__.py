@@ -45,6 +45,11 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# Options of every model, handled outside its builder: sync_bn converts its BatchNorm layers to
+# SyncBatchNorm for training under DDP (batch statistics over the global batch).
+COMMON_OPTIONS: dict[str, bool] = {"sync_bn": False}
+
+
 def register_model(name: str, build: Callable[..., nn.Module], image_multiple: int = 1) -> None:
     """Add a model under ``name`` (from a plugin, a notebook or a test)."""
     MODELS[name] = ModelEntry(build, image_multiple)
@@ -86,6 +91,12 @@ def resolve_model_config(model: dict[str, Any]) -> dict[str, Any]:
     for key, value in model.items():
         if key == "name":
             continue
+        if key in COMMON_OPTIONS:
+            if not isinstance(value, type(COMMON_OPTIONS[key])):
+                raise UserError(f"model.{key}={value!r}: expected a "
+                                f"{type(COMMON_OPTIONS[key]).__name__}")
+            out[key] = value
+            continue
         if key not in params:
             near = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
             raise UserError(
@@ -93,6 +104,8 @@ def resolve_model_config(model: dict[str, Any]) -> dict[str, Any]:
                 f"{', '.join(params) or 'none'})" + (f"; did you mean model.{near[0]}?"
                                                      if near else ""))
         out[key] = _typed(key, value, params[key])
+    for key, default in COMMON_OPTIONS.items():
+        out.setdefault(key, default)
     for key, p in params.items():
         if key not in out:
             if p.default is inspect.Parameter.empty:
@@ -103,7 +116,7 @@ def resolve_model_config(model: dict[str, Any]) -> dict[str, Any]:
     try:
         with torch.device("meta"):
             entry.build(2, entry.image_multiple * max(1, 32 // entry.image_multiple),
-                        **{k: v for k, v in out.items() if k != "name"})
+                        **builder_options(out))
     except ValueError as e:
         raise UserError(str(e)) from e
     return out
@@ -119,5 +132,9 @@ def build_model(model: dict[str, Any], num_classes: int, image_size: int = 32) -
     if image_size % entry.image_multiple:
         raise UserError(f"model {name} needs an image size that is a multiple of "
                         f"{entry.image_multiple}, got {image_size} (set data.image_size)")
-    return entry.build(num_classes, image_size, **{k: v for k, v in model.items()
-                                                   if k != "name"})
+    return entry.build(num_classes, image_size, **builder_options(model))
+
+
+def builder_options(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config's options that its builder takes (not its name, not the common ones)."""
+    return {k: v for k, v in model.items() if k != "name" and k not in COMMON_OPTIONS}

@@ -7,7 +7,8 @@ e.g. submitit's workers, get it too) and patches named points of swa_research:
 ``SWA_RESEARCH_FAULT=point`` or ``point@N`` kills the process with SIGKILL the N-th time
 (default 1st) it reaches the point; ``point@N:TERM`` (or ``:USR1``, ``:USR2``) sends that signal
 instead, as a scheduler would. With ``SWA_RESEARCH_FAULT_ONCE=PATH`` it fires in one process
-only (marker file PATH: a requeued job is not stopped again).
+only (marker file PATH: a requeued job is not stopped again). With ``SWA_RESEARCH_FAULT_RANK=R``
+it fires only in the process whose ``RANK`` (torchrun's variable) is R: one rank of a DDP run.
 
 Points: ``step`` (after an optimizer step), ``averaged`` (after an update of an average),
 ``eval`` (as an evaluation starts), ``bn_update`` (at each batch of the BN update of an
@@ -23,6 +24,7 @@ from typing import Any
 
 ENV = "SWA_RESEARCH_FAULT"
 ONCE_ENV = "SWA_RESEARCH_FAULT_ONCE"
+RANK_ENV = "SWA_RESEARCH_FAULT_RANK"
 _counts: dict[str, int] = {}
 
 
@@ -35,6 +37,9 @@ def _target() -> tuple[str, int, signal.Signals]:
 def fire(point: str) -> None:
     name, nth, sig = _target()
     if name != point:
+        return
+    rank = os.environ.get(RANK_ENV)
+    if rank and os.environ.get("RANK", "0") != rank:
         return
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] != nth:
