@@ -8,6 +8,12 @@ CIFAR-10 and CIFAR-100. A model's *budget* is the epochs its conventional SGD tr
 only on the averaging start, so one run of 1.5 budgets gives all three SWA cells: its average's
 test accuracy at the epochs :meth:`Recipe.column_epochs` names (history.csv's ``swa_test_acc``).
 
+A run of a preset with changed settings (fewer epochs, generated data, ...) is *another
+recipe*: :func:`measured_cells` measures its cells only when asked (``other_recipes=True``),
+labelled with what differs (:func:`recipe_label`), its SWA columns read at the same fractions
+of its own epochs (:func:`scaled_column_epochs`); such figures are never pooled with the
+paper's recipe's, and are not comparable with the published ones.
+
 The presets are ``experiment=paper/<model>_<dataset>_<run>`` with run ``sgd`` or ``swa1.5``
 (conf/experiment/paper/). Everything here is a pure function of plain data (a run's config,
 its metrics.json and its history rows) except :func:`forward_flops`, which builds a model.
@@ -20,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 MODELS = ("vgg16", "preresnet164", "wrn28x10")
@@ -155,6 +163,47 @@ def presets(model: str | None = None, dataset: str | None = None) -> list[str]:
             for d in DATASETS if dataset in (None, d) for r in RUNS]
 
 
+# The older names of four presets (conf/experiment/paper_vgg16*.yaml): the same recipes.
+LEGACY_PRESETS = {"paper_vgg16": ("vgg16", "cifar10", "swa1.5"),
+                  "paper_vgg16_sgd": ("vgg16", "cifar10", "sgd"),
+                  "paper_vgg16_cifar100": ("vgg16", "cifar100", "swa1.5"),
+                  "paper_vgg16_sgd_cifar100": ("vgg16", "cifar100", "sgd")}
+
+
+def parse_preset(experiment: Any) -> tuple[str, str, str] | None:
+    """(model, dataset, run) of a paper preset's name (``paper/<model>_<dataset>_<run>`` or
+    an older name), else None."""
+    if not isinstance(experiment, str):
+        return None
+    if experiment in LEGACY_PRESETS:
+        return LEGACY_PRESETS[experiment]
+    for m in MODELS:
+        for d in DATASETS:
+            for r in RUNS:
+                if experiment == f"paper/{m}_{d}_{r}":
+                    return m, d, r
+    return None
+
+
+def scaled_overrides(name: str, budget: int) -> list[str]:
+    """The overrides that scale a paper preset down (or up) to a budget of ``budget`` epochs:
+    an ``sgd`` preset trains ``budget`` epochs; a ``swa1.5`` preset 1.5 budgets (rounded up)
+    with the averaging start scaled by the same factor (rounded to the nearest epoch, at
+    least 1), so that its lr schedule keeps the paper's shape. Runs with these overrides are
+    another recipe than the paper's (their cells are labelled so, never pooled with it)."""
+    found = parse_preset(name)
+    if found is None:
+        raise ValueError(f"{name}: not a paper preset")
+    if budget < 1:
+        raise ValueError(f"budget {budget}: expected at least 1 epoch")
+    recipe, run = RECIPES[found[:2]], found[2]
+    if run == "sgd":
+        return [f"trainer.epochs={budget}"]
+    epochs = math.ceil(Fraction(recipe.swa_epochs * budget, recipe.budget))
+    start = max(1, math.floor(Fraction(recipe.swa_start * budget, recipe.budget) + Fraction(1, 2)))
+    return [f"trainer.epochs={epochs}", f"swa.start={start}"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Which cells a run measures
 
@@ -182,29 +231,99 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def classify(config: Mapping[str, Any]) -> tuple[Recipe, str] | None:
+def classify(config: Mapping[str, Any], experiment: Any = None) -> tuple[Recipe, str] | None:
     """(recipe, run kind) for a run of one of the table's models on one of its data sets: run
-    kind ``sgd`` when it does not average, else ``swa1.5``; None for any other model or data
-    set (an image-folder copy of CIFAR-10 is not the paper's data set)."""
+    kind ``sgd`` when it does not average, else ``swa1.5``. Otherwise, when ``experiment`` (the
+    run's ``experiment`` option) names a paper preset, that preset's recipe (a run of it with
+    another model or data set: another recipe, see :func:`recipe_differences`); else None (an
+    image-folder copy of CIFAR-10 is not the paper's data set)."""
     recipe = RECIPES.get((config_value(config, "model.name"), config_value(config, "data.name")))
     if recipe is None:
-        return None
+        found = parse_preset(experiment)
+        if found is None:
+            return None
+        recipe = RECIPES[found[:2]]
     return recipe, "sgd" if config_value(config, "swa.method") == "none" else "swa1.5"
 
 
-def recipe_differences(config: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def recipe_differences(config: Mapping[str, Any], experiment: Any = None
+                       ) -> list[tuple[str, Any, Any]]:
     """(key, the run's value, the paper's) for each recipe value the run does not share; a key
     the run's config lacks is not held against it. Empty for a run of the paper's recipe (and
-    for a run that is no recipe's: see :func:`classify`)."""
-    found = classify(config)
+    for a run that is no recipe's: see :func:`classify`, which ``experiment`` is passed to)."""
+    found = classify(config, experiment)
     if found is None:
         return []
     recipe, run = found
     out = []
-    for key, want in recipe.expected(run).items():
+    expected = {"model.name": recipe.model, "data.name": recipe.dataset,
+                **recipe.expected(run)}
+    for key, want in expected.items():
         have = config_value(config, key)
         if have is not None and not _same(have, want):
             out.append((key, have, want))
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+PAPER_RECIPE = "paper"
+OTHER_RECIPE = "n/a (other recipe)"  # the verdict of a cell of another recipe
+OTHER_RECIPE_NOTE = ("other recipe: a run of a paper preset with settings changed (recipe "
+                     "column: what differs), its SWA columns read at 1, 1.25 and 1.5 times its "
+                     "own budget (2/3 of its epochs); not comparable with the published "
+                     "figures, never pooled with the paper's recipe, no verdict.")
+
+
+def recipe_label(config: Mapping[str, Any], experiment: Any = None) -> str:
+    """``paper`` for a run of the paper's recipe, else ``differs: key=value (paper: value),
+    ...``: every recipe value the run does not share, and for a SWA run of other epochs
+    than 1.5 budgets its epochs (its cells are read at fractions of them)."""
+    found = classify(config, experiment)
+    diffs = recipe_differences(config, experiment)
+    if found is None or not diffs:
+        return PAPER_RECIPE
+    recipe, run = found
+    epochs = config_value(config, "trainer.epochs")
+    if run != "sgd" and epochs is not None and not _same(epochs, recipe.swa_epochs):
+        diffs.append(("trainer.epochs", epochs, recipe.swa_epochs))
+    first = ("model.name", "data.name", "trainer.epochs", "swa.start")
+    diffs.sort(key=lambda d: first.index(d[0]) if d[0] in first else len(first))
+    return "differs: " + ", ".join(f"{k}={_show(have)} (paper: {_show(want)})"
+                                   for k, have, want in diffs)
+
+
+def short_recipe(label: str, keep: int = 3) -> str:
+    """A recipe label of at most ``keep`` differences, then ``+N more``."""
+    if not label.startswith("differs: "):
+        return label
+    parts = re.split(r"(?<=\)), ", label[len("differs: "):])
+    more = f", +{len(parts) - keep} more" if len(parts) > keep else ""
+    return "differs: " + ", ".join(parts[:keep]) + more
+
+
+def scaled_column_epochs(recipe: Recipe, epochs: int) -> dict[str, int]:
+    """The epochs at which a SWA run of another recipe of ``epochs`` epochs is read: the same
+    fractions of its own budget (``epochs`` / 1.5 for the paper's 1.5-budget runs) as the
+    paper's run, rounded up as :attr:`Recipe.column_epochs`: a 1.5-budget PreResNet164 run of
+    12 epochs is read at 8, 10 and 12. A column whose epoch is the next column's is left
+    out (e.g. 4 epochs: SWA 1 at 3, SWA 1.5 at 4, no SWA 1.25)."""
+    budget = Fraction(int(epochs) * recipe.budget, recipe.swa_epochs)
+    out = {"swa1": math.ceil(budget), "swa1.25": math.ceil(Fraction(5, 4) * budget),
+           "swa1.5": math.ceil(Fraction(3, 2) * budget)}
+    if out["swa1.25"] == out["swa1.5"]:
+        del out["swa1.25"]
+    if out["swa1"] == out.get("swa1.25", out["swa1.5"]):
+        del out["swa1"]
     return out
 
 
@@ -217,6 +336,7 @@ class Measurement:
     column: str
     epoch: int
     acc: float
+    recipe: str = PAPER_RECIPE  # "paper", or what differs (:func:`recipe_label`)
 
 
 def _finite(x: Any) -> float | None:
@@ -237,7 +357,8 @@ def _history_acc(history: Sequence[Mapping[str, Any]], epoch: int, key: str) -> 
 
 
 def measured_cells(config: Mapping[str, Any], metrics: Mapping[str, Any] | None,
-                   history: Sequence[Mapping[str, Any]] = ()) -> list[Measurement]:
+                   history: Sequence[Mapping[str, Any]] = (), experiment: Any = None,
+                   other_recipes: bool = False) -> list[Measurement]:
     """The cells of the table a finished run measures, with its figure for each.
 
     * ``sgd``: a run of the recipe without averaging (``swa=none``, the budget's epochs): its
@@ -246,14 +367,19 @@ def measured_cells(config: Mapping[str, Any], metrics: Mapping[str, Any] | None,
       accuracy at the cell's epoch (history.csv ``swa_test_acc``; at the run's last epoch also
       metrics.json ``swa.test_acc``), for each cell epoch the run reached and evaluated.
 
-    None of them for a run of another recipe (:func:`recipe_differences`), one that did not
-    finish, or one of another model or data set. Accuracies are fractions in the run's files,
-    percentages here.
+    None of them for a run of another recipe (:func:`recipe_differences`; ``experiment``, the
+    run's ``experiment`` option, lets a paper preset's run on other data count as one) unless
+    ``other_recipes``: then its cells too, labelled with what differs (``recipe``): ``sgd``
+    its final SGD model, read at its last epoch; the SWA columns at the same fractions of its
+    own epochs (:func:`scaled_column_epochs`), where its history has an evaluation. None for
+    a run that did not finish, or one of another model or data set. Accuracies are fractions
+    in the run's files, percentages here.
     """
-    found = classify(config)
+    found = classify(config, experiment)
     if found is None or not metrics or metrics.get("status", "finished") != "finished":
         return []
-    if recipe_differences(config):
+    label = recipe_label(config, experiment)
+    if label != PAPER_RECIPE and not other_recipes:
         return []
     recipe, run = found
     epochs = config_value(config, "trainer.epochs")
@@ -261,17 +387,22 @@ def measured_cells(config: Mapping[str, Any], metrics: Mapping[str, Any] | None,
 
     def add(column: str, epoch: int, acc: float | None) -> None:
         if acc is not None:
-            out.append(Measurement(recipe.model, recipe.dataset, column, epoch, 100.0 * acc))
+            out.append(Measurement(recipe.model, recipe.dataset, column, epoch, 100.0 * acc,
+                                   label))
 
     if run == "sgd":
         sgd = metrics.get("sgd") or {}
         acc = _finite(sgd.get("test_acc"))
-        add("sgd", recipe.budget,
-            acc if acc is not None else _history_acc(history, recipe.budget, "sgd_test_acc"))
+        epoch = recipe.budget if label == PAPER_RECIPE or epochs is None else int(epochs)
+        add("sgd", epoch,
+            acc if acc is not None else _history_acc(history, epoch, "sgd_test_acc"))
         return out
     swa = metrics.get("swa") or {}
-    for column in ("swa1", "swa1.25", "swa1.5"):
-        epoch = recipe.column_epochs[column]
+    if label == PAPER_RECIPE or epochs is None:
+        columns = {c: recipe.column_epochs[c] for c in ("swa1", "swa1.25", "swa1.5")}
+    else:
+        columns = scaled_column_epochs(recipe, int(epochs))
+    for column, epoch in columns.items():
         if epochs is not None and epoch > int(epochs):
             continue
         acc = _history_acc(history, epoch, "swa_test_acc")
@@ -296,6 +427,7 @@ class Comparison:
     published_mean: float
     published_std: float
     values: list[float]
+    recipe: str = PAPER_RECIPE  # "paper", or what the runs' recipe changes (never pooled)
 
     @property
     def n(self) -> int:
@@ -317,7 +449,10 @@ class Comparison:
     @property
     def within(self) -> str:
         """``1 std`` when the measured mean lies within the published mean ± its std, else
-        ``2 std`` within ± 2 std, else ``no`` (the published std, over the paper's 3 runs)."""
+        ``2 std`` within ± 2 std, else ``no`` (the published std, over the paper's 3 runs);
+        ``n/a (other recipe)`` for runs of another recipe, whose figures are not comparable."""
+        if self.recipe != PAPER_RECIPE:
+            return OTHER_RECIPE
         return within(self.mean, self.published_mean, self.published_std)
 
 
@@ -332,37 +467,43 @@ def within(mean: float, published_mean: float, published_std: float) -> str:
 
 
 def compare(measurements: Sequence[Measurement]) -> list[Comparison]:
-    """Per cell measured at least once, in the table's order (data set, model, column)."""
-    cells: dict[tuple[str, str, str], Comparison] = {}
+    """Per cell and recipe measured at least once, in the table's order (data set, model,
+    column; the paper's recipe first, then the other recipes by label and epoch). Runs of
+    different recipes (or read at different epochs) are never pooled."""
+    cells: dict[tuple[str, str, str, str, int], Comparison] = {}
     for m in measurements:
-        key = (m.model, m.dataset, m.column)
+        key = (m.model, m.dataset, m.column, m.recipe, m.epoch)
         if key not in cells:
             pub_mean, pub_std = PUBLISHED[(m.model, m.dataset)][m.column]
-            cells[key] = Comparison(m.model, m.dataset, m.column, m.epoch, pub_mean, pub_std, [])
+            cells[key] = Comparison(m.model, m.dataset, m.column, m.epoch, pub_mean, pub_std, [],
+                                    m.recipe)
         cells[key].values.append(m.acc)
     order = {(mo, d, c): i for i, (d, mo, c) in enumerate(
         (d, mo, c) for d in DATASETS for mo in MODELS for c in COLUMNS)}
-    return sorted(cells.values(), key=lambda c: order[(c.model, c.dataset, c.column)])
+    return sorted(cells.values(), key=lambda c: (order[(c.model, c.dataset, c.column)],
+                                                 c.recipe != PAPER_RECIPE, c.recipe, c.epoch))
 
 
 COMPARISON_HEADER = ["model", "data set", "column", "epoch", "published %", "measured %", "n",
-                     "difference pp", "within published"]
+                     "difference pp", "within published", "recipe"]
 
 
 def comparison_cells(c: Comparison) -> list[str]:
+    """A row of the table; the recipe shortened to its first three differences."""
     measured = f"{c.mean:.2f}" if c.std is None else f"{c.mean:.2f} ± {c.std:.2f}"
     return [MODEL_LABELS[c.model], DATASET_LABELS[c.dataset], COLUMN_LABELS[c.column],
             str(c.epoch), f"{c.published_mean:.2f} ± {c.published_std:.2f}", measured,
-            str(c.n), f"{c.difference:+.2f}", c.within]
+            str(c.n), f"{c.difference:+.2f}", c.within, short_recipe(c.recipe)]
 
 
 CSV_HEADER = ["model", "dataset", "column", "epoch", "published_mean", "published_std",
-              "measured_mean", "measured_std", "n", "difference", "within"]
+              "measured_mean", "measured_std", "n", "difference", "within", "recipe"]
 
 
 def comparison_csv_row(c: Comparison) -> list[Any]:
+    """A row of report_paper.csv; the recipe in full."""
     return [c.model, c.dataset, c.column, c.epoch, c.published_mean, c.published_std, c.mean,
-            c.std, c.n, c.difference, c.within]
+            c.std, c.n, c.difference, c.within, c.recipe]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ When finished runs measure cells of the SWA paper's Table 1 (``swa_research.pape
 one of its recipes, e.g. ``experiment=paper/preresnet164_cifar100_swa1.5``), the report also
 gives, per cell, the published mean ± std against the measured mean ± std over seeds, n, the
 difference, and whether the measured mean lies within the published mean ± 1 std or ± 2 std
-(a "paper vs measured" table, also in report_paper.csv). Without such runs nothing changes.
+(a "paper vs measured" table, also in report_paper.csv). Runs of a paper preset with changed
+settings (fewer epochs, generated data, ...) appear there too, in rows of their own marked with
+what differs (the recipe column; never pooled with the paper's recipe, no verdict): their
+numbers are not comparable with the published ones. Without such runs nothing changes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from swa_research.fileio import atomic_write_text
 from swa_research.paper import (
     COMPARISON_HEADER,
     CSV_HEADER,
+    OTHER_RECIPE_NOTE,
     Comparison,
     classify,
     compare,
@@ -289,8 +293,9 @@ class Report:
     files: list[Path] = field(default_factory=list)
     wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
     columns: list[Metric] = field(default_factory=lambda: list(METRICS))
-    # The SWA paper's cells these runs measure (swa_research.paper), and the finished runs of
-    # its models and data sets left out because their recipe differs (with the differences).
+    # The SWA paper's cells these runs measure (swa_research.paper; runs of another recipe in
+    # rows of their own), and the finished runs of its models, data sets or presets that
+    # measure no cell (with what differs from the paper's recipe, empty when nothing does).
     paper: list[Comparison] = field(default_factory=list)
     paper_skipped: list[tuple[Run, list[tuple[str, Any, Any]]]] = field(default_factory=list)
 
@@ -305,6 +310,8 @@ class Report:
         if self.paper:
             lines += ["", "paper vs measured (SWA paper, Table 1; test accuracy %):",
                       format_paper_table(self)]
+            if any(c.recipe != "paper" for c in self.paper):
+                lines.append(OTHER_RECIPE_NOTE)
         if self.failed:
             lines.append(f"failed runs ({len(self.failed)}, not averaged):")
             for r in self.failed:
@@ -368,19 +375,22 @@ def _history_rows(run: Run) -> list[dict[str, float | None]]:
 
 def paper_comparison(runs: Sequence[Run]
                      ) -> tuple[list[Comparison], list[tuple[Run, list[tuple[str, Any, Any]]]]]:
-    """The paper's cells the finished runs measure, compared with the published figures;
-    and, when there are any, the finished runs of the paper's models and data sets whose
-    recipe differs from the paper's (not compared)."""
+    """The paper's cells the finished runs measure, compared with the published figures: the
+    runs of the paper's recipe, and in rows of their own those of another recipe (a paper
+    model and data set, or a paper preset, with settings changed); and, when there are any,
+    the finished runs of the paper's models, data sets or presets that measure no cell (with
+    their differences from the paper's recipe)."""
     measurements = []
     skipped = []
     for run in runs:
-        if not run.finished or classify(run.config) is None:
+        experiment = run.value("experiment")
+        if not run.finished or classify(run.config, experiment) is None:
             continue
-        diffs = recipe_differences(run.config)
-        if diffs:
-            skipped.append((run, diffs))
-            continue
-        measurements += measured_cells(run.config, run.metrics or {}, _history_rows(run))
+        cells = measured_cells(run.config, run.metrics or {}, _history_rows(run),
+                               experiment=experiment, other_recipes=True)
+        if not cells:
+            skipped.append((run, recipe_differences(run.config, experiment)))
+        measurements += cells
     cells = compare(measurements)
     return cells, skipped if cells else []
 
@@ -400,14 +410,19 @@ def format_paper_section(report: Report) -> list[str]:
              "SWA run at that epoch (history.csv). Difference: measured minus published mean "
              "in percentage points. Within published: the measured mean lies within the "
              "published mean ± 1 std (\"1 std\"), else within ± 2 std (\"2 std\"), else "
-             "\"no\".", "", format_paper_table(report), ""]
+             "\"no\"; given for the paper's recipe only. Recipe: \"paper\", or what the runs "
+             "change (the first three differences; report_paper.csv has them all).", "",
+             format_paper_table(report), ""]
+    if any(c.recipe != "paper" for c in report.paper):
+        parts += [OTHER_RECIPE_NOTE[0].upper() + OTHER_RECIPE_NOTE[1:], ""]
     if report.paper_skipped:
-        parts += ["Not compared (a paper model and data set, another recipe):", ""]
+        parts += ["Not compared (a paper model and data set, or a paper preset, that measures "
+                  "no cell: no evaluation of the average at the epochs read):", ""]
         for run, diffs in report.paper_skipped:
             what = ", ".join(f"{k}={show(have)} (paper: {show(want)})"
                              for k, have, want in diffs[:4])
             more = f", and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-            parts.append(f"- {run.name}: {what}{more}")
+            parts.append(f"- {run.name}: {what + more if what else 'the paper recipe'}")
         parts.append("")
     return parts
 

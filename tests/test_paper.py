@@ -344,55 +344,230 @@ def paper_sweep(tmp_path: Path) -> Path:
     return sweep
 
 
+OTHER = "differs: swa.lr=0.01 (paper: 0.05)"
+
+
 def test_report_compares_the_paper_cells(paper_sweep: Path) -> None:
     report = write_report(paper_sweep, use_wandb=False)
-    got = [(c.column, c.epoch, c.n, round(c.mean, 4), c.within) for c in report.paper]
-    assert got == [("sgd", 150, 3, 78.4, "1 std"), ("swa1", 150, 3, 79.5, "2 std"),
-                   ("swa1.25", 188, 3, 81.1, "no"), ("swa1.5", 225, 3, 80.35, "1 std")]
-    assert [r.name for r, _ in report.paper_skipped] == ["6"]
+    got = [(c.column, c.epoch, c.n, round(c.mean, 4), c.within, c.recipe) for c in report.paper]
+    # The run of another swa.lr: rows of its own after the paper's, no verdict.
+    assert got == [("sgd", 150, 3, 78.4, "1 std", "paper"),
+                   ("swa1", 150, 3, 79.5, "2 std", "paper"),
+                   ("swa1", 150, 1, 50.0, "n/a (other recipe)", OTHER),
+                   ("swa1.25", 188, 3, 81.1, "no", "paper"),
+                   ("swa1.25", 188, 1, 50.0, "n/a (other recipe)", OTHER),
+                   ("swa1.5", 225, 3, 80.35, "1 std", "paper"),
+                   ("swa1.5", 225, 1, 50.0, "n/a (other recipe)", OTHER)]
+    assert report.paper_skipped == []
     md = (paper_sweep / "report.md").read_text()
     assert "## Paper vs measured" in md
     assert ("| PreResNet164 | CIFAR-100 | SGD | 150 | 78.49 ± 0.36 | 78.40 ± 0.36 | 3 | -0.09 | "
-            "1 std |") in md
+            "1 std | paper |") in md
     assert ("| PreResNet164 | CIFAR-100 | SWA 1.25 budgets | 188 | 80.18 ± 0.23 | 81.10 ± 0.10 "
-            "| 3 | +0.92 | no |") in md
-    assert "- 6: swa.lr=0.01 (paper: 0.05)" in md
+            "| 3 | +0.92 | no | paper |") in md
+    assert ("| PreResNet164 | CIFAR-100 | SWA 1.25 budgets | 188 | 80.18 ± 0.23 | 50.00 | 1 | "
+            "-30.18 | n/a (other recipe) | differs: swa.lr=0.01 (paper: 0.05) |") in md
     assert "within the published mean ± 1 std" in md
+    assert "Other recipe: a run of a paper preset with settings changed" in md
     # The main table is still there, one configuration per preset and swa.lr.
     assert any(line.startswith("| experiment=paper/preresnet164_cifar100_sgd, swa.lr=")
                and "| 3 |" in line for line in md.splitlines())
-    assert "paper vs measured" in report.text()
+    text = report.text()
+    assert "paper vs measured" in text and paper.OTHER_RECIPE_NOTE in text.splitlines()
     with open(paper_sweep / "report_paper.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["column"] for r in rows] == ["sgd", "swa1", "swa1.25", "swa1.5"]
-    assert float(rows[2]["measured_mean"]) == pytest.approx(81.1)
-    assert float(rows[2]["difference"]) == pytest.approx(0.92)
+    assert list(rows[0]) == paper.CSV_HEADER and paper.CSV_HEADER[-1] == "recipe"
+    assert [(r["column"], r["recipe"]) for r in rows] == [
+        ("sgd", "paper"), ("swa1", "paper"), ("swa1", OTHER), ("swa1.25", "paper"),
+        ("swa1.25", OTHER), ("swa1.5", "paper"), ("swa1.5", OTHER)]
+    assert float(rows[3]["measured_mean"]) == pytest.approx(81.1)
+    assert float(rows[3]["difference"]) == pytest.approx(0.92)
     assert float(rows[0]["published_std"]) == 0.36 and rows[0]["n"] == "3"
+    assert rows[4]["within"] == "n/a (other recipe)" and rows[4]["measured_std"] == ""
+    assert float(rows[4]["difference"]) == pytest.approx(-30.18)
     assert paper_sweep / "report_paper.csv" in report.files
 
 
 def test_a_report_without_paper_runs_is_unchanged(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    for seed in range(2):  # the recipe on another data set: no paper cell
-        fake_run(sweep / str(seed), "paper/vgg16_cifar10_swa1.5", seed,
-                 extra=("data=synthetic",), acc={200: 0.5, 250: 0.5, 300: 0.5})
+    for seed in range(2):  # no paper preset, model or data set: no paper cell
+        fake_run(sweep / str(seed), "cpu_quick", seed, extra=("data=synthetic",),
+                 acc={2: 0.5, 3: 0.5})
     report = write_report(sweep, use_wandb=False)
     assert report.paper == [] and report.paper_skipped == []
     assert "Paper vs measured" not in report.markdown
     assert "paper vs measured" not in report.text()
     assert not (sweep / "report_paper.csv").exists()
-    # A finished run of the recipe with another swa.lr alone: no section either.
-    other = tmp_path / "other"
-    fake_run(other / "0", "paper/vgg16_cifar10_swa1.5", 0, extra=("swa.lr=0.02",),
-             acc={200: 0.5, 250: 0.5, 300: 0.5})
-    assert build_report([other]).paper == []
+    assert build_report([sweep]).paper_skipped == []
+
+
+# -- runs of another recipe (a toy-size row) ------------------------------------------------------
+
+TOY = ("data=synthetic", "trainer.epochs=6", "swa.start=3")
+TOY_LABEL = ("differs: data.name=synthetic (paper: cifar100), trainer.epochs=6 (paper: 225), "
+             "swa.start=3 (paper: 126)")
+
+
+def test_scaled_overrides() -> None:
+    assert paper.scaled_overrides("paper/preresnet164_cifar10_sgd", 8) == ["trainer.epochs=8"]
+    # 1.5 x 8 = 12 epochs; 126 / 150 x 8 = 6.72: the average from epoch 7.
+    assert paper.scaled_overrides("paper/preresnet164_cifar10_swa1.5", 8) == [
+        "trainer.epochs=12", "swa.start=7"]
+    assert paper.scaled_overrides("paper/vgg16_cifar100_swa1.5", 4) == [
+        "trainer.epochs=6", "swa.start=3"]  # 161 / 200 x 4 = 3.22
+    assert paper.scaled_overrides("paper_vgg16", 5) == ["trainer.epochs=8", "swa.start=4"]
+    assert paper.scaled_overrides("paper/wrn28x10_cifar10_swa1.5", 200) == [
+        "trainer.epochs=300", "swa.start=161"]  # the paper's own budget: its recipe
+    with pytest.raises(ValueError):
+        paper.scaled_overrides("cpu_quick", 8)
+    with pytest.raises(ValueError):
+        paper.scaled_overrides("paper/vgg16_cifar10_sgd", 0)
+    assert paper.parse_preset("paper/wrn28x10_cifar100_swa1.5") == ("wrn28x10", "cifar100",
+                                                                     "swa1.5")
+    assert paper.parse_preset("paper/resnet50_cifar10_sgd") is None
+
+
+def test_scaled_column_epochs() -> None:
+    pre = paper.RECIPES[("preresnet164", "cifar10")]
+    assert paper.scaled_column_epochs(pre, 225) == {"swa1": 150, "swa1.25": 188, "swa1.5": 225}
+    assert paper.scaled_column_epochs(pre, 12) == {"swa1": 8, "swa1.25": 10, "swa1.5": 12}
+    assert paper.scaled_column_epochs(pre, 6) == {"swa1": 4, "swa1.25": 5, "swa1.5": 6}
+    assert paper.scaled_column_epochs(pre, 9) == {"swa1": 6, "swa1.25": 8, "swa1.5": 9}
+    assert paper.scaled_column_epochs(pre, 4) == {"swa1": 3, "swa1.5": 4}  # 3.33 -> 4: one cell
+    assert paper.scaled_column_epochs(pre, 1) == {"swa1.5": 1}
+    vgg = paper.RECIPES[("vgg16", "cifar100")]
+    assert paper.scaled_column_epochs(vgg, 300) == {"swa1": 200, "swa1.25": 250, "swa1.5": 300}
+    assert paper.scaled_column_epochs(vgg, 30) == {"swa1": 20, "swa1.25": 25, "swa1.5": 30}
+
+
+def test_recipe_labels() -> None:
+    preset = "paper/preresnet164_cifar100_swa1.5"
+    exact = flatten_dict(config_of(preset))
+    assert paper.recipe_label(exact, preset) == "paper"
+    # Stopped early, the paper's recipe still: its cells are read at the paper's epochs.
+    assert paper.recipe_label(flatten_dict(config_of(preset, "trainer.epochs=160")),
+                              preset) == "paper"
+    toy = flatten_dict(config_of(preset, *TOY))
+    assert paper.classify(toy) is None  # without the preset's name: no recipe's run
+    assert paper.classify(toy, preset) == (paper.RECIPES[("preresnet164", "cifar100")],
+                                           "swa1.5")
+    assert paper.recipe_label(toy, preset) == TOY_LABEL
+    more = flatten_dict(config_of(preset, *TOY, "swa.lr=0.02", "optimizer.lr=0.05"))
+    label = paper.recipe_label(more, preset)
+    assert label == TOY_LABEL + (", optimizer.lr=0.05 (paper: 0.1), swa.lr=0.02 "
+                                 "(paper: 0.05)")
+    assert paper.short_recipe(label) == TOY_LABEL + ", +2 more"
+    assert paper.short_recipe("paper") == "paper"
+    sgd = flatten_dict(config_of("paper/vgg16_cifar10_sgd", "trainer.epochs=4"))
+    assert paper.recipe_label(sgd) == "differs: trainer.epochs=4 (paper: 200)"
+    vgg19 = flatten_dict(config_of("paper/vgg16_cifar10_sgd", "model=vgg19"))
+    assert paper.recipe_label(vgg19, "paper_vgg16_sgd").startswith(
+        "differs: model.name=vgg19 (paper: vgg16)")
+
+
+def test_a_run_of_another_recipe_measures_its_scaled_cells() -> None:
+    preset = "paper/preresnet164_cifar100_swa1.5"
+    toy = flatten_dict(config_of(preset, *TOY))
+    rows = history({2: None, 3: 0.4, 4: 0.5, 5: 0.6, 6: 0.7})
+    # Only when asked, and only with the preset's name (the config alone is no recipe's).
+    assert paper.measured_cells(toy, metrics(swa=0.7), rows, experiment=preset) == []
+    assert paper.measured_cells(toy, metrics(swa=0.7), rows, other_recipes=True) == []
+    cells = paper.measured_cells(toy, metrics(swa=0.7), rows, experiment=preset,
+                                 other_recipes=True)
+    # 6 epochs: a budget of 4, read at 4, 5 and 6.
+    assert [(c.column, c.epoch, c.recipe) for c in cells] == [
+        ("swa1", 4, TOY_LABEL), ("swa1.25", 5, TOY_LABEL), ("swa1.5", 6, TOY_LABEL)]
+    assert [c.acc for c in cells] == pytest.approx([50.0, 60.0, 70.0])
+    # No evaluation at epoch 5: no SWA 1.25 cell (the last epoch falls back to metrics.json).
+    cells = paper.measured_cells(toy, metrics(swa=0.71), history({4: 0.5, 6: None}),
+                                 experiment=preset, other_recipes=True)
+    assert [(c.column, c.epoch, c.acc) for c in cells] == [
+        ("swa1", 4, pytest.approx(50.0)), ("swa1.5", 6, pytest.approx(71.0))]
+    # An SGD run of another recipe: its final model, at its own last epoch.
+    sgd = flatten_dict(config_of("paper/preresnet164_cifar100_sgd", "data=synthetic",
+                                 "trainer.epochs=4"))
+    cells = paper.measured_cells(sgd, metrics(sgd=0.42), history({4: None}),
+                                 experiment="paper/preresnet164_cifar100_sgd",
+                                 other_recipes=True)
+    assert cells == [paper.Measurement(
+        "preresnet164", "cifar100", "sgd", 4, pytest.approx(42.0),
+        "differs: data.name=synthetic (paper: cifar100), trainer.epochs=4 (paper: 150)")]
+    # The paper's recipe is read at the paper's epochs whatever other_recipes says.
+    exact = flatten_dict(config_of(preset))
+    full = history({150: 0.795, 188: 0.80, 225: 0.81})
+    assert paper.measured_cells(exact, metrics(swa=0.81), full, preset, True) == \
+        paper.measured_cells(exact, metrics(swa=0.81), full)
+    assert [c.recipe for c in paper.measured_cells(exact, metrics(swa=0.81), full)] == \
+        ["paper"] * 3
+
+
+def test_compare_never_pools_recipes() -> None:
+    ms = [paper.Measurement("vgg16", "cifar10", "swa1", 200, 93.5),
+          paper.Measurement("vgg16", "cifar10", "swa1", 4, 40.0, "differs: x=1 (paper: 2)"),
+          paper.Measurement("vgg16", "cifar10", "swa1", 200, 93.7),
+          paper.Measurement("vgg16", "cifar10", "swa1", 4, 44.0, "differs: x=1 (paper: 2)"),
+          paper.Measurement("vgg16", "cifar10", "swa1", 8, 60.0, "differs: x=3 (paper: 2)")]
+    rows = paper.compare(ms)
+    assert [(c.recipe, c.epoch, c.n, round(c.mean, 4)) for c in rows] == [
+        ("paper", 200, 2, 93.6), ("differs: x=1 (paper: 2)", 4, 2, 42.0),
+        ("differs: x=3 (paper: 2)", 8, 1, 60.0)]
+    assert [c.within for c in rows] == ["1 std", "n/a (other recipe)", "n/a (other recipe)"]
+    assert rows[1].difference == pytest.approx(42.0 - 93.59)
+    assert paper.comparison_cells(rows[1])[-2:] == ["n/a (other recipe)",
+                                                    "differs: x=1 (paper: 2)"]
+
+
+@pytest.fixture
+def toy_sweep(tmp_path: Path) -> Path:
+    """The PreResNet164 CIFAR-100 SWA preset: two exact runs (seeds 0, 1), three toy runs of
+    6 epochs on synthetic data (one without an evaluation at epoch 5), and a toy run without
+    an evaluation of the average."""
+    sweep = tmp_path / "sweep"
+    preset = "paper/preresnet164_cifar100_swa1.5"
+    for seed, a in enumerate((0.80, 0.81)):
+        fake_run(sweep / f"exact{seed}", preset, seed, acc={150: a, 188: a, 225: a})
+    for seed, a in enumerate((0.40, 0.42)):
+        fake_run(sweep / f"toy{seed}", preset, seed, extra=TOY,
+                 acc={2: None, 4: a, 5: a + 0.1, 6: a + 0.2})
+    fake_run(sweep / "toy2", preset, 2, extra=TOY, acc={2: None, 4: 0.44, 6: 0.64})
+    fake_run(sweep / "noeval", preset, 3, extra=TOY, acc={2: None, 4: None, 6: None})
+    return sweep
+
+
+def test_report_shows_other_recipes_beside_the_paper(toy_sweep: Path) -> None:
+    report = write_report(toy_sweep, use_wandb=False)
+    got = [(c.column, c.epoch, c.n, round(c.mean, 4), c.within, c.recipe) for c in report.paper]
+    na = "n/a (other recipe)"
+    assert got == [("swa1", 150, 2, 80.5, "no", "paper"),
+                   ("swa1", 4, 3, 42.0, na, TOY_LABEL),
+                   ("swa1.25", 188, 2, 80.5, "2 std", "paper"),
+                   ("swa1.25", 5, 2, 51.0, na, TOY_LABEL),
+                   ("swa1.5", 225, 2, 80.5, "1 std", "paper"),
+                   ("swa1.5", 6, 3, 62.0, na, TOY_LABEL)]
+    assert [r.name for r, _ in report.paper_skipped] == ["noeval"]
+    md = report.markdown
+    assert ("| PreResNet164 | CIFAR-100 | SWA 1 budget | 4 | 79.77 ± 0.17 | 42.00 ± 2.00 | 3 | "
+            f"-37.77 | n/a (other recipe) | {TOY_LABEL} |") in md
+    assert ("| PreResNet164 | CIFAR-100 | SWA 1.5 budgets | 225 | 80.35 ± 0.16 | 80.50 ± 0.71 "
+            "| 2 | +0.15 | 1 std | paper |") in md
+    assert ("- noeval: data.name=synthetic (paper: cifar100), swa.start=3 (paper: 126)"
+            in md)
+    with open(toy_sweep / "report_paper.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["n"], r["within"], r["recipe"]) for r in rows][:2] == [
+        ("150", "2", "no", "paper"), ("4", "3", na, TOY_LABEL)]
+    # report.csv: one row per configuration, its columns unchanged by the paper table.
+    with open(toy_sweep / "report.csv", newline="") as f:
+        main = list(csv.DictReader(f))
+    assert "recipe" not in main[0] and len(main) == 2
 
 
 # -- scripts/reproduce.sh and the docs -------------------------------------------------------------
 
 
-def reproduce(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "SWEEP_DIR": "out/sweep"}
+def reproduce(*args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "SWEEP_DIR": "out/sweep",
+           **env_vars}
     return subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
 
@@ -414,6 +589,26 @@ def test_reproduce_paper_builds_one_multirun() -> None:
     assert bad.returncode == 2 and "expected a model" in bad.stderr
 
 
+def test_reproduce_paper_at_a_scaled_budget() -> None:
+    """BUDGET=N: one multirun per preset, in folders of the sweep, at the scaled epochs."""
+    proc = reproduce("paper", "preresnet164", "cifar10", "data=synthetic", BUDGET="8")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.replace("\\", "").split() for line in proc.stdout.splitlines()]
+    assert lines == [
+        [sys.executable, "-m", "swa_research.train", "-m",
+         "experiment=paper/preresnet164_cifar10_sgd", "seed=0,1,2",
+         "hydra.sweep.dir=out/sweep/paper_preresnet164_cifar10_sgd", "trainer.epochs=8",
+         "data=synthetic"],
+        [sys.executable, "-m", "swa_research.train", "-m",
+         "experiment=paper/preresnet164_cifar10_swa1.5", "seed=0,1,2",
+         "hydra.sweep.dir=out/sweep/paper_preresnet164_cifar10_swa1.5", "trainer.epochs=12",
+         "swa.start=7", "data=synthetic"]]
+    assert len(reproduce("paper", "all", "cifar100", BUDGET="2").stdout.splitlines()) == 6
+    for bad in (reproduce("cpu_quick", BUDGET="8"), reproduce("paper", BUDGET="0"),
+                reproduce("paper", BUDGET="x")):
+        assert bad.returncode == 2 and "BUDGET" in bad.stderr
+
+
 def test_docs_paper_lists_every_cell_and_preset() -> None:
     text = (ROOT / "docs" / "paper.md").read_text()
     for cells in paper.PUBLISHED.values():
@@ -423,6 +618,10 @@ def test_docs_paper_lists_every_cell_and_preset() -> None:
         assert f"`{preset}`" in text
     assert "not run" in text
     assert "docs/paper.md" in (ROOT / "README.md").read_text()
+    toy = text[text.index("## Toy row on a CPU"):text.index("## The table")]
+    assert "Not the paper's recipe" in toy and "2-core x86_64 CPU, no GPU" in toy
+    assert toy.count("| n/a (other recipe) | differs: data.name=synthetic") == 4
+    assert paper.OTHER_RECIPE_NOTE in toy
 
 
 @pytest.mark.slow
@@ -451,4 +650,11 @@ def test_a_tiny_multirun_of_paper_presets(tmp_path: Path) -> None:
         labels = [r["configuration"] for r in csv.DictReader(f)]
     assert any("paper/preresnet164_cifar10_sgd" in x for x in labels)
     assert any("paper/preresnet164_cifar10_swa1.5" in x for x in labels)
-    assert not (sweep / "report_paper.csv").exists()  # synthetic data: no paper cell
+    # Synthetic data: another recipe, in the table with no verdict. 2 epochs of the SWA
+    # preset: a budget of 4/3, one SWA cell (1.5 budgets, epoch 2).
+    with open(sweep / "report_paper.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["column"], r["epoch"], r["n"]) for r in rows] == [("sgd", "2", "1"),
+                                                                 ("swa1.5", "2", "1")]
+    assert all(r["within"] == "n/a (other recipe)" and r["recipe"].startswith(
+        "differs: data.name=synthetic (paper: cifar10), trainer.epochs=2") for r in rows)
