@@ -258,10 +258,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     trainer_cfg = config.trainer
     prepare_device(device, trainer_cfg.deterministic)
     torch.manual_seed(config.seed)
-    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers)
+    fmt = memory_format(trainer_cfg.channels_last)
+    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt)
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
-    fmt = memory_format(trainer_cfg.channels_last)
     model = build_model(config.model, data.num_classes, data.image_size).to(
         device, memory_format=fmt)
     optimizer = build_optimizer(config.optimizer, model.parameters())
@@ -296,7 +296,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         bn_batch_size=config.swa.bn_batch_size,
         snapshots=SnapshotWriter(run_dir, trainer_cfg, iters)
         if trainer_cfg.snapshot_every and world().is_main else None,
-        train_model=train_model)
+        train_model=train_model, device=device)
 
 
 def wrap_for_ddp(model: torch.nn.Module, config: Config, device: torch.device

@@ -1,5 +1,11 @@
 """Data sets as uint8 NCHW tensors in memory (on the training device), a seeded validation
-split, and batch iterators whose shuffling, crops, flips and normalisation are tensor ops."""
+split, and batch iterators whose shuffling, crops, flips and normalisation are tensor ops.
+
+Image folders too big for memory are streamed from disk instead (:mod:`swa_research.streaming`,
+``data.in_memory``): :func:`build_data` picks the path, and the batch functions here
+(:func:`train_batches`, :func:`bn_pass_batches`, :func:`eval_batches`) hand a streamed set
+(a :class:`~swa_research.streaming.StreamingSet`) to its own methods, so that the trainer, the
+evaluation and the averages use one set of functions for both."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +55,21 @@ class ImageSet:
     def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device))
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
 
 @dataclass
 class DataSplits:
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet
+    """The train, validation (None without a split) and test sets: in memory
+    (:class:`ImageSet`) or streamed from disk (``streaming.StreamingSet``)."""
+
+    train: Any
+    val: Any
+    test: Any
     classes: list[str]
+    streamed: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -62,7 +77,13 @@ class DataSplits:
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return int(self.train.image_size)
+
+    def close(self) -> None:
+        """End a streamed set's worker processes (nothing to do in memory)."""
+        for part in (self.train, self.val, self.test):
+            if part is not None and hasattr(part, "close"):
+                part.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,16 +231,22 @@ def _decode_split(files: list[Path], labels: list[int], split_dir: Path, cfg: Da
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
+def test_split_of(cfg: DataConfig) -> str:
+    """The held-out split's folder of an image folder (``data.test_split``; ImageNet: val)."""
+    return cfg.test_split or ("val" if cfg.name == "imagenet" else "test")
+
+
 def _imagefolder(cfg: DataConfig, num_workers: int) -> tuple[ImageSet, ImageSet, list[str]]:
     root = Path(cfg.root).expanduser()
+    held_out = test_split_of(cfg)
     if not root.is_dir():
         raise UserError(f"data.root={cfg.root}: folder does not exist")
-    for split in ("train", "test"):
+    for split in ("train", held_out):
         if not (root / split).is_dir():
             raise UserError(f"data.root={cfg.root}: no {split}/ folder (expected "
                             f"{split}/<class>/<image> files)")
     train, classes = _load_folder_split(root, "train", None, cfg, num_workers)
-    test, _ = _load_folder_split(root, "test", classes, cfg, num_workers)
+    test, _ = _load_folder_split(root, held_out, classes, cfg, num_workers)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"data.root={cfg.root}: train and test images differ in size; "
                         "set data.image_size")
@@ -245,7 +272,7 @@ def load_datasets(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSet, Imag
     """The full training set, the test set and the class names, on the CPU."""
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg)
-    if cfg.name == "imagefolder":
+    if cfg.name in ("imagefolder", "imagenet"):
         return _imagefolder(cfg, num_workers)
     if cfg.name == "synthetic":
         size = cfg.image_size or 32
@@ -266,8 +293,21 @@ def split_train_val(full: ImageSet, val_fraction: float, seed: int
     return full.subset(perm[n_val:]), full.subset(perm[:n_val])
 
 
-def build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: int = 0
-               ) -> DataSplits:
+def build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: int = 0,
+               memory_format: torch.memory_format = torch.contiguous_format) -> DataSplits:
+    """The run's sets: in memory on ``device``, or for an image folder that does not fit
+    (``data.in_memory``, :func:`swa_research.streaming.choose_path`) streamed from disk. The
+    log says which path and why."""
+    if cfg.name in ("imagefolder", "imagenet"):
+        from swa_research import streaming
+
+        listing = streaming.list_image_folder(cfg)
+        in_memory, reason = streaming.choose_path(cfg, device, listing)
+        log.info("%s", reason)
+        if not in_memory:
+            s = streaming.open_image_folder(cfg, seed, num_workers, listing=listing,
+                                            memory_format=memory_format)
+            return DataSplits(s.train, s.val, s.test, s.classes, streamed=True)
     train_full, test, classes = load_datasets(cfg, num_workers)
     if train_full.images.shape[-1] != train_full.images.shape[-2]:
         raise UserError(f"images are {tuple(train_full.images.shape[-2:])}: square images "
@@ -301,6 +341,7 @@ class Preprocess:
         self.augment = augment
         self.pad = pad
         self.memory_format = memory_format
+        self.device = torch.device(device)
         self.scale: Tensor | None = None
         self.shift: Tensor | None = None
         if normalize:
@@ -357,18 +398,35 @@ Shard = tuple[int, int]  # (rank, world size)
 
 def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
                   preprocess: Preprocess, drop_last: bool = True, order: Tensor | None = None,
-                  start: int = 0, shard: Shard | None = None, whole_batches: bool = False
-                  ) -> Iterator[tuple[Tensor, Tensor]]:
+                  start: int = 0, shard: Shard | None = None, whole_batches: bool = False,
+                  aug_seed: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled, augmented batches; the order comes from ``generator`` unless
     given. ``start`` skips that many batches (resuming an epoch).
 
     With ``shard=(rank, world)`` (DDP) every rank walks the same global batches and draws the
     same random numbers; it takes the ``rank``-th slice of each global batch (``batch_size`` is
     the global batch), or with ``whole_batches`` every ``world``-th whole batch from the
-    ``rank``-th on. Either way the ranks together see exactly what one process sees."""
+    ``rank``-th on. Either way the ranks together see exactly what one process sees.
+
+    A streamed set decodes and augments in its workers, each image seeded by ``aug_seed`` and
+    its position in the epoch (drawn from ``generator`` when not given)."""
     n = len(data)
     if order is None:
         order = torch.randperm(n, generator=generator)
+    if not isinstance(data, ImageSet):
+        if aug_seed is None:
+            aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return data.train_batches(batch_size, order, start=start, drop_last=drop_last,
+                                  aug_seed=aug_seed, device=preprocess.device, shard=shard,
+                                  whole_batches=whole_batches)
+    return _tensor_batches(data, batch_size, generator, preprocess, drop_last, order, start,
+                           shard, whole_batches)
+
+
+def _tensor_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
+                    preprocess: Preprocess, drop_last: bool, order: Tensor, start: int,
+                    shard: Shard | None, whole_batches: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    n = len(data)
     order = order.to(data.images.device)
     rank, world = shard or (0, 1)
     stop = n - n % batch_size if drop_last else n
@@ -396,12 +454,28 @@ def bn_pass_batches(data: ImageSet, batch_size: int, seed: int, iteration: int,
     seed and the iteration), so that the training order is not disturbed and the trainer, the
     flatness analysis and post-hoc averages see the same batches. Under DDP (``shard``) each
     rank takes whole batches of that one pass in turn; the BN update sums over the ranks."""
+    if not isinstance(data, ImageSet):
+        return data.bn_pass_batches(batch_size, seed, iteration, device=preprocess.device,
+                                    shard=shard)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
     return train_batches(data, batch_size, gen, preprocess, drop_last=False, shard=shard,
                          whole_batches=True)
 
 
-def eval_batches(data: ImageSet, batch_size: int, preprocess: Preprocess
-                 ) -> Iterator[tuple[Tensor, Tensor]]:
-    for i in range(0, len(data), batch_size):
-        yield preprocess.to_float(data.images[i:i + batch_size]), data.labels[i:i + batch_size]
+def eval_batches(data: Any, batch_size: int, preprocess: Preprocess,
+                 shard: Shard | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The set in its order, without augmentation; with ``shard=(rank, world)`` the
+    ``rank``-th contiguous slice of it (DDP's sharded evaluation)."""
+    if not isinstance(data, ImageSet):
+        return data.eval_batches(batch_size, device=preprocess.device, shard=shard)
+    return _tensor_eval_batches(data, batch_size, preprocess, shard)
+
+
+def _tensor_eval_batches(data: ImageSet, batch_size: int, preprocess: Preprocess,
+                         shard: Shard | None) -> Iterator[tuple[Tensor, Tensor]]:
+    rank, world = shard or (0, 1)
+    n = len(data)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    for i in range(lo, hi, batch_size):
+        j = min(i + batch_size, hi)
+        yield preprocess.to_float(data.images[i:j]), data.labels[i:j]

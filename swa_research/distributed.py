@@ -290,10 +290,3 @@ def check_identical(named: Mapping[str, Iterable[Tensor]], where: str) -> None:
                 f"{name} differs across ranks {where} (checksums "
                 f"{', '.join(f'rank {i}: {v!r}' for i, v in enumerate(values))}); the ranks "
                 "no longer train the same model")
-
-
-def shard_range(n: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:
-    """The contiguous slice [lo, hi) of ``n`` items that ``rank`` of ``size`` takes."""
-    rank = _WORLD.rank if rank is None else rank
-    size = _WORLD.size if size is None else size
-    return n * rank // size, n * (rank + 1) // size

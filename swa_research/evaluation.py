@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from swa_research.averaging import Average
 from swa_research.data import ImageSet, Preprocess, eval_batches
-from swa_research.distributed import all_reduce_sum_, shard_range
+from swa_research.distributed import all_reduce_sum_, world
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
     was_training = module.training
     module.eval()
     n = len(data)
-    lo, hi = shard_range(n)
-    part = data if (lo, hi) == (0, n) else ImageSet(data.images[lo:hi], data.labels[lo:hi])
-    sums = torch.zeros(2, device=data.images.device, dtype=torch.float64)  # loss, correct
+    w = world()
+    sums = torch.zeros(2, device=preprocess.device, dtype=torch.float64)  # loss, correct
     try:
-        for x, y in eval_batches(part, batch_size, preprocess):
+        for x, y in eval_batches(data, batch_size, preprocess,
+                                 shard=(w.rank, w.size) if w.distributed else None):
             logits = predict(x).float()
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
             sums[1] += (logits.argmax(1) == y).sum()

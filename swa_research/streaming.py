@@ -88,7 +88,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from swa_research.config import DataConfig, UserError
-from swa_research.data import Preprocess, _decode, _list_folder, to_device_async
+from swa_research.data import (
+    DataSplits,
+    Preprocess,
+    _decode,
+    _list_folder,
+    test_split_of,
+    to_device_async,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,6 @@ __all__ = [
     "LoaderWait",
     "StreamTransform",
     "StreamingSet",
-    "StreamingSplits",
     "choose_path",
     "estimate_decoded_bytes",
     "host_memory_bytes",
@@ -419,15 +425,22 @@ class StreamingSet:
     def train_batches(self, batch_size: int, order: Tensor, start: int = 0,
                       drop_last: bool = True, aug_seed: int = 0,
                       device: torch.device | str = "cpu",
-                      shard: tuple[int, int] | None = None) -> BatchIterator:
+                      shard: tuple[int, int] | None = None,
+                      whole_batches: bool = False) -> BatchIterator:
         """One epoch in the global ``order`` (a permutation of ``range(len(self))``), from
-        batch ``start``, augmented; see the module docstring for sharding and seeding."""
+        batch ``start``, augmented; see the module docstring for sharding and seeding. With
+        ``whole_batches`` rank r takes the whole batches r, r + W, ... instead (the BN pass of
+        an average: its all-reduce is exact for whole batches)."""
         n = len(self)
         order = torch.as_tensor(order, dtype=torch.int64).cpu()
         if order.shape != (n,):
             raise ValueError(f"order must hold {n} indices, one per image (got "
                              f"{tuple(order.shape)})")
         rank, world = _check_shard(shard)
+        if whole_batches:
+            rank, world, turn = 0, 1, (rank, world)
+        else:
+            turn = (0, 1)
         if batch_size < 1 or batch_size % world:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of the "
                              f"world size {world}")
@@ -442,6 +455,8 @@ class StreamingSet:
             else:
                 per = batch_size // world
                 positions = torch.arange(lo + rank * per, lo + (rank + 1) * per)
+            if i % turn[1] != turn[0]:
+                continue
             index.append(order[positions])
             seeds.append(image_seeds(aug_seed, positions))
         return BatchIterator(self, _Plan(index, seeds), torch.device(device))
@@ -468,7 +483,7 @@ class StreamingSet:
         order = torch.randperm(len(self), generator=gen)
         aug_seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
         return self.train_batches(batch_size, order, drop_last=False, aug_seed=aug_seed,
-                                  device=device, shard=shard)
+                                  device=device, shard=shard, whole_batches=True)
 
     def close(self) -> None:
         """End the persistent worker processes (they also end with the set)."""
@@ -535,10 +550,6 @@ class FolderListing:
     test_split: str = "test"
 
 
-def test_split_of(cfg: DataConfig) -> str:
-    return getattr(cfg, "test_split", None) or ("val" if cfg.name == "imagenet" else "test")
-
-
 def list_image_folder(cfg: DataConfig) -> FolderListing:
     """``data.root/train/<class>/*`` and ``data.root/<test split>/<class>/*`` (the test split
     is ``data.test_split``: ``val`` for ImageNet)."""
@@ -554,31 +565,6 @@ def list_image_folder(cfg: DataConfig) -> FolderListing:
     test_files, test_labels, _ = _list_folder(root / split, classes)
     return FolderListing(root, (train_files, train_labels), (test_files, test_labels), classes,
                          split)
-
-
-@dataclass
-class StreamingSplits:
-    """As ``data.DataSplits``, of streamed sets."""
-
-    train: StreamingSet
-    val: StreamingSet | None
-    test: StreamingSet
-    classes: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_size(self) -> int:
-        return self.train.image_size
-
-    def sets(self) -> list[StreamingSet]:
-        return [s for s in (self.train, self.val, self.test) if s is not None]
-
-    def close(self) -> None:
-        for s in self.sets():
-            s.close()
 
 
 def set_options(cfg: DataConfig, num_workers: int,
@@ -598,7 +584,7 @@ def set_options(cfg: DataConfig, num_workers: int,
 def open_image_folder(cfg: DataConfig, seed: int, num_workers: int,
                       listing: FolderListing | None = None,
                       memory_format: torch.memory_format = torch.contiguous_format
-                      ) -> StreamingSplits:
+                      ) -> DataSplits:
     """The streamed train / validation / test sets, with ``data.split_train_val``'s seeded
     validation split (the same images as the in-memory path's split)."""
     from swa_research.data import split_train_val
@@ -610,7 +596,7 @@ def open_image_folder(cfg: DataConfig, seed: int, num_workers: int,
     train, val = split_train_val(full, cfg.val_fraction, seed)  # type: ignore[arg-type]
     if len(train) == 0:
         raise UserError("the training set is empty after the validation split")
-    return StreamingSplits(train, val, test, listing.classes)  # type: ignore[arg-type]
+    return DataSplits(train, val, test, listing.classes, streamed=True)
 
 
 # ---------------------------------------------------------------------------------------------

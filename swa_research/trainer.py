@@ -80,9 +80,12 @@ class Trainer:
     # What the step runs: the model, or under DDP its DistributedDataParallel wrapper (the
     # averages, evaluation, checkpoints and saved weights use ``model`` itself).
     train_model: nn.Module | None = None
+    device: torch.device | None = None  # None: the in-memory training set's device
 
     def __post_init__(self) -> None:
-        self.device = self.data.train.images.device
+        if self.device is None:
+            self.device = self.data.train.images.device
+        self.loader_wait: float | None = None  # a streamed set's wait share of the last epoch
         self.world = world()
         # Under DDP: this rank's slice of every global batch.
         self.shard = (self.world.rank, self.world.size) if self.world.distributed else None
@@ -119,18 +122,23 @@ class Trainer:
         part, self.partial = self.partial, None
         if part is None:
             order = torch.randperm(len(self.data.train), generator=self.generator)
+            # A streamed set seeds each image's crop by this and its position in the epoch.
+            aug_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item()) \
+                if self.data.streamed else None
             start, seen = 0, 0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.int64)
         else:  # resuming inside this epoch
             order, start, seen = part["order"], part["batch"], part["seen"]
+            aug_seed = part.get("aug_seed")
             loss_sum = part["loss_sum"].to(self.device)
             correct = part["correct"].to(self.device)
-        progress = Progress(self.cfg.progress if self.world.is_main else "none",
-                            self.iters_per_epoch, start, seen)
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
                                 self.train_pre, self.cfg.drop_last, order=order, start=start,
-                                shard=self.shard)
+                                shard=self.shard, aug_seed=aug_seed)
+        progress = Progress(self.cfg.progress if self.world.is_main else "none",
+                            self.iters_per_epoch, start, seen,
+                            extra=getattr(batches, "describe", None))
         for i, (x, y) in enumerate(batches, start=start + 1):
             self.last_lr = self.current_lr()  # before the scheduler moves on to the next step's
             loss, logits = self.step(x, y)
@@ -156,8 +164,10 @@ class Trainer:
             if stop or (self.shard is None and self.signals.signum is not None):
                 progress.close()
                 self._preempt(epoch, {"order": order, "batch": i, "seen": seen,
-                                      "loss_sum": loss_sum, "correct": correct})
+                                      "loss_sum": loss_sum, "correct": correct,
+                                      "aug_seed": aug_seed})
         progress.close()
+        self.loader_wait = getattr(batches, "wait_fraction", None)
         if self.shard is not None:  # the epoch's loss and accuracy over all ranks
             sums = torch.stack([loss_sum.double(), correct.double(),
                                 torch.tensor(float(seen), dtype=torch.float64,
@@ -372,6 +382,7 @@ class Trainer:
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
+            self.data.close()  # a streamed set's worker processes
             wall = self.wall_before + time.perf_counter() - start
             if status != "finished":
                 self.loggers.finish(self.metrics(status, wall, error))
@@ -569,6 +580,8 @@ class Trainer:
                         f"{pct(row[f'{name}_val_acc'])} test {num(row[f'{name}_test_loss'])} "
                         f"{pct(row[f'{name}_test_acc'])} (n={row[f'{name}_n_averaged']})")
         msg += f" | {seconds:.1f}s"
+        if self.loader_wait is not None:
+            msg += f" (loader wait {100 * self.loader_wait:.0f}% of training)"
         log.info(msg)
 
 

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Training images of the data sets the README names (the image folder is the CIFAR-10 copy).
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000}
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000,
+                "imagenet": 1_281_167}
 
 # Documented train commands that composing the config cannot check, with the reason. Each must
 # still be documented (test_every_skipped_command_is_documented), so the list cannot go stale;

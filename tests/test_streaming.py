@@ -6,6 +6,7 @@ batch, choose_path's decision and the config checks, and the ImageNet presets.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -335,3 +336,88 @@ def test_imagenet_presets_compose_and_validate(arch: str) -> None:
               / "imagenet" / f"{arch}_swa.yaml").read_text()
     assert header.startswith("# @package _global_\n") and "Table 2" in header
     assert "Source of the figures" in header
+
+
+# -- through the trainer ---------------------------------------------------------------------
+
+
+def square_folder(root: Path) -> Path:
+    """32x32 images only, so that the in-memory path needs no resize either."""
+    write_folder(root, "train", 16, sizes=((32, 32),))
+    write_folder(root, "test", 4, sizes=((32, 32),))
+    return root
+
+
+def folder_run(root: Path, *extra: str) -> list[str]:
+    return ["data=imagefolder", f"data.root={root}", "data.image_size=32", "data.cache=false",
+            "data.val_fraction=0.25", "model.width=0.0625", "model.dropout=0", "optimizer=sgd",
+            "optimizer.lr=0.05", "trainer.batch_size=8", "trainer.eval_batch_size=16",
+            "trainer.device=cpu", "trainer.progress=none", "trainer.num_workers=0", *extra]
+
+
+def test_a_streamed_epoch_trains_and_evaluates_as_the_in_memory_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same images, order and transforms (no augmentation) through the trainer on both
+    paths: the same training loss, validation and test results; the log names the path."""
+    import logging
+
+    from swa_research.build import train
+
+    root = square_folder(tmp_path / "data")
+    results = {}
+    for mode in ("true", "false"):
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            cfg = compose_config(folder_run(root, f"data.in_memory={mode}", "swa=none",
+                                            "trainer.epochs=1"))
+            results[mode] = train(cfg, tmp_path / f"run_{mode}")
+            log = caplog.text
+        if mode == "false":
+            assert "data: streaming" in log and "loader wait" in log
+        else:
+            assert "data: in memory" in log
+    a, b = results["true"], results["false"]
+    assert b["status"] == "finished"
+    for key in ("test_acc", "val_acc"):
+        assert b["sgd"][key] == a["sgd"][key]
+    for key in ("test_loss", "val_loss"):
+        assert b["sgd"][key] == pytest.approx(a["sgd"][key], rel=1e-5)
+    ha = (tmp_path / "run_true" / "history.csv").read_text().splitlines()[1].split(",")
+    hb = (tmp_path / "run_false" / "history.csv").read_text().splitlines()[1].split(",")
+    assert float(hb[3]) == pytest.approx(float(ha[3]), rel=1e-5)  # train loss
+
+
+@pytest.mark.slow
+def test_a_streamed_run_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
+    """Random-resized crops decoded in two worker processes, SWA with its BN pass: SIGTERM in
+    the second epoch, a rerun resumes inside that epoch, and the run ends bit for bit as an
+    uninterrupted one."""
+    from conftest import fault_env
+
+    root = square_folder(tmp_path / "data")
+    args = folder_run(root, "data.in_memory=false", "data.augment=random_resized_crop",
+                      "data.image_size=24", "trainer.num_workers=2", "trainer.epochs=3",
+                      "model.batch_norm=true", "swa.start=0.34", "swa.freq=1",
+                      "trainer.deterministic=true")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SWA_RESEARCH_FAULT")}
+
+    def run(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**base, "OMP_NUM_THREADS": "1", **fault_env(fault)}
+        return subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    stopped = run(tmp_path / "run", "step@7:TERM")  # 4 steps an epoch: inside epoch 2
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    resumed = run(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resumed at iteration 7 (epoch 2)" in log
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert (tmp_path / "run" / "history.csv").read_text() == \
+        (tmp_path / "straight" / "history.csv").read_text()
+    for name in ("sgd_final.pt", "swa.pt"):
+        a = torch.load(tmp_path / "run" / name, weights_only=False)["state_dict"]
+        b = torch.load(tmp_path / "straight" / name, weights_only=False)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name

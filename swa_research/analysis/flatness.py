@@ -142,7 +142,7 @@ class PointEvaluator:
         self.model = run.model
         cfg = run.config
         dc = cfg.data
-        device = run.data.train.images.device
+        device = next(run.model.parameters()).device
         self.eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device)
         self.train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment)
         self.batch_size = batch_size or cfg.trainer.eval_batch_size

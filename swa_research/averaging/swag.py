@@ -207,7 +207,8 @@ class SWAG(Average):
                              for x, _ in eval_batches(data, batch_size, preprocess)]
                     probs = torch.cat(parts)
                     sums[name] = probs if name not in sums else sums[name].add_(probs)
-                    hit = (sums[name].argmax(1) == data.labels).double().mean()
+                    hit = (sums[name].argmax(1) == data.labels.to(sums[name].device)
+                           ).double().mean()
                     accs.append(f"{name} {100 * hit.item():.2f}%")
                 log.info("%s: sample %d/%d (%s) in %.1fs; BMA accuracy so far: %s", self.method,
                          i + 1, self.samples, "BN recomputed" if self.bn_update else "no BN",
