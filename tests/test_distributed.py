@@ -183,6 +183,32 @@ def test_a_failed_collective_reads_as_a_peer_failure(monkeypatch: pytest.MonkeyP
     assert as_peer_failure(ValueError("gloo")) is None
 
 
+def test_weights_that_drift_apart_across_ranks_are_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_identical compares each group's checksum across the ranks (here: what two ranks
+    would report, one of them with a changed weight)."""
+    model = torch.nn.Linear(4, 3)
+    mine = distributed.checksum(model.state_dict().values())
+    assert mine == distributed.checksum([t.clone() for t in model.state_dict().values()])
+    drifted = [t.clone() for t in model.state_dict().values()]
+    drifted[0][0, 0] += 1e-6
+    other = distributed.checksum(drifted)
+    assert other != mine
+    swapped = [t.flip(0) for t in model.state_dict().values()]  # same values, other places
+    assert distributed.checksum(swapped) != mine
+    monkeypatch.setattr(distributed, "_WORLD", World(0, 2, 0, "torchrun"))
+    monkeypatch.setattr(distributed, "gather_objects",
+                        lambda obj: [obj, {k: (other if k == "the average swa" else v)
+                                           for k, v in obj.items()}])
+    named = {"the SGD model": list(model.state_dict().values()),
+             "the average swa": list(model.state_dict().values())}
+    with pytest.raises(RuntimeError, match="the average swa differs across ranks at iteration "
+                                           "7 .*rank 0: .*rank 1: "):
+        distributed.check_identical(named, "at iteration 7")
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, obj])
+    distributed.check_identical(named, "at iteration 7")  # identical: no error
+
+
 # -- several processes ---------------------------------------------------------------------
 
 BN_SCRIPT = """
