@@ -515,9 +515,13 @@ class StreamingSet:
 
     def _new_loader(self, sampler: _PlanSampler, pin: bool, persistent: bool
                     ) -> DataLoader[Tensor]:
+        # A generator of its own: a DataLoader draws its workers' base seed from the global
+        # RNG otherwise, which would move the training's dropout stream with the number of
+        # workers (the transforms are seeded per image and need no worker seed).
         return DataLoader(_Images(self.files, self.transform), batch_sampler=sampler,
                           num_workers=self.num_workers, collate_fn=_stack, pin_memory=pin,
-                          prefetch_factor=self.prefetch_factor, persistent_workers=persistent)
+                          prefetch_factor=self.prefetch_factor, persistent_workers=persistent,
+                          generator=torch.Generator().manual_seed(0))
 
     def _iterate_here(self, plan: _Plan) -> Iterator[Tensor]:
         images = _Images(self.files, self.transform)

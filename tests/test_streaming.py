@@ -365,33 +365,39 @@ def folder_run(root: Path, *extra: str) -> list[str]:
 def test_a_streamed_epoch_trains_and_evaluates_as_the_in_memory_path(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The same images, order and transforms (no augmentation) through the trainer on both
-    paths: the same training loss, validation and test results; the log names the path."""
+    paths, streamed with and without worker processes: the same training loss, validation and
+    test results (dropout on: the workers leave the training's random stream alone); the log
+    names the path."""
     import logging
 
     from swa_research.build import train
 
     root = square_folder(tmp_path / "data")
     results = {}
-    for mode in ("true", "false"):
+    for mode, workers in (("true", 0), ("false", 0), ("false", 2)):
+        name = f"{mode}_{workers}"
         with caplog.at_level(logging.INFO):
             caplog.clear()
             cfg = compose_config(folder_run(root, f"data.in_memory={mode}", "swa=none",
-                                            "trainer.epochs=1"))
-            results[mode] = train(cfg, tmp_path / f"run_{mode}")
+                                            "trainer.epochs=1", "model.dropout=0.3",
+                                            f"trainer.num_workers={workers}"))
+            results[name] = train(cfg, tmp_path / f"run_{name}")
             log = caplog.text
         if mode == "false":
             assert "data: streaming" in log and "loader wait" in log
         else:
             assert "data: in memory" in log
-    a, b = results["true"], results["false"]
-    assert b["status"] == "finished"
-    for key in ("test_acc", "val_acc"):
-        assert b["sgd"][key] == a["sgd"][key]
-    for key in ("test_loss", "val_loss"):
-        assert b["sgd"][key] == pytest.approx(a["sgd"][key], rel=1e-5)
-    ha = (tmp_path / "run_true" / "history.csv").read_text().splitlines()[1].split(",")
-    hb = (tmp_path / "run_false" / "history.csv").read_text().splitlines()[1].split(",")
-    assert float(hb[3]) == pytest.approx(float(ha[3]), rel=1e-5)  # train loss
+    a = results["true_0"]
+    ha = (tmp_path / "run_true_0" / "history.csv").read_text().splitlines()[1].split(",")
+    for name in ("false_0", "false_2"):
+        b = results[name]
+        assert b["status"] == "finished"
+        for key in ("test_acc", "val_acc"):
+            assert b["sgd"][key] == a["sgd"][key], name
+        for key in ("test_loss", "val_loss"):
+            assert b["sgd"][key] == pytest.approx(a["sgd"][key], rel=1e-5), name
+        hb = (tmp_path / f"run_{name}" / "history.csv").read_text().splitlines()[1].split(",")
+        assert float(hb[3]) == pytest.approx(float(ha[3]), rel=1e-5), name  # train loss
 
 
 @pytest.mark.slow
