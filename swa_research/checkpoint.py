@@ -44,7 +44,8 @@ LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": [], "swa.max_mod
                  "swa.swag_scale": 0.5, "swa.samples": 30, "swa.swag_device": "auto",
                  "swa.swag_eval_every": 0, "swa.ema_warmup": False,
                  "trainer.snapshot_every": 0, "trainer.snapshot_unit": "epoch",
-                 "trainer.snapshot_dtype": "fp32", "model.sync_bn": False}
+                 "trainer.snapshot_dtype": "fp32", "model.sync_bn": False,
+                 "trainer.eval_at_start": False}
 # Keys that no longer exist: a checkpoint that holds one still resumes (trainer.conv_algorithm
 # chose CPU convolution kernels, which changed rounding only).
 RETIRED_KEYS = ("trainer.conv_algorithm",)

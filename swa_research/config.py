@@ -125,6 +125,9 @@ class TrainerConfig:
     # Under DDP batch_size is the global batch, split evenly over the ranks.
     strategy: str = "auto"  # auto | single | ddp
     eval_every: int = 1
+    # Evaluate before the first step too (history row of epoch 0): the starting point, e.g. the
+    # pretrained model that SWA fine-tunes (the SWA paper's ImageNet "SGD" column).
+    eval_at_start: bool = False
     num_workers: int = 2
     best_by: str = "val_loss"  # val_loss | val_acc
     progress: str = "auto"  # auto | bar | line | none

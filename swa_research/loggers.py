@@ -329,8 +329,10 @@ class WandbLogger:
 
     def log_eval(self, row: dict[str, Any]) -> None:
         data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
-                                "epoch/lr": row["lr"], "epoch/train_loss": row["train_loss"],
-                                "epoch/train_acc": row["train_acc"]}
+                                "epoch/lr": row["lr"]}
+        for key in ("train_loss", "train_acc"):  # none at an evaluation before training
+            if row.get(key) is not None:
+                data[f"epoch/{key}"] = row[key]
         for name in self.averages:
             data[f"{name}/n_averaged"] = row.get(f"{name}_n_averaged", 0)
         for model in ("sgd", *self.averages):

@@ -227,7 +227,8 @@ class Trainer:
         return bn_pass_batches(self.data.train, self.bn_batch_size or self.cfg.batch_size,
                                self.seed, self.iteration, self.train_pre, shard=self.shard)
 
-    def evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
+    def evaluate_all(self, epoch: int, train_loss: float | None, train_acc: float | None
+                     ) -> dict[str, Any]:
         with autocast(self.eval_precision, self.device):
             return self._evaluate_all(epoch, train_loss, train_acc)
 
@@ -245,7 +246,8 @@ class Trainer:
             named[f"the average {name}"] = _tensors(average.state_dict())
         check_identical(named, f"at iteration {self.iteration}")
 
-    def _evaluate_all(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, Any]:
+    def _evaluate_all(self, epoch: int, train_loss: float | None, train_acc: float | None
+                      ) -> dict[str, Any]:
         self._sync_ranks()
         bs = self.cfg.eval_batch_size
         val = evaluate(self.model, self.data.val, self.eval_pre, bs)
@@ -263,7 +265,8 @@ class Trainer:
         self.last_sgd = {"test_acc": test.acc, "test_loss": test.loss,
                          "val_acc": val.acc, "val_loss": val.loss}
         final = epoch == self.cfg.epochs
-        evaluation = len(self.history) + 1  # this evaluation's number (its history row)
+        # This evaluation's number, counted from 1 (trainer.eval_at_start's row 0 not counted).
+        evaluation = sum(1 for r in self.history if r["epoch"] > 0) + 1
         for name, average in self.averages.items():
             a_val, a_test = EvalResult(), EvalResult()
             due = average.n_averaged > 0 and average.eval_due(evaluation, final)
@@ -407,6 +410,12 @@ class Trainer:
     def _epochs(self, start: float) -> None:
         """Train, evaluate, log and checkpoint epoch by epoch to the end of the budget."""
         epochs = self.cfg.epochs
+        if self.cfg.eval_at_start and self.iteration == 0 and not self.history:
+            t0 = time.perf_counter()
+            row = self.evaluate_all(0, None, None)  # the starting point, before any step
+            self.history.append(dict(row))
+            self.loggers.log_eval(row)
+            self._log_line(row, time.perf_counter() - t0)
         for epoch in range(self.start_epoch, epochs + 1):
             t0 = time.perf_counter()
             train_loss, train_acc = self.train_epoch(epoch)
@@ -539,8 +548,8 @@ class Trainer:
         if partial is not None and self.shard is not None:
             # Each rank's sums of the epoch so far (a resume on as many ranks continues them
             # bit for bit), and their totals (for a resume on another number of ranks).
-            ranks = gather_objects((partial["loss_sum"].cpu(), partial["correct"].cpu(),
-                                    partial["seen"]))
+            ranks = gather_objects([partial["loss_sum"].cpu(), partial["correct"].cpu(),
+                                    partial["seen"]])
             partial = {**partial, "rank_sums": ranks,
                        "loss_sum": sum(r[0].double() for r in ranks).float(),
                        "correct": sum(r[1] for r in ranks), "seen": sum(r[2] for r in ranks)}

@@ -73,7 +73,8 @@ def run(overrides: list[str], run_dir: Path) -> Run:
 
 def expected_eval_epochs(config: Config) -> list[int]:
     t = config.trainer
-    return [e for e in range(1, t.epochs + 1) if e % t.eval_every == 0 or e == t.epochs]
+    return [0] * t.eval_at_start + [e for e in range(1, t.epochs + 1)
+                                    if e % t.eval_every == 0 or e == t.epochs]
 
 
 def check_eval_values(values: dict[str, Any], has_val: bool) -> None:
@@ -159,6 +160,9 @@ def check_run(r: Run) -> None:
     assert n_avg == sorted(n_avg)  # the count only grows
     for row in r.history:
         assert float(row["lr"]) > 0
+        if row["epoch"] == "0":  # trainer.eval_at_start: before any training
+            assert row["train_loss"] == row["train_acc"] == ""
+            continue
         assert math.isfinite(float(row["train_loss"]))
         assert 0.0 <= float(row["train_acc"]) <= 1.0
 
@@ -224,6 +228,29 @@ def test_no_averaging(tmp_path: Path) -> None:
     assert all(r.metrics["swa"][k] is None for k in EVAL_KEYS)
     assert not (tmp_path / "swa.pt").exists()
     assert all(row["swa_test_acc"] == "" and row["swa_n_averaged"] == "0" for row in r.history)
+
+
+def test_an_evaluation_before_training(tmp_path: Path) -> None:
+    """trainer.eval_at_start: history row 0 is the starting model (no training loss, no
+    average yet), equal to evaluating a freshly built trainer; the run goes on as before."""
+    from swa_research.build import build_trainer, config_dict_of
+
+    overrides = [*TINY, "trainer.eval_at_start=true"]
+    r = run(overrides, tmp_path / "run")
+    check_run(r)
+    first = r.history[0]
+    assert (first["epoch"], first["iteration"]) == ("0", "0")
+    assert first["train_loss"] == "" and first["swa_test_acc"] == ""
+    assert [row["epoch"] for row in r.history] == ["0", "1", "2"]
+    config = load_config(compose_config(overrides))
+    fresh = build_trainer(config, config_dict_of(config), tmp_path / "fresh",
+                          torch.device("cpu"))
+    start = fresh.evaluate_all(0, None, None)
+    assert float(first["sgd_test_acc"]) == start["sgd_test_acc"]
+    assert float(first["sgd_test_loss"]) == pytest.approx(start["sgd_test_loss"], rel=1e-6)
+    # Without it the same run has the same later rows.
+    plain = run(TINY, tmp_path / "plain")
+    assert plain.history[-1]["sgd_test_acc"] == r.history[-1]["sgd_test_acc"]
 
 
 def test_ema(tmp_path: Path) -> None:
