@@ -57,10 +57,10 @@ Properties the trainer can rely on:
   batches.
 - **Loader wait**: the time the consumer spent blocked waiting for the next uint8 batch. With
   ``num_workers=0`` the decoding runs in the consumer, so all of it counts as wait.
-- **Workers**: ``num_workers`` processes per set (``trainer.num_workers``), persistent across
-  epochs (one DataLoader per set whose batch plan is replaced before each iteration; an
-  iteration started while another of the same set is unfinished, a BN pass inside an epoch say,
-  gets worker processes of its own),
+- **Workers**: ``num_workers`` processes (``trainer.num_workers``) for training passes,
+  persistent across epochs (one DataLoader per set whose batch plan is replaced before each
+  iteration); an evaluation pass, or an iteration started while another of the same set is
+  unfinished (a BN pass inside an epoch, say), gets worker processes of its own that end with it,
   ``prefetch_factor`` batches each in flight, pinned memory on CUDA. The file list is a numpy
   byte-string array (no per-file Python objects), so forked workers do not copy it page by page
   through reference counting.
@@ -502,9 +502,12 @@ class StreamingSet:
         if self.num_workers == 0:
             return self._iterate_here(plan)
         pin = device.type == "cuda"
-        if live is not None and len(live) > 0:
-            # Another iteration of this set is still going (a BN pass inside an epoch, say):
-            # this one gets workers of its own instead of resetting the persistent ones.
+        evaluation = all(bool((seeds < 0).all()) for seeds in plan.seeds)
+        if evaluation or (live is not None and len(live) > 0):
+            # An evaluation pass (every few epochs: its workers need not idle in between, and a
+            # run has a validation and a test set besides the training set), or another
+            # iteration of this set still going (a BN pass inside an epoch, say): workers of
+            # its own, ended with the pass, instead of the persistent training workers.
             return iter(self._new_loader(_PlanSampler(plan), pin, persistent=False))
         if self._loader is None or self._loader_pins != pin:
             self._loader = self._new_loader(self._sampler, pin, persistent=True)
