@@ -7,7 +7,7 @@
 #   mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ \
 #       && (grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude)
 # Then, with the device tool: command "bash scripts/gpu_check.sh", carry .gpu-wheels and
-# .gpu-data, timeout_s 600. What comes back in $OUT (at most 9 files):
+# .gpu-data, timeout_s 600. What comes back in $OUT (at most 11 files):
 #   summary.txt       GPU, torch, each step's exit status and seconds, and the targets judged
 #                     by scripts/targets.py from the files below
 #   logs.txt          every step's output
@@ -15,6 +15,9 @@
 #   bench512.json     VGG16 bf16 at batch 512 (the >= 30% of the bf16 peak target)
 #   graphs.json       simplified bf16 at batch 128 with --compile reduce-overhead (CUDA graphs)
 #   cifar.json        metrics.json of the seed experiment, 20 epochs, on the CIFAR-10 JPEG copy
+#   data_memory.json, data_stream.json   two epochs of the seed's model on the same JPEG copy,
+#                     decoded into memory and streamed from disk (8 workers); the streamed run's
+#                     loader wait goes to summary.txt
 #   paper_speed.txt   the training speed of PreResNet164 and WRN28x10 (two short epochs of the
 #                     SWA paper's recipe, experiment=paper/<model>_cifar10_sgd, on synthetic
 #                     32x32 images, bf16) and the GPU hours of their presets at that speed
@@ -67,16 +70,18 @@ step() {  # step NAME COMMAND...: runs it with a time limit, logs it, records st
 if [[ "${QUICK:-0}" == 1 ]]; then
     bench=(--width 0.125 --steps 2 --rounds 1 --warmup 1 --num-images 1200 --avg-calls 1
            --loader-batches 2 --matmul-size 128 --profile-steps 2)
-    train_size=(trainer.epochs=1 model.width=0.125 swa.start=0.5 data.val_fraction=0.5)
+    train_size=(trainer.epochs=1 model.width=0.125 swa.start=0.5 swa.freq=1 data.val_fraction=0.5)
     graphs_mode=default  # compiling for CUDA graphs on a CPU only takes time
     paper_size=(data.train_size=32 data.test_size=16 trainer.batch_size=16
                 trainer.eval_batch_size=16 trainer.epochs=1)
+    stream_size=(trainer.epochs=1 model.width=0.125)
 else
     bench=(--steps 50 --rounds 3 --warmup 5)
     train_size=(trainer.epochs=20)  # the seed recipe (SWA from iteration 4000 of 7020)
     graphs_mode=reduce-overhead
     # 300 steps of batch 128 an epoch, two epochs (the first steps' cuDNN autotuning included).
     paper_size=(data.train_size=38400 data.test_size=1000 trainer.epochs=2)
+    stream_size=(trainer.epochs=2)  # the seed's model, batch 128
 fi
 
 step smoke python3 -m swa_research.train experiment=smoke "trainer.device=$DEVICE" \
@@ -102,6 +107,20 @@ if [[ -f "$tarball" ]]; then
         trainer.progress=line "${train_size[@]}" "hydra.run.dir=$work/cifar"
     cp "$work/cifar/metrics.json" "$OUT/cifar.json" 2>/dev/null \
         || echo "cifar: no metrics.json" | tee -a "$summary"
+    # The streaming path against the in-memory one on the same images and settings
+    # (docs/imagenet.md): training images/s and the loader's wait share.
+    for path in memory stream; do
+        in_memory=$([[ $path == memory ]] && echo true || echo false)
+        step "data_$path" python3 -m swa_research.train data=imagefolder \
+            data.root="$work/data/cifar10-jpeg" data.image_size=32 data.in_memory=$in_memory \
+            trainer.num_workers=8 \
+            data.val_fraction=0 swa=none "trainer.device=$DEVICE" trainer.progress=none \
+            "${stream_size[@]}" trainer.save_checkpoints=false "hydra.run.dir=$work/$path"
+        cp "$work/$path/metrics.json" "$OUT/data_$path.json" 2>/dev/null \
+            || echo "data_$path: no metrics.json" | tee -a "$summary"
+        grep -ho "loader wait [0-9]*% of training" "$work/$path/train.log" 2>/dev/null \
+            | tail -1 | sed "s/^/data_$path: /" >>"$summary"
+    done
 else
     echo "cifar: skipped (no $tarball carried)" | tee -a "$summary"
 fi

@@ -324,6 +324,34 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(
 
 
 @pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    """A 2-rank run preempted inside an epoch is requeued on one GPU's worth (one process):
+    it resumes from rank 0's state with the epoch's sums of both ranks and finishes; without
+    BN and dropout the weights are those of an uninterrupted 2-rank run (within 1e-6)."""
+    args = [*RUN, "logger.log_every=5"]
+    fault = {**fault_env("step@18:TERM"), "SWA_RESEARCH_FAULT_RANK": "1"}
+    stopped = launch(2, [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, fault)
+    assert [code for code, _ in stopped] == [75, 75], stopped
+    one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "resumed at iteration 20 (epoch 2)" in (tmp_path / "run" / "train.log").read_text()
+    straight = launch(2, [*args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+    assert [code for code, _ in straight] == [0, 0], straight
+    for name in WEIGHTS:
+        a, b = weights(tmp_path / "run", name), weights(tmp_path / "straight", name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name} {k}")
+    h1 = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    h2 = (tmp_path / "straight" / "history.csv").read_text().splitlines()
+    assert len(h1) == len(h2) == 3
+    # The interrupted epoch's training loss sums both ranks' halves before and one process's
+    # whole batches after the resume: the same mean within float rounding.
+    assert float(h1[2].split(",")[3]) == pytest.approx(float(h2[2].split(",")[3]), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path: Path) -> None:
     """Rank 1 is killed (SIGKILL) at its 5th step: rank 0 exits 1 within the timeout with one
     line that says another rank failed, and the run dir records the failure."""

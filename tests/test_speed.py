@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -597,18 +598,37 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     """scripts/gpu_check.sh with QUICK=1 DEVICE=cpu: every step runs and leaves its file."""
     import os
     import subprocess
+    import tarfile
+
+    from PIL import Image
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
+    # A small stand-in for the CIFAR-10 JPEG copy, in its layout: 600 + 20 images of 32x32
+    # (QUICK's seed-experiment run keeps half for validation: two steps of batch 128).
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 300), ("test", 10)):
+        for c in range(2):
+            folder = tmp_path / "cifar10-jpeg" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg")
+    with tarfile.open(tmp_path / "data.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "cifar10-jpeg", arcname="cifar10-jpeg")
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(out),
-           "DATA_TARBALL": str(tmp_path / "none.tar.gz"), "OMP_NUM_THREADS": "1"}
+           "DATA_TARBALL": str(tmp_path / "data.tar.gz"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
-    for step in ("smoke", "bench128", "bench512", "graphs"):
+    for step in ("smoke", "bench128", "bench512", "graphs", "cifar", "data_memory",
+                 "data_stream"):
         assert f"{step}: exit 0," in summary, summary
-    assert "cifar: skipped" in summary
+    assert "scaling: skipped (0 GPU(s)" in summary
+    assert re.search(r"data_stream: loader wait \d+% of training", summary), summary
+    for name in ("cifar.json", "data_memory.json", "data_stream.json"):
+        assert json.loads((out / name).read_text())["status"] == "finished"
     # The targets judged at the end: fp32 against the seed loop, per model of bench128.
     targets = summary.split("----- targets\n", 1)[1]
     assert targets.count("| CPU: fp32 >= 1.25x the seed loop | ") == 2, targets
@@ -618,7 +638,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     profile = (out / "profile.txt").read_text()
     assert profile.count("## simplified trainer") == 3  # bench128's fp32 and bf16, graphs'
     assert "===== graphs (--compile default)" in profile
-    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+    assert len(list(out.iterdir())) <= 11  # what the device tool brings back
 
 
 @pytest.mark.parametrize("normalize", [True, False])
