@@ -263,17 +263,26 @@ def average_buffers_(module: nn.Module) -> None:
             offset += n
 
 
-def checksum(tensors: Iterable[Tensor]) -> float:
+def checksum(tensors: Iterable[Tensor], chunk: int = 1 << 22) -> float:
     """A cheap fingerprint of tensors: the float64 sum of their values and of their values
-    weighted by position (a swap of two values changes it)."""
-    total = torch.zeros((), dtype=torch.float64)
+    weighted by position (a swap of two values changes it). In chunks, so that a large tensor
+    (SWAG's deviation matrix) needs no float64 copy of itself."""
+    total = 0.0
     for t in tensors:
         if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
             continue
-        v = t.detach().reshape(-1).double()
-        w = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.float64)
-        total = total + (v.sum() + (v * w).sum() / max(1, v.numel())).cpu()
-    return float(total)
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for start in range(0, n, chunk):
+            v = flat[start:start + chunk].double()
+            w = torch.arange(start + 1, start + v.numel() + 1, device=v.device,
+                             dtype=torch.float64)
+            sums[0] += v.sum()
+            sums[1] += (v * w).sum()
+        a, b = sums.tolist()
+        total += a + b / max(1, n)
+    return total
 
 
 def check_identical(named: Mapping[str, Iterable[Tensor]], where: str) -> None:
