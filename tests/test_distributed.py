@@ -297,6 +297,34 @@ def test_two_ranks_under_torchrun_train_as_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_ranks_streaming_an_image_folder_train_as_one_process(tmp_path: Path) -> None:
+    """The streaming path under DDP: random-resized crops decoded in worker processes, each
+    rank its slice of every global batch; the weights and averages of two ranks equal one
+    process's (within 1e-6), the same crops seen."""
+    from test_streaming import square_folder
+
+    root = square_folder(tmp_path / "data")
+    args = ["data=imagefolder", f"data.root={root}", "data.in_memory=false",
+            "data.image_size=24", "data.augment=random_resized_crop", "data.val_fraction=0.25",
+            "model.width=0.0625", "model.dropout=0", "optimizer=sgd", "optimizer.lr=0.05",
+            "swa.lr=0.05", "swa.start=0.5", "swa.freq=1", "trainer.epochs=2",
+            "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.device=cpu",
+            "trainer.progress=none", "trainer.num_workers=1"]
+    one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch(2, [*args, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert [code for code, _ in two] == [0, 0], two
+    for name in ("sgd_final.pt", "swa.pt"):
+        a, b = weights(tmp_path / "one", name), weights(tmp_path / "two", name)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=f"{name} {k}")
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "data: streaming from disk" in log and "DDP: 2 ranks" in log
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(
         tmp_path: Path) -> None:
     """SIGTERM to rank 1 after its 18th step: both ranks stop at step 20 (the next loss sync,
