@@ -160,3 +160,24 @@ def test_regnet_checks_on_the_meta_device() -> None:
     with torch.device("meta"):
         model = build_model(config, 10)
     assert model.fc.out_features == 10
+
+
+def test_a_torchvision_model_trains_and_its_average_gets_fresh_bn_statistics(
+        tmp_path) -> None:
+    """model=torchvision model.arch=resnet18 through the whole run: steps, an SWA average, its
+    BN update before evaluation (its running statistics are recomputed, not the SGD model's)."""
+    from conftest import TINY
+
+    from swa_research.build import train
+
+    tiny = [o for o in TINY if not o.startswith("model.")]
+    cfg = compose_config([*tiny, "model=torchvision", "model.arch=resnet18",
+                          "data.train_size=64", "trainer.batch_size=16", "trainer.epochs=2"])
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["status"] == "finished" and metrics["model"]["name"] == "torchvision"
+    assert metrics["swa"]["n_averaged"] > 0 and metrics["swa"]["test_acc"] is not None
+    sgd = torch.load(tmp_path / "run" / "sgd_final.pt", weights_only=False)["state_dict"]
+    swa = torch.load(tmp_path / "run" / "swa.pt", weights_only=False)["state_dict"]
+    key = "bn1.running_var"
+    assert key in swa and not torch.equal(swa[key], sgd[key])
+    assert not torch.equal(swa[key], torch.ones_like(swa[key]))  # not the reset value
