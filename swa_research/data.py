@@ -179,17 +179,16 @@ def cache_dirs(root: Path) -> list[Path]:
     return [root / ".swa_cache", Path(base).expanduser() / f"{root.name}-{key}"]
 
 
-def _load_folder_split(root: Path, split: str, classes: list[str] | None, cfg: DataConfig,
-                       num_workers: int) -> tuple[ImageSet, list[str]]:
+def _load_folder_split(root: Path, split: str, files: list[Path], labels: list[int],
+                       cfg: DataConfig, num_workers: int) -> ImageSet:
     split_dir = root / split
-    files, labels, classes = _list_folder(split_dir, classes)
     if not cfg.cache:
-        return _decode_split(files, labels, split_dir, cfg, num_workers), classes
+        return _decode_split(files, labels, split_dir, cfg, num_workers)
     key = _cache_key(files, labels, cfg.image_size, root)
     paths = [d / f"{split}-{key}.pt" for d in cache_dirs(root)]
     # Jobs that start together decode once: the first builds the cache, the others wait for it.
     with file_lock(lock_path(root, "swa_cache"), f"decoding {split_dir}"):
-        return _cached_split(paths, files, labels, split_dir, cfg, num_workers), classes
+        return _cached_split(paths, files, labels, split_dir, cfg, num_workers)
 
 
 def _cached_split(paths: list[Path], files: list[Path], labels: list[int], split_dir: Path,
@@ -236,17 +235,41 @@ def test_split_of(cfg: DataConfig) -> str:
     return cfg.test_split or ("val" if cfg.name == "imagenet" else "test")
 
 
-def _imagefolder(cfg: DataConfig, num_workers: int) -> tuple[ImageSet, ImageSet, list[str]]:
+@dataclass
+class FolderListing:
+    """The files of an image folder's splits, listed once (listing ImageNet stats 1.3 M
+    files) and shared by the choice of path, the in-memory loader and the streamed sets."""
+
+    root: Path
+    train: tuple[list[Path], list[int]]
+    test: tuple[list[Path], list[int]]
+    classes: list[str]
+    test_split: str = "test"
+
+
+def list_image_folder(cfg: DataConfig) -> FolderListing:
+    """``data.root/train/<class>/*`` and ``data.root/<test split>/<class>/*`` (the test split
+    is ``data.test_split``: ``val`` for ImageNet)."""
     root = Path(cfg.root).expanduser()
-    held_out = test_split_of(cfg)
+    split = test_split_of(cfg)
     if not root.is_dir():
         raise UserError(f"data.root={cfg.root}: folder does not exist")
-    for split in ("train", held_out):
-        if not (root / split).is_dir():
-            raise UserError(f"data.root={cfg.root}: no {split}/ folder (expected "
-                            f"{split}/<class>/<image> files)")
-    train, classes = _load_folder_split(root, "train", None, cfg, num_workers)
-    test, _ = _load_folder_split(root, held_out, classes, cfg, num_workers)
+    for name in ("train", split):
+        if not (root / name).is_dir():
+            raise UserError(f"data.root={cfg.root}: no {name}/ folder (expected "
+                            f"{name}/<class>/<image> files)")
+    train_files, train_labels, classes = _list_folder(root / "train", None)
+    test_files, test_labels, _ = _list_folder(root / split, classes)
+    return FolderListing(root, (train_files, train_labels), (test_files, test_labels), classes,
+                         split)
+
+
+def _imagefolder(cfg: DataConfig, num_workers: int, listing: FolderListing | None = None
+                 ) -> tuple[ImageSet, ImageSet, list[str]]:
+    listing = listing or list_image_folder(cfg)
+    root, classes = listing.root, listing.classes
+    train = _load_folder_split(root, "train", *listing.train, cfg, num_workers)
+    test = _load_folder_split(root, listing.test_split, *listing.test, cfg, num_workers)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"data.root={cfg.root}: train and test images differ in size; "
                         "set data.image_size")
@@ -268,12 +291,15 @@ def synthetic_images(n: int, num_classes: int, image_size: int = 32, seed: int =
     return ImageSet(images.clamp(0, 255).round().to(torch.uint8), labels.to(torch.int64))
 
 
-def load_datasets(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSet, ImageSet, list[str]]:
-    """The full training set, the test set and the class names, on the CPU."""
+def load_datasets(cfg: DataConfig, num_workers: int = 0,
+                  listing: FolderListing | None = None
+                  ) -> tuple[ImageSet, ImageSet, list[str]]:
+    """The full training set, the test set and the class names, on the CPU (an image folder
+    from ``listing`` when it is already listed)."""
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg)
     if cfg.name in ("imagefolder", "imagenet"):
-        return _imagefolder(cfg, num_workers)
+        return _imagefolder(cfg, num_workers, listing)
     if cfg.name == "synthetic":
         size = cfg.image_size or 32
         train = synthetic_images(cfg.train_size, cfg.num_classes, size, seed=0)
@@ -298,17 +324,18 @@ def build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: in
     """The run's sets: in memory on ``device``, or for an image folder that does not fit
     (``data.in_memory``, :func:`swa_research.streaming.choose_path`) streamed from disk. The
     log says which path and why."""
+    listing = None
     if cfg.name in ("imagefolder", "imagenet"):
         from swa_research import streaming
 
-        listing = streaming.list_image_folder(cfg)
+        listing = list_image_folder(cfg)  # once, for the choice and either path
         in_memory, reason = streaming.choose_path(cfg, device, listing)
         log.info("%s", reason)
         if not in_memory:
             s = streaming.open_image_folder(cfg, seed, num_workers, listing=listing,
                                             memory_format=memory_format)
             return DataSplits(s.train, s.val, s.test, s.classes, streamed=True)
-    train_full, test, classes = load_datasets(cfg, num_workers)
+    train_full, test, classes = load_datasets(cfg, num_workers, listing)
     if train_full.images.shape[-1] != train_full.images.shape[-2]:
         raise UserError(f"images are {tuple(train_full.images.shape[-2:])}: square images "
                         "are expected; set data.image_size")

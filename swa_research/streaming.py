@@ -90,10 +90,11 @@ from torch.utils.data import DataLoader, Dataset
 from swa_research.config import DataConfig, UserError
 from swa_research.data import (
     DataSplits,
+    FolderListing,
     Preprocess,
     _decode,
     _list_folder,
-    test_split_of,
+    list_image_folder,
     to_device_async,
 )
 
@@ -543,35 +544,6 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Splits from the config
-
-
-@dataclass
-class FolderListing:
-    """The files of an image folder's splits, listed once (listing ImageNet stats 1.3 M
-    files) and shared by :func:`choose_path` and :func:`open_image_folder`."""
-
-    root: Path
-    train: tuple[list[Path], list[int]]
-    test: tuple[list[Path], list[int]]
-    classes: list[str]
-    test_split: str = "test"
-
-
-def list_image_folder(cfg: DataConfig) -> FolderListing:
-    """``data.root/train/<class>/*`` and ``data.root/<test split>/<class>/*`` (the test split
-    is ``data.test_split``: ``val`` for ImageNet)."""
-    root = Path(cfg.root).expanduser()
-    split = test_split_of(cfg)
-    if not root.is_dir():
-        raise UserError(f"data.root={cfg.root}: folder does not exist")
-    for name in ("train", split):
-        if not (root / name).is_dir():
-            raise UserError(f"data.root={cfg.root}: no {name}/ folder (expected "
-                            f"{name}/<class>/<image> files)")
-    train_files, train_labels, classes = _list_folder(root / "train", None)
-    test_files, test_labels, _ = _list_folder(root / split, classes)
-    return FolderListing(root, (train_files, train_labels), (test_files, test_labels), classes,
-                         split)
 
 
 def set_options(cfg: DataConfig, num_workers: int,
