@@ -243,24 +243,32 @@ def barrier() -> None:
         raise _failed(e) from e
 
 
+def weighted_mean_(tensors: list[Tensor], weight: float = 1.0) -> None:
+    """Each tensor replaced by the mean of its values over the ranks, each rank's weighted by
+    its ``weight`` (one all-reduce for all of them, in float64); unchanged where the weights
+    sum to 0."""
+    if not _WORLD.distributed or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() * weight for t in tensors]
+                     + [torch.tensor([float(weight)], dtype=torch.float64,
+                                     device=tensors[0].device)])
+    all_reduce_sum_([flat])
+    total = flat[-1].item()
+    if total == 0:
+        return
+    flat = flat[:-1] / total
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def average_buffers_(module: nn.Module) -> None:
     """The floating-point buffers (BN running statistics) replaced by their mean over the
     ranks. DDP runs with ``broadcast_buffers=False``: every rank keeps the statistics of its own
     shard, and their mean is that of the whole batch's (the mean's update is linear)."""
-    if not _WORLD.distributed:
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
-    all_reduce_sum_([flat])
-    flat /= _WORLD.size
-    offset = 0
-    with torch.no_grad():
-        for b in buffers:
-            n = b.numel()
-            b.copy_(flat[offset:offset + n].view_as(b))
-            offset += n
+    weighted_mean_([b for b in module.buffers() if b.is_floating_point()])
 
 
 def checksum(tensors: Iterable[Tensor], chunk: int = 1 << 22) -> float:

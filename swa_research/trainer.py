@@ -238,9 +238,8 @@ class Trainer:
         ranks by checksum: they must be identical, and an error says so if not."""
         if self.shard is None:
             return
-        average_buffers_(self.model)
-        for average in self.averages.values():
-            average_buffers_(average.module)
+        for module in self._networks().values():
+            average_buffers_(module)
         named = {"the SGD model": list(self.model.state_dict().values())}
         for name, average in self.averages.items():
             named[f"the average {name}"] = _tensors(average.state_dict())
@@ -459,13 +458,17 @@ class Trainer:
             "ranks": gather_objects(self._rank_state()) if self.shard is not None else None,
         }
 
+    def _networks(self) -> dict[str, nn.Module]:
+        """The model and each average's network, by a key (the buffers that differ across
+        ranks live in these)."""
+        return {"model": self.model, **{f"average:{name}": a.module
+                                        for name, a in self.averages.items()}}
+
     def _rank_state(self) -> dict[str, Any]:
-        modules = {"model": self.model, **{f"average:{name}": a.module
-                                           for name, a in self.averages.items()}}
         return {"rng": rng_state(self.generator, self.device),
                 "buffers": {key: {n: b.detach().cpu().clone()
                                   for n, b in m.named_buffers() if b.is_floating_point()}
-                            for key, m in modules.items()}}
+                            for key, m in self._networks().items()}}
 
     def _load_rank_state(self, ranks: list[dict[str, Any]] | None) -> None:
         if ranks is None or self.shard is None:
@@ -476,10 +479,8 @@ class Trainer:
                         len(ranks), self.world.size)
             return
         mine = ranks[self.world.rank]
-        modules = {"model": self.model, **{f"average:{name}": a.module
-                                           for name, a in self.averages.items()}}
         with torch.no_grad():
-            for key, module in modules.items():
+            for key, module in self._networks().items():
                 saved = mine["buffers"].get(key, {})
                 for n, b in module.named_buffers():
                     if n in saved:

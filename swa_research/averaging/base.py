@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
-from swa_research.distributed import all_reduce_sum_, world
+from swa_research.distributed import weighted_mean_
 
 if TYPE_CHECKING:
     from swa_research.data import ImageSet, Preprocess
@@ -212,26 +212,8 @@ def bn_update(batches: Batches, model: nn.Module) -> None:
         for m, momentum in momenta.items():
             m.momentum = momentum
         model.train(was_training)
-    _sum_over_ranks(layers, seen)
-
-
-def _sum_over_ranks(layers: list[nn.modules.batchnorm._BatchNorm], seen: int) -> None:
-    """Under DDP each rank passed its share of the batches: the statistics of the whole pass
-    are the sample-weighted means of the ranks' (each rank's are already its sample-weighted
-    means), so one all-reduce of (sum of n * statistic, n) gives what one process computes."""
-    if not world().distributed:
-        return
-    stats = [t for m in layers for t in (m.running_mean, m.running_var) if t is not None]
-    if not stats:
-        return
-    flat = torch.cat([t.reshape(-1).double() * seen for t in stats]
-                     + [torch.tensor([float(seen)], dtype=torch.float64, device=stats[0].device)])
-    all_reduce_sum_([flat])
-    total = flat[-1]
-    if total.item() == 0:
-        return
-    flat = flat[:-1] / total
-    offset = 0
-    for t in stats:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    # Under DDP each rank passed its share of the batches, and its statistics are its
+    # sample-weighted means: weighted by each rank's sample count, their mean over the ranks is
+    # what one process computes over all the batches.
+    weighted_mean_([t for m in layers for t in (m.running_mean, m.running_var)
+                    if t is not None], weight=seen)
