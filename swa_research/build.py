@@ -47,8 +47,18 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    if world().distributed:
-        return _rank_device(name)
+    w = world()
+    if w.distributed and name != "cpu":
+        # Under DDP each rank trains on the GPU of its local rank (or on the CPU).
+        if name not in ("auto", "cuda"):
+            raise UserError(f"trainer.device={name}: under DDP each rank uses the GPU of its "
+                            "local rank; use trainer.device=auto, cuda or cpu")
+        if torch.cuda.is_available():
+            if w.local_rank >= torch.cuda.device_count():
+                raise UserError(f"local rank {w.local_rank} has no GPU: "
+                                f"{torch.cuda.device_count()} visible on this machine; start "
+                                "at most that many processes per node")
+            name = f"cuda:{w.local_rank}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -61,23 +71,6 @@ def resolve_device(name: str) -> torch.device:
                             "GPU(s) visible")
         return dev
     return torch.device(name)
-
-
-def _rank_device(name: str) -> torch.device:
-    """Under DDP each rank trains on the GPU of its local rank (or on the CPU)."""
-    w = world()
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if name not in ("auto", "cuda"):
-        raise UserError(f"trainer.device={name}: under DDP each rank uses the GPU of its local "
-                        "rank; use trainer.device=auto, cuda or cpu")
-    if not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda: no CUDA GPU is available here; use "
-                        "trainer.device=cpu or auto")
-    if w.local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {w.local_rank} has no GPU: {torch.cuda.device_count()} "
-                        "visible on this machine; start at most that many processes per node")
-    return torch.device("cuda", w.local_rank)
 
 
 def check_strategy(config: Config) -> None:
@@ -313,10 +306,10 @@ def wrap_for_ddp(model: torch.nn.Module, config: Config, device: torch.device
     from torch.nn.parallel import DistributedDataParallel
 
     if config.model.get("sync_bn"):
-        # In place: the layers become SyncBatchNorm with the same parameters and buffers, so
-        # the averages (deep copies made before) keep the same state dict layout.
-        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        assert converted is model or not isinstance(model, torch.nn.modules.batchnorm._BatchNorm)
+        # In place for a whole network: its BN layers become SyncBatchNorm with the same
+        # parameters and buffers, so the averages (deep copies made before) and the optimizer
+        # keep theirs, and state dicts keep their layout.
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     # The keyword that keeps buffers out of the forward pass's sync: newer torch names it
     # forward_sync_buffers (and deprecates broadcast_buffers).
