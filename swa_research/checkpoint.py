@@ -41,7 +41,8 @@ OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progre
 # What a run computed with before a key existed: a checkpoint that lacks the key is compared as
 # if it held this value.
 LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": [], "swa.max_models": 20,
-                 "swa.swag_scale": 0.5, "swa.samples": 30, "swa.swag_device": "auto",
+                 "swa.swag_scale": 0.5, "swa.swag_diag_scale": 0.5, "swa.samples": 30,
+                 "swa.swag_device": "auto",
                  "swa.swag_eval_every": 0, "swa.ema_warmup": False,
                  "trainer.snapshot_every": 0, "trainer.snapshot_unit": "epoch",
                  "trainer.snapshot_dtype": "fp32", "model.sync_bn": False,

@@ -39,7 +39,8 @@ class DataConfig:
     normalize: bool = False
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    # imagefolder: resize every image to this square size (null keeps the files' size).
+    # imagefolder: the square side every image is resized (shorter side) and centre-cropped to,
+    # on every path (swa_research.transforms); null: the first training image's (square) side.
     image_size: int | None = None
     # synthetic only: a learnable, generated data set.
     num_classes: int = 10
@@ -102,9 +103,12 @@ class SwaConfig:
     bn_batch_size: int | None = None
     # swag and swag_diag (Maddox et al., 2019; wjmaddox/swa_gaussian): the last max_models
     # deviations form the low-rank part; an evaluation is the mean of the predicted
-    # probabilities of `samples` networks drawn with variance scale `swag_scale`.
+    # probabilities of `samples` networks drawn with variance scale `swag_scale` (SWAG) or
+    # `swag_diag_scale` (SWAG-Diagonal): swa_gaussian's uncertainty experiments use 0.5 for the
+    # full-rank covariance 1/2 (Sigma_diag + Sigma_lowrank) and 1.0 for the diagonal alone.
     max_models: int = 20
     swag_scale: float = 0.5
+    swag_diag_scale: float = 1.0
     samples: int = 30
     swag_device: str = "auto"  # auto (the training device) | cpu | cuda | cuda:N
     # Sample at every swag_eval_every-th evaluation of the run; 0: at the final one only.
@@ -313,8 +317,12 @@ def validate(cfg: Config) -> None:
     if sw.max_models < 2:
         # The low-rank part divides by sqrt(max_models - 1) (swa_gaussian's SWAG.sample_fullrank).
         raise UserError(f"swa.max_models={sw.max_models}: must be at least 2")
-    if not (math.isfinite(sw.swag_scale) and sw.swag_scale >= 0):
-        raise UserError(f"swa.swag_scale={sw.swag_scale}: must be a number >= 0")
+    for key in ("swag_scale", "swag_diag_scale"):
+        value = getattr(sw, key)
+        if not (math.isfinite(value) and 0 <= value <= 100):
+            raise UserError(f"swa.{key}={value}: must be a number in [0, 100] (the sample "
+                            "variance's factor; swa_gaussian uses 0.5 for SWAG, 1.0 for "
+                            "SWAG-Diagonal)")
     if sw.samples < 1:
         raise UserError(f"swa.samples={sw.samples}: must be at least 1")
     if sw.swag_eval_every < 0:
@@ -342,9 +350,6 @@ def validate_data_paths(d: DataConfig) -> None:
     if d.augment == "random_resized_crop" and mode == "true":
         raise UserError("data.augment=random_resized_crop: crops each image while decoding, "
                         "so it needs data.in_memory=auto or false")
-    if folder and (mode == "false" or d.augment == "random_resized_crop") and not d.image_size:
-        raise UserError("data.image_size: the streaming path needs a crop size "
-                        "(e.g. data.image_size=224)")
     if not (math.isfinite(d.memory_fraction) and 0 < d.memory_fraction <= 1):
         raise UserError(f"data.memory_fraction={d.memory_fraction}: must be in (0, 1]")
     if d.resize_size is not None:

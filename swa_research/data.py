@@ -5,7 +5,8 @@ Image folders too big for memory are streamed from disk instead (:mod:`swa_resea
 ``data.in_memory``): :func:`build_data` picks the path, and the batch functions here
 (:func:`train_batches`, :func:`bn_pass_batches`, :func:`eval_batches`) hand a streamed set
 (a :class:`~swa_research.streaming.StreamingSet`) to its own methods, so that the trainer, the
-evaluation and the averages use one set of functions for both."""
+evaluation and the averages use one set of functions for both. Both paths decode and augment
+with :mod:`swa_research.transforms`, so the path never changes a result."""
 
 from __future__ import annotations
 
@@ -25,11 +26,18 @@ from torch import Tensor
 from swa_research.config import DataConfig, UserError
 from swa_research.fileio import atomic_torch_save
 from swa_research.locks import file_lock, lock_path
+from swa_research.transforms import (
+    ImageTransform,
+    crop_flip_params,
+    decode_image,
+    image_seeds,
+    infer_image_size,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-CACHE_VERSION = 2  # bump when decoding changes
+CACHE_VERSION = 3  # bump when decoding changes (3: transforms.ImageTransform.eval)
 
 
 @dataclass
@@ -144,24 +152,15 @@ def _list_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path]
     return files, labels, classes
 
 
-def _decode(path: Path, image_size: int | None) -> Tensor:
-    """One image file -> uint8 [3, H, W] (RGB), resized to image_size x image_size if set."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-            if image_size is not None and rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except Exception as e:
-        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    w, h = rgb.size
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(h, w, 3).permute(2, 0, 1).contiguous()
+def _decode(path: Path, transform: ImageTransform) -> Tensor:
+    """One image file -> uint8 [3, S, S] as evaluation sees it (``ImageTransform.eval``)."""
+    return transform.eval(decode_image(path))
 
 
-def _cache_key(files: list[Path], labels: list[int], image_size: int | None, root: Path) -> str:
-    h = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}".encode())
+def _cache_key(files: list[Path], labels: list[int], transform: ImageTransform,
+               root: Path) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{transform.image_size}|{transform.resize_size}"
+                     .encode())
     for f, y in zip(files, labels, strict=True):
         st = f.stat()
         h.update(f"{f.relative_to(root)}|{y}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -180,19 +179,19 @@ def cache_dirs(root: Path) -> list[Path]:
 
 
 def _load_folder_split(root: Path, split: str, files: list[Path], labels: list[int],
-                       cfg: DataConfig, num_workers: int) -> ImageSet:
+                       cfg: DataConfig, transform: ImageTransform, num_workers: int) -> ImageSet:
     split_dir = root / split
     if not cfg.cache:
-        return _decode_split(files, labels, split_dir, cfg, num_workers)
-    key = _cache_key(files, labels, cfg.image_size, root)
+        return _decode_split(files, labels, split_dir, transform, num_workers)
+    key = _cache_key(files, labels, transform, root)
     paths = [d / f"{split}-{key}.pt" for d in cache_dirs(root)]
     # Jobs that start together decode once: the first builds the cache, the others wait for it.
     with file_lock(lock_path(root, "swa_cache"), f"decoding {split_dir}"):
-        return _cached_split(paths, files, labels, split_dir, cfg, num_workers)
+        return _cached_split(paths, files, labels, split_dir, transform, num_workers)
 
 
 def _cached_split(paths: list[Path], files: list[Path], labels: list[int], split_dir: Path,
-                  cfg: DataConfig, num_workers: int) -> ImageSet:
+                  transform: ImageTransform, num_workers: int) -> ImageSet:
     """The split from the first readable cache file in ``paths``; else decoded and saved to the
     first of them that can be written."""
     for path in paths:
@@ -202,7 +201,7 @@ def _cached_split(paths: list[Path], files: list[Path], labels: list[int], split
                 return ImageSet(blob["images"], blob["labels"])
             except Exception as e:  # a damaged cache is rebuilt, never trusted
                 log.warning("ignoring unreadable cache %s (%s); decoding again", path, e)
-    result = _decode_split(files, labels, split_dir, cfg, num_workers)
+    result = _decode_split(files, labels, split_dir, transform, num_workers)
     failures = []
     for path in paths:
         try:
@@ -218,15 +217,11 @@ def _cached_split(paths: list[Path], files: list[Path], labels: list[int], split
     return result
 
 
-def _decode_split(files: list[Path], labels: list[int], split_dir: Path, cfg: DataConfig,
-                  num_workers: int) -> ImageSet:
+def _decode_split(files: list[Path], labels: list[int], split_dir: Path,
+                  transform: ImageTransform, num_workers: int) -> ImageSet:
     log.info("decoding %d images from %s", len(files), split_dir)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        images = list(pool.map(lambda p: _decode(p, cfg.image_size), files))
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:
-        raise UserError(f"{split_dir}: images have different sizes {sorted(shapes)[:3]}...; "
-                        "set data.image_size to resize them")
+        images = list(pool.map(lambda p: _decode(p, transform), files))
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
@@ -264,15 +259,30 @@ def list_image_folder(cfg: DataConfig) -> FolderListing:
                          split)
 
 
+def resolve_image_size(cfg: DataConfig, listing: FolderListing) -> int:
+    """``data.image_size``, or when unset the side of the first training image (both paths
+    infer it this way; :func:`swa_research.transforms.infer_image_size`)."""
+    if cfg.image_size:
+        return int(cfg.image_size)
+    size = infer_image_size(listing.train[0][0])
+    log.info("data.image_size not set: %d, the side of the first training image", size)
+    return size
+
+
+def eval_transform(cfg: DataConfig, listing: FolderListing) -> ImageTransform:
+    """What the in-memory path decodes every image of a folder to: the evaluation transform."""
+    return ImageTransform(image_size=resolve_image_size(cfg, listing),
+                          resize_size=cfg.resize_size)
+
+
 def _imagefolder(cfg: DataConfig, num_workers: int, listing: FolderListing | None = None
                  ) -> tuple[ImageSet, ImageSet, list[str]]:
     listing = listing or list_image_folder(cfg)
     root, classes = listing.root, listing.classes
-    train = _load_folder_split(root, "train", *listing.train, cfg, num_workers)
-    test = _load_folder_split(root, listing.test_split, *listing.test, cfg, num_workers)
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise UserError(f"data.root={cfg.root}: train and test images differ in size; "
-                        "set data.image_size")
+    transform = eval_transform(cfg, listing)
+    train = _load_folder_split(root, "train", *listing.train, cfg, transform, num_workers)
+    test = _load_folder_split(root, listing.test_split, *listing.test, cfg, transform,
+                              num_workers)
     return train, test, classes
 
 
@@ -387,17 +397,14 @@ class Preprocess:
             return x.div(255.0)
         return torch.addcmul(self.shift, x, self.scale)
 
-    def draw(self, n: int, generator: torch.Generator) -> Tensor | None:
-        """The random crop offsets and flips of a batch of ``n`` images, [3, n] (dy, dx, flip)
-        on the CPU, from a CPU generator so that the result does not depend on the device;
-        None without augmentation (nothing is drawn)."""
+    def params(self, seeds: Tensor) -> Tensor | None:
+        """The crop offsets and flips of the images with these per-image ``seeds``
+        (``transforms.image_seeds``), [3, n] (dy, dx, flip) on the CPU: the same values the
+        streaming path draws for each image (``transforms.crop_flip_params``); None without
+        augmentation."""
         if self.augment != "crop_flip":
             return None
-        p = self.pad
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < 0.5
-        return torch.stack([dy, dx, flip.long()])
+        return crop_flip_params(seeds, self.pad)
 
     def apply(self, x: Tensor, params: Tensor) -> Tensor:
         """The crops and flips ``params`` (from :meth:`draw`) applied to a uint8 batch."""
@@ -415,8 +422,8 @@ class Preprocess:
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
         return padded[batch, chans, rows, cols]
 
-    def train(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        params = self.draw(x.shape[0], generator)
+    def train(self, x: Tensor, seeds: Tensor) -> Tensor:
+        params = self.params(seeds)
         return self.to_float(x if params is None else self.apply(x, params))
 
 
@@ -435,39 +442,42 @@ def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
     the global batch), or with ``whole_batches`` every ``world``-th whole batch from the
     ``rank``-th on. Either way the ranks together see exactly what one process sees.
 
-    A streamed set decodes and augments in its workers, each image seeded by ``aug_seed`` and
-    its position in the epoch (drawn from ``generator`` when not given)."""
+    Each image's augmentation is seeded by ``aug_seed`` (drawn from ``generator`` after the
+    order when not given) and its position in the epoch (:mod:`swa_research.transforms`): a
+    streamed set does it in its workers, image by image, an in-memory one for the whole batch
+    at once, with the same values."""
     n = len(data)
     if order is None:
         order = torch.randperm(n, generator=generator)
+    if aug_seed is None:
+        aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if not isinstance(data, ImageSet):
-        if aug_seed is None:
-            aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return data.train_batches(batch_size, order, start=start, drop_last=drop_last,
                                   aug_seed=aug_seed, device=preprocess.device, shard=shard,
                                   whole_batches=whole_batches)
-    return _tensor_batches(data, batch_size, generator, preprocess, drop_last, order, start,
+    return _tensor_batches(data, batch_size, aug_seed, preprocess, drop_last, order, start,
                            shard, whole_batches)
 
 
-def _tensor_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
-                    preprocess: Preprocess, drop_last: bool, order: Tensor, start: int,
-                    shard: Shard | None, whole_batches: bool) -> Iterator[tuple[Tensor, Tensor]]:
+def _tensor_batches(data: ImageSet, batch_size: int, aug_seed: int, preprocess: Preprocess,
+                    drop_last: bool, order: Tensor, start: int, shard: Shard | None,
+                    whole_batches: bool) -> Iterator[tuple[Tensor, Tensor]]:
     n = len(data)
     order = order.to(data.images.device)
     rank, world = shard or (0, 1)
     stop = n - n % batch_size if drop_last else n
     for k, i in enumerate(range(start * batch_size, stop, batch_size), start=start):
-        idx = order[i:i + batch_size]
-        params = preprocess.draw(idx.shape[0], generator)  # on every rank, for the whole batch
+        positions = torch.arange(i, min(i + batch_size, n))
         if world > 1:
             if whole_batches:
                 if k % world != rank:
                     continue
             else:
-                lo, hi = idx.shape[0] * rank // world, idx.shape[0] * (rank + 1) // world
-                idx = idx[lo:hi]
-                params = None if params is None else params[:, lo:hi]
+                lo = positions.shape[0] * rank // world
+                hi = positions.shape[0] * (rank + 1) // world
+                positions = positions[lo:hi]
+        idx = order[positions.to(order.device)]
+        params = preprocess.params(image_seeds(aug_seed, positions))
         x = data.images[idx]
         yield preprocess.to_float(x if params is None else preprocess.apply(x, params)), \
             data.labels[idx]

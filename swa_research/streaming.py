@@ -45,16 +45,11 @@ Properties the trainer can rely on:
   parts, and dropped by every rank when it has fewer than ``W`` images (each rank must step the
   same number of times). ``eval_batches(shard=(r, W))`` covers the ``r``-th contiguous slice of
   the set.
-- **Transforms**: training ``data.augment=random_resized_crop``: torchvision v2's
-  ``RandomResizedCrop(image_size, scale=data.crop_scale)`` and ``RandomHorizontalFlip`` (the same
-  random draws as ``v2.Compose`` of the two under ``torch.manual_seed`` of the image's seed);
-  ``crop_flip``: the evaluation transform, then a zero-padded pad-4 random crop and flip (the
-  in-memory path's augmentation, per image); ``none``: the evaluation transform. Evaluation:
-  shorter side resized to ``data.resize_size`` (antialiased bilinear; null: ``image_size``),
-  then a centre crop of ``image_size``. Workers decode to uint8 (``data._decode``: PIL, as the
-  in-memory path) and collate uint8 batches; the float conversion and normalisation run on the
-  device (``Preprocess.to_float``): a quarter of the host memory and PCIe traffic of float
-  batches.
+- **Transforms**: :mod:`swa_research.transforms`, the one definition the in-memory path uses
+  too (evaluation: shorter side resized, centre crop; ``crop_flip`` seeded per image by
+  ``(aug_seed, position)``; ``random_resized_crop`` of the full image). Workers decode to uint8
+  and collate uint8 batches; the float conversion and normalisation run on the device
+  (``Preprocess.to_float``): a quarter of the host memory and PCIe traffic of float batches.
 - **Loader wait**: the time the consumer spent blocked waiting for the next uint8 batch. With
   ``num_workers=0`` the decoding runs in the consumer, so all of it counts as wait.
 - **Workers**: ``num_workers`` processes (``trainer.num_workers``) for training passes,
@@ -74,7 +69,6 @@ available to measure whether it pays, so the CPU workers stay the one path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import weakref
@@ -92,11 +86,12 @@ from swa_research.data import (
     DataSplits,
     FolderListing,
     Preprocess,
-    _decode,
     _list_folder,
     list_image_folder,
+    resolve_image_size,
     to_device_async,
 )
+from swa_research.transforms import ImageTransform, decode_image, image_seeds
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +99,6 @@ __all__ = [
     "BatchIterator",
     "FolderListing",
     "LoaderWait",
-    "StreamTransform",
     "StreamingSet",
     "choose_path",
     "estimate_decoded_bytes",
@@ -116,94 +110,6 @@ __all__ = [
 
 # Data sets the streaming path reads: image folders (ImageNet is one, with a val/ split).
 FOLDER_SETS = ("imagefolder", "imagenet")
-_MASK64 = (1 << 64) - 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms (run in the worker processes)
-
-
-def image_seeds(aug_seed: int, positions: Tensor) -> Tensor:
-    """The seeds (int64 >= 0) of the random transforms of the images at ``positions`` of an
-    epoch: splitmix64 of (aug_seed, position), so that nearby pairs give unrelated
-    generators."""
-    with np.errstate(over="ignore"):
-        x = positions.numpy().astype(np.uint64)
-        x = x + np.uint64((aug_seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E5B) & _MASK64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = (x ^ (x >> np.uint64(31))) & np.uint64((1 << 63) - 1)
-    return torch.from_numpy(x.astype(np.int64))
-
-
-def random_resized_crop_params(height: int, width: int, scale: tuple[float, float],
-                               ratio: tuple[float, float], generator: torch.Generator
-                               ) -> tuple[int, int, int, int]:
-    """(top, left, height, width): torchvision v2 ``RandomResizedCrop.make_params``, drawing
-    from ``generator`` in the same order (so the same draws as under ``torch.manual_seed``)."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1],
-                                                     generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(),
-                                                   generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return i, j, h, w
-    in_ratio = width / height  # fallback: the central crop, as torchvision's
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-@dataclass(frozen=True)
-class StreamTransform:
-    """uint8 [3, H, W] image -> uint8 [3, image_size, image_size]; picklable (workers)."""
-
-    image_size: int
-    resize_size: int | None = None  # shorter side before the centre crop; None: image_size
-    augment: str = "random_resized_crop"  # none | crop_flip | random_resized_crop
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    pad: int = 4
-
-    def eval(self, img: Tensor) -> Tensor:
-        from torchvision.transforms.v2 import functional as F
-
-        size = self.resize_size or self.image_size
-        if min(img.shape[-2:]) != size:
-            img = F.resize(img, [size], antialias=True)
-        if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
-            img = F.center_crop(img, [self.image_size, self.image_size])
-        return img
-
-    def train(self, img: Tensor, generator: torch.Generator) -> Tensor:
-        from torchvision.transforms.v2 import functional as F
-
-        if self.augment == "random_resized_crop":
-            top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1],
-                                                         self.scale, self.ratio, generator)
-            img = F.resized_crop(img, top, left, h, w, [self.image_size, self.image_size],
-                                 antialias=True)
-        else:
-            img = self.eval(img)
-            if self.augment == "crop_flip":
-                p, s = self.pad, self.image_size
-                dy, dx = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
-                img = F.pad(img, [p, p, p, p])[:, dy:dy + s, dx:dx + s]
-            elif self.augment != "none":
-                raise ValueError(f"unknown augmentation {self.augment!r}")
-        if self.augment != "none" and torch.rand(1, generator=generator).item() < 0.5:
-            img = F.horizontal_flip(img)
-        return img.contiguous()
 
 
 class _FileTable:
@@ -233,7 +139,7 @@ class _FileTable:
 class _Images(Dataset[Tensor]):
     """Item ``(file index, seed)``: that file decoded and transformed; seed -1: evaluation."""
 
-    def __init__(self, files: _FileTable, transform: StreamTransform) -> None:
+    def __init__(self, files: _FileTable, transform: ImageTransform) -> None:
         self.files = files
         self.transform = transform
 
@@ -242,10 +148,10 @@ class _Images(Dataset[Tensor]):
 
     def __getitem__(self, item: tuple[int, int]) -> Tensor:
         index, seed = item
-        img = _decode(Path(self.files[index]), None)
+        img = decode_image(self.files[index])
         if seed < 0:
             return self.transform.eval(img)
-        return self.transform.train(img, torch.Generator().manual_seed(seed))
+        return self.transform.train(img, seed)
 
 
 def _stack(batch: list[Tensor]) -> Tensor:
@@ -372,7 +278,7 @@ class StreamingSet:
         if self.labels.shape != (len(self.files),):
             raise ValueError("labels must have one entry per file")
         self.classes = list(classes)
-        self.transform = StreamTransform(image_size=int(image_size), resize_size=resize_size,
+        self.transform = ImageTransform(image_size=int(image_size), resize_size=resize_size,
                                          augment=augment,
                                          scale=(float(crop_scale[0]), float(crop_scale[1])))
         self.normalize = normalize
@@ -546,15 +452,13 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 # Splits from the config
 
 
-def set_options(cfg: DataConfig, num_workers: int,
+def set_options(cfg: DataConfig, num_workers: int, listing: FolderListing,
                 memory_format: torch.memory_format = torch.contiguous_format
                 ) -> dict[str, object]:
-    """StreamingSet's keyword arguments from the data config."""
-    if not cfg.image_size:
-        raise UserError("data.image_size: the streaming path needs a crop size (e.g. "
-                        "data.image_size=224)")
-    return dict(image_size=cfg.image_size, resize_size=getattr(cfg, "resize_size", None),
-                augment=cfg.augment,
+    """StreamingSet's keyword arguments from the data config (an unset ``data.image_size``
+    inferred from the listing as the in-memory path infers it)."""
+    return dict(image_size=resolve_image_size(cfg, listing),
+                resize_size=getattr(cfg, "resize_size", None), augment=cfg.augment,
                 crop_scale=tuple(getattr(cfg, "crop_scale", (0.08, 1.0))),
                 normalize=cfg.normalize, mean=cfg.mean, std=cfg.std, num_workers=num_workers,
                 prefetch_factor=getattr(cfg, "prefetch_factor", 2), memory_format=memory_format)
@@ -569,7 +473,7 @@ def open_image_folder(cfg: DataConfig, seed: int, num_workers: int,
     from swa_research.data import split_train_val
 
     listing = listing or list_image_folder(cfg)
-    options = set_options(cfg, num_workers, memory_format)
+    options = set_options(cfg, num_workers, listing, memory_format)
     full = StreamingSet(*listing.train, listing.classes, **options)  # type: ignore[arg-type]
     test = StreamingSet(*listing.test, listing.classes, **options)  # type: ignore[arg-type]
     train, val = split_train_val(full, cfg.val_fraction, seed)  # type: ignore[arg-type]
@@ -653,10 +557,8 @@ def choose_path(cfg: DataConfig, device: torch.device | str = "cpu",
     if mode == "true":
         return True, "data: in memory (data.in_memory=true)"
     if mode == "false":
-        set_options(cfg, 0)  # the crop size must be set
         return False, "data: streaming from disk (data.in_memory=false)"
     if cfg.augment == "random_resized_crop":
-        set_options(cfg, 0)
         return False, ("data: streaming from disk (data.augment=random_resized_crop crops each "
                        "image while decoding)")
     fraction = float(getattr(cfg, "memory_fraction", 0.5))
@@ -671,7 +573,6 @@ def choose_path(cfg: DataConfig, device: torch.device | str = "cpu",
         limits.append((gpu, "GPU memory"))
     for total, what in limits:
         if decoded_bytes > fraction * total:
-            set_options(cfg, 0)
             return False, (f"data: streaming from disk (estimated {_gb(decoded_bytes)} decoded > "
                            f"{100 * fraction:.0f}% of {_gb(total)} {what})")
     within = " and ".join(f"{_gb(t)} {w}" for t, w in limits)

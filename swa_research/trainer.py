@@ -122,15 +122,14 @@ class Trainer:
         part, self.partial = self.partial, None
         if part is None:
             order = torch.randperm(len(self.data.train), generator=self.generator)
-            # A streamed set seeds each image's crop by this and its position in the epoch.
-            aug_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item()) \
-                if self.data.streamed else None
+            # Each image's crop is seeded by this and its position in the epoch (both paths).
+            aug_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
             start, seen = 0, 0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.int64)
         else:  # resuming inside this epoch
             order, start, seen = part["order"], part["batch"], part["seen"]
-            aug_seed = part.get("aug_seed")
+            aug_seed = part.get("aug_seed")  # None in an older checkpoint: drawn now
             loss_sum = part["loss_sum"].to(self.device)
             correct = part["correct"].to(self.device)
         batches = train_batches(self.data.train, self.cfg.batch_size, self.generator,
@@ -290,7 +289,8 @@ class Trainer:
                 # An evaluation the average skips (eval_due) keeps its latest results.
                 self.last_avg[name] = {"test_acc": a_test.acc, "test_loss": a_test.loss,
                                        "val_acc": a_val.acc, "val_loss": a_val.loss,
-                                       "n_averaged": average.n_averaged}
+                                       "n_averaged": average.n_averaged,
+                                       **average.settings()}
         self.model.train()
         self._track_best(epoch)
         return row

@@ -25,6 +25,7 @@ from swa_research.data import (
     synthetic_images,
     train_batches,
 )
+from swa_research.transforms import image_seeds
 
 CPU = torch.device("cpu")
 
@@ -365,8 +366,12 @@ def test_imagefolder_corrupt_image(tmp_path: Path) -> None:
 def test_imagefolder_mixed_sizes(tmp_path: Path) -> None:
     write_folder(tmp_path)
     Image.fromarray(rgb(3, size=24)).save(tmp_path / "train" / "cat" / "small.png")
-    with pytest.raises(UserError, match="data.image_size"):
-        load_datasets(folder_cfg(tmp_path))
+    # Unset, data.image_size is the first training image's side (as on the streaming path):
+    # the 24 px image is resized to it.
+    first = sorted((tmp_path / "train").glob("*/*"))[0]
+    side = Image.open(first).size[0]
+    train, test, _ = load_datasets(folder_cfg(tmp_path))
+    assert train.images.shape == (7, 3, side, side) and test.images.shape[1:] == (3, side, side)
     train, _, _ = load_datasets(folder_cfg(tmp_path, image_size=32))
     assert train.images.shape == (7, 3, 32, 32)
 
@@ -439,7 +444,7 @@ def crop_flip_candidates(img: torch.Tensor, pad: int = 4) -> list[tuple[int, int
 def test_crop_flip_outputs_are_pad4_crops() -> None:
     x = random_images(32)
     pre = Preprocess(False, [0.5] * 3, [0.5] * 3, CPU, augment="crop_flip")
-    y = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(0)))
+    y = pre.apply(x, pre.params(image_seeds(0, torch.arange(len(x)))))
     assert y.shape == x.shape and y.dtype == torch.uint8
     chosen = []
     for i in range(len(x)):
@@ -455,9 +460,9 @@ def test_crop_flip_outputs_are_pad4_crops() -> None:
 def test_crop_flip_is_seeded() -> None:
     x = random_images(16)
     pre = Preprocess(False, [0.5] * 3, [0.5] * 3, CPU, augment="crop_flip")
-    a = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(5)))
-    b = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(5)))
-    c = pre.apply(x, pre.draw(len(x), torch.Generator().manual_seed(6)))
+    a = pre.apply(x, pre.params(image_seeds(5, torch.arange(len(x)))))
+    b = pre.apply(x, pre.params(image_seeds(5, torch.arange(len(x)))))
+    c = pre.apply(x, pre.params(image_seeds(6, torch.arange(len(x)))))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 

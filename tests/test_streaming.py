@@ -20,14 +20,8 @@ from swa_research.averaging import AveragingPlan, check_budget
 from swa_research.build import load_config
 from swa_research.config import DataConfig, UserError, iterations_per_epoch
 from swa_research.data import ImageSet, Preprocess, eval_batches
-from swa_research.streaming import (
-    StreamingSet,
-    StreamTransform,
-    choose_path,
-    image_seeds,
-    open_image_folder,
-    random_resized_crop_params,
-)
+from swa_research.streaming import StreamingSet, choose_path, open_image_folder
+from swa_research.transforms import ImageTransform, image_seeds, random_resized_crop_params
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -107,18 +101,64 @@ def test_eval_batches_equal_the_in_memory_path(folder: Path) -> None:
     assert diff.max() <= 3.01, diff.max()
 
 
+@pytest.mark.parametrize("augment", ["crop_flip", "none"])
+def test_both_paths_give_the_same_tensors_on_non_square_images(tmp_path: Path,
+                                                               augment: str) -> None:
+    """data.in_memory=true and false on non-square images of mixed sizes (30x48 among them):
+    the same evaluation tensors, and for one seed the same training crops and flips, batch by
+    batch (one transforms module; squashing in memory differed by up to 88 grey levels)."""
+    from swa_research.data import build_data, train_batches
+
+    sizes = ((30, 48), (48, 30), (40, 33), (16, 16))
+    write_folder(tmp_path, "train", 6, sizes=sizes)
+    write_folder(tmp_path, "test", 2, sizes=sizes, fmt="PNG")
+    splits = {}
+    for mode in ("true", "false"):
+        cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, augment=augment,
+                         val_fraction=0.25, normalize=True, in_memory=mode, cache=False)
+        splits[mode] = build_data(cfg, seed=3, device=torch.device("cpu"), num_workers=0)
+    mem, stream = splits["true"], splits["false"]
+    assert isinstance(mem.train, ImageSet) and isinstance(stream.train, StreamingSet)
+    pre = Preprocess(True, MEAN, STD, torch.device("cpu"), augment=augment)
+    for name in ("val", "test"):
+        a = collect(eval_batches(getattr(mem, name), 5, pre))
+        b = collect(eval_batches(getattr(stream, name), 5, pre))
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xa.shape[1:] == (3, 16, 16) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    a = collect(train_batches(mem.train, 4, torch.Generator().manual_seed(11), pre,
+                              drop_last=False))
+    b = collect(train_batches(stream.train, 4, torch.Generator().manual_seed(11), pre,
+                              drop_last=False))
+    assert len(a) == len(b) == 4
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    if augment == "crop_flip":  # the crops did move the pixels
+        plain = collect(train_batches(mem.train, 4, torch.Generator().manual_seed(11),
+                                      Preprocess(True, MEAN, STD, torch.device("cpu")),
+                                      drop_last=False))
+        assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, plain, strict=True))
+    # Unset, data.image_size comes from the first training image on both paths.
+    write_folder(tmp_path / "square", "train", 4, sizes=((20, 20), (30, 48)))
+    write_folder(tmp_path / "square", "test", 1, sizes=((20, 20),))
+    for mode in ("true", "false"):
+        cfg = DataConfig(name="imagefolder", root=str(tmp_path / "square"), in_memory=mode,
+                         val_fraction=0.0, cache=False)
+        assert build_data(cfg, 0, torch.device("cpu")).image_size == 20
+
+
 def test_train_transform_is_torchvision_v2s(folder: Path) -> None:
     """Per image, the streamed crop and flip are v2.Compose([RandomResizedCrop, Flip]) under
     torch.manual_seed(the image's seed): the same random draws."""
     from torchvision.transforms import v2
 
-    tf = StreamTransform(image_size=24, augment="random_resized_crop")
+    tf = ImageTransform(image_size=24, augment="random_resized_crop")
     reference = v2.Compose([v2.RandomResizedCrop(24, antialias=True), v2.RandomHorizontalFlip()])
     img = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
     for seed in range(20):
         torch.manual_seed(seed)
         expected = reference(img)
-        assert torch.equal(tf.train(img, torch.Generator().manual_seed(seed)), expected)
+        assert torch.equal(tf.train(img, seed), expected)
     g = torch.Generator().manual_seed(0)
     top, left, h, w = random_resized_crop_params(40, 30, (0.08, 1.0), (0.75, 4 / 3), g)
     assert 0 <= top <= 40 - h and 0 <= left <= 30 - w
@@ -288,9 +328,12 @@ def test_choose_path_streams_when_the_estimate_exceeds_the_limit(folder: Path) -
     assert choose_path(small, ram_bytes=gb) == (
         True, "data: in memory (estimated 5.7e-05 GB decoded <= 10% of 1 GB RAM)")
     assert choose_path(small, ram_bytes=100_000)[0] is False
+    # Without data.image_size the first training image must be square (it gives the size, on
+    # either path); here it is 40x30.
     no_size = DataConfig(name="imagefolder", root=str(folder), memory_fraction=0.1)
-    with pytest.raises(UserError, match=r"^data.image_size: the streaming path needs"):
-        choose_path(no_size, ram_bytes=1000)
+    with pytest.raises(UserError, match=r"^data.image_size is not set and the first training "
+                                        r"image .*0000.jpg is 40x30, not square"):
+        open_image_folder(no_size, seed=0, num_workers=0)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -303,8 +346,6 @@ def test_choose_path_streams_when_the_estimate_exceeds_the_limit(folder: Path) -
     ("data.prefetch_factor=0", "data.prefetch_factor=0: must be at least 1"),
     ("data.test_split=train", "data.test_split='train': must name a folder next to train/ "
                               "(test, val)"),
-    ("data.image_size=null", "data.image_size: the streaming path needs a crop size "
-                             "(e.g. data.image_size=224)"),
     ("data.augment=random_resized_crop data.in_memory=true",
      "data.augment=random_resized_crop: crops each image while decoding, so it needs "
      "data.in_memory=auto or false"),

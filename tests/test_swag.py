@@ -106,8 +106,10 @@ def test_samples_have_the_mean_and_covariance_of_the_formula(method: str) -> Non
     scale * (diag(var) + D^T D / (K - 1)) (swag_diag: scale * diag(var)), each entry within
     five standard errors."""
     model = nn.Linear(2, 2)  # 6 weights
-    k, scale, n = 4, 0.5, 20_000
-    avg = make_swag(model, method, max_models=k, swag_scale=scale)
+    k, n = 4, 20_000
+    avg = make_swag(model, method, max_models=k, swag_scale=0.5, swag_diag_scale=0.7)
+    scale = avg.scale
+    assert scale == {"swag": 0.5, "swag_diag": 0.7}[method]
     feed(avg, model, trajectory(model, 9, seed=1))
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([avg.sample(g) for _ in range(n)]).double()
@@ -252,6 +254,26 @@ def test_buffer_cost() -> None:
     assert avg.buffer_mb == pytest.approx(1010 * 4 * 20 / 2**20)
 
 
+def test_swag_diag_samples_at_the_reference_spread_by_default() -> None:
+    """swa_gaussian samples SWAG-Diagonal at scale 1.0 (SWAG at 0.5): at the defaults the
+    diagonal draws' std over sqrt(var) is 1.0 (it was 0.707 when the diagonal inherited 0.5),
+    the full-rank posterior's diagonal part sqrt(0.5)."""
+    model = nn.Linear(8, 8)  # 72 weights
+    cfg = SwaConfig(method="swa", also=["swag", "swag_diag"])
+    avgs = build_averages(model, cfg)
+    assert (avgs["swag"].scale, avgs["swag_diag"].scale) == (0.5, 1.0)
+    points = trajectory(model, 9, seed=2)
+    for avg in (avgs["swag"], avgs["swag_diag"]):
+        feed(avg, model, points)
+    diag = avgs["swag_diag"]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([diag.sample(g) for _ in range(4000)]).double()
+    ratio = (draws.std(0) / diag.variance().double().sqrt()).mean().item()
+    assert abs(ratio - 1.0) < 0.02, ratio
+    assert diag.settings() == {"scale": 1.0, "samples": 30}
+    assert avgs["swag"].settings() == {"scale": 0.5, "samples": 30, "max_models": 20}
+
+
 def test_swag_device_cpu_keeps_the_moments_on_the_host() -> None:
     avg = make_swag(nn.Linear(2, 2), swag_device="cpu")
     assert avg.mean.device.type == "cpu" and avg.buffer.device.type == "cpu"
@@ -260,6 +282,8 @@ def test_swag_device_cpu_keeps_the_moments_on_the_host() -> None:
 @pytest.mark.parametrize(("override", "key"), [
     ("swa.max_models=1", "swa.max_models"),
     ("swa.swag_scale=-1", "swa.swag_scale"),
+    ("swa.swag_scale=1e30", "swa.swag_scale"),
+    ("swa.swag_diag_scale=nan", "swa.swag_diag_scale"),
     ("swa.samples=0", "swa.samples"),
     ("swa.swag_eval_every=-1", "swa.swag_eval_every"),
     ("swa.swag_device=tpu", "swa.swag_device"),
@@ -275,6 +299,7 @@ def test_swa_swag_keeps_swa_primary(option: str, names: list[str]) -> None:
     c = load_config(compose_config([f"swa={option}"]))
     assert c.swa.method == "swa" and c.swa.also == names
     assert (c.swa.max_models, c.swa.swag_scale, c.swa.samples) == (20, 0.5, 30)
+    assert c.swa.swag_diag_scale == 1.0
     assert (c.swa.swag_device, c.swa.swag_eval_every) == ("auto", 0)
 
 
@@ -298,6 +323,7 @@ def test_presets(preset: str) -> None:
     assert c.trainer.epochs == 300 and c.swa.start == 161 and c.swa.unit == "epoch"
     assert c.swa.method == "swa" and c.swa.also == ["swag", "swag_diag"]
     assert c.swa.max_models == 20 and c.swa.samples == 30 and c.swa.swag_scale == 0.5
+    assert c.swa.swag_diag_scale == 1.0
     check_budget(c, 391)  # 50,000 images, batch 128, last partial batch kept
     plan = AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, 391)
     assert plan.update_points()[0] == 161 and plan.count_updates() == 140
@@ -322,6 +348,8 @@ def test_a_run_with_swa_swag_writes_every_promised_key(tmp_path: Path) -> None:
     # The BMA's test loss is the calibration NLL of the same averaged probabilities.
     assert m["swag"]["test_loss"] == pytest.approx(m["calibration"]["swag"]["nll"], rel=1e-9)
     assert m["swag"]["test_loss"] != m["swa"]["test_loss"]
+    assert (m["swag"]["scale"], m["swag_diag"]["scale"]) == (0.5, 1.0)
+    assert m["swag"]["samples"] == m["swag_diag"]["samples"] == 2
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     for name in ("swag", "swag_diag"):
         assert {f"{name}_{k}" for k in ("val_loss", "val_acc", "test_loss", "test_acc",

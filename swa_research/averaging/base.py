@@ -77,6 +77,11 @@ class Average(ABC):
         """What ``<name>.pt`` holds besides ``module``'s state dict (e.g. a posterior)."""
         return {}
 
+    def settings(self) -> dict[str, Any]:
+        """The method's own settings that its results depend on, recorded beside them in
+        metrics.json (e.g. SWAG's sample scale). Default: none."""
+        return {}
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -17,8 +17,10 @@ A sample follows ``SWAG.sample_fullrank`` of the same file:
 
 with D the k x P matrix of stored deviations, oldest first, and K the buffer's capacity (the
 reference divides by ``max_num_models - 1`` also while fewer than K deviations are stored).
-``swag_diag`` draws ``mean + sqrt(scale) * sqrt(var) * z1`` only (``cov=False``). The paper's
-scale is 0.5 (``swa.swag_scale``).
+``swag_diag`` draws ``mean + sqrt(scale) * sqrt(var) * z1`` only (``cov=False``). Each method
+has its own scale, as in the reference's uncertainty experiments
+(``experiments/uncertainty/README.md``): 0.5 for SWAG (``swa.swag_scale``; the paper's 1/2 of
+Sigma_diag + Sigma_lowrank) and 1.0 for SWAG-Diagonal (``swa.swag_diag_scale``).
 
 An evaluation is Bayesian model averaging as ``experiments/uncertainty/uncertainty.py`` does
 it: for each of ``swa.samples`` (the reference's ``--N``, 30) samples, the weights are loaded
@@ -84,10 +86,11 @@ class SWAG(Average):
 
     method = "swag"
     low_rank = True
+    scale_key = "swag_scale"  # the SwaConfig key of this method's sample variance scale
 
     def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
         self.device = resolve_swag_device(cfg.swag_device, model)
-        self.scale = float(cfg.swag_scale)
+        self.scale = float(getattr(cfg, self.scale_key))
         self.samples = int(cfg.samples)
         self.max_models = int(cfg.max_models)
         self.eval_every = int(cfg.swag_eval_every)
@@ -257,6 +260,12 @@ class SWAG(Average):
         for k, v in state["net_buffers"].items():
             mine[k].copy_(v)
 
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scale": self.scale, "samples": self.samples}
+        if self.buffer is not None:
+            out["max_models"] = self.max_models
+        return out
+
     def export(self) -> dict[str, Any]:
         """swag.pt: besides the mean's state dict, the posterior to draw samples from."""
         return {"swag": {"mean": self.mean.cpu(), "sq_mean": self.sq_mean.cpu(),
@@ -271,3 +280,4 @@ class SWAGDiag(SWAG):
 
     method = "swag_diag"
     low_rank = False
+    scale_key = "swag_diag_scale"
