@@ -46,13 +46,15 @@ from swa_research.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device=") -> torch.device:
+    """The device a name asks for; ``key`` is how the user gave it (``trainer.device=`` here,
+    ``--device `` on a command line), for the error messages."""
     w = world()
     if w.distributed and name != "cpu":
         # Under DDP each rank trains on the GPU of its local rank (or on the CPU).
         if name not in ("auto", "cuda"):
-            raise UserError(f"trainer.device={name}: under DDP each rank uses the GPU of its "
-                            "local rank; use trainer.device=auto, cuda or cpu")
+            raise UserError(f"{key}{name}: under DDP each rank uses the GPU of its "
+                            f"local rank; use {key}auto, cuda or cpu")
         if torch.cuda.is_available():
             if w.local_rank >= torch.cuda.device_count():
                 raise UserError(f"local rank {w.local_rank} has no GPU: "
@@ -63,11 +65,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"trainer.device={name}: no CUDA GPU is available here; "
-                            "use trainer.device=cpu or auto")
+            raise UserError(f"{key}{name}: no CUDA GPU is available here; "
+                            f"use {key}cpu or auto")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"trainer.device={name}: only {torch.cuda.device_count()} "
+            raise UserError(f"{key}{name}: only {torch.cuda.device_count()} "
                             "GPU(s) visible")
         return dev
     return torch.device(name)
@@ -123,8 +125,14 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{path} not found: {run_dir} must be a run dir written by "
                         "python -m swa_research.train")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    assert isinstance(cfg, dict)
+    try:  # OmegaConf's loader is yaml's safe one: a python tag is refused, never run
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} cannot be read as a run's config ({type(e).__name__}: "
+                        f"{first})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} holds no config mapping")
     for key in RETIRED_KEYS:
         group, _, leaf = key.partition(".")
         (cfg.get(group) or {}).pop(leaf, None)

@@ -122,11 +122,33 @@ def select(setting: Setting, entries: Sequence[dict[str, Any]], unit: str
     return chosen[-setting.window:] if setting.window else chosen
 
 
+DEFAULT_STARTS = (0.0, 0.25, 0.5, 0.75)  # fractions of the trajectory
+DEFAULT_LAWA_K = (2, 4, 8)
+DEFAULT_EMA_HORIZONS = (0.125, 0.25)  # an EMA's 1 / (1 - decay), as a fraction of the snapshots
+
+
+def default_grid(points: Sequence[int], every: int, warmup: bool) -> list[Setting]:
+    """The grid evaluated when no flag is given: the equal average from the snapshots nearest
+    to 0, 1/4, 1/2 and 3/4 of the trajectory, LAWA over the last 2, 4 and 8 snapshots, and EMAs
+    whose horizon 1 / (1 - decay) is an eighth and a quarter of the snapshots (at least 2);
+    each only where the trajectory holds enough snapshots, without repeats."""
+    n = len(points)
+    starts = list(dict.fromkeys(points[min(n - 1, int(f * n))] for f in DEFAULT_STARTS))
+    settings = [Setting("swa", start=p, freq=every, window=0) for p in starts]
+    decays = dict.fromkeys(round(1 - 1 / max(2.0, h * n), 4) for h in DEFAULT_EMA_HORIZONS)
+    settings += [Setting("ema", decay=d, warmup=warmup) for d in decays]
+    settings += [Setting("lawa", k=k) for k in DEFAULT_LAWA_K if k < n]
+    return settings
+
+
 def build_settings(args: argparse.Namespace, index: dict[str, Any]) -> list[Setting]:
     """The grid of the command line's lists, checked against the snapshots (a UserError
     names the flag)."""
     entries, unit, every = index["snapshots"], index["unit"], int(index["every"])
     points = [point_of(e, unit) for e in entries]
+    flags = (args.swa_start, args.swa_freq, args.window, args.ema_decay, args.lawa_k)
+    if all(f is None for f in flags):
+        return default_grid(points, every, bool(args.ema_warmup))
     starts = parse_list(args.swa_start, "--swa-start", int, 0) or [points[0]]
     freqs = parse_list(args.swa_freq, "--swa-freq", int, 1) or [every]
     windows = parse_list(args.window, "--window", int, 0) or [0]
@@ -204,7 +226,13 @@ class PosthocRun:
               if setting.kind == "ema" else None)
         averaged = HostCountAveragedModel(self.model, fn)
         for entry in entries:
-            self.model.load_state_dict(self.snapshot(entry))
+            try:
+                self.model.load_state_dict(self.snapshot(entry))
+            except (RuntimeError, KeyError) as e:
+                detail = str(e).strip().splitlines()[-1].strip()
+                raise UserError(f"{self.run_dir / TRAJECTORY / entry['file']} does not fit the "
+                                f"model of {self.run_dir}/.hydra/config.yaml (snapshots of "
+                                f"another run?): {detail}") from None
             averaged.update_parameters(self.model)
         module = averaged.module
         if self.bn:
@@ -339,6 +367,10 @@ def posthoc_run(run_dir: Path, args: argparse.Namespace, device: torch.device
           f"{index['every']} {index['unit']}, {index['dtype']}) on {device}; BN statistics "
           f"{'recomputed' if run.bn else 'none (no BN layers or swa.bn_update=false)'}",
           flush=True)
+    if index["dtype"] != "fp32":
+        print(f"note: the snapshots are {index['dtype']}: their averages approximate the "
+              "online ones (each weight rounded to 8 mantissa bits; 2.9e-3 measured on the "
+              "smoke run), they do not equal them", flush=True)
     rows = evaluate_settings(run, settings)
     write_csv(run_dir / CSV_FILE, rows)
     plot(rows, run_reference(run_dir), index["unit"], run_dir / PLOT_FILE,
@@ -382,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
             raise UserError(f"--device {args.device}: expected auto, cpu or cuda")
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, key="--device ")
         runs = target_dirs(Path(args.run_dir))
         if len(runs) == 1:
             # Check the lists before loading anything: a typo costs no data loading.

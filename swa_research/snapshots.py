@@ -82,9 +82,37 @@ def read_index(run_dir: str | Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e})") from e
-    if not index.get("snapshots"):
-        raise UserError(f"{path} lists no snapshots: the run stopped before its first one")
+    check_index(index, path)
     return index
+
+
+def check_index(index: Any, path: Path) -> None:
+    """The index's layout, and every snapshot file a plain name inside ``trajectory/`` (an
+    entry such as ``../../x.pt`` or an absolute path is refused, never followed)."""
+    if not isinstance(index, dict):
+        raise UserError(f"{path}: not a snapshot index (expected a JSON object)")
+    missing = [k for k in ("unit", "every", "dtype", "snapshots") if k not in index]
+    if missing:
+        raise UserError(f"{path}: not a snapshot index (missing {', '.join(missing)})")
+    if index["unit"] not in ("iter", "epoch") or not isinstance(index["every"], int) \
+            or isinstance(index["every"], bool) or index["every"] < 1:
+        raise UserError(f"{path}: unit must be iter or epoch and every a positive integer "
+                        f"(got {index['unit']!r}, {index['every']!r})")
+    entries = index["snapshots"]
+    if not isinstance(entries, list):
+        raise UserError(f"{path}: snapshots must be a list")
+    if not entries:
+        raise UserError(f"{path} lists no snapshots: the run stopped before its first one")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not all(
+                isinstance(e.get(k), int) and not isinstance(e.get(k), bool)
+                for k in ("iteration", "epoch")) or not isinstance(e.get("file"), str):
+            raise UserError(f"{path}: snapshot entry {i} must hold integer iteration and "
+                            f"epoch and a file name (got {e!r})")
+        name = e["file"]
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise UserError(f"{path}: snapshot entry {i} names {name!r}, a file outside "
+                            f"{TRAJECTORY}/; only files in {TRAJECTORY}/ are read")
 
 
 class SnapshotWriter:

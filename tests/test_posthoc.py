@@ -318,3 +318,82 @@ def test_snapshots_survive_kill_and_resume(tmp_path: Path) -> None:
         b = torch.load(run_dir / TRAJECTORY / e["file"], weights_only=True)
         assert a["iteration"] == b["iteration"] == e["iteration"]
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_no_flags_evaluate_a_default_grid_and_name_the_best(swa_run: Path, tmp_path: Path,
+                                                           capsys) -> None:  # noqa: ANN001
+    """Without flags: starts at 0, 1/4, 1/2, 3/4 of the trajectory, EMAs and LAWA; the best by
+    validation is named. Four epoch snapshots: starts 1, 2, 3, 4; LAWA k=2 (k < 4)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(swa_run, run_dir)
+    assert main([str(run_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = rows_of(run_dir)
+    swa = [r for r in rows if r["kind"] == "swa"]
+    assert [r["start"] for r in swa] == ["1", "2", "3", "4"]
+    assert [r["k"] for r in rows if r["kind"] == "lawa"] == ["2"]
+    assert [r["decay"] for r in rows if r["kind"] == "ema"] == ["0.5"]  # horizon max(2, n/8)
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    assert "best by validation accuracy" in out and f"(n={best['n_points']})" in out
+
+
+def test_bf16_snapshots_are_said_to_approximate(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    run_dir = run(tmp_path / "run", [*SWA_RUN, "trainer.snapshot_dtype=bf16"])
+    assert main([str(run_dir), "--swa-start", "2", "--device", "cpu"]) == 0
+    assert "note: the snapshots are bf16: their averages approximate the online ones" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda ix: ix.pop("unit"), "not a snapshot index (missing unit)"),
+    (lambda ix: ix["snapshots"][0].pop("epoch"), "snapshot entry 0 must hold integer"),
+    (lambda ix: ix["snapshots"][1].update(file="../../../metrics.json"),
+     "snapshot entry 1 names '../../../metrics.json', a file outside trajectory/"),
+    (lambda ix: ix["snapshots"][2].update(file="/etc/passwd"),
+     "snapshot entry 2 names '/etc/passwd', a file outside trajectory/"),
+    (lambda ix: ix.update(every="4"), "every a positive integer"),
+])
+def test_a_malformed_or_escaping_index_is_a_one_line_error(swa_run: Path, tmp_path: Path, edit,
+                                                           message: str, capsys) -> None:  # noqa: ANN001
+    run_dir = tmp_path / "run"
+    shutil.copytree(swa_run, run_dir)
+    (run_dir / "posthoc.csv").unlink(missing_ok=True)  # left by the tests before
+    path = run_dir / TRAJECTORY / INDEX
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+    assert main([str(run_dir), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (run_dir / "posthoc.csv").exists()
+
+
+def test_snapshots_of_another_model_and_a_tagged_config_are_one_line_errors(
+        swa_run: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    run_dir = tmp_path / "run"
+    shutil.copytree(swa_run, run_dir)
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    original = cfg_path.read_text()
+    # Snapshots paired with another run's config: a wider model.
+    cfg_path.write_text(original.replace("width: 0.0625", "width: 0.125"))
+    assert "width: 0.125" in cfg_path.read_text()
+    assert main([str(run_dir), "--swa-start", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model of" in err and "size mismatch" in err, err
+    assert err.count("\n") == 1
+    # A YAML python tag is refused by the safe loader, never constructed.
+    marker = tmp_path / "pwned"
+    cfg_path.write_text(original + f"evil: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main([str(run_dir), "--swa-start", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read as a run's config" in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+def test_device_errors_name_the_flag(swa_run: Path, capsys) -> None:  # noqa: ANN001
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main([str(swa_run), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is available here; use --device cpu or auto" in err
+    assert "trainer.device" not in err
