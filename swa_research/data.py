@@ -450,7 +450,7 @@ def train_batches(data: ImageSet, batch_size: int, generator: torch.Generator,
     if order is None:
         order = torch.randperm(n, generator=generator)
     if aug_seed is None:
-        aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        aug_seed = torch.randint(0, 2**62, (1,), generator=generator).tolist()[0]
     if not isinstance(data, ImageSet):
         return data.train_batches(batch_size, order, start=start, drop_last=drop_last,
                                   aug_seed=aug_seed, device=preprocess.device, shard=shard,

