@@ -25,6 +25,8 @@ __all__ = ["UserError"]  # re-exported: raised by every module that checks a use
 
 log = logging.getLogger(__name__)
 
+MAX_EPOCHS = 10**9
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -268,6 +270,12 @@ def validate(cfg: Config) -> None:
                 "trainer.eval_every", "swa.freq", "logger.log_every",
                 "logger.init_timeout"):
         _positive(_get(cfg, key), key)
+    if cfg.trainer.epochs > MAX_EPOCHS:
+        raise UserError(f"trainer.epochs={cfg.trainer.epochs}: at most {MAX_EPOCHS:,} (a "
+                        "budget beyond any run; the iteration counters must stay exact)")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"seed={cfg.seed}: must be an integer in [0, 2^63) (torch's generators "
+                        "take 64-bit seeds)")
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
     if cfg.trainer.snapshot_every < 0:

@@ -15,6 +15,7 @@ duplicate. :func:`swa_research.posthoc` reads the trajectory back.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -40,13 +41,15 @@ def snapshot_file(iteration: int) -> str:
     return f"it{iteration:06d}.pt"
 
 
-def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int) -> list[int]:
-    """The iterations after which a snapshot is taken, in order (none when every is 0)."""
+def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int) -> range:
+    """The iterations after which a snapshot is taken, in order (none when every is 0): a
+    range, so that a plan of any budget costs nothing to hold."""
     if every <= 0:
-        return []
+        return range(0)
     if unit == "epoch":
-        return [e * iters_per_epoch for e in range(every, epochs + 1, every)]
-    return list(range(every, epochs * iters_per_epoch + 1, every))
+        step = every * iters_per_epoch
+        return range(step, epochs * iters_per_epoch + 1, step)
+    return range(every, epochs * iters_per_epoch + 1, every)
 
 
 def snapshot_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -141,7 +144,7 @@ class SnapshotWriter:
         and its disk cost, refuse one that does not fit the free space, and rebuild the index
         from the snapshots on disk up to ``iteration`` (later ones are removed)."""
         per = bytes_per_snapshot(model, self.dtype)
-        todo = [p for p in self.points if p > iteration]
+        todo = self.points[bisect.bisect_right(self.points, iteration):]
         parent = self.dir
         while not parent.is_dir() and parent != parent.parent:
             parent = parent.parent  # the nearest folder that exists: its file system
@@ -158,7 +161,7 @@ class SnapshotWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob(".*.tmp"):  # a write that a kill interrupted
             tmp.unlink(missing_ok=True)
-        wanted = {p for p in self.points if p <= iteration}
+        wanted = set(self.points[:bisect.bisect_right(self.points, iteration)])
         on_disk: dict[int, Path] = {}
         for path in self.dir.glob("it*.pt"):
             m = FILE_RE.match(path.name)

@@ -184,9 +184,9 @@ def test_a_run_without_snapshots_is_a_one_line_error(tmp_path: Path, capsys) -> 
 
 
 def test_snapshot_points_and_config_checks() -> None:
-    assert snapshot_points("epoch", 2, 5, 3) == [6, 12]
-    assert snapshot_points("iter", 4, 2, 5) == [4, 8]
-    assert snapshot_points("iter", 0, 2, 5) == []
+    assert list(snapshot_points("epoch", 2, 5, 3)) == [6, 12]
+    assert list(snapshot_points("iter", 4, 2, 5)) == [4, 8]
+    assert list(snapshot_points("iter", 0, 2, 5)) == []
     with pytest.raises(UserError, match="trainer.snapshot_every=-1: must be >= 0"):
         load_config(compose_config([*BASE, "trainer.snapshot_every=-1"]))
     with pytest.raises(UserError, match="trainer.snapshot_unit='step'"):

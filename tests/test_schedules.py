@@ -313,3 +313,60 @@ def test_start_beyond_budget_counts_no_updates() -> None:
     assert plan.count_updates() == 0
     plan = AveragingPlan.from_config(SwaConfig(start=17_500, freq=50), ScheduleConfig(), 50, 351)
     assert plan.count_updates() == 1  # only 17550
+
+
+def test_the_closed_form_plan_equals_the_walk_through_the_budget() -> None:
+    """count_updates and first_update (arithmetic, any budget) against update_points (a walk
+    through every epoch) over iter, epoch and cyclical plans, starts below 1 and beyond."""
+    import itertools
+
+    for unit, start, freq, cyc, epochs, ipe in itertools.product(
+            ["iter", "epoch"], [0, 0.5, 1, 3, 7, 40], [1, 2, 5], [None, 4], [1, 3, 6], [1, 5]):
+        swa = SwaConfig(method="swa", unit=unit, start=start, freq=freq)
+        sched = ScheduleConfig(name="cyclical" if cyc else "constant", cycle=cyc or 100)
+        plan = AveragingPlan.from_config(swa, sched, epochs, ipe)
+        points = plan.update_points()
+        assert plan.count_updates() == len(points), (unit, start, freq, cyc, epochs, ipe)
+        assert plan.first_update() == (points[0] if points else None)
+
+
+def test_a_huge_budget_is_planned_at_once_or_refused() -> None:
+    import time
+
+    from conftest import compose_config
+
+    from swa_research.averaging import check_budget
+    from swa_research.build import load_config
+    from swa_research.config import UserError
+
+    t = time.perf_counter()
+    c = load_config(compose_config(["experiment=smoke", "trainer.epochs=1000000000"]))
+    check_budget(c, 14)  # 1.4e10 iterations
+    assert AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, 14).count_updates() \
+        == (14 * 10**9 - int(0.75 * 14 * 10**9)) // 2
+    assert time.perf_counter() - t < 5
+    with pytest.raises(UserError, match=r"^trainer.epochs=10000000000000: at most 1,000,000,000"):
+        load_config(compose_config(["experiment=smoke", "trainer.epochs=10000000000000"]))
+    with pytest.raises(UserError, match=r"^seed=99999999999999999999: must be an integer in "
+                                        r"\[0, 2\^63\)"):
+        load_config(compose_config(["experiment=smoke", "seed=99999999999999999999"]))
+    with pytest.raises(UserError, match=r"^seed=-1"):
+        load_config(compose_config(["experiment=smoke", "seed=-1"]))
+
+
+def test_an_empty_plan_blames_freq_when_the_start_is_inside_the_budget() -> None:
+    from conftest import compose_config
+
+    from swa_research.averaging import check_budget
+    from swa_research.build import load_config
+    from swa_research.config import UserError
+
+    c = load_config(compose_config(["experiment=smoke", "swa.freq=100000"]))
+    with pytest.raises(UserError) as e:
+        check_budget(c, 14)
+    assert str(e.value) == ("swa.freq=100000: no averaging point between the start (iter 42) "
+                            "and the end of the budget (56 iterations, trainer.epochs=4); "
+                            "lower it below 14")
+    c = load_config(compose_config(["experiment=smoke", "swa.start=100"]))
+    with pytest.raises(UserError, match=r"^swa.start=100 is beyond the training budget"):
+        check_budget(c, 14)

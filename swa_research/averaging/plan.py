@@ -92,8 +92,31 @@ class AveragingPlan:
                 points.append(e)
         return points
 
+    def _arithmetic(self) -> tuple[int, int, int]:
+        """The update points as (first, step, count), in closed form (no walk through the
+        budget: a budget of 10^13 epochs is planned at once)."""
+        if not self.enabled:
+            return 0, 1, 0
+        if self.cycle is not None:
+            origin = self.start_iter or 0
+            count = max(0, (self.total_iters - origin) // self.cycle)
+            return origin + self.cycle, self.cycle, count
+        if self.unit == "iter":  # n > start, n % freq == 0, n <= total
+            first = (self.start // self.freq + 1) * self.freq
+            count = max(0, self.total_iters // self.freq - self.start // self.freq)
+            return first, self.freq, count
+        first = self.start if self.start >= 1 else self.start + -(-(1 - self.start)
+                                                                   // self.freq) * self.freq
+        count = max(0, (self.epochs - first) // self.freq + 1) if first <= self.epochs else 0
+        return first, self.freq, count
+
     def count_updates(self) -> int:
-        return len(self.update_points())
+        return self._arithmetic()[2]
+
+    def first_update(self) -> int | None:
+        """The first update point (iteration or epoch, as update_points), None if none."""
+        first, _, count = self._arithmetic()
+        return first if count else None
 
 
 def check_budget(cfg: Config, iters_per_epoch: int) -> None:
@@ -105,18 +128,27 @@ def check_budget(cfg: Config, iters_per_epoch: int) -> None:
     if cfg.swa.method == "none":
         return
     plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
-    points = plan.update_points()
+    count, first = plan.count_updates(), plan.first_update()
     budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
-    if not points:
+    if not count and plan.start < budget:
+        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
+        what = f"swa.schedule.cycle={plan.cycle}" if plan.cycle is not None else \
+            f"swa.freq={cfg.swa.freq}"
+        what = what.replace("swa.schedule.", "schedule.")
+        raise UserError(
+            f"{what}: no averaging point between the start ({cfg.swa.unit} {plan.start}) and "
+            f"the end of the budget ({budget} {unit}, trainer.epochs={cfg.trainer.epochs}); "
+            f"lower it below {budget - plan.start}")
+    if not count:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
         raise UserError(
             f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
             f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged; give the "
             "start as a fraction of the budget, e.g. swa.start=0.75")
-    if len(points) == 1 and plan.cycle is None:
+    if count == 1 and plan.cycle is None:
         # An average of one point is that checkpoint (with recomputed BN statistics): almost
         # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.
         unit = "epoch" if cfg.swa.unit == "epoch" else "iteration"
         log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
                     "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
-                    "more", cfg.swa.freq, cfg.swa.unit, unit, points[0], budget)
+                    "more", cfg.swa.freq, cfg.swa.unit, unit, first, budget)
