@@ -22,6 +22,8 @@ from swa_research.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+OFFLINE_INIT_TIMEOUT = 300.0  # seconds for wandb's local service to start, offline
+
 EVAL_KEYS = ("val_loss", "val_acc", "test_loss", "test_acc")
 
 
@@ -261,6 +263,9 @@ class WandbLogger:
                 dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
                 reinit="finish_previous")
             mode = resolve_mode(cfg.mode)
+            no_key = mode == "online" and not api_key_configured()
+            if no_key:  # offline keeps the record, and `wandb sync` uploads it after a login
+                mode = "offline"
             try:
                 self.run = wandb.init(
                     mode=mode, **kwargs, settings=wandb.Settings(
@@ -273,13 +278,22 @@ class WandbLogger:
                 # wandb's service keeps the failed attempt's stream open under the same run id
                 # ("run ID ... is in use"): shut the service down, the next init starts anew.
                 wandb.teardown()
-                self.run = wandb.init(mode="offline", **kwargs,
-                                      settings=wandb.Settings(console="off", silent=True))
+                # Starting the local service offline needs no network, only a (possibly busy)
+                # machine: a timeout of its own, not the online one.
+                self.run = wandb.init(mode="offline", **kwargs, settings=wandb.Settings(
+                    console="off", silent=True,
+                    init_timeout=max(OFFLINE_INIT_TIMEOUT, cfg.init_timeout)))
                 log.warning("W&B: could not start an online run (%s: %s); logging to an "
                             "offline run instead. Upload it later with: wandb sync %s",
                             type(e).__name__, _first_line(e), offline_run_folder(self.run))
             else:
-                self._say_mode()
+                if no_key:
+                    log.warning("W&B: logger.mode=online, but no W&B API key is configured "
+                                "(wandb login, or WANDB_API_KEY); logging to an offline run. "
+                                "Upload it after a login with: wandb sync %s",
+                                offline_run_folder(self.run))
+                else:
+                    self._say_mode()
             self.run.define_metric("iteration")
             self.run.define_metric("train/*", step_metric="iteration")
             self.run.define_metric("lr", step_metric="iteration")
