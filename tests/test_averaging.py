@@ -285,3 +285,21 @@ def test_further_averages_need_their_own_names() -> None:
         build_averages(nn.Linear(2, 2), SwaConfig(method="none", also=["ema"]))
     names = build_averages(nn.Linear(2, 2), SwaConfig(method="swa", also=["ema"]))
     assert list(names) == ["swa", "ema"] and names["ema"].method == "ema"
+
+
+@pytest.mark.parametrize(("also", "message"), [
+    ("[ema,ema]", "swa.also=['ema', 'ema']: ema is listed more than once; each further "
+                  "average is kept once, under its method's name (e.g. swa.also=[ema])"),
+    ("[swa]", "swa.also=['swa']: 'swa' names the primary average (swa.method=swa); list only "
+              "further methods, e.g. swa.method=swa swa.also=[ema]"),
+])
+def test_a_repeated_or_primary_further_average_names_the_cause(also: str, message: str) -> None:
+    from conftest import compose_config
+
+    from swa_research.averaging import check_methods
+    from swa_research.build import load_config
+    from swa_research.config import UserError
+
+    with pytest.raises(UserError) as e:
+        check_methods(load_config(compose_config([f"swa.also={also}"])).swa)
+    assert str(e.value) == message

@@ -66,10 +66,15 @@ def check_methods(cfg: SwaConfig) -> None:
                             f"{', '.join(METHODS)}")
     if cfg.also and cfg.method == "none":
         raise UserError("swa.also needs a primary average: swa.method=none averages nothing")
-    if len(set(cfg.also)) != len(cfg.also) or PRIMARY in cfg.also:
-        raise UserError(f"swa.also={list(cfg.also)}: each further average needs its own name, "
-                        f"and '{PRIMARY}' names the primary one (swa.method={cfg.method}); "
-                        "e.g. swa.method=swa swa.also=[ema]")
+    repeated = sorted({m for m in cfg.also if list(cfg.also).count(m) > 1})
+    if repeated:
+        raise UserError(f"swa.also={list(cfg.also)}: {', '.join(repeated)} is listed more "
+                        "than once; each further average is kept once, under its method's "
+                        f"name (e.g. swa.also=[{repeated[0]}])")
+    if PRIMARY in cfg.also:
+        raise UserError(f"swa.also={list(cfg.also)}: '{PRIMARY}' names the primary average "
+                        f"(swa.method={cfg.method}); list only further methods, e.g. "
+                        "swa.method=swa swa.also=[ema]")
     for method in set(average_names(cfg).values()):
         check = getattr(METHODS[method], "check", None)
         if check is not None:
