@@ -277,7 +277,7 @@ def test_a_new_averaging_method_is_one_class_and_one_registry_line(
 
 
 def test_further_averages_need_their_own_names() -> None:
-    with pytest.raises(UserError, match="'swa' names the primary one"):
+    with pytest.raises(UserError, match="'swa' names the primary average"):
         build_averages(nn.Linear(2, 2), SwaConfig(method="ema", also=["swa"]))
     with pytest.raises(UserError, match="swa.also: 'polyak' is not an averaging method"):
         build_averages(nn.Linear(2, 2), SwaConfig(also=["polyak"]))
