@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from swa_research.averaging import AveragingPlan, build_averages, check_budget, check_methods
 from swa_research.checkpoint import RETIRED_KEYS, config_differences, find_resume_checkpoint
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
-from swa_research.data import Preprocess, build_data
+from swa_research.data import Limits, Preprocess, build_data
 from swa_research.distributed import agree, world
 from swa_research.errors import UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
@@ -260,7 +260,8 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     prepare_device(device, trainer_cfg.deterministic)
     torch.manual_seed(config.seed)
     fmt = memory_format(trainer_cfg.channels_last)
-    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt)
+    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt,
+                      limits=Limits.of(config))
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
     model = build_model(config.model, data.num_classes, data.image_size).to(

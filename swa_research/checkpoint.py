@@ -46,7 +46,9 @@ LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": [], "swa.max_mod
                  "swa.swag_eval_every": 0, "swa.ema_warmup": False,
                  "trainer.snapshot_every": 0, "trainer.snapshot_unit": "epoch",
                  "trainer.snapshot_dtype": "fp32", "model.sync_bn": False,
-                 "trainer.eval_at_start": False}
+                 "trainer.eval_at_start": False, "trainer.limit_train_batches": 0,
+                 "trainer.limit_eval_batches": 0, "trainer.overfit_batches": 0,
+                 "data.subset": 0}
 # Keys that no longer exist: a checkpoint that holds one still resumes (trainer.conv_algorithm
 # chose CPU convolution kernels, which changed rounding only).
 RETIRED_KEYS = ("trainer.conv_algorithm",)

@@ -65,6 +65,9 @@ class DataConfig:
     resize_size: int | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     prefetch_factor: int = 2
+    # A quick look at real data: N training images (after the validation split), seeded and
+    # class-balanced; 0: all of them.
+    subset: int = 0
 
 
 @dataclass
@@ -155,6 +158,12 @@ class TrainerConfig:
     # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
+    # Shortened runs (the debug group): train on limit_train_batches batches' worth of images
+    # (a seeded selection), evaluate limit_eval_batches eval batches of each set; overfit on
+    # overfit_batches fixed batches (validated on the same images). 0: off.
+    limit_train_batches: int = 0
+    limit_eval_batches: int = 0
+    overfit_batches: int = 0
     # Weight snapshots of the training model for post-hoc averaging (python -m
     # swa_research.posthoc): every snapshot_every snapshot_units (0: none) into trajectory/.
     snapshot_every: int = 0
@@ -276,6 +285,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.seed < 2**63:
         raise UserError(f"seed={cfg.seed}: must be an integer in [0, 2^63) (torch's generators "
                         "take 64-bit seeds)")
+    for key in ("data.subset", "trainer.limit_train_batches", "trainer.limit_eval_batches",
+                "trainer.overfit_batches"):
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}={_get(cfg, key)}: must be >= 0 (0: off)")
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
     if cfg.trainer.snapshot_every < 0:

@@ -46,7 +46,7 @@ from swa_research.averaging import HostCountAveragedModel, bn_update, has_batch_
 from swa_research.averaging.ema import ema_multi_avg_fn
 from swa_research.build import load_run_config, prepare_device, resolve_device
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
-from swa_research.data import DataSplits, Preprocess, bn_pass_batches, build_data
+from swa_research.data import DataSplits, Limits, Preprocess, bn_pass_batches, build_data
 from swa_research.evaluation import calibration_summary, collect_logits, evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
@@ -186,7 +186,8 @@ class PosthocRun:
         cfg = self.config
         self.device = device
         prepare_device(device, cfg.trainer.deterministic)
-        self.data: DataSplits = build_data(cfg.data, cfg.seed, device, cfg.trainer.num_workers)
+        self.data: DataSplits = build_data(cfg.data, cfg.seed, device, cfg.trainer.num_workers,
+                                           limits=Limits.of(cfg))
         fmt = memory_format(cfg.trainer.channels_last)
         self.model: nn.Module = build_model(cfg.model, self.data.num_classes,
                                             self.data.image_size).to(device, memory_format=fmt)

@@ -39,7 +39,14 @@ from torch import Tensor, nn
 from swa_research.averaging import bn_update, has_batch_norm
 from swa_research.build import load_run_config
 from swa_research.config import Config, UserError, bn_batch_size
-from swa_research.data import DataSplits, ImageSet, Preprocess, bn_pass_batches, build_data
+from swa_research.data import (
+    DataSplits,
+    ImageSet,
+    Limits,
+    Preprocess,
+    bn_pass_batches,
+    build_data,
+)
 from swa_research.evaluation import evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
@@ -78,7 +85,7 @@ def load_run(run_dir: str | Path, device: torch.device, num_workers: int = 0) ->
     config = load_run_config(run_dir)
     sgd = _load_weights(run_dir / "sgd_final.pt", device)
     swa = _load_weights(run_dir / "swa.pt", device)
-    data = build_data(config.data, config.seed, device, num_workers)
+    data = build_data(config.data, config.seed, device, num_workers, limits=Limits.of(config))
     model = build_model(config.model, data.num_classes, data.image_size).to(device)
     model.load_state_dict(sgd["state_dict"])
     return LoadedRun(config, data, model, sgd["state_dict"], swa["state_dict"],

@@ -1,0 +1,132 @@
+"""The debug group (debug=smoke|fdr|limit|overfit, lightning-hydra-template's convention) and
+data.subset: shortened runs that never touch the model, so they work with every model in the
+registry, alone and under -m."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+
+from swa_research.build import load_config, train
+from swa_research.data import Limits, apply_limits, balanced_index, build_data
+from swa_research.models import MODELS, resolve_model_config
+
+OPTIONS = ["smoke", "fdr", "limit", "overfit"]
+CPU = ["trainer.device=cpu", "trainer.progress=none", "trainer.num_workers=0"]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_debug_option_composes_with_every_model(option: str, model: str) -> None:
+    """The model group is untouched: the model's own options, checked by the registry."""
+    c = load_config(compose_config([f"debug={option}", f"model={model}", "data=synthetic"]))
+    assert c.model["name"] == model
+    resolve_model_config(c.model)  # raises on an option the model does not take
+    if option == "fdr":
+        assert (c.trainer.epochs, c.trainer.limit_train_batches, c.trainer.limit_eval_batches) \
+            == (1, 1, 1)
+
+
+def test_experiment_smoke_still_picks_its_narrow_vgg() -> None:
+    c = load_config(compose_config(["experiment=smoke"]))
+    assert c.model["name"] == "simplified" and c.model["width"] == 0.125
+
+
+@pytest.mark.parametrize("model", ["simplified", "preresnet110", "torchvision"])
+def test_debug_smoke_runs_with_models_of_each_family(model: str, tmp_path: Path) -> None:
+    m = train(compose_config(["debug=smoke", f"model={model}", *CPU]), tmp_path)
+    assert m["status"] == "finished" and m["train"]["iterations"] == 8  # 2 epochs x 4 batches
+    assert m["swa"]["n_averaged"] == 4 and m["swa"]["test_acc"] is not None
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert len(rows) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("option", ["smoke", "fdr"])
+def test_debug_runs_with_every_model_in_the_registry(option: str, model: str,
+                                                     tmp_path: Path) -> None:
+    extra = ["data=synthetic"] if option == "fdr" else []
+    m = train(compose_config([f"debug={option}", f"model={model}", *CPU, *extra]), tmp_path)
+    assert m["status"] == "finished"
+    assert m["swa"]["n_averaged"] >= 1 and m["swa"]["test_loss"] is not None
+    assert (tmp_path / "swa.pt").is_file()
+
+
+def test_fdr_passes_one_batch_through_every_path(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """One step; the average updated after it, with its BN update (a BN model); one eval batch
+    of validation and test; calibration and the files."""
+    caplog.set_level("INFO", logger="swa_research.data")
+    m = train(compose_config(["debug=fdr", "data=synthetic", "model=vgg11",
+                              "model.batch_norm=true", "model.width=0.125", "swa.also=[ema]",
+                              *CPU]), tmp_path)
+    assert m["train"]["iterations"] == 1 and m["train"]["epochs"] == 1
+    assert m["swa"]["n_averaged"] == m["ema"]["n_averaged"] == 1
+    assert set(m["calibration"]["swa"]) == {"nll", "ece"}
+    assert {"sgd_final.pt", "swa.pt", "ema.pt"} <= set(m["files"])
+    caplog.set_level("INFO", logger="swa_research.data")
+    assert "train 128 of" in caplog.text and "test 200 of 200" in caplog.text  # batch 128
+
+
+def test_limit_and_overfit_cut_the_sets(tmp_path: Path) -> None:
+    c = load_config(compose_config(["debug=limit", "data=synthetic", "data.train_size=2000",
+                                    "data.test_size=3000", "trainer.batch_size=32",
+                                    "trainer.eval_batch_size=100"]))
+    splits = build_data(c.data, c.seed, torch.device("cpu"), limits=Limits.of(c))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (320, 200, 500)
+    c = load_config(compose_config(["debug=overfit", "data=synthetic", "trainer.batch_size=8"]))
+    splits = build_data(c.data, c.seed, torch.device("cpu"), limits=Limits.of(c))
+    assert len(splits.train) == 32 and splits.val is splits.train
+    m = train(compose_config(["debug=overfit", "data=synthetic", "model.width=0.125",
+                              "model.dropout=0", "optimizer.lr=3e-3", "trainer.batch_size=8",
+                              "data.normalize=true", *CPU]), tmp_path)
+    # It fits its 32 images: validation (the same images) far below chance (ln 10 = 2.30;
+    # measured 0.003).
+    assert m["sgd"]["val_loss"] < 0.1, m["sgd"]
+
+
+def test_data_subset_is_seeded_and_class_balanced() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    index = balanced_index(labels, 20, seed=3)
+    assert len(set(index.tolist())) == 20
+    counts = Counter(labels[index].tolist())
+    assert counts == {2: 5, 0: 8, 1: 7} or counts == {2: 5, 0: 7, 1: 8}
+    assert torch.equal(index, balanced_index(labels, 20, seed=3))
+    assert not torch.equal(index, balanced_index(labels, 20, seed=4))
+    c = load_config(compose_config(["data=synthetic", "data.subset=30"]))
+    splits = build_data(c.data, c.seed, torch.device("cpu"), limits=Limits.of(c))
+    assert len(splits.train) == 30 and Counter(splits.train.labels.tolist()) == \
+        dict.fromkeys(range(10), 3)
+    # Nothing to cut: the same sets back.
+    same = apply_limits(splits, Limits(), 0)
+    assert same.train is splits.train and same.test is splits.test
+
+
+def test_bad_limits_are_one_line_errors() -> None:
+    from swa_research.config import UserError
+
+    for key in ("data.subset", "trainer.limit_train_batches", "trainer.limit_eval_batches",
+                "trainer.overfit_batches"):
+        with pytest.raises(UserError, match=rf"^{key}=-1: must be >= 0"):
+            load_config(compose_config([f"{key}=-1"]))
+
+
+@pytest.mark.slow
+def test_debug_smoke_under_multirun(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "swa_research.train", "-m", "debug=smoke",
+                        "model=simplified,preresnet110", *CPU, f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(json.loads((d / "metrics.json").read_text())["model"]["name"]
+                   for d in sweep.iterdir() if (d / "metrics.json").is_file())
+    assert names == ["preresnet110", "simplified"]
