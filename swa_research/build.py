@@ -264,8 +264,11 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
                       limits=Limits.of(config))
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
-    model = build_model(config.model, data.num_classes, data.image_size).to(
-        device, memory_format=fmt)
+    try:  # reading model.weights (a file, or torchvision's download) fails here, not on meta
+        model = build_model(config.model, data.num_classes, data.image_size).to(
+            device, memory_format=fmt)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     optimizer = build_optimizer(config.optimizer, model.parameters())
     plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,

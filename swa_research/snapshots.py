@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from swa_research.config import TrainerConfig, UserError
-from swa_research.fileio import atomic_torch_save, atomic_write_text
+from swa_research.fileio import atomic_torch_save, atomic_write_text, describe_write_error
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,19 @@ class SnapshotWriter:
         entry = self._entry(iteration)
         state = {"state_dict": snapshot_state(model, self.dtype), "iteration": iteration,
                  "epoch": entry["epoch"]}
-        atomic_torch_save(state, self.dir / entry["file"])
-        self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
-        self._write_index()
+        path = self.dir / entry["file"]
+        try:
+            atomic_torch_save(state, path)
+            self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
+            self._write_index()
+        except OSError as e:  # as a failed checkpoint write: one line, nothing kept half-written
+            last = self.entries[-1]["iteration"] if self.entries else None
+            raise UserError(
+                f"{describe_write_error(e, e.filename or path)}; training stopped (snapshot "
+                f"at iteration {iteration}); "
+                + (f"the snapshots up to iteration {last} and " if last else "")
+                + "the last checkpoint are kept: free space (or snapshot less often) and rerun "
+                "the same command to resume") from e
 
     def _entry(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "epoch": self.epoch_of(iteration),

@@ -397,3 +397,37 @@ def test_device_errors_name_the_flag(swa_run: Path, capsys) -> None:  # noqa: AN
     err = capsys.readouterr().err
     assert "--device cuda: no CUDA GPU is available here; use --device cpu or auto" in err
     assert "trainer.device" not in err
+
+
+def test_a_failed_snapshot_write_is_one_line_and_keeps_what_was_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the third snapshot: a UserError of one line (exit 2 from the entry
+    point), metrics.json "failed" with it, the earlier snapshots and the checkpoint kept, and
+    the rerun resumes and finishes with the whole trajectory."""
+    import errno
+
+    import swa_research.snapshots as snapshots_mod
+
+    real, calls = snapshots_mod.atomic_torch_save, []
+
+    def full_disk(obj: object, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(snapshots_mod, "atomic_torch_save", full_disk)
+    with pytest.raises(UserError) as e:
+        train(compose_config(SWA_RUN), tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("no space left on device writing ") and "it000009.pt" in msg
+    assert "the snapshots up to iteration 6 and the last checkpoint are kept" in msg
+    assert "\n" not in msg
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "no space left on device" in metrics["error"]
+    assert [e["iteration"] for e in snapshots_of(tmp_path)] == [3, 6]
+    assert (tmp_path / "checkpoint.pt").is_file()
+    monkeypatch.setattr(snapshots_mod, "atomic_torch_save", real)
+    m = train(compose_config(SWA_RUN), tmp_path)
+    assert m["status"] == "finished"
+    assert [e["iteration"] for e in snapshots_of(tmp_path)] == [3, 6, 9, 12]

@@ -427,3 +427,18 @@ def test_killed_and_resumed_run_is_identical(tmp_path: Path) -> None:
     a = torch.load(base / "swag.pt", weights_only=True)["swag"]
     b = torch.load(broken / "swag.pt", weights_only=True)["swag"]
     assert all(torch.equal(a[k], b[k]) for k in ("mean", "sq_mean", "deviations"))
+
+
+def test_a_swag_buffer_beyond_the_free_memory_is_refused_before_allocating() -> None:
+    from swa_research.averaging.swag import check_memory
+
+    with pytest.raises(UserError) as e:
+        check_memory("swag", 101_650, 100_000_000, torch.device("cpu"), available=2**34)
+    assert str(e.value) == (
+        "swa.max_models: swag needs 37,867.6 GiB on cpu (100000000 deviations and 4 vectors "
+        "of 101,650 float32 weights), 16.0 GiB are free; lower swa.max_models")
+    check_memory("swag", 101_650, 20, torch.device("cpu"), available=2**34)  # fits
+    # Through the config: the run stops before its buffer is allocated.
+    with pytest.raises(UserError, match=r"^swa.max_models: swag needs 37,867.6 GiB"):
+        train(compose_config([*TINY, "swa=swag", "swa.max_models=100000000",
+                              "model.width=0.125"]), Path("/nonexistent/unused"))

@@ -181,3 +181,51 @@ def test_a_torchvision_model_trains_and_its_average_gets_fresh_bn_statistics(
     key = "bn1.running_var"
     assert key in swa and not torch.equal(swa[key], sgd[key])
     assert not torch.equal(swa[key], torch.ones_like(swa[key]))  # not the reset value
+
+
+@pytest.mark.parametrize("kind", ["garbage", "code", "unreadable", "offline"])
+def test_bad_weights_end_the_run_with_one_line_and_a_failed_record(
+        tmp_path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.weights that cannot be used: a UserError of one line (exit 2 from the entry
+    point), metrics.json "failed" with it; a crafted pickle is refused, never run."""
+    import json
+    import os
+    import pickle
+
+    from swa_research.build import train
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "w.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+        weights, expect = str(path), "not a file of tensors that can be loaded safely"
+    elif kind == "code":
+        class Evil:
+            def __reduce__(self):  # noqa: ANN204
+                return (os.system, (f"touch {marker}",))
+
+        path.write_bytes(pickle.dumps(Evil()))
+        weights, expect = str(path), "not a file of tensors that can be loaded safely"
+    elif kind == "unreadable":  # root reads any mode, so the read itself is made to fail
+        path.write_bytes(b"x")
+
+        def denied(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(torch, "load", denied)
+        weights, expect = str(path), "cannot be read as a state dict (PermissionError"
+    else:
+        def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise urllib.error.URLError("Name or service not known")
+
+        monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+        weights, expect = "IMAGENET1K_V1", "without network, save those weights to a file"
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train(compose_config(["debug=smoke", "model=torchvision", "model.arch=resnet18",
+                              f"model.weights={weights}", "trainer.device=cpu"]), run_dir)
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert len(str(e.value)) < 400
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "failed" and expect in record["error"]
+    assert not marker.exists()

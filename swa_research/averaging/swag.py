@@ -34,8 +34,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,6 +82,37 @@ def resolve_swag_device(name: str, model: nn.Module) -> torch.device:
     return torch.device(name)
 
 
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``: the GPU's free memory, or the host's
+    available memory (MemAvailable; the cgroup limit where lower)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = min(available, int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return available
+
+
+def check_memory(method: str, numel: int, rows: int, device: torch.device,
+                 available: int | None = None) -> None:
+    """The moments (2 x P floats), the deviation buffer (K x P) and a sample's working vectors
+    (2 x P) must fit in ``device``'s free memory: a UserError before anything is allocated
+    (swa.max_models=100000000 once asked for 40 TB)."""
+    need = (4 + rows) * numel * 4
+    free = available_bytes(device) if available is None else available
+    if need > free:
+        key = "swa.max_models" if rows else "swa.swag_device"
+        raise UserError(
+            f"{key}: {method} needs {need / 2**30:,.1f} GiB on {device} ({rows} deviations "
+            f"and 4 vectors of {numel:,} float32 weights), {free / 2**30:,.1f} GiB are free; "
+            "lower swa.max_models" + (", or keep the posterior in host memory "
+                                      "(swa.swag_device=cpu)" if device.type != "cpu" else ""))
+
+
 class SWAG(Average):
     """SWAG with the low-rank plus diagonal covariance (``swa.also=[swag]``); see the module
     docstring for the reference lines followed."""
@@ -100,6 +133,8 @@ class SWAG(Average):
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.numel = sum(p.numel() for p in model.parameters())
+        check_memory(self.method, self.numel, self.max_models if self.low_rank else 0,
+                     self.device)
         self.count = 0
         self.mean = torch.zeros(self.numel, device=self.device)
         self.sq_mean = torch.zeros(self.numel, device=self.device)

@@ -15,6 +15,7 @@ read or downloaded: the arch and the weights' name or file are checked only.
 from __future__ import annotations
 
 import difflib
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,8 +108,12 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses what is not tensors and data
+        raise ValueError(f"model.weights={path}: not a file of tensors that can be loaded "
+                         "safely (torch.load weights_only refused it: a damaged file, or one "
+                         "holding Python objects, which are never run)") from e
     except Exception as e:  # noqa: BLE001 - a bad file of any kind is the user's input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ValueError(f"model.weights={path}: cannot be read as a state dict "
                          f"({type(e).__name__}: {first})") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
