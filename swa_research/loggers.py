@@ -156,6 +156,9 @@ def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
     for name, acc in others:
         if acc is not None:
             text += f", {name.upper()} {pct(acc)}"
+    bad = metrics.get("nonfinite") or {}
+    if bad:
+        text += "; NON-FINITE results: " + ", ".join(f"{n} ({w})" for n, w in bad.items())
     return text + f"; results in {run_dir}"
 
 

@@ -97,6 +97,8 @@ class Trainer:
         self.last_sgd: dict[str, Any] = {}
         # The latest evaluation of each average, by name.
         self.last_avg: dict[str, dict[str, Any]] = {}
+        # Models whose evaluation gave a non-finite loss: name -> where (first time only).
+        self.nonfinite: dict[str, str] = {}
         self.train_time = 0.0
         self.images_seen = 0
         self.wall_before = 0.0  # wall time of earlier processes of this run (resume)
@@ -293,8 +295,22 @@ class Trainer:
                                        "n_averaged": average.n_averaged,
                                        **average.settings()}
         self.model.train()
+        self._note_nonfinite(row, epoch)
         self._track_best(epoch)
         return row
+
+    def _note_nonfinite(self, row: dict[str, Any], epoch: int) -> None:
+        """A non-finite evaluation (an average whose weights or samples blew up) is never a
+        silent row: a warning the first time per model, and metrics.json's ``nonfinite``."""
+        for name in ("sgd", *self.averages):
+            for key in ("val_loss", "test_loss"):
+                value = row.get(f"{name}_{key}")
+                if value is None or math.isfinite(value) or name in self.nonfinite:
+                    continue
+                self.nonfinite[name] = f"{key} {value} at epoch {epoch}"
+                log.warning("NON-FINITE RESULT: %s's %s is %s at epoch %d; its results are not "
+                            "numbers (metrics.json \"nonfinite\" says so)", name, key, value,
+                            epoch)
 
     def _forked_rng(self) -> Any:
         """Preparing an average (the BN pass) runs it in train mode, so its dropout draws from
@@ -449,6 +465,7 @@ class Trainer:
             "best_state": self.best_state,
             "last_sgd": self.last_sgd,
             "last_avg": self.last_avg,
+            "nonfinite": self.nonfinite,
             "history": self.history,
             "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(self.generator, self.device),
@@ -518,6 +535,7 @@ class Trainer:
         if self.best_state is not None:
             self.best_state = {k: v.to(self.device) for k, v in self.best_state.items()}
         self.last_sgd = state["last_sgd"]
+        self.nonfinite = dict(state.get("nonfinite") or {})
         self.last_avg = state.get("last_avg") or (
             {PRIMARY: state["last_swa"]} if state.get("last_swa") else {})
         self.history = [dict(r) for r in state["history"]]
@@ -563,12 +581,14 @@ class Trainer:
         raise Preempted(signum)
 
     def metrics(self, status: str, wall: float, error: str | None = None) -> dict[str, Any]:
-        return run_metrics(status, wall, error, epochs=self.cfg.epochs, iterations=self.iteration,
-                           sgd=self.last_sgd, best=self.best, averages=self.last_avg,
-                           names=list(self.averages), calibration=self.calibration,
-                           model=self.model_info,
-                           images_seen=self.images_seen, train_time=self.train_time,
-                           device=self.device)
+        out = run_metrics(status, wall, error, epochs=self.cfg.epochs, iterations=self.iteration,
+                          sgd=self.last_sgd, best=self.best, averages=self.last_avg,
+                          names=list(self.averages), calibration=self.calibration,
+                          model=self.model_info, images_seen=self.images_seen,
+                          train_time=self.train_time, device=self.device)
+        if self.nonfinite:
+            out["nonfinite"] = dict(self.nonfinite)
+        return out
 
     def save_weights(self) -> list[str]:
         return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,

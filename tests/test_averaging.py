@@ -303,3 +303,34 @@ def test_a_repeated_or_primary_further_average_names_the_cause(also: str, messag
     with pytest.raises(UserError) as e:
         check_methods(load_config(compose_config([f"swa.also={also}"])).swa)
     assert str(e.value) == message
+
+
+class BlowsUp(LastPoint):
+    """A toy method whose average turns to NaN (as a sample at scale 1e30 did)."""
+
+    method = "blowup"
+
+    def update(self, model: nn.Module) -> None:
+        super().update(model)
+        with torch.no_grad():
+            for p in self._module.parameters():
+                p.fill_(float("nan"))
+
+
+def test_a_non_finite_average_is_loud_and_recorded(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import TINY, compose_config
+
+    from swa_research.averaging import METHODS
+    from swa_research.build import train
+    from swa_research.loggers import run_summary
+
+    monkeypatch.setitem(METHODS, "blowup", BlowsUp)
+    m = train(compose_config([*TINY, "swa.also=[blowup]", "swa.freq=1"]), tmp_path)
+    assert set(m["nonfinite"]) == {"blowup"} and "val_loss nan at epoch" in m["nonfinite"]["blowup"]
+    warnings = [r.getMessage() for r in caplog.records if "NON-FINITE" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("NON-FINITE RESULT: blowup's val_loss")
+    assert "NON-FINITE results: blowup (val_loss nan at epoch" in run_summary(tmp_path, m)
+    fine = train(compose_config([*TINY, "swa.freq=1"]), tmp_path / "fine")
+    assert "nonfinite" not in fine
