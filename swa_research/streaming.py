@@ -199,6 +199,18 @@ class LoaderWait:
         return self.last_s / self.last_elapsed_s if self.last_elapsed_s > 0 else 0.0
 
 
+def worker_message(e: BaseException) -> str:
+    """The one line a DataLoader worker raised: the loader re-raises a worker's exception with
+    "Caught UserError in DataLoader worker process N" and the worker's traceback as its
+    message; the last line of that traceback is "swa_research.errors.UserError: <the line>"."""
+    text = str(e)
+    if "in DataLoader worker process" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, rest = last.partition(": ")
+    return rest if sep and name.endswith("UserError") else last
+
+
 class BatchIterator(Iterator[tuple[Tensor, Tensor]]):
     """The batches of one iteration as (float NCHW on device, int64 labels on device); it
     measures the time the consumer waits for each batch."""
@@ -239,6 +251,8 @@ class BatchIterator(Iterator[tuple[Tensor, Tensor]]):
         except StopIteration:
             self._note(time.perf_counter() - t0)
             raise
+        except UserError as e:
+            raise UserError(worker_message(e)) from None
         self._note(time.perf_counter() - t0)
         idx = self._plan.index[self._next]
         self._next += 1

@@ -475,3 +475,18 @@ def test_a_streamed_run_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None
         a = torch.load(tmp_path / "run" / name, weights_only=False)["state_dict"]
         b = torch.load(tmp_path / "straight" / name, weights_only=False)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_jpeg_is_one_line_with_or_without_workers(folder: Path,
+                                                              workers: int) -> None:
+    """A worker's UserError arrives as the loader's "Caught UserError in DataLoader worker
+    process 0" plus a traceback; the set hands on the worker's one line."""
+    victim = sorted((folder / "train").glob("*/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated inside its header
+    s = streaming(folder, workers=workers)
+    with pytest.raises(UserError) as e:
+        collect(s.eval_batches(4))
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read image {victim}: ") and "\n" not in msg, msg
+    assert "DataLoader worker" not in msg and "Traceback" not in msg
