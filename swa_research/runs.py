@@ -9,6 +9,7 @@ says ``finished`` holds every file listed under its ``files``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ import yaml
 
 from swa_research.checkpoint import LATEST, PREVIOUS
 from swa_research.errors import UserError
+
+log = logging.getLogger(__name__)
 
 NO_METRICS = "no metrics.json"
 UNREADABLE = "unreadable"
@@ -104,7 +107,8 @@ def holds_run(run_dir: Path, status: str) -> bool:
     return status == "finished"
 
 
-def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | None) -> bool:
+def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | None,
+                       keep_checkpoint: bool = False) -> bool:
     """Never overwrite an earlier run's results (``status`` and ``metrics``: what
     :func:`read_metrics` read from ``run_dir``). A finished run whose files are all there is
     refused (UserError); True when the run finished but lacks some of them (a crash between the
@@ -115,6 +119,16 @@ def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | Non
     # metrics.json lists the files written before it; an older metrics.json did not.
     expected = metrics.get("files", ["sgd_final.pt"])
     if all((run_dir / n).is_file() for n in expected):
+        # A kill between metrics.json (the commit point) and the removal of the training
+        # checkpoints leaves them behind for good: remove them now, and say so.
+        leftovers = [run_dir / n for n in ((PREVIOUS,) if keep_checkpoint
+                                           else (PREVIOUS, LATEST))
+                     if (run_dir / n).is_file()]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            log.warning("%s: removed %s, left by a run killed after it finished",
+                        run_dir, " and ".join(p.name for p in leftovers))
         raise UserError(f"{run_dir} already holds a finished run ({run_dir / 'metrics.json'}); "
                         "choose another output dir with hydra.run.dir=... "
                         "(hydra.sweep.dir=... for -m)")

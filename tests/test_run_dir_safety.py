@@ -405,3 +405,29 @@ def test_a_diverged_run_ends_with_one_line(tmp_path: Path) -> None:
     assert "Error executing job" not in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: training loss became")
     assert status(tmp_path / "run") == "diverged"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
+        tmp_path: Path, keep: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Killed between metrics.json and the removal of the checkpoints: the rerun removes them
+    (checkpoint.pt stays with trainer.keep_checkpoint=true), says so, and refuses the dir as
+    finished."""
+    from conftest import TINY, compose_config
+
+    from swa_research.build import train
+    from swa_research.checkpoint import LATEST, PREVIOUS
+    from swa_research.config import UserError
+
+    cfg = compose_config([*TINY, f"trainer.keep_checkpoint={str(keep).lower()}"])
+    train(cfg, tmp_path)
+    for name in (LATEST, PREVIOUS):  # what the kill left
+        (tmp_path / name).write_bytes(b"left behind")
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match="already holds a finished run"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / PREVIOUS).exists()
+    assert (tmp_path / LATEST).exists() is keep
+    removed = "checkpoint.prev.pt" if keep else "checkpoint.prev.pt and checkpoint.pt"
+    assert f"removed {removed}, left by a run killed after it finished" in caplog.text
+    assert (tmp_path / "metrics.json").read_bytes() == before
