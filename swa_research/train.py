@@ -21,14 +21,22 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from swa_research import distributed
-from swa_research.build import train
-from swa_research.callbacks import SWEEP
-from swa_research.conf import register_configs
 from swa_research.errors import UserError, one_line
-from swa_research.fileio import atomic_write_text
-from swa_research.sweep import format_summary, print_optuna_result, sweep_jobs
-from swa_research.trainer import TrainingDiverged
+from swa_research.versions import require_torch_pair
+
+try:  # before anything below imports torchvision: a mismatched pair is one line, not 68
+    require_torch_pair()
+except UserError as _e:
+    print(f"error: {_e}", file=sys.stderr)
+    sys.exit(2)
+
+from swa_research import distributed  # noqa: E402
+from swa_research.build import train  # noqa: E402
+from swa_research.callbacks import SWEEP  # noqa: E402
+from swa_research.conf import register_configs  # noqa: E402
+from swa_research.fileio import atomic_write_text  # noqa: E402
+from swa_research.sweep import format_summary, print_optuna_result, sweep_jobs  # noqa: E402
+from swa_research.trainer import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger(__name__)
 
