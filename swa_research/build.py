@@ -24,7 +24,7 @@ from swa_research.checkpoint import RETIRED_KEYS, config_differences, find_resum
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Limits, Preprocess, build_data
 from swa_research.distributed import agree, world
-from swa_research.errors import UserError, one_line
+from swa_research.errors import DataError, UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
 from swa_research.loggers import (
@@ -261,8 +261,13 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     prepare_device(device, trainer_cfg.deterministic)
     torch.manual_seed(config.seed)
     fmt = memory_format(trainer_cfg.channels_last)
-    data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt,
-                      limits=Limits.of(config))
+    try:
+        data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt,
+                          limits=Limits.of(config))
+    except DataError:
+        raise
+    except UserError as e:
+        raise DataError(str(e)) from e
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
     try:  # reading model.weights (a file, or torchvision's download) fails here, not on meta

@@ -9,6 +9,11 @@ class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit code 2."""
 
 
+class DataError(UserError):
+    """The data set cannot be loaded (missing, unreadable, no download): every job of a sweep
+    over the same data would fail alike, so a sweep stops at the first."""
+
+
 def one_line(e: BaseException) -> str:
     """An exception and its causes as one line, without Hydra's or OmegaConf's boilerplate."""
     parts: list[str] = []

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from swa_research.errors import UserError, one_line
+from swa_research.errors import DataError, UserError, one_line
 from swa_research.versions import require_torch_pair
 
 try:  # before anything below imports torchvision: a mismatched pair is one line, not 68
@@ -82,6 +82,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
         _STATE["user_error"] = True
         if hc.mode == RunMode.RUN and not _STATE["full_error"]:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, DataError) and not _STATE["full_error"]:
+            # The next jobs would fail alike: stop the sweep here (the job's metrics.json says
+            # why), with no report of jobs that never trained.
+            print(f"error: {e}; the sweep stops at its first job with this error",
+                  file=sys.stderr)
             sys.exit(2)
         log.error("error: %s", e)
         raise
@@ -191,7 +197,10 @@ def main() -> None:
     if SWEEP["dir"] is not None and world.is_main:
         sweep_dir = Path(SWEEP["dir"])
         jobs = sweep_jobs(sweep_dir)
-        write_sweep_report(sweep_dir)
+        if any(j.ok for j in jobs):
+            write_sweep_report(sweep_dir)
+        else:  # a report of dashes and an empty gain plot would say nothing
+            print(f"no sweep report: no job of {sweep_dir} finished", file=sys.stderr)
         from swa_research.dashboard import end_of_sweep
 
         end_of_sweep(sweep_dir)  # with logger=wandb logger.dashboard=true; never raises

@@ -307,3 +307,19 @@ def test_concurrent_multiruns_get_their_own_sweep_dirs(workdir: Path,
         # The sweep dir came from SWA_RUN_ID and the default hydra.sweep.dir: the report of
         # each multirun lands in its own.
         assert "| all runs | 1 |" in (sweep / "report.md").read_text()
+
+
+def test_a_sweep_stops_at_its_first_jobs_data_error(tmp_path: Path) -> None:
+    """Every job would fail alike: one line, exit 2, the first job's record, no report of
+    dashes and no other job started."""
+    sweep = tmp_path / "sweep"
+    r = cli(["-m", "data=cifar10", f"data.root={tmp_path}/nocifar", "data.download=false",
+             "seed=0,1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: CIFAR-10 not found"), r.stderr
+    assert errors[0].endswith("the sweep stops at its first job with this error")
+    assert "Traceback" not in r.stderr + r.stdout
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "failed"
+    assert not (sweep / "report.md").exists() and not list(sweep.glob("*.png"))
