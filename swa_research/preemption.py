@@ -43,15 +43,29 @@ def _restore(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
+BEFORE_TRAINING = "before training started"
+WRITING_RESULTS = ("after training, while the run's results were being written (the rerun "
+                   "completes them from the checkpoint)")
+_phase = [BEFORE_TRAINING]  # what the run is doing outside the training loop, for the log
+
+
+def set_phase(text: str) -> None:
+    """Where a run outside its training loop is (:data:`BEFORE_TRAINING`,
+    :data:`WRITING_RESULTS`): named by the line a preemption signal logs."""
+    _phase[0] = text
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Until the training loop takes over, a preemption signal raises :class:`Preempted`. The
     signal is then handed on to the handler that was there before (under submitit, its own,
     which requeues the job)."""
     def stop(signum: int, frame: Any) -> None:
-        log.warning("%s received before training started; exiting with status %d for a "
-                    "requeue", signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+        log.warning("%s received %s; exiting with status %d for a requeue",
+                    signal.Signals(signum).name, _phase[0], REQUEUE_EXIT_CODE)
         raise Preempted(signum)
+
+    set_phase(BEFORE_TRAINING)
 
     previous = _install(stop)
     try:

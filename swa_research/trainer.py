@@ -47,7 +47,13 @@ from swa_research.evaluation import (
 from swa_research.fileio import describe_write_error
 from swa_research.loggers import Loggers
 from swa_research.outputs import run_metrics, save_weights
-from swa_research.preemption import REQUEUE_EXIT_CODE, Preempted, SignalFlag
+from swa_research.preemption import (
+    REQUEUE_EXIT_CODE,
+    WRITING_RESULTS,
+    Preempted,
+    SignalFlag,
+    set_phase,
+)
 from swa_research.progress import Progress
 from swa_research.snapshots import SnapshotWriter
 from swa_research.step import TrainStep, autocast, resolve_precision
@@ -375,6 +381,7 @@ class Trainer:
         try:
             with self.signals:
                 self._epochs(start)
+            set_phase(WRITING_RESULTS)
             # After the final evaluation, so that the averages are prepared (fresh BN).
             models: dict[str, Any] = {"sgd": self.model, PRIMARY: None}
             with autocast(self.eval_precision, self.device):

@@ -431,3 +431,25 @@ def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
     removed = "checkpoint.prev.pt" if keep else "checkpoint.prev.pt and checkpoint.pt"
     assert f"removed {removed}, left by a run killed after it finished" in caplog.text
     assert (tmp_path / "metrics.json").read_bytes() == before
+
+
+SIGTERM_WHILE_WRITING = """
+import swa_research.trainer as t
+_save = t.Trainer.save_weights
+def save(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return _save(self)
+t.Trainer.save_weights = save
+"""
+
+
+def test_sigterm_while_the_results_are_written_says_so_and_the_rerun_completes(
+        tmp_path: Path) -> None:
+    r = launch(tmp_path / "run", patch=SIGTERM_WHILE_WRITING)
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert "SIGTERM received after training, while the run's results were being written" \
+        in r.stderr
+    assert "before training started" not in r.stderr and "Traceback" not in r.stderr
+    r = launch(tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert status(tmp_path / "run") == "finished"
