@@ -39,6 +39,7 @@ from typing import Any
 from swa_research.fileio import atomic_write_text
 from swa_research.loggers import WANDB_ID_FILE, WandbLogger, history_columns, summary_values
 from swa_research.report import Report, build_report, show
+from swa_research.runs import is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir}: no such folder", file=sys.stderr)
+        return 2
+    if is_run_dir(sweep_dir):
+        print(f"error: {sweep_dir} is one run's dir, not a sweep dir: the dashboard of a sweep "
+              "is written into the sweep's folder (outputs/multirun/...)", file=sys.stderr)
         return 2
     try:
         _, line = make_dashboard(sweep_dir, group=args.group, force_publish=args.publish)

@@ -54,7 +54,7 @@ from swa_research.paper import (
     recipe_differences,
 )
 from swa_research.plots import pyplot, read_history, save_figure
-from swa_research.runs import find_run_dirs, read_run
+from swa_research.runs import find_run_dirs, is_run_dir, read_run
 
 log = logging.getLogger(__name__)
 
@@ -716,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     out = Path(args.out) if args.out else (
         paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))
+    if not args.out and is_run_dir(out):
+        print(f"error: {out} is one run's dir: a report is written beside runs, never into "
+              "one; give a sweep dir, or --out DIR for where the report goes", file=sys.stderr)
+        return 2
     try:
         report = write_report(out, runs=paths, use_wandb=not args.no_wandb)
     except FileNotFoundError as e:

@@ -133,3 +133,8 @@ def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | Non
                         "choose another output dir with hydra.run.dir=... "
                         "(hydra.sweep.dir=... for -m)")
     return True
+
+
+def is_run_dir(path: Path) -> bool:
+    """A single run's dir (its metrics.json or its .hydra record), not a sweep above runs."""
+    return (path / "metrics.json").is_file() or (path / ".hydra" / "config.yaml").is_file()

@@ -170,6 +170,13 @@ def test_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.startswith("error: no run dirs") and err.count("\n") == 1
     assert not (tmp_path / "empty" / "dashboard.json").exists()
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "metrics.json").write_text('{"status": "finished"}')
+    assert dashboard.main([str(run)]) == 2
+    assert "is one run's dir, not a sweep dir" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "metrics.json"]
 
 
 def test_offline_command_writes_the_spec_with_the_network_blocked(sweep: Path,

@@ -267,6 +267,11 @@ def test_report_of_several_run_dirs(made_runs: Path, tmp_path: Path,
     one = build_report([made_runs / "a" / "0", made_runs / "a" / "1"], root=out)
     assert [r.label for r in one.rows] == ["all runs"] and one.keys == []
     assert main([str(tmp_path / "nowhere")]) == 2
+    # One run's dir alone: refused, nothing written into it.
+    before = sorted(p.name for p in runs[0].iterdir())
+    assert main([str(runs[0]), "--no-wandb"]) == 2
+    assert "is one run's dir: a report is written beside runs" in capsys.readouterr().err
+    assert sorted(p.name for p in runs[0].iterdir()) == before
 
 
 def test_t_quantile_and_paired_interval() -> None:
