@@ -248,12 +248,14 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def show(value: Any) -> str:
-    """A short, exact rendering: 0.0005, 1e-12, 3, true, simplified."""
+    """A short rendering: 0.0005, 1e-12, 3, true, simplified. A float is shown with at most 12
+    significant digits, so that 3 * 1e-4 (0.00030000000000000003) reads 0.0003: the rounding
+    noise of an arithmetic sweep is not part of the value a researcher set."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
         short = f"{value:g}"
-        return short if float(short) == value else repr(value)
+        return short if float(short) == value else f"{value:.12g}"
     return "-" if value is None else str(value)
 
 
@@ -354,7 +356,12 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         values = {k: run.value(k) for k in keys}
-        label = ", ".join(f"{k}={show(v)}" for k, v in values.items()) or "all runs"
+        # A run that averages nothing has no averaging settings: its label omits them (the
+        # paper's SGD baseline is not "swa.start=161").
+        shown = {k: v for k, v in values.items()
+                 if not (k.startswith("swa.") and k != "swa.method"
+                         and run.value("swa.method") == "none")}
+        label = ", ".join(f"{k}={show(v)}" for k, v in shown.items()) or "all runs"
         row = rows.setdefault(label, ConfigRow(label, values))
         (row.runs if run.finished else row.failed).append(run)
     for row in rows.values():

@@ -337,3 +337,24 @@ def test_the_accuracy_band_stays_within_0_and_100_percent(
     low = 100 * (statistics.fmean([0.998, 0.90, 0.999]) - statistics.stdev([0.998, 0.90, 0.999]))
     assert bands == [([pytest.approx(30.0), pytest.approx(low)], [pytest.approx(30.0), 100.0]),
                      ([pytest.approx(low)], [100.0])]
+
+
+def test_labels_show_set_values_not_rounding_noise(tmp_path: Path) -> None:
+    """3 * 1e-4 reads 0.0003 (it printed 0.00030000000000000003), and a run that averages
+    nothing is not labelled with averaging settings."""
+    from swa_research.report import show
+
+    assert show(3 * 1e-4) == "0.0003" and show(0.1 + 0.2) == "0.3" and show(5e-4) == "0.0005"
+    assert show(1 / 3) == "0.333333333333" and show(True) == "true"
+    for job, (method, start, lr) in enumerate((("none", 161, 0.05), ("swa", 161, 0.05),
+                                               ("swa", 126, 3 * 1e-4))):
+        run = tmp_path / str(job)
+        fake_run(run, 0, lr)
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": 0, "swa": {"lr": lr, "method": method, "start": start},
+             "logger": {"backend": "none"}}))
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            [f"swa.method={method}", f"swa.start={start}", f"swa.lr={lr}"]))
+    labels = [r.label for r in build_report([tmp_path]).rows]
+    assert labels == ["swa.method=none", "swa.method=swa, swa.start=161, swa.lr=0.05",
+                      "swa.method=swa, swa.start=126, swa.lr=0.0003"], labels
