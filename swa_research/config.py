@@ -405,3 +405,60 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+_FOLDER_KEYS = ("in_memory", "memory_fraction", "test_split", "resize_size", "crop_scale",
+                "prefetch_factor", "cache", "image_size")
+_SYNTHETIC_KEYS = ("num_classes", "train_size", "test_size", "image_size")
+_SWAG_KEYS = ("max_models", "swag_scale", "samples", "swag_device", "swag_eval_every")
+
+
+def unused_keys(config: dict[str, Any]) -> list[str]:
+    """The keys of a plain nested config (``config_dict_of``) that do not act in this run: the
+    image-folder options of a CIFAR run, SWAG's options without SWAG, EMA's without EMA, the
+    options of the schedules and optimizers not chosen. What W&B records and ``--cfg job``
+    shows first are the others; nothing is removed from the run's record."""
+    data, swa = config.get("data") or {}, config.get("swa") or {}
+    sched, opt = config.get("schedule") or {}, config.get("optimizer") or {}
+    name = data.get("name")
+    data_keys = {"imagefolder": _FOLDER_KEYS, "imagenet": _FOLDER_KEYS,
+                 "synthetic": _SYNTHETIC_KEYS}.get(name, ())
+    unused = [f"data.{k}" for k in (*_FOLDER_KEYS, *_SYNTHETIC_KEYS, "download")
+              if k in data and k not in data_keys
+              and not (k == "download" and name in ("cifar10", "cifar100"))]
+    if not data.get("normalize"):
+        unused += ["data.mean", "data.std"]
+    methods = set() if swa.get("method") == "none" else {swa.get("method"), *swa.get("also", [])}
+    if swa.get("method") == "none":
+        unused += [f"swa.{k}" for k in swa if k != "method"]
+    else:
+        if not methods & {"swag", "swag_diag"}:
+            unused += [f"swa.{k}" for k in (*_SWAG_KEYS, "swag_diag_scale") if k in swa]
+        else:
+            if "swag" not in methods:
+                unused += ["swa.swag_scale", "swa.max_models"]
+            if "swag_diag" not in methods:
+                unused.append("swa.swag_diag_scale")
+        if "ema" not in methods:
+            unused += [k for k in ("swa.decay", "swa.ema_warmup") if k.split(".")[1] in swa]
+    s_name = sched.get("name")
+    if s_name != "cyclical":
+        unused.append("schedule.cycle")
+    if s_name != "decay_then_constant":
+        unused += [f"schedule.{k}" for k in ("step_unit", "decay_start", "decay_end",
+                                             "final_ratio")]
+    if opt.get("name") == "sgd":
+        unused.append("optimizer.betas")
+    else:
+        unused += ["optimizer.momentum", "optimizer.nesterov"]
+    return [k for k in dict.fromkeys(unused)
+            if _has(config, k)]
+
+
+def _has(config: dict[str, Any], dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from swa_research.config import LoggerConfig, flatten_dict
+from swa_research.config import LoggerConfig, flatten_dict, unused_keys
 from swa_research.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,13 @@ class Loggers:
             restore = getattr(lg, "restore_history", None)
             if restore is not None:
                 restore(rows)
+
+def applicable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config W&B records: the keys that act in this run (not another data set's or
+    averaging method's: ``config.unused_keys``); the whole record is .hydra/config.yaml."""
+    unused = set(unused_keys(config))
+    return {k: v for k, v in flatten_dict(config).items() if k not in unused}
+
 
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
     """The line a finished run ends with: where it is, what it scored, how long it took."""
@@ -262,7 +269,8 @@ class WandbLogger:
                                                                               resuming)
             kwargs = dict(
                 project=cfg.project, entity=cfg.entity, group=cfg.group or group,
-                name=cfg.name or name, tags=list(cfg.tags) or None, config=flatten_dict(config),
+                name=cfg.name or name, tags=list(cfg.tags) or None,
+                config=applicable_config(config),
                 dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
                 reinit="finish_previous")
             mode = resolve_mode(cfg.mode)

@@ -14,6 +14,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -154,7 +155,67 @@ def default_run_id() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
 
 
+def job_config_text(overrides: list[str]) -> str:
+    """What ``--cfg job`` prints: the run's validated config, the keys that act in it first,
+    then those that do not (another data set's, another method's: :func:`unused_keys`) in a
+    group of their own, commented out."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from swa_research.build import config_dict_of, load_config
+    from swa_research.config import unused_keys
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="swa_research.conf", version_base="1.3"):
+            composed = compose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    config = config_dict_of(load_config(composed))
+    unused = unused_keys(config)
+    used = OmegaConf.create(config)
+    rest: dict[str, Any] = {}
+    for key in unused:
+        group, _, leaf = key.partition(".")
+        rest[key] = used[group].pop(leaf)  # type: ignore[union-attr]
+    text = OmegaConf.to_yaml(used)
+    if rest:
+        text += ("# Not used by this run (another data set's, schedule's, optimizer's or "
+                 "averaging method's options):\n")
+        text += "".join(f"#   {OmegaConf.to_yaml({k: v}).strip()}\n" for k, v in rest.items())
+    return text
+
+
+def cfg_job_overrides(argv: list[str]) -> list[str] | None:
+    """The overrides of a plain ``--cfg job`` command (no multirun, no --package), else None:
+    Hydra's own printing then applies."""
+    args = list(argv)
+    for flag in ("--cfg", "-c"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 < len(args) and args[i + 1] == "job":
+                del args[i:i + 2]
+                break
+    else:
+        return None
+    args = [a for a in args if a not in ("--resolve",)]
+    if any(a.startswith("-") for a in args):  # -m, --package, --info, ...: Hydra's
+        return None
+    return args
+
+
 def main() -> None:
+    overrides = cfg_job_overrides(sys.argv[1:])
+    if overrides is not None:
+        try:
+            print(job_config_text(overrides), end="")
+        except Exception as e:
+            msg = user_error_message(e)
+            if msg is None:
+                raise
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(0)
     try:
         # Under torchrun or srun: join the other ranks of this run (docs/distributed.md).
         world = distributed.setup()

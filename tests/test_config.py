@@ -317,3 +317,36 @@ def test_fractional_start_fits_any_budget() -> None:
         ["swa.start=0.5", "swa.freq=1", "trainer.epochs=1"])), 4)
     check_budget(load_config(compose_config(
         ["swa.start=0.5", "swa.unit=epoch", "swa.freq=1", "trainer.epochs=1"])), 4)
+
+
+def test_cfg_job_and_wandb_show_the_keys_that_act_first() -> None:
+    """--cfg job prints the run's config with another data set's, schedule's, optimizer's and
+    method's options grouped apart (commented out); W&B records only the keys that act."""
+    import yaml
+
+    from swa_research.build import config_dict_of
+    from swa_research.config import unused_keys
+    from swa_research.loggers import applicable_config
+    from swa_research.train import cfg_job_overrides, job_config_text
+
+    assert cfg_job_overrides(["--cfg", "job", "swa=swag"]) == ["swa=swag"]
+    assert cfg_job_overrides(["--cfg", "job", "-m", "seed=0,1"]) is None
+    assert cfg_job_overrides(["--cfg", "hydra"]) is None
+    text = job_config_text(["swa=swag"])
+    active, _, rest = text.partition("# Not used by this run")
+    cfg = yaml.safe_load(active)
+    assert cfg["swa"]["swag_scale"] == 0.5 and "swag_diag_scale" not in cfg["swa"]
+    assert "in_memory" not in cfg["data"] and "cycle" not in cfg["schedule"]
+    assert "#   swa.swag_diag_scale: 1.0" in rest and "#   data.in_memory: auto" in rest
+    config = config_dict_of(load_config(compose_config(["data=imagefolder", "data.root=/x",
+                                                        "schedule=cyclical", "optimizer=sgd",
+                                                        "swa.also=[ema]"])))
+    unused = unused_keys(config)
+    assert "data.in_memory" not in unused and "schedule.cycle" not in unused
+    assert "swa.decay" not in unused and "optimizer.momentum" not in unused
+    assert {"data.train_size", "optimizer.betas", "schedule.decay_start",
+            "swa.swag_scale"} <= set(unused)
+    flat = applicable_config(config)
+    assert "data.in_memory" in flat and "optimizer.betas" not in flat
+    none = unused_keys(config_dict_of(load_config(compose_config(["swa=none"]))))
+    assert "swa.lr" in none and "swa.method" not in none
