@@ -185,8 +185,7 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
         write_record()  # a failure below is then recorded with the config that caused it
     try:
         config = load_config(cfg)
-        complete = check_finished_run(run_dir, status, earlier,
-                                      keep_checkpoint=config.trainer.keep_checkpoint)
+        complete = check_finished_run(run_dir, status, earlier)
         config_dict = config_dict_of(config)
         trainer_cfg = config.trainer
         resume = find_resume_checkpoint(run_dir, "auto" if complete else trainer_cfg.resume)

@@ -107,8 +107,17 @@ def holds_run(run_dir: Path, status: str) -> bool:
     return status == "finished"
 
 
-def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | None,
-                       keep_checkpoint: bool = False) -> bool:
+def _kept_checkpoint(run_dir: Path) -> bool:
+    """Whether the finished run asked to keep checkpoint.pt (trainer.keep_checkpoint in its
+    .hydra record); True when the record cannot tell (never remove what may be wanted)."""
+    try:
+        record = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        return bool(record["trainer"]["keep_checkpoint"])
+    except Exception:  # noqa: BLE001 - no record, another layout: keep it
+        return True
+
+
+def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | None) -> bool:
     """Never overwrite an earlier run's results (``status`` and ``metrics``: what
     :func:`read_metrics` read from ``run_dir``). A finished run whose files are all there is
     refused (UserError); True when the run finished but lacks some of them (a crash between the
@@ -120,8 +129,9 @@ def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | Non
     expected = metrics.get("files", ["sgd_final.pt"])
     if all((run_dir / n).is_file() for n in expected):
         # A kill between metrics.json (the commit point) and the removal of the training
-        # checkpoints leaves them behind for good: remove them now, and say so.
-        leftovers = [run_dir / n for n in ((PREVIOUS,) if keep_checkpoint
+        # checkpoints leaves them behind for good: remove what the finished run would have
+        # (its own trainer.keep_checkpoint, not the rerun's), and say so.
+        leftovers = [run_dir / n for n in ((PREVIOUS,) if _kept_checkpoint(run_dir)
                                            else (PREVIOUS, LATEST))
                      if (run_dir / n).is_file()]
         for path in leftovers:

@@ -414,6 +414,7 @@ def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
     (checkpoint.pt stays with trainer.keep_checkpoint=true), says so, and refuses the dir as
     finished."""
     from conftest import TINY, compose_config
+    from omegaconf import OmegaConf
 
     from swa_research.build import train
     from swa_research.checkpoint import LATEST, PREVIOUS
@@ -421,11 +422,14 @@ def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
 
     cfg = compose_config([*TINY, f"trainer.keep_checkpoint={str(keep).lower()}"])
     train(cfg, tmp_path)
+    (tmp_path / ".hydra").mkdir()  # the record the entry point writes
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     for name in (LATEST, PREVIOUS):  # what the kill left
         (tmp_path / name).write_bytes(b"left behind")
     before = (tmp_path / "metrics.json").read_bytes()
+    rerun = compose_config([*TINY])  # the rerun's own keep_checkpoint does not decide
     with pytest.raises(UserError, match="already holds a finished run"):
-        train(cfg, tmp_path)
+        train(rerun, tmp_path)
     assert not (tmp_path / PREVIOUS).exists()
     assert (tmp_path / LATEST).exists() is keep
     removed = "checkpoint.prev.pt" if keep else "checkpoint.prev.pt and checkpoint.pt"
