@@ -334,7 +334,15 @@ def validate(cfg: Config) -> None:
     validate_data_paths(cfg.data)
     if cfg.swa.bn_batch_size is not None:
         _positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
-    sw = cfg.swa
+    validate_swa(cfg.swa)
+    dev = cfg.trainer.device
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def validate_swa(sw: SwaConfig) -> None:
+    """The averaging methods' own options (SWAG's buffer, scales, samples, device); also used by
+    the library's ``make_average``. UserError naming the key."""
     if sw.max_models < 2:
         # The low-rank part divides by sqrt(max_models - 1) (swa_gaussian's SWAG.sample_fullrank).
         raise UserError(f"swa.max_models={sw.max_models}: must be at least 2")
@@ -351,9 +359,6 @@ def validate(cfg: Config) -> None:
                         "(0: only at the final evaluation)")
     if not (sw.swag_device in ("auto", "cpu", "cuda") or sw.swag_device.startswith("cuda:")):
         raise UserError(f"swa.swag_device={sw.swag_device!r}: expected auto, cpu, cuda or cuda:N")
-    dev = cfg.trainer.device
-    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
-        raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def validate_data_paths(d: DataConfig) -> None:

@@ -28,12 +28,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swa_research.averaging import Average
+from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions, re-exported
+    N_BINS,
+    ReliabilityBins,
+    calibration_summary,
+    confidence_and_correct,
+    expected_calibration_error,
+    negative_log_likelihood,
+    reliability_bins,
+)
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.distributed import all_reduce_sum_, world
 
 log = logging.getLogger(__name__)
 
-N_BINS = 15
 RELIABILITY_FILE = "reliability.png"
 
 Evaluated = nn.Module | Average
@@ -97,66 +105,6 @@ def evaluate_probs(probs: Tensor | None, data: ImageSet | None) -> EvalResult:
     return EvalResult(loss=loss, acc=acc)
 
 
-@dataclass
-class ReliabilityBins:
-    """Per-bin sample counts, mean confidence and accuracy (NaN in empty bins)."""
-
-    edges: Tensor  # [B + 1]
-    counts: Tensor  # [B], int64
-    confidence: Tensor  # [B]
-    accuracy: Tensor  # [B]
-
-    @property
-    def ece(self) -> float:
-        total = int(self.counts.sum())
-        if total == 0:
-            return float("nan")
-        used = self.counts > 0
-        gap = (self.accuracy[used] - self.confidence[used]).abs()
-        return float((gap * self.counts[used].double()).sum() / total)
-
-
-def reliability_bins(confidence: Tensor, correct: Tensor, n_bins: int = N_BINS
-                     ) -> ReliabilityBins:
-    """Bin top-class confidences in [0, 1] into ``n_bins`` equal-width bins, right-closed:
-    a confidence of exactly k / n_bins falls into bin k - 1 (and 0 into the first bin)."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    if confidence.shape != correct.shape or confidence.ndim != 1:
-        raise ValueError("confidence and correct must be 1-d tensors of the same length")
-    conf = confidence.detach().double().cpu()
-    hit = correct.detach().double().cpu()
-    if conf.numel() and (conf.min() < 0 or conf.max() > 1):
-        raise ValueError("confidences must lie in [0, 1]")
-    index = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    counts = torch.bincount(index, minlength=n_bins)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
-    hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, hit)
-    denom = counts.double()
-    nan = torch.full((n_bins,), float("nan"), dtype=torch.float64)
-    return ReliabilityBins(
-        edges=torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64),
-        counts=counts,
-        confidence=torch.where(counts > 0, conf_sum / denom.clamp(min=1), nan),
-        accuracy=torch.where(counts > 0, hit_sum / denom.clamp(min=1), nan),
-    )
-
-
-def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    probs = torch.softmax(logits.double(), dim=1)
-    conf, pred = probs.max(dim=1)
-    return conf, pred == labels
-
-
-def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = N_BINS) -> float:
-    return reliability_bins(*confidence_and_correct(logits, labels), n_bins).ece
-
-
-def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
-    """Mean negative log-likelihood of the labels under softmax(logits): the cross-entropy."""
-    return float(F.cross_entropy(logits.double(), labels, reduction="mean"))
-
-
 @torch.inference_mode()
 def collect_logits(model: Evaluated, data: ImageSet, preprocess: Preprocess,
                    batch_size: int) -> tuple[Tensor, Tensor]:
@@ -175,12 +123,6 @@ def collect_logits(model: Evaluated, data: ImageSet, preprocess: Preprocess,
     if not outs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(outs), torch.cat(labels)
-
-
-def calibration_summary(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
-                        ) -> tuple[dict[str, float], ReliabilityBins]:
-    bins = reliability_bins(*confidence_and_correct(logits, labels), n_bins)
-    return {"nll": negative_log_likelihood(logits, labels), "ece": bins.ece}, bins
 
 
 def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], test: ImageSet,

@@ -1,6 +1,11 @@
 """Weight averaging: when (:mod:`.plan`), what (the methods, by name), and the BN update.
 The methods: swa, ema, and the SWAG posteriors swag and swag_diag (:mod:`.swag`).
 
+This package is the project's public library (docs/library.md), for any training loop: the
+names in ``PUBLIC`` below are versioned (semantic versioning from 0.2: a change that breaks
+one of them is a major version); everything else in the project is internal. The Hydra
+framework's trainer is built on the same names.
+
 The registry :data:`METHODS` maps ``swa.method`` names to builders ``(model, SwaConfig) ->``
 :class:`~swa_research.averaging.base.Average`. Adding a method is one file with its class and
 one line here (or a call of :func:`register_method`); ``swa.method=NAME`` then selects it.
@@ -28,9 +33,16 @@ from swa_research.averaging.swa import SWA
 from swa_research.averaging.swag import SWAG, SWAGDiag
 from swa_research.config import SwaConfig, UserError
 
+# The public, versioned surface (docs/library.md).
+PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_states",
+          "bn_update", "classification_metrics", "expected_calibration_error", "make_average",
+          "make_plan", "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
+
 __all__ = ["METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan", "HostCountAveragedModel",
-           "SWAGDiag", "WeightAverage", "average_names", "bn_update", "build_averages",
-           "check_budget", "check_methods", "has_batch_norm", "register_method"]
+           "SWAGDiag", "WeightAverage", "average_names", "average_states", "bn_update",
+           "build_averages", "check_budget", "check_methods", "classification_metrics",
+           "expected_calibration_error", "has_batch_norm", "make_average", "make_plan",
+           "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
 METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
     "swa": SWA,
@@ -85,3 +97,19 @@ def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
     """The run's averages of ``model``, by output name, primary first."""
     check_methods(cfg)
     return {name: METHODS[method](model, cfg) for name, method in average_names(cfg).items()}
+
+
+# The library functions build on METHODS above (imported last: they look it up at call time).
+from swa_research.averaging.library import (  # noqa: E402
+    average_states,
+    make_average,
+    make_plan,
+    predict,
+    snapshot,
+    swag_bma,
+    update_bn,
+)
+from swa_research.averaging.metrics import (  # noqa: E402
+    classification_metrics,
+    expected_calibration_error,
+)

@@ -185,8 +185,14 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def first_item(batch: Any) -> Tensor:
+    """The model input of a batch: its first item (``(x, y)`` batches), or the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 @torch.no_grad()
-def bn_update(batches: Batches, model: nn.Module) -> None:
+def bn_update(batches: Iterable[Any], model: nn.Module,
+              input_fn: Callable[[Any], Tensor] = first_item) -> None:
     """BN statistics recomputed over one pass of ``batches``, each batch weighted by its size.
 
     As the SWA paper's ``bn_update`` (timgaripov/swa utils.py): the running statistics are reset
@@ -194,6 +200,7 @@ def bn_update(batches: Batches, model: nn.Module) -> None:
     before it, so the result is the sample-weighted mean of the batch statistics (a short last
     batch counts for what it holds; torch's ``update_bn`` weights batches equally). The sizes
     are known on the host: no device sync per batch. Momentum and train/eval mode are restored.
+    ``input_fn`` gives a batch's model input (default: its first item, or the batch itself).
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not layers:
@@ -207,7 +214,8 @@ def bn_update(batches: Batches, model: nn.Module) -> None:
     try:
         # inference_mode is allowed: the pass only updates the BN buffers in place.
         with torch.inference_mode():
-            for x, _ in batches:
+            for batch in batches:
+                x = input_fn(batch)
                 b = x.shape[0]
                 for m in layers:
                     m.momentum = b / (seen + b)

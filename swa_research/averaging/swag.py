@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,15 +219,15 @@ class SWAG(Average):
         return final or (self.eval_every > 0 and evaluation % self.eval_every == 0)
 
     @torch.no_grad()
-    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
-                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
-                      ) -> dict[str, Tensor]:
-        """The Bayesian model average of ``swa.samples`` samples on each set (float64 on the
-        set's device), as ``experiments/uncertainty/uncertainty.py``: sample, ``bn_update``,
-        softmax of the predictions summed over the samples, divided by their number."""
-        from swa_research.data import eval_batches
-
-        sets = {k: v for k, v in sets.items() if v is not None and len(v)}
+    def bma(self, sets: dict[str, Callable[[], Iterable[Tensor]]],
+            bn_batches: Callable[[], Iterable[Any]] | None, seed: int,
+            labels: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The Bayesian model average of ``samples`` samples (float64 class probabilities
+        [N, C] per set), as ``experiments/uncertainty/uncertainty.py``: sample, BN statistics
+        recomputed over ``bn_batches()`` (a fresh pass each call; skipped when None or without
+        BN), softmax of the predictions summed over the samples, divided by their number.
+        ``sets`` maps a name to a function giving a fresh pass of model inputs in a fixed
+        order; ``labels`` (optional) only serve the progress line."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sums: dict[str, Tensor] = {}
         buffers = [b.clone() for b in self.net.buffers()]
@@ -236,18 +236,21 @@ class SWAG(Average):
             for i in range(self.samples):
                 t0 = time.perf_counter()
                 load_flat(self.net, self.sample(generator))
-                if self.bn_update:
+                if self.bn_update and bn_batches is not None:
                     bn_update(bn_batches(), self.net)
                 self.net.eval()
                 accs = []
-                for name, data in sets.items():
+                for name, inputs in sets.items():
                     parts = [torch.softmax(self.net(x).float(), dim=1).double()
-                             for x, _ in eval_batches(data, batch_size, preprocess)]
+                             for x in inputs()]
+                    if not parts:
+                        continue
                     probs = torch.cat(parts)
                     sums[name] = probs if name not in sums else sums[name].add_(probs)
-                    hit = (sums[name].argmax(1) == data.labels.to(sums[name].device)
-                           ).double().mean()
-                    accs.append(f"{name} {100 * hit.item():.2f}%")
+                    if labels is not None and name in labels:
+                        hit = (sums[name].argmax(1) == labels[name].to(sums[name].device)
+                               ).double().mean()
+                        accs.append(f"{name} {100 * hit.item():.2f}%")
                 log.info("%s: sample %d/%d (%s) in %.1fs; BMA accuracy so far: %s", self.method,
                          i + 1, self.samples, "BN recomputed" if self.bn_update else "no BN",
                          time.perf_counter() - t0, ", ".join(accs) or "-")
@@ -257,6 +260,20 @@ class SWAG(Average):
                 mine.copy_(kept)
             self.net.train(was_training)
         return {name: s / self.samples for name, s in sums.items()}
+
+    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
+                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
+                      ) -> dict[str, Tensor]:
+        """:meth:`bma` over the trainer's sets (their evaluation batches, in order)."""
+        from swa_research.data import eval_batches
+
+        sets = {k: v for k, v in sets.items() if v is not None and len(v)}
+
+        def inputs(data: ImageSet) -> Callable[[], Iterable[Tensor]]:
+            return lambda: (x for x, _ in eval_batches(data, batch_size, preprocess))
+
+        return self.bma({name: inputs(data) for name, data in sets.items()}, bn_batches, seed,
+                        labels={name: data.labels for name, data in sets.items()})
 
     # -- checkpoints and the saved file ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
