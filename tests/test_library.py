@@ -154,7 +154,7 @@ def test_swag_bma_and_post_hoc_averages_of_snapshots() -> None:
     swag = make_average("swag", model, max_models=3, samples=4)
     swa = make_average("swa", model)
     states = []
-    for k in range(5):
+    for _ in range(5):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
