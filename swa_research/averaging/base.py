@@ -207,6 +207,8 @@ def bn_update(batches: Iterable[Any], model: nn.Module,
         return
     momenta = {m: m.momentum for m in layers}
     was_training = model.training
+    kept = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+             if b is not None] for m in layers]
     for m in layers:
         m.reset_running_stats()
     model.train()
@@ -225,6 +227,12 @@ def bn_update(batches: Iterable[Any], model: nn.Module,
         for m, momentum in momenta.items():
             m.momentum = momentum
         model.train(was_training)
+    if seen == 0:  # an empty pass: the statistics it reset are put back, never left at 0/1
+        for m, saved in zip(layers, kept, strict=True):
+            live = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                    if b is not None]
+            for b, old in zip(live, saved, strict=True):
+                b.copy_(old)
     # Under DDP each rank passed its share of the batches, and its statistics are its
     # sample-weighted means: weighted by each rank's sample count, their mean over the ranks is
     # what one process computes over all the batches.

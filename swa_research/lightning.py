@@ -1,0 +1,282 @@
+"""Weight averaging in a Lightning run (``pip install swa_research[lightning]``, Lightning 2.x):
+:class:`AveragingCallback` keeps one or more averages of the LightningModule's weights (SWA,
+EMA, SWAG, SWAG-Diagonal or any registered method) on a plan in iterations, epochs or fractions
+of the budget, and evaluates each beside the module at every validation, with fresh BN
+statistics, through Lightning's own loggers (``swa/val_loss``, ``ema/val_acc``, ...).
+
+    trainer = L.Trainer(max_epochs=20, callbacks=[AveragingCallback(["swa", "ema"], start=0.75)])
+
+Where it goes beyond Lightning's callbacks (read in lightning 2.6's ``callbacks/``):
+
+- ``StochasticWeightAveraging`` averages once per epoch only, from an epoch, with the equal
+  average only, drives the learning rate itself (SWALR), and replaces the module's weights at
+  the end; the averaged model is evaluated only then. ``WeightAveraging`` (2.5+) updates by a
+  ``should_update`` rule, swaps the average in *for* validation (the module's own metrics are then
+  the average's: one or the other, never both) and recomputes no BN statistics (it relies on
+  ``use_buffers``, which averages running statistics instead of recomputing them).
+- Here: several averages at once (``swa.also`` of the framework) and SWAG's posteriors; a plan
+  in iterations or epochs, or as a fraction of the budget (``start=0.75``); the module is never
+  swapped, so validation logs the SGD iterate (the module's own ``validation_step``) and each
+  average (``NAME/val_loss``, ``NAME/val_acc``, ``NAME/val_nll``, ``NAME/val_ece``) side by side;
+  the average's BN statistics are recomputed with a sample-weighted pass over the training
+  batches before each evaluation (the SWA paper's ``bn_update``; under DDP each rank passes its
+  shard and the statistics are averaged over the ranks); SWAG is scored at test by Bayesian model
+  averaging (``NAME/test_*``); weight snapshots for post-hoc averages (``snapshot_every``);
+  the averages are in the callback's checkpoint state, so a resumed fit continues them.
+
+Batches are ``(input, target)`` by default; ``input_fn`` and ``target_fn`` read any other
+structure. The metrics are classification's (``classification_metrics``); pass ``metrics_fn``
+for another task (it takes the set's outputs and targets and returns named floats).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from swa_research.averaging import (
+    SWAG,
+    Average,
+    AveragingPlan,
+    classification_metrics,
+    make_average,
+    make_plan,
+    snapshot,
+)
+from swa_research.averaging.base import bn_update, first_item, has_batch_norm
+
+__all__ = ["AveragingCallback"]
+
+
+def second_item(batch: Any) -> Tensor:
+    return batch[1]
+
+
+def _loaders(loaders: Any) -> list[Any]:
+    if loaders is None:
+        return []
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return [loaders]
+
+
+class AveragingCallback(pl.Callback):
+    """Averages of the module's weights, evaluated beside it; see the module docstring.
+
+    ``methods``: method names (``["swa", "ema"]``), or names mapped to their options
+    (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords).
+    ``start``, ``freq``, ``unit``, ``cycle``: the plan (:func:`~swa_research.averaging.make_plan`;
+    the budget is the trainer's ``max_epochs`` x its batches per epoch). ``evaluate``: score the
+    averages at validation. ``snapshot_every`` (in ``snapshot_unit``): save the module's weights
+    into ``snapshot_dir`` (default: the trainer's ``default_root_dir``/trajectory) for
+    :func:`~swa_research.averaging.average_states` after training."""
+
+    def __init__(self, methods: Sequence[str] | dict[str, dict[str, Any]] = ("swa",), *,
+                 start: float = 0.75, freq: int = 1, unit: str = "epoch",
+                 cycle: int | None = None, evaluate: bool = True,
+                 input_fn: Callable[[Any], Tensor] = first_item,
+                 target_fn: Callable[[Any], Tensor] = second_item,
+                 metrics_fn: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
+                 swag_seed: int = 0, snapshot_every: int = 0, snapshot_unit: str = "epoch",
+                 snapshot_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
+        if not self.options:
+            raise ValueError("methods: name at least one averaging method")
+        self.plan_args = dict(start=start, freq=freq, unit=unit, cycle=cycle)
+        make_plan(epochs=1, iters_per_epoch=1, **self.plan_args)  # the arguments, checked now
+        if snapshot_unit not in ("iter", "epoch") or snapshot_every < 0:
+            raise ValueError("snapshot_unit must be 'iter' or 'epoch', snapshot_every >= 0")
+        self.evaluate = evaluate
+        self.input_fn, self.target_fn = input_fn, target_fn
+        self.metrics_fn = metrics_fn or classification_metrics
+        self.swag_seed = swag_seed
+        self.snapshot_every, self.snapshot_unit = snapshot_every, snapshot_unit
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.averages: dict[str, Average] = {}
+        self.plan: AveragingPlan | None = None
+        self.last_step = 0
+        self.snapshots: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+        self._bn_done: dict[str, int] = {}  # n_averaged at each average's last BN pass
+        self._train: list[Any] = []
+
+    # -- building --------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the strategy moved the module to its device: the averages live there too.
+        if not self.averages:
+            self.averages = {name: make_average(name, pl_module, **opts)
+                             for name, opts in self.options.items()}
+        if self._pending is not None:  # a checkpoint's state, loaded before the averages
+            self._restore(self._pending)
+            self._pending = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_epoch = int(trainer.num_training_batches)
+        if trainer.max_epochs is None or trainer.max_epochs < 1 or per_epoch < 1:
+            raise ValueError("AveragingCallback needs Trainer(max_epochs=N) and a finite "
+                             "training loader (the plan is a function of the budget)")
+        self.plan = make_plan(epochs=int(trainer.max_epochs), iters_per_epoch=per_epoch,
+                              **self.plan_args)
+        self._train = _loaders(trainer.train_dataloader)  # for BN passes at test, after fit
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = int(trainer.global_step)  # optimizer steps so far
+        if self.plan is None or step <= self.last_step:
+            return
+        self.last_step = step
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches
+        epoch = trainer.current_epoch + 1  # counted from 1, as the framework's plans
+        # The epoch's update comes with its last batch: before the validation that ends it.
+        if self.plan.due_after_iter(step) or (last_of_epoch and self.plan.due_after_epoch(epoch)):
+            for average in self.averages.values():
+                average.update(pl_module)
+        if self.snapshot_every and (
+                (self.snapshot_unit == "iter" and step % self.snapshot_every == 0)
+                or (self.snapshot_unit == "epoch" and last_of_epoch
+                    and epoch % self.snapshot_every == 0)):
+            self._save_snapshot(trainer, pl_module, step, epoch)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                                ) -> None:
+        if not self.evaluate or trainer.sanity_checking:
+            return
+        self._score(trainer, pl_module, "val", _loaders(trainer.val_dataloaders))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._score(trainer, pl_module, "test", _loaders(trainer.test_dataloaders))
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str,
+               loaders: list[Any]) -> None:
+        if not loaders:
+            return
+        for name, average in self.averages.items():
+            if average.n_averaged == 0:
+                continue
+            if isinstance(average, SWAG):
+                if split != "test":
+                    continue  # SWAG's BMA costs samples x (a BN pass + the set): at test only
+                outputs, targets = self._swag_outputs(trainer, average, loaders)
+            else:
+                self._prepare(trainer, name, average)
+                outputs, targets = self._outputs(trainer, average.module, loaders)
+            if outputs is None:
+                continue
+            for key, value in self.metrics_fn(outputs, targets).items():
+                pl_module.log(f"{name}/{split}_{key}", float(value), sync_dist=False,
+                              rank_zero_only=False)
+
+    def _batches(self, trainer: pl.Trainer, loaders: Iterable[Any]) -> Iterable[Any]:
+        for loader in loaders:
+            for batch in loader:
+                yield trainer.strategy.batch_to_device(batch)
+
+    def _prepare(self, trainer: pl.Trainer, name: str, average: Average) -> None:
+        """Fresh BN statistics once per change of the average (a sample-weighted pass over this
+        rank's training batches, then the mean over the ranks). The training loader is the
+        fit's (also at ``trainer.test`` after it)."""
+        module = average.module
+        train = _loaders(trainer.train_dataloader) or self._train
+        if not has_batch_norm(module) or not train \
+                or self._bn_done.get(name) == average.n_averaged:
+            return
+        bn_update(self._batches(trainer, train), module, self.input_fn)
+        self._bn_done[name] = average.n_averaged
+        if trainer.world_size > 1:
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
+
+    @torch.no_grad()
+    def _outputs(self, trainer: pl.Trainer, module: torch.nn.Module, loaders: list[Any]
+                 ) -> tuple[Tensor | None, Tensor | None]:
+        was_training = module.training
+        module.eval()
+        outs, targets = [], []
+        try:
+            for batch in self._batches(trainer, loaders):
+                outs.append(module(self.input_fn(batch)).float())
+                targets.append(self.target_fn(batch))
+        finally:
+            module.train(was_training)
+        if not outs:
+            return None, None
+        return self._gather(trainer, torch.cat(outs), torch.cat(targets))
+
+    def _swag_outputs(self, trainer: pl.Trainer, average: SWAG, loaders: list[Any]
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        def inputs() -> Iterable[Tensor]:
+            return (self.input_fn(b) for b in self._batches(trainer, loaders))
+
+        train = _loaders(trainer.train_dataloader) or self._train
+
+        def bn() -> Iterable[Tensor]:
+            return (self.input_fn(b) for b in self._batches(trainer, train))
+
+        probs = average.bma({"set": inputs}, bn if train else None, self.swag_seed).get("set")
+        if probs is None:
+            return None, None
+        targets = torch.cat([self.target_fn(b) for b in self._batches(trainer, loaders)])
+        return self._gather(trainer, probs.clamp_min(1e-40).log().float(), targets)
+
+    @staticmethod
+    def _gather(trainer: pl.Trainer, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole set's outputs on every rank (a DistributedSampler pads the shards to equal
+        length by repeating a few samples: they count twice, as in Lightning's own metrics)."""
+        if trainer.world_size > 1:
+            outputs = trainer.strategy.all_gather(outputs).flatten(0, 1)
+            targets = trainer.strategy.all_gather(targets).flatten(0, 1)
+        return outputs.cpu(), targets.cpu()
+
+    # -- snapshots and checkpoints ---------------------------------------------------------
+
+    def _save_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                       epoch: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = self.snapshot_dir or Path(trainer.default_root_dir) / "trajectory"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"it{step:06d}.pt"
+        torch.save({"state_dict": snapshot(pl_module), "iteration": step, "epoch": epoch},
+                   folder / name)
+        self.snapshots.append({"iteration": step, "epoch": epoch, "file": name})
+        index = {"unit": self.snapshot_unit, "every": self.snapshot_every, "dtype": "fp32",
+                 "iters_per_epoch": int(trainer.num_training_batches),
+                 "snapshots": self.snapshots}
+        tmp = folder / ".index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        tmp.replace(folder / "index.json")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": {n: a.state_dict() for n, a in self.averages.items()},
+                "last_step": self.last_step, "snapshots": list(self.snapshots)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.averages:
+            self._restore(state_dict)
+        else:  # before on_fit_start built the averages
+            self._pending = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("averages", {})
+        if set(saved) != set(self.averages):
+            raise ValueError(f"the checkpoint holds the averages {sorted(saved)}, this "
+                             f"callback keeps {sorted(self.averages)}")
+        for name, average in self.averages.items():
+            average.load_state_dict(saved[name])
+        self.last_step = int(state.get("last_step", 0))
+        self.snapshots = list(state.get("snapshots", []))

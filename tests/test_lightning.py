@@ -1,0 +1,152 @@
+"""swa_research.lightning.AveragingCallback in Lightning 2.x runs: the example, the averages
+beside the module (never swapped in), their recomputed BN statistics, plans in iterations and
+epochs, SWAG at test, snapshots, checkpoint state, and two DDP processes on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from swa_research.averaging import average_states, bn_update, make_average  # noqa: E402
+from swa_research.lightning import AveragingCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "lightning_callback.py"
+
+
+def example():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("lightning_callback", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def fit(callback: AveragingCallback, tmp_path: Path, epochs: int = 4, test: bool = False):  # noqa: ANN201
+    from torch.utils.data import DataLoader
+
+    ex = example()
+    pl.seed_everything(0, verbose=False)
+    train = DataLoader(ex.blobs(512, 1), batch_size=64, shuffle=True)
+    val = DataLoader(ex.blobs(256, 2), batch_size=128)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    model = ex.Classifier()
+    trainer.fit(model, train, val)
+    if test:
+        trainer.test(model, DataLoader(ex.blobs(256, 3), batch_size=128), verbose=False)
+    return trainer, model, train
+
+
+def test_the_example_runs_and_prints_sgd_and_each_average() -> None:
+    r = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if "test accuracy" in ln]
+    assert [ln.split()[0] for ln in lines] == ["sgd", "swa", "ema", "swag"]
+
+
+def test_averages_are_scored_beside_the_module_which_is_never_swapped(tmp_path: Path) -> None:
+    cb = AveragingCallback({"swa": {}, "ema": {"decay": 0.9}}, start=0.5, unit="epoch")
+    trainer, model, train = fit(cb, tmp_path)
+    m = trainer.callback_metrics
+    for name in ("sgd", "swa", "ema"):
+        assert f"{name}/val_loss" in m and f"{name}/val_acc" in m
+    assert {"swa/val_nll", "swa/val_ece"} <= set(m)
+    # Epochs 2, 3 and 4 of 4 (start 0.5 x 4 = epoch 2, counted from 1).
+    assert cb.averages["swa"].n_averaged == cb.averages["ema"].n_averaged == 3
+    # The module keeps its SGD weights (Lightning's callbacks copy the average in).
+    swa = cb.averages["swa"].module
+    assert not torch.equal(swa.net[0].weight, model.net[0].weight)
+    # BN statistics of the average: a sample-weighted pass over the training batches.
+    expected = make_average("swa", model)
+    expected.averaged.load_state_dict(cb.averages["swa"].averaged.state_dict())
+    bn_update(list(train), expected.module)
+    torch.testing.assert_close(swa.net[1].running_mean, expected.module.net[1].running_mean)
+    assert not torch.equal(swa.net[1].running_mean, model.net[1].running_mean)
+
+
+def test_a_plan_in_iterations_and_swag_at_test(tmp_path: Path) -> None:
+    cb = AveragingCallback({"swa": {}, "swag": {"samples": 3, "max_models": 4}}, start=10,
+                           freq=3, unit="iter")
+    trainer, _, _ = fit(cb, tmp_path, epochs=3, test=True)
+    # 8 batches an epoch, 24 steps: n > 10 with n % 3 == 0 -> 12, 15, 18, 21, 24.
+    assert cb.averages["swa"].n_averaged == cb.averages["swag"].n_averaged == 5
+    m = trainer.callback_metrics
+    assert "swag/test_acc" in m and "swag/val_acc" not in m  # SWAG's BMA: at test only
+    assert 0.0 < float(m["swag/test_loss"]) < 5.0
+
+
+def test_snapshots_and_the_checkpoint_state(tmp_path: Path) -> None:
+    cb = AveragingCallback(["swa"], start=0.5, snapshot_every=1, snapshot_unit="epoch")
+    _, model, _ = fit(cb, tmp_path)
+    index = json.loads((tmp_path / "trajectory" / "index.json").read_text())
+    assert [s["epoch"] for s in index["snapshots"]] == [1, 2, 3, 4]
+    states = [torch.load(tmp_path / "trajectory" / s["file"], weights_only=True)["state_dict"]
+              for s in index["snapshots"][1:]]
+    posthoc = average_states(model, states)
+    for a, b in zip(posthoc.parameters(), cb.averages["swa"].module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    state = cb.state_dict()
+    again = AveragingCallback(["swa"], start=0.5)
+    again.load_state_dict(state)  # before the fit builds the averages: kept for then
+    again.on_fit_start(None, model)  # type: ignore[arg-type]
+    assert again.averages["swa"].n_averaged == 3 and again.last_step == cb.last_step
+    other = AveragingCallback(["ema"])
+    other.on_fit_start(None, model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="this callback keeps"):
+        other.load_state_dict(state)
+
+
+def test_bad_arguments_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="unit='step'"):
+        AveragingCallback(["swa"], unit="step")
+    with pytest.raises(ValueError, match="name at least one"):
+        AveragingCallback([])
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {examples!r})
+    import lightning_callback as ex
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    from swa_research.lightning import AveragingCallback
+    pl.seed_everything(0, verbose=False)
+    cb = AveragingCallback({{"swa": {{}}, "ema": {{"decay": 0.9}}}}, start=0.5)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp",
+                         callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    model = ex.Classifier()
+    trainer.fit(model, DataLoader(ex.blobs(512, 1), batch_size=32, shuffle=True),
+                DataLoader(ex.blobs(256, 2), batch_size=64))
+    flat = torch.cat([p.detach().flatten() for p in cb.averages["swa"].module.parameters()])
+    bn = cb.averages["swa"].module.net[1].running_mean
+    print(f"RANK {{trainer.global_rank}} n={{cb.averages['swa'].n_averaged}} "
+          f"sum={{flat.double().sum().item():.10f}} bn={{bn.double().sum().item():.10f}} "
+          f"val_acc={{float(trainer.callback_metrics['swa/val_acc']):.6f}}", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_keep_equal_averages(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(examples=str(ROOT / "examples")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("RANK "))
+    assert len(lines) == 2, r.stdout + r.stderr[-2000:]
+    # The same averages, BN statistics (averaged over the ranks) and scores on both ranks.
+    assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2], lines
+    assert "n=2" in lines[0]
