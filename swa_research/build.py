@@ -41,6 +41,7 @@ from swa_research.preemption import stop_on_signals
 from swa_research.runs import check_finished_run, holds_run, read_metrics
 from swa_research.snapshots import SnapshotWriter
 from swa_research.step import compile_in_place, memory_format, resolve_precision
+from swa_research.trackers import build_trackers, check_trackers
 from swa_research.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
         check_strategy(config)
         device = resolve_device(trainer_cfg.device)
         resolve_precision(trainer_cfg.precision, device)  # fail before loading any data
+        check_trackers(config.logger)  # a tracker's missing package, before any data
     except UserError as e:
         if fresh and world().is_main:
             write_failure(run_dir, str(e))
@@ -298,6 +300,9 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     if config.logger.backend == "wandb" and world().is_main:
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
                                    resuming=resuming, averages=list(averages)))
+    if world().is_main:
+        loggers += build_trackers(config.logger, run_dir, config_dict, list(averages),
+                                  run_name)
     return Trainer(
         model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, schedule),
         plan=plan, averages=averages, data=data, train_pre=train_pre, eval_pre=eval_pre,

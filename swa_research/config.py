@@ -184,6 +184,12 @@ class LoggerConfig:
     init_timeout: float = 20.0  # seconds wandb.init may try to reach W&B; then offline
     # A multirun ends with a W&B report of the sweep (swa_research.dashboard; logger=wandb).
     dashboard: bool = False
+    # Further trackers beside (or instead of) W&B (swa_research.trackers): logger=tensorboard,
+    # logger=csv, logger=mlflow, or several: logger=[wandb,tensorboard].
+    tensorboard: bool = False
+    csv: bool = False
+    mlflow: bool = False
+    mlflow_uri: str | None = None  # null: MLFLOW_TRACKING_URI, else MLflow's ./mlruns
 
 
 @dataclass

@@ -61,6 +61,26 @@ class RunLogger(Protocol):
     def finish(self, metrics: dict[str, Any]) -> None: ...
 
 
+def eval_values(row: dict[str, Any], averages: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """An evaluation row under the names every tracker uses: ``epoch``, ``iteration``,
+    ``epoch/lr``, ``epoch/train_loss``, ``MODEL/val_loss`` ... for ``sgd`` and each average,
+    ``NAME/n_averaged``; values that are not there (no validation split) are left out."""
+    data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
+                            "epoch/lr": row["lr"]}
+    for key in ("train_loss", "train_acc"):  # none at an evaluation before training
+        if row.get(key) is not None:
+            data[f"epoch/{key}"] = row[key]
+    for name in averages:
+        data[f"{name}/n_averaged"] = row.get(f"{name}_n_averaged", 0)
+    for model in ("sgd", *averages):
+        for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+            if row.get(f"{model}_{key}") is not None:
+                data[f"{model}/{key}"] = row[f"{model}_{key}"]
+    if row.get("images_per_s") is not None:
+        data["epoch/images_per_s"] = row["images_per_s"]
+    return data
+
+
 class LocalFiles:
     """history.csv (one row per evaluation) and metrics.json in the run dir."""
 
@@ -353,20 +373,7 @@ class WandbLogger:
             self._log({"iteration": iteration, **{k: float(v) for k, v in values.items()}})
 
     def log_eval(self, row: dict[str, Any]) -> None:
-        data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
-                                "epoch/lr": row["lr"]}
-        for key in ("train_loss", "train_acc"):  # none at an evaluation before training
-            if row.get(key) is not None:
-                data[f"epoch/{key}"] = row[key]
-        for name in self.averages:
-            data[f"{name}/n_averaged"] = row.get(f"{name}_n_averaged", 0)
-        for model in ("sgd", *self.averages):
-            for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
-                if row.get(f"{model}_{key}") is not None:
-                    data[f"{model}/{key}"] = row[f"{model}_{key}"]
-        if row.get("images_per_s") is not None:
-            data["epoch/images_per_s"] = row["images_per_s"]
-        self._log(data)
+        self._log(eval_values(row, self.averages))
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if self.run is None:
