@@ -45,10 +45,26 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 
 class _Tracker:
-    """A tracker that warns once and stops when its backend fails: never a lost run."""
+    """A tracker that warns once and stops when its backend fails: never a lost run. The
+    subclasses write with ``_record(kind, values, step)`` (kind: step, eval or summary)."""
 
     name = "tracker"
     broken = False
+    averages: list[str]
+    last_iteration = 0
+
+    def _record(self, kind: str, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_step(self, iteration: int, values: dict[str, float]) -> None:
+        self.last_iteration = iteration
+        self._guard("logging", self._record, "step", _numbers(values), iteration)
+
+    def log_eval(self, row: dict[str, Any]) -> None:
+        data = eval_values(row, self.averages)
+        step = int(data.pop("iteration"))
+        self.last_iteration = max(self.last_iteration, step)
+        self._guard("logging", self._record, "eval", _numbers(data), step)
 
     def _guard(self, action: str, fn: Any, *args: Any) -> None:
         if self.broken:
@@ -77,24 +93,15 @@ class TensorBoardLogger(_Tracker):
         table = "\n".join(f"    {k}: {v}" for k, v in applicable_config(config).items())
         self._guard("writing the config", self.writer.add_text, "config", table, 0)
 
-    def _scalars(self, values: dict[str, float], step: int) -> None:
+    def _record(self, kind: str, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def log_step(self, iteration: int, values: dict[str, float]) -> None:
-        self.last_iteration = iteration
-        self._guard("logging", self._scalars, _numbers(values), iteration)
-
-    def log_eval(self, row: dict[str, Any]) -> None:
-        data = eval_values(row, self.averages)
-        step = int(data.pop("iteration"))
-        self.last_iteration = max(self.last_iteration, step)
-        self._guard("logging", self._scalars, _numbers(data), step)
-
     def finish(self, metrics: dict[str, Any]) -> None:
         summary = {f"summary/{k}": v for k, v in _numbers(summary_values(metrics)).items()}
-        self._guard("writing the summary", self._scalars, summary, self.last_iteration)
+        self._guard("writing the summary", self._record, "summary", summary,
+                    self.last_iteration)
         self.writer.close()
 
 
@@ -125,27 +132,17 @@ class CSVLogger(_Tracker):
         writer.writerows(self.rows)
         atomic_write_text(self.path, buf.getvalue())
 
-    def _add(self, kind: str, iteration: int, values: dict[str, float]) -> None:
-        row = {"kind": kind, "iteration": iteration, **{k: repr(v) for k, v in values.items()}}
+    def _record(self, kind: str, values: dict[str, float], step: int) -> None:
+        row = {"kind": kind, "iteration": step, **{k: repr(v) for k, v in values.items()}}
         for key in row:
             if key not in self.columns:
                 self.columns.append(key)
         self.rows.append(row)
         self._write()
 
-    def log_step(self, iteration: int, values: dict[str, float]) -> None:
-        self.last_iteration = iteration
-        self._guard("logging", self._add, "step", iteration, _numbers(values))
-
-    def log_eval(self, row: dict[str, Any]) -> None:
-        data = eval_values(row, self.averages)
-        step = int(data.pop("iteration"))
-        self.last_iteration = max(self.last_iteration, step)
-        self._guard("logging", self._add, "eval", step, _numbers(data))
-
     def finish(self, metrics: dict[str, Any]) -> None:
-        self._guard("writing the summary", self._add, "summary", self.last_iteration,
-                    _numbers(summary_values(metrics)))
+        self._guard("writing the summary", self._record, "summary",
+                    _numbers(summary_values(metrics)), self.last_iteration)
 
 
 class MLflowLogger(_Tracker):
@@ -187,7 +184,7 @@ class MLflowLogger(_Tracker):
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def _metrics(self, values: dict[str, float], step: int) -> None:
+    def _record(self, kind: str, values: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -198,19 +195,10 @@ class MLflowLogger(_Tracker):
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def log_step(self, iteration: int, values: dict[str, float]) -> None:
-        self.last_iteration = iteration
-        self._guard("logging", self._metrics, _numbers(values), iteration)
-
-    def log_eval(self, row: dict[str, Any]) -> None:
-        data = eval_values(row, self.averages)
-        step = int(data.pop("iteration"))
-        self.last_iteration = max(self.last_iteration, step)
-        self._guard("logging", self._metrics, _numbers(data), step)
-
     def finish(self, metrics: dict[str, Any]) -> None:
         summary = {f"summary/{k}": v for k, v in _numbers(summary_values(metrics)).items()}
-        self._guard("writing the summary", self._metrics, summary, self.last_iteration)
+        self._guard("writing the summary", self._record, "summary", summary,
+                    self.last_iteration)
         status = "FINISHED" if metrics.get("status") == "finished" else "FAILED"
         self._guard("ending the run", self.client.set_terminated, self.run_id, status)
 
