@@ -1,4 +1,4 @@
-"""Images/s and peak memory of the streaming data path (swa_research.streaming) against the
+"""Images/s and peak memory of the streaming data path (swa_research.data.streaming) against the
 in-memory path's decode + iteration (swa_research.data), on the same image folder split.
 
 Each measurement runs in a fresh process, so that its peak RSS is its own:
@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from swa_research.data import _list_folder
+    from swa_research.data.folders import _list_folder
 
     split_dir = Path(args.root) / args.split
     files, labels, classes = _list_folder(split_dir, None)
@@ -52,11 +52,12 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     row: dict[str, object] = {"path": args.mode, "images": n}
     t0 = time.perf_counter()
     if args.mode == "in_memory":
-        from swa_research.config import DataConfig
-        from swa_research.data import Preprocess, _decode_split, train_batches
+        from swa_research.data import Preprocess, train_batches
+        from swa_research.data.folders import _decode_split
+        from swa_research.data.transforms import ImageTransform, infer_image_size
 
-        data = _decode_split(files, labels, split_dir, DataConfig(name="imagefolder", root=""),
-                             args.decode_threads)
+        transform = ImageTransform(image_size=infer_image_size(files[0]))
+        data = _decode_split(files, labels, split_dir, transform, args.decode_threads)
         t1 = time.perf_counter()
         pre = Preprocess(True, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
                          torch.device("cpu"), augment="crop_flip")
@@ -69,7 +70,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
                    epoch_images_per_s=seen / (t2 - t1), workers=None,
                    decode_threads=args.decode_threads)
     else:
-        from swa_research.streaming import StreamingSet
+        from swa_research.data.streaming import StreamingSet
 
         s = StreamingSet(files, labels, classes, image_size=args.image_size,
                          augment=args.augment, num_workers=args.workers,

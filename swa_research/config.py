@@ -42,7 +42,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # imagefolder: the square side every image is resized (shorter side) and centre-cropped to,
-    # on every path (swa_research.transforms); null: the first training image's (square) side.
+    # on every path (swa_research.data.transforms); null: the first training image's (square) side.
     image_size: int | None = None
     # synthetic only: a learnable, generated data set.
     num_classes: int = 10
@@ -53,7 +53,7 @@ class DataConfig:
     cache: bool = True
     # Image folders (imagefolder, imagenet): auto | true | false. true: decoded once into memory
     # (on the training device); false: decoded per batch from disk in trainer.num_workers
-    # worker processes (swa_research.streaming); auto: in memory when the decoded set is
+    # worker processes (swa_research.data.streaming); auto: in memory when the decoded set is
     # estimated to fit within memory_fraction of host RAM (and of GPU memory on CUDA).
     in_memory: str = "auto"
     memory_fraction: float = 0.5
@@ -368,7 +368,8 @@ def validate_swa(sw: SwaConfig) -> None:
 
 
 def validate_data_paths(d: DataConfig) -> None:
-    """data.in_memory and the streaming keys (swa_research.streaming); UserError naming the key."""
+    """data.in_memory and the streaming keys (swa_research.data.streaming); UserError naming
+    the key."""
     mode = str(d.in_memory).strip().lower()  # Hydra's true/false arrive as "True"/"False"
     if mode not in ("auto", "true", "false"):
         raise UserError(f"data.in_memory={d.in_memory!r}: expected auto, true or false")

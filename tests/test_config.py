@@ -49,8 +49,10 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path) 
         node = getattr(config, group)
         field = NAME_FIELD[group]
         value = node[field] if isinstance(node, dict) else getattr(node, field)
-        # swa=swag: the SWA mean is the primary average, SWAG a further one (swa.also).
-        assert value == option or (group == "swa" and option in config.swa.also)
+        # swa=swag: the SWA mean is the primary average, SWAG a further one (swa.also); the
+        # trackers beside W&B are switches of their own (logger.tensorboard, ...).
+        assert value == option or (group == "swa" and option in config.swa.also) or (
+            group == "logger" and getattr(config.logger, option) is True)
     # The typed config round-trips to a plain, fully resolved dict.
     plain = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     assert "${" not in str(plain)

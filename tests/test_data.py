@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
-import swa_research.data as data_mod
+import swa_research.data.folders as data_mod
 from swa_research.config import DataConfig, UserError
 from swa_research.data import (
     ImageSet,
@@ -25,7 +25,7 @@ from swa_research.data import (
     synthetic_images,
     train_batches,
 )
-from swa_research.transforms import image_seeds
+from swa_research.data.transforms import image_seeds
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The streaming data path (swa_research.streaming) on tiny generated image folders: its
+"""The streaming data path (swa_research.data.streaming) on tiny generated image folders: its
 evaluation batches equal the in-memory path's, its memory does not grow with the set, a resumed
 epoch equals the uninterrupted one whatever the number of workers, shards make up the global
 batch, choose_path's decision and the config checks, and the ImageNet presets."""
@@ -21,8 +21,8 @@ from swa_research.averaging import AveragingPlan, check_budget
 from swa_research.build import load_config
 from swa_research.config import DataConfig, UserError, iterations_per_epoch
 from swa_research.data import ImageSet, Preprocess, eval_batches
-from swa_research.streaming import StreamingSet, choose_path, open_image_folder
-from swa_research.transforms import ImageTransform, image_seeds, random_resized_crop_params
+from swa_research.data.streaming import StreamingSet, choose_path, open_image_folder
+from swa_research.data.transforms import ImageTransform, image_seeds, random_resized_crop_params
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -189,7 +189,7 @@ PEAK_CHILD = textwrap.dedent("""
     out = {}
     for n in ("small", "large"):
         if mode == "streaming":
-            from swa_research.streaming import StreamingSet
+            from swa_research.data.streaming import StreamingSet
             s = StreamingSet.from_folder(root / n / "train", image_size=96, augment="none",
                                          num_workers=0)
             order = torch.randperm(len(s))

@@ -82,16 +82,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from swa_research.config import DataConfig, UserError
-from swa_research.data import (
-    DataSplits,
+from swa_research.data.folders import (
     FolderListing,
-    Preprocess,
     _list_folder,
     list_image_folder,
     resolve_image_size,
-    to_device_async,
 )
-from swa_research.transforms import ImageTransform, decode_image, image_seeds
+from swa_research.data.memory import DataSplits, Preprocess, split_train_val, to_device_async
+from swa_research.data.transforms import ImageTransform, decode_image, image_seeds
 
 log = logging.getLogger(__name__)
 
@@ -484,8 +482,6 @@ def open_image_folder(cfg: DataConfig, seed: int, num_workers: int,
                       ) -> DataSplits:
     """The streamed train / validation / test sets, with ``data.split_train_val``'s seeded
     validation split (the same images as the in-memory path's split)."""
-    from swa_research.data import split_train_val
-
     listing = listing or list_image_folder(cfg)
     options = set_options(cfg, num_workers, listing, memory_format)
     full = StreamingSet(*listing.train, listing.classes, **options)  # type: ignore[arg-type]
