@@ -463,14 +463,5 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused.append("optimizer.betas")
     else:
         unused += ["optimizer.momentum", "optimizer.nesterov"]
-    return [k for k in dict.fromkeys(unused)
-            if _has(config, k)]
-
-
-def _has(config: dict[str, Any], dotted: str) -> bool:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    present = flatten_dict(config)
+    return [k for k in dict.fromkeys(unused) if k in present]

@@ -18,7 +18,6 @@ averaged prediction and softmax gives the probabilities back for accuracy and EC
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swa_research.averaging import Average
+from swa_research.averaging import Average, predict
+from swa_research.averaging.library import network_of
 from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions, re-exported
     N_BINS,
     ReliabilityBins,
@@ -47,13 +47,6 @@ RELIABILITY_FILE = "reliability.png"
 Evaluated = nn.Module | Average
 
 
-def _network(model: Evaluated) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
-    """The module whose mode is set, and the function that gives logits."""
-    if isinstance(model, Average):
-        return model.module, model.predict
-    return model, model
-
-
 @dataclass
 class EvalResult:
     loss: float | None = None
@@ -68,7 +61,7 @@ def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
     of the set and the sums are added over the ranks: every rank gets the whole set's result."""
     if data is None or len(data) == 0:
         return EvalResult()
-    module, predict = _network(model)
+    module, forward = network_of(model)
     was_training = module.training
     module.eval()
     n = len(data)
@@ -77,7 +70,7 @@ def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
     try:
         for x, y in eval_batches(data, batch_size, preprocess,
                                  shard=(w.rank, w.size) if w.distributed else None):
-            logits = predict(x).float()
+            logits = forward(x).float()
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
             sums[1] += (logits.argmax(1) == y).sum()
     finally:
@@ -109,20 +102,10 @@ def evaluate_probs(probs: Tensor | None, data: ImageSet | None) -> EvalResult:
 def collect_logits(model: Evaluated, data: ImageSet, preprocess: Preprocess,
                    batch_size: int) -> tuple[Tensor, Tensor]:
     """Logits (float32, on the CPU) and labels of the whole set, in eval mode; the model's
-    mode is restored afterwards."""
-    module, predict = _network(model)
-    was_training = module.training
-    module.eval()
-    outs, labels = [], []
-    try:
-        for x, y in eval_batches(data, batch_size, preprocess):
-            outs.append(predict(x).float().cpu())
-            labels.append(y.cpu())
-    finally:
-        module.train(was_training)
-    if not outs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(outs), torch.cat(labels)
+    mode is restored afterwards (the library's :func:`~swa_research.averaging.predict`)."""
+    logits, labels = predict(model, eval_batches(data, batch_size, preprocess))
+    assert labels is not None
+    return logits, labels
 
 
 def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], test: ImageSet,

@@ -47,6 +47,7 @@ from swa_research.averaging import (
     classification_metrics,
     make_average,
     make_plan,
+    predict,
     snapshot,
 )
 from swa_research.averaging.base import bn_update, first_item, has_batch_norm
@@ -201,21 +202,14 @@ class AveragingCallback(pl.Callback):
                 if buffer.is_floating_point():
                     buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
-    @torch.no_grad()
     def _outputs(self, trainer: pl.Trainer, module: torch.nn.Module, loaders: list[Any]
                  ) -> tuple[Tensor | None, Tensor | None]:
-        was_training = module.training
-        module.eval()
-        outs, targets = [], []
-        try:
-            for batch in self._batches(trainer, loaders):
-                outs.append(module(self.input_fn(batch)).float())
-                targets.append(self.target_fn(batch))
-        finally:
-            module.train(was_training)
-        if not outs:
+        outputs, targets = predict(module, self._batches(trainer, loaders), self.input_fn,
+                                   self.target_fn)
+        if not len(outputs) or targets is None:
             return None, None
-        return self._gather(trainer, torch.cat(outs), torch.cat(targets))
+        device = trainer.strategy.root_device  # NCCL gathers device tensors
+        return self._gather(trainer, outputs.to(device), targets.to(device))
 
     def _swag_outputs(self, trainer: pl.Trainer, average: SWAG, loaders: list[Any]
                       ) -> tuple[Tensor | None, Tensor | None]:

@@ -42,8 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swa_research.averaging import HostCountAveragedModel, bn_update, has_batch_norm
-from swa_research.averaging.ema import ema_multi_avg_fn
+from swa_research.averaging import average_states, bn_update, has_batch_norm
 from swa_research.build import load_run_config, prepare_device, resolve_device
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
 from swa_research.data import DataSplits, Limits, Preprocess, bn_pass_batches, build_data
@@ -223,19 +222,22 @@ class PosthocRun:
 
     def average(self, setting: Setting, entries: Sequence[dict[str, Any]]) -> nn.Module:
         """The averaged network of ``entries`` (BN statistics recomputed)."""
-        fn = (ema_multi_avg_fn(setting.decay or 0.0, bool(setting.warmup))
-              if setting.kind == "ema" else None)
-        averaged = HostCountAveragedModel(self.model, fn)
-        for entry in entries:
-            try:
-                self.model.load_state_dict(self.snapshot(entry))
-            except (RuntimeError, KeyError) as e:
-                detail = str(e).strip().splitlines()[-1].strip()
-                raise UserError(f"{self.run_dir / TRAJECTORY / entry['file']} does not fit the "
-                                f"model of {self.run_dir}/.hydra/config.yaml (snapshots of "
-                                f"another run?): {detail}") from None
-            averaged.update_parameters(self.model)
-        module = averaged.module
+        current: list[dict[str, Any]] = []
+
+        def states() -> Iterator[State]:
+            for entry in entries:
+                current[:] = [entry]
+                yield self.snapshot(entry)
+
+        try:  # the library's post-hoc average: the online averages' arithmetic
+            module = average_states(self.model, states(),
+                                    kind="ema" if setting.kind == "ema" else "swa",
+                                    decay=setting.decay or 0.0, warmup=bool(setting.warmup))
+        except (RuntimeError, KeyError) as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"{self.run_dir / TRAJECTORY / current[0]['file']} does not fit "
+                            f"the model of {self.run_dir}/.hydra/config.yaml (snapshots of "
+                            f"another run?): {detail}") from None
         if self.bn:
             with autocast(self.precision, self.device), torch.random.fork_rng(
                     devices=[self.device.index or 0] if self.device.type == "cuda" else []):

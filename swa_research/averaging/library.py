@@ -33,7 +33,7 @@ from swa_research.averaging.base import Average, HostCountAveragedModel, bn_upda
 from swa_research.averaging.ema import ema_multi_avg_fn
 from swa_research.averaging.plan import AveragingPlan
 from swa_research.averaging.swag import SWAG
-from swa_research.config import ScheduleConfig, SwaConfig
+from swa_research.config import ScheduleConfig, SwaConfig, validate_swa
 
 __all__ = ["average_states", "make_average", "make_plan", "predict", "snapshot", "swag_bma",
            "update_bn"]
@@ -61,8 +61,6 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)
     check_methods(cfg)
-    from swa_research.config import validate_swa
-
     validate_swa(cfg)
     return METHODS[method](model, cfg)
 
@@ -84,7 +82,9 @@ def make_plan(*, start: float, freq: int, epochs: int, iters_per_epoch: int,
     return AveragingPlan.from_config(swa, schedule, epochs, iters_per_epoch)
 
 
-def _network(model: Module) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+def network_of(model: Module) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    """The module whose train/eval mode is set, and the function that gives logits, of a
+    network or an average (an average predicts through its ``predict``)."""
     if isinstance(model, Average):
         return model.module, model.predict
     return model, model
@@ -95,7 +95,7 @@ def update_bn(model: Module, batches: Iterable[Any],
     """Recompute the BN statistics of a network or an average over one pass of ``batches``
     (any batch structure: ``input_fn`` gives the model input, by default the first item of a
     tuple or the batch itself), each batch weighted by its size, as the SWA paper's code."""
-    module, _ = _network(model)
+    module, _ = network_of(model)
     bn_update(batches, module, input_fn)
 
 
@@ -105,7 +105,7 @@ def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Ten
     """Logits (float32, CPU) of a network or an average over ``batches`` in eval mode (its
     mode restored after), and the labels when the batches carry them (``label_fn``, default:
     the second item of a tuple)."""
-    module, forward = _network(model)
+    module, forward = network_of(model)
     was_training = module.training
     module.eval()
     outs: list[Tensor] = []
@@ -119,6 +119,8 @@ def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Ten
                 labels.append(batch[1].cpu())
     finally:
         module.train(was_training)
+    if not outs:  # an empty set
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 
 
