@@ -9,7 +9,7 @@ on the same data, for VGG "simplified" and VGG16.
 The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
 ``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
 process), Adam, and an ``AveragedModel`` updated every 50 steps, in fp32 and NCHW. This
-project's path is ``Trainer.train_epoch`` itself, on a trainer that ``swa_research.build``
+project's path is ``Trainer.train_epoch`` itself, on a trainer that ``swa_research.training.build``
 makes from a config as a run does (``load_config``, ``build_trainer``): uint8 tensors in
 memory, batched preprocessing (``train_batches`` and ``Preprocess``), ``TrainStep`` (autocast,
 channels-last, optionally compiled) and the run's "swa" average, also every 50 steps.
@@ -80,7 +80,6 @@ from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from swa_research.averaging import PRIMARY
-from swa_research.build import build_trainer, config_dict_of, load_config, resolve_device
 from swa_research.config import (
     CHOICES,
     Config,
@@ -101,7 +100,9 @@ from swa_research.data import (
 from swa_research.errors import UserError
 from swa_research.fileio import atomic_write_text, probe_writable
 from swa_research.models import MODELS, build_model, resolve_model_config
-from swa_research.step import AUTOCAST_DTYPES, cpu_has_native, peak_gpu_mb, peak_rss_mb
+from swa_research.tracking.outputs import peak_gpu_mb, peak_rss_mb
+from swa_research.training.build import build_trainer, config_dict_of, load_config, resolve_device
+from swa_research.training.step import AUTOCAST_DTYPES, cpu_has_native
 
 COLUMNS = ["model", "path", "precision", "batch_size", "images_per_s", "ratio_to_seed",
            "ms_per_step", "avg_update_ms", "avg_overhead_pct", "peak_gpu_mb", "peak_rss_mb",
@@ -285,8 +286,8 @@ def bench_config(args: argparse.Namespace, name: str, precision: str, device: to
 
 
 class TrainerLoop:
-    """``Trainer.train_epoch`` of the trainer that ``swa_research.build`` makes from ``config``
-    (its data, model, optimizer, schedule, averages, step), each chunk on a slice of
+    """``Trainer.train_epoch`` of the trainer that ``swa_research.training.build`` makes from
+    ``config`` (its data, model, optimizer, schedule, averages, step), each chunk on a slice of
     ``steps * batch_size`` images of its training set, so that one epoch is one timed chunk;
     the average is updated every 50 iterations as in the seed."""
 

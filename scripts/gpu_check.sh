@@ -137,7 +137,7 @@ done
 python3 - "$work" >"$OUT/paper_speed.txt" 2>>"$logs" <<'PY' || echo "paper_speed: failed (see logs.txt)" | tee -a "$summary"
 import json, sys
 from pathlib import Path
-from swa_research.paper import estimate_table
+from swa_research.analysis.paper import estimate_table
 speeds = {}
 for model in ("preresnet164", "wrn28x10"):
     try:

@@ -16,7 +16,7 @@
 # plots) is written into it, and the wall time is printed. DRY_RUN=1 prints the command only.
 # BUDGET=N (paper only) scales the recipes to a budget of N epochs: each preset is then a
 # multirun of its own in the sweep's folder <preset>, an SGD preset for N epochs, a SWA preset
-# for 1.5 N with its averaging start scaled alike (swa_research.paper.scaled_overrides); the
+# for 1.5 N with its averaging start scaled alike (swa_research.analysis.paper.scaled_overrides); the
 # report over the whole sweep marks them as another recipe than the paper's (docs/paper.md).
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
@@ -47,7 +47,7 @@ if [[ "${preset}" == paper ]]; then
     [[ "${model}" == all ]] && model=""
     [[ "${dataset}" == all ]] && dataset=""
     experiment=$("$python" -c 'import sys
-from swa_research.paper import presets
+from swa_research.analysis.paper import presets
 print(",".join(presets(sys.argv[1] or None, sys.argv[2] or None)))' "${model}" "${dataset}")
     name="paper${model:+_${model}}${dataset:+_${dataset}}"
 fi
@@ -65,7 +65,7 @@ if [[ -z "${budget}" ]]; then
 else
     for p in ${experiment//,/ }; do
         scaled=$("$python" -c 'import sys
-from swa_research.paper import scaled_overrides
+from swa_research.analysis.paper import scaled_overrides
 print("\t".join(scaled_overrides(sys.argv[1], int(sys.argv[2]))))' "${p}" "${budget}")
         runs+=("${p}${tab}${sweep_dir}/${p//\//_}${tab}${scaled}")
     done

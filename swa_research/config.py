@@ -165,7 +165,8 @@ class TrainerConfig:
     limit_eval_batches: int = 0
     overfit_batches: int = 0
     # Weight snapshots of the training model for post-hoc averaging (python -m
-    # swa_research.posthoc): every snapshot_every snapshot_units (0: none) into trajectory/.
+    # swa_research.analysis.posthoc): every snapshot_every snapshot_units (0: none) into
+    # trajectory/.
     snapshot_every: int = 0
     snapshot_unit: str = "epoch"  # iter | epoch
     snapshot_dtype: str = "fp32"  # fp32 | bf16 (integer buffers stay integer)
@@ -182,10 +183,11 @@ class LoggerConfig:
     name: str | None = None  # null: built from the job's overrides
     mode: str = "auto"  # auto | online | offline | disabled
     init_timeout: float = 20.0  # seconds wandb.init may try to reach W&B; then offline
-    # A multirun ends with a W&B report of the sweep (swa_research.dashboard; logger=wandb).
+    # A multirun ends with a W&B report of the sweep (swa_research.analysis.dashboard;
+    # logger=wandb).
     dashboard: bool = False
-    # Further trackers beside (or instead of) W&B (swa_research.trackers): logger=tensorboard,
-    # logger=csv, logger=mlflow, or several: logger=[wandb,tensorboard].
+    # Further trackers beside (or instead of) W&B (swa_research.tracking.trackers):
+    # logger=tensorboard, logger=csv, logger=mlflow, or several: logger=[wandb,tensorboard].
     tensorboard: bool = False
     csv: bool = False
     mlflow: bool = False

@@ -1,9 +1,9 @@
 """The command line: ``python -m swa_research.train [overrides]`` (``-m`` for a multirun sweep).
 
 The ``@hydra.main`` entry and nothing else: it names the run and its dir, calls
-:func:`swa_research.build.train`, turns errors into one line and an exit status (2: a problem
-with what was asked; 1: training diverged or a job failed; 75: preempted, requeue), and ends a
-sweep with each job's status, the sweep report and, under Optuna, the best parameters.
+:func:`swa_research.training.build.train`, turns errors into one line and an exit status (2: a
+problem with what was asked; 1: training diverged or a job failed; 75: preempted, requeue), and ends
+a sweep with each job's status, the sweep report and, under Optuna, the best parameters.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ except UserError as _e:
     sys.exit(2)
 
 from swa_research import distributed  # noqa: E402
-from swa_research.build import train  # noqa: E402
-from swa_research.callbacks import SWEEP  # noqa: E402
 from swa_research.conf import register_configs  # noqa: E402
 from swa_research.fileio import atomic_write_text  # noqa: E402
-from swa_research.sweep import format_summary, print_optuna_result, sweep_jobs  # noqa: E402
-from swa_research.trainer import TrainingDiverged  # noqa: E402
+from swa_research.tracking.callbacks import SWEEP  # noqa: E402
+from swa_research.tracking.sweep import format_summary, print_optuna_result, sweep_jobs  # noqa: E402
+from swa_research.training.build import train  # noqa: E402
+from swa_research.training.trainer import TrainingDiverged  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def job_config_text(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from swa_research.build import config_dict_of, load_config
     from swa_research.config import unused_keys
+    from swa_research.training.build import config_dict_of, load_config
 
     GlobalHydra.instance().clear()
     try:
@@ -262,7 +262,7 @@ def main() -> None:
             write_sweep_report(sweep_dir)
         else:  # a report of dashes and an empty gain plot would say nothing
             print(f"no sweep report: no job of {sweep_dir} finished", file=sys.stderr)
-        from swa_research.dashboard import end_of_sweep
+        from swa_research.analysis.dashboard import end_of_sweep
 
         end_of_sweep(sweep_dir)  # with logger=wandb logger.dashboard=true; never raises
         print(format_summary(sweep_dir, jobs), file=sys.stderr)
@@ -275,7 +275,7 @@ def main() -> None:
 def write_sweep_report(sweep_dir: Path) -> None:
     """The sweep's report (report.md, report.csv, plots), failed jobs included. Never raises:
     a multirun's outcome and exit code must not depend on its report."""
-    from swa_research.report import write_report
+    from swa_research.analysis.report import write_report
 
     try:
         report = write_report(sweep_dir)

@@ -245,9 +245,9 @@ def test_a_new_averaging_method_is_one_class_and_one_registry_line(
     metrics.json entry, weights file, calibration, summary and report columns)."""
     from conftest import TINY, compose_config
 
+    from swa_research.analysis.report import build_report
     from swa_research.averaging import METHODS, register_method
-    from swa_research.build import train
-    from swa_research.report import build_report
+    from swa_research.training.build import train
 
     monkeypatch.setitem(METHODS, "last", LastPoint)  # removed again after the test
     register_method("last", LastPoint)
@@ -297,8 +297,8 @@ def test_a_repeated_or_primary_further_average_names_the_cause(also: str, messag
     from conftest import compose_config
 
     from swa_research.averaging import check_methods
-    from swa_research.build import load_config
     from swa_research.config import UserError
+    from swa_research.training.build import load_config
 
     with pytest.raises(UserError) as e:
         check_methods(load_config(compose_config([f"swa.also={also}"])).swa)
@@ -323,8 +323,8 @@ def test_a_non_finite_average_is_loud_and_recorded(monkeypatch: pytest.MonkeyPat
     from conftest import TINY, compose_config
 
     from swa_research.averaging import METHODS
-    from swa_research.build import train
-    from swa_research.loggers import run_summary
+    from swa_research.tracking.loggers import run_summary
+    from swa_research.training.build import train
 
     monkeypatch.setitem(METHODS, "blowup", BlowsUp)
     m = train(compose_config([*TINY, "swa.also=[blowup]", "swa.freq=1"]), tmp_path)

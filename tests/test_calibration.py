@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, compose_config
 
-from swa_research.build import train
-from swa_research.evaluation import (
+from swa_research.tracking.loggers import summary_values
+from swa_research.training.build import train
+from swa_research.training.evaluation import (
     expected_calibration_error,
     negative_log_likelihood,
     reliability_bins,
 )
-from swa_research.loggers import summary_values
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import swa_research.train as train_module
-from swa_research.callbacks import SWEEP
+from swa_research.tracking.callbacks import SWEEP
 
 # Shrinks the smoke preset further; the CLI tests are about the process, not the learning.
 FAST = ["data.train_size=128", "data.test_size=64", "trainer.epochs=2", "trainer.device=cpu"]

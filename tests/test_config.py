@@ -9,7 +9,6 @@ from conftest import GROUPS, TINY, compose_config, group_options
 from omegaconf import OmegaConf
 
 from swa_research.averaging import check_budget
-from swa_research.build import load_config
 from swa_research.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -18,6 +17,7 @@ from swa_research.config import (
     to_config,
     validate,
 )
+from swa_research.training.build import load_config
 
 # The field of each group that must name the option file it came from.
 NAME_FIELD = {"data": "name", "model": "name", "optimizer": "name", "schedule": "name",
@@ -127,7 +127,7 @@ def test_paper_sgd_baselines(preset: str, data: str) -> None:
     """The paper's SGD column: its recipe without averaging, 200 epochs, lr decayed over the
     whole budget to 1% (0.05 -> 0.0005)."""
     from swa_research.averaging import AveragingPlan
-    from swa_research.optim import build_schedule
+    from swa_research.training.optim import build_schedule
 
     c = to_config(compose_config([f"experiment={preset}"]))
     assert c.data.name == data and c.swa.method == "none" and c.trainer.epochs == 200
@@ -326,10 +326,10 @@ def test_cfg_job_and_wandb_show_the_keys_that_act_first() -> None:
     method's options grouped apart (commented out); W&B records only the keys that act."""
     import yaml
 
-    from swa_research.build import config_dict_of
     from swa_research.config import unused_keys
-    from swa_research.loggers import applicable_config
+    from swa_research.tracking.loggers import applicable_config
     from swa_research.train import cfg_job_overrides, job_config_text
+    from swa_research.training.build import config_dict_of
 
     assert cfg_job_overrides(["--cfg", "job", "swa=swag"]) == ["swa=swag"]
     assert cfg_job_overrides(["--cfg", "job", "-m", "seed=0,1"]) is None

@@ -1,4 +1,4 @@
-"""The W&B dashboard of a sweep (swa_research.dashboard): its specification built from fake
+"""The W&B dashboard of a sweep (swa_research.analysis.dashboard): its specification built from fake
 sweep dirs and from a real offline multirun, the command's errors, offline mode with the network
 blocked, and the conversion to wandb-workspaces' report objects (built, never saved)."""
 
@@ -17,8 +17,8 @@ from conftest import TINY
 from test_report import fake_run
 from test_wandb import clean_env, read_offline
 
-from swa_research import dashboard
-from swa_research.dashboard import (
+from swa_research.analysis import dashboard
+from swa_research.analysis.dashboard import (
     build_dashboard,
     dashboard_spec,
     end_of_sweep,
@@ -26,7 +26,7 @@ from swa_research.dashboard import (
     panel_metrics,
     to_report,
 )
-from swa_research.report import build_report
+from swa_research.analysis.report import build_report
 
 PANELS = {"scatter", "swa_gain", "swa_gain_ci", "accuracy_curves", "parallel",
           "calibration_ece", "calibration_nll", "report_table"}

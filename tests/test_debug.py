@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import compose_config
 
-from swa_research.build import load_config, train
 from swa_research.data import Limits, apply_limits, balanced_index, build_data
 from swa_research.models import MODELS, resolve_model_config
+from swa_research.training.build import load_config, train
 
 OPTIONS = ["smoke", "fdr", "limit", "overfit"]
 CPU = ["trainer.device=cpu", "trainer.progress=none", "trainer.num_workers=0"]

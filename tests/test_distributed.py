@@ -24,11 +24,11 @@ import torch
 from conftest import TINY, compose_config, fault_env
 
 from swa_research import distributed
-from swa_research.build import check_strategy, load_config
 from swa_research.config import UserError
 from swa_research.data import ImageSet, Preprocess, bn_pass_batches, train_batches
 from swa_research.distributed import World, as_peer_failure, from_env
 from swa_research.models import build_model, resolve_model_config
+from swa_research.training.build import check_strategy, load_config
 
 # Four epochs of SGD (momentum 0.9) on a BN-free VGG11 with normalised inputs and averaging
 # (SWA and EMA), no dropout: a run that learns (test loss 0.88 for SGD, 1.64 for SWA, against
@@ -231,7 +231,7 @@ import sys, torch
 from swa_research import distributed
 from swa_research.averaging.base import bn_update
 from swa_research.data import ImageSet, Preprocess, bn_pass_batches
-from swa_research.evaluation import evaluate
+from swa_research.training.evaluation import evaluate
 from swa_research.models import build_model
 
 w = distributed.setup()

@@ -17,7 +17,7 @@ from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 
 from swa_research.analysis import flatness as fl
-from swa_research.build import train
+from swa_research.training.build import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")

@@ -26,10 +26,10 @@ from swa_research.averaging import (
     swag_bma,
     update_bn,
 )
-from swa_research.build import load_config, train
 from swa_research.config import UserError, iterations_per_epoch
 from swa_research.data import Limits, Preprocess, build_data, train_batches
 from swa_research.models import build_model
+from swa_research.training.build import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -177,8 +177,8 @@ def test_a_new_model_is_one_builder_and_one_registry_line(
     trains through the whole pipeline."""
     from conftest import TINY, compose_config
 
-    from swa_research.build import load_config, train
     from swa_research.models import MODELS, register_model
+    from swa_research.training.build import load_config, train
 
     def toy(num_classes: int, image_size: int = 32, *, hidden: int = 16) -> nn.Module:
         if hidden < 1:

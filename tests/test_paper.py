@@ -18,12 +18,12 @@ import yaml
 from conftest import CONF_DIR, compose_config
 from test_schedules import paper_schedule
 
-from swa_research import paper
+from swa_research.analysis import paper
+from swa_research.analysis.report import build_report, write_report
 from swa_research.averaging import AveragingPlan, check_budget
-from swa_research.build import config_dict_of, load_config
 from swa_research.config import flatten_dict, iterations_per_epoch, to_config
-from swa_research.optim import build_schedule
-from swa_research.report import build_report, write_report
+from swa_research.training.build import config_dict_of, load_config
+from swa_research.training.optim import build_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = paper.presets()

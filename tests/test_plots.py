@@ -6,8 +6,8 @@ from pathlib import Path
 
 from conftest import TINY, compose_config
 
-from swa_research.build import train
-from swa_research.plots import PLOT_FILES, plot_history, read_history
+from swa_research.tracking.plots import PLOT_FILES, plot_history, read_history
+from swa_research.training.build import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,7 +35,7 @@ def test_history_round_trip_and_rows_without_average(tmp_path: Path) -> None:
 
 def test_plot_titles_name_the_overrides_and_epoch_ticks_are_whole(
         tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import swa_research.plots as plots
+    import swa_research.tracking.plots as plots
 
     figures = []
     real = plots.save_figure

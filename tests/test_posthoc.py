@@ -19,12 +19,12 @@ import torch
 from conftest import TINY, compose_config, fault_env
 from omegaconf import OmegaConf
 
+from swa_research.analysis.posthoc import PosthocRun, Setting, main, select
 from swa_research.averaging.ema import ema_multi_avg_fn, warmup_decay
-from swa_research.build import load_config, train
 from swa_research.config import TrainerConfig, UserError
 from swa_research.models import build_model, resolve_model_config
-from swa_research.posthoc import PosthocRun, Setting, main, select
-from swa_research.snapshots import (
+from swa_research.training.build import load_config, train
+from swa_research.training.snapshots import (
     INDEX,
     TRAJECTORY,
     SnapshotWriter,
@@ -406,7 +406,7 @@ def test_a_failed_snapshot_write_is_one_line_and_keeps_what_was_written(
     the rerun resumes and finishes with the whole trajectory."""
     import errno
 
-    import swa_research.snapshots as snapshots_mod
+    import swa_research.training.snapshots as snapshots_mod
 
     real, calls = snapshots_mod.atomic_torch_save, []
 

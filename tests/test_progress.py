@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
-from swa_research.build import train
-from swa_research.progress import Progress
+from swa_research.tracking.progress import Progress
+from swa_research.training.build import train
 
 
 class Clock:
@@ -26,7 +26,7 @@ class Clock:
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "swa_research.progress"
+    return [r.getMessage() for r in caplog.records if r.name == "swa_research.tracking.progress"
             and ": iteration " in r.getMessage()]
 
 
@@ -35,7 +35,7 @@ def test_a_line_every_interval_with_loss_speed_and_time_left(
     clock = Clock()
     progress = Progress("line", total=5, clock=clock)
     loss_sum = torch.tensor(0.0)
-    with caplog.at_level(logging.INFO, logger="swa_research.progress"):
+    with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         clock.now += 10
         progress.update(2, 3, 1, loss_sum + 128 * 2.5, 128)  # 10 s < 30 s: nothing yet
         assert lines(caplog) == []
@@ -51,7 +51,7 @@ def test_no_line_after_the_last_iteration_and_hours_in_the_time_left(
         caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     progress = Progress("line", total=1000, clock=clock)
-    with caplog.at_level(logging.INFO, logger="swa_research.progress"):
+    with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         clock.now += 40
         progress.update(1, 1, 10, torch.tensor(12.8), 1280)  # 4 s per iteration, 990 left
         clock.now += 4000
@@ -64,7 +64,7 @@ def test_a_resumed_epoch_counts_speed_from_where_it_resumed(
         caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     progress = Progress("line", total=10, done=6, seen=768, clock=clock)
-    with caplog.at_level(logging.INFO, logger="swa_research.progress"):
+    with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         clock.now += 32  # 2 iterations (256 images) since the resume: 16 s each, 2 left
         progress.update(4, 9, 8, torch.tensor(1024.0), 1024)
     assert lines(caplog) == ["epoch 4/9: iteration 8/10 (80%), train loss 1.0000, 8 images/s, "
@@ -100,7 +100,7 @@ def test_none_shows_nothing_and_never_reads_the_loss(
         def item(self) -> float:
             raise AssertionError("the loss was read")
 
-    with caplog.at_level(logging.INFO, logger="swa_research.progress"):
+    with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         for done in (1, 2, 3):
             clock.now += 100
             progress.update(1, 1, done, Unreadable(), 128 * done)  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ def test_a_run_with_progress_lines_logs_them(tmp_path: Path, caplog: pytest.LogC
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Progress, "line_every_s", 0.0)  # a line after every iteration
     cfg = compose_config([*TINY, "trainer.progress=line", "trainer.epochs=2"])
-    with caplog.at_level(logging.INFO, logger="swa_research.progress"):
+    with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         train(cfg, tmp_path / "run")
     got = lines(caplog)
     iters = int(got[0].split("/")[2].split()[0])  # "epoch 1/2: iteration 1/N (...)"

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import TINY, compose_config, fault_env
 
-import swa_research.checkpoint as checkpoint_module
-from swa_research.build import train
-from swa_research.checkpoint import LATEST, PREVIOUS, load_checkpoint
+import swa_research.training.checkpoint as checkpoint_module
 from swa_research.config import UserError
+from swa_research.training.build import train
+from swa_research.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
 
 # Tiny, with BN (so the BN update of the average runs) and averaging from the middle.
 # 231 training images, batch 32: 7 iterations an epoch, 21 in all.
@@ -225,7 +225,7 @@ def test_a_key_added_after_a_checkpoint_compares_as_its_old_behaviour() -> None:
     default ([]) that is no difference, against [ema] it is. A retired key
     (trainer.conv_algorithm, CPU kernels since removed) in an old checkpoint is no difference.
     Keys absent from both sides are not invented."""
-    from swa_research.checkpoint import config_differences
+    from swa_research.training.checkpoint import config_differences
 
     saved = {"trainer": {"epochs": 3, "conv_algorithm": "winograd"}, "swa": {"lr": 0.1}}
     current = {"trainer": {"epochs": 3, "compile_mode": "default"},

@@ -11,11 +11,11 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from swa_research.build import load_config
 from swa_research.config import UserError
 from swa_research.models import MODELS, build_model, resolve_model_config
 from swa_research.models.preresnet import BasicBlock, Bottleneck, PreResNet
 from swa_research.models.wrn import WideBasic, WideResNet
+from swa_research.training.build import load_config
 
 NAMES = ["preresnet110", "preresnet164", "wrn28x10"]
 

@@ -21,11 +21,16 @@ import torch
 from conftest import TINY, compose_config
 
 import swa_research.fileio as fileio
-from swa_research.build import train
-from swa_research.checkpoint import LATEST, PREVIOUS, find_resume_checkpoint, load_checkpoint
 from swa_research.config import UserError
 from swa_research.locks import RunDirLock
-from swa_research.loggers import WANDB_ID_FILE, run_id_for
+from swa_research.tracking.loggers import WANDB_ID_FILE, run_id_for
+from swa_research.training.build import train
+from swa_research.training.checkpoint import (
+    LATEST,
+    PREVIOUS,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
 
 # 7 iterations an epoch (231 training images, batch 32), 3 epochs, averaging from the middle.
 RUN = ["experiment=smoke", *TINY, "data.train_size=256", "model.batch_norm=true",
@@ -90,7 +95,7 @@ def test_metrics_json_lists_the_files_written_before_it(finished: Path) -> None:
 
 # -- 1. a kill between the weights and metrics.json --------------------------------------------
 KILL_AFTER_FIRST_WEIGHTS = """
-import swa_research.outputs as t
+import swa_research.tracking.outputs as t
 _save = t.atomic_torch_save
 def save(obj, path):
     _save(obj, path)
@@ -143,7 +148,7 @@ def test_a_finished_run_that_lost_a_weights_file_is_completed_from_its_checkpoin
 
 # -- 2. one process per run dir ----------------------------------------------------------------
 HOLD_THE_LOCK = """
-import swa_research.trainer as t
+import swa_research.training.trainer as t
 _fit = t.Trainer.fit
 def fit(self):
     print("holding", flush=True)
@@ -259,7 +264,7 @@ def test_a_new_run_dir_records_a_refused_config_and_why(tmp_path: Path) -> None:
 
 # -- 5. every checkpoint unreadable ------------------------------------------------------------
 SIGTERM_AT_ITERATION = """
-import swa_research.progress as t
+import swa_research.tracking.progress as t
 _update = t.Progress.update
 def update(self, epoch, epochs, done, loss_sum, seen):
     _update(self, epoch, epochs, done, loss_sum, seen)
@@ -383,7 +388,7 @@ def test_stale_temporaries_are_removed_at_the_next_start(tmp_path: Path) -> None
 
 
 SIGTERM_WHILE_LOADING = """
-import swa_research.build as t
+import swa_research.training.build as t
 _build = t.build_data
 def build(*a, **k):
     os.kill(os.getpid(), signal.SIGTERM)
@@ -416,9 +421,9 @@ def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
     from conftest import TINY, compose_config
     from omegaconf import OmegaConf
 
-    from swa_research.build import train
-    from swa_research.checkpoint import LATEST, PREVIOUS
     from swa_research.config import UserError
+    from swa_research.training.build import train
+    from swa_research.training.checkpoint import LATEST, PREVIOUS
 
     cfg = compose_config([*TINY, f"trainer.keep_checkpoint={str(keep).lower()}"])
     train(cfg, tmp_path)
@@ -438,7 +443,7 @@ def test_a_rerun_removes_checkpoints_a_kill_after_metrics_left(
 
 
 SIGTERM_WHILE_WRITING = """
-import swa_research.trainer as t
+import swa_research.training.trainer as t
 _save = t.Trainer.save_weights
 def save(self):
     os.kill(os.getpid(), signal.SIGTERM)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules (swa_research.optim) and the averaging plan (swa_research.averaging)."""
+"""Learning-rate schedules (swa_research.training.optim) and the averaging plan
+(swa_research.averaging)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from swa_research.averaging import AveragingPlan
 from swa_research.config import ScheduleConfig, SwaConfig, iterations_per_epoch
-from swa_research.optim import LRSchedule, build_schedule, build_scheduler
+from swa_research.training.optim import LRSchedule, build_schedule, build_scheduler
 
 
 def paper_schedule(epoch: float, lr_init: float, swa_lr: float, swa_start: float,
@@ -336,8 +337,8 @@ def test_a_huge_budget_is_planned_at_once_or_refused() -> None:
     from conftest import compose_config
 
     from swa_research.averaging import check_budget
-    from swa_research.build import load_config
     from swa_research.config import UserError
+    from swa_research.training.build import load_config
 
     t = time.perf_counter()
     c = load_config(compose_config(["experiment=smoke", "trainer.epochs=1000000000"]))
@@ -358,8 +359,8 @@ def test_an_empty_plan_blames_freq_when_the_start_is_inside_the_budget() -> None
     from conftest import compose_config
 
     from swa_research.averaging import check_budget
-    from swa_research.build import load_config
     from swa_research.config import UserError
+    from swa_research.training.build import load_config
 
     c = load_config(compose_config(["experiment=smoke", "swa.freq=100000"]))
     with pytest.raises(UserError) as e:

@@ -18,11 +18,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swa_research.averaging import HostCountAveragedModel
-from swa_research.build import train
 from swa_research.config import UserError
 from swa_research.data import Preprocess
-from swa_research.step import TrainStep, autocast, cpu_has_native, resolve_precision
-from swa_research.trainer import Trainer
+from swa_research.training.build import train
+from swa_research.training.step import TrainStep, autocast, cpu_has_native, resolve_precision
+from swa_research.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -62,7 +62,7 @@ def randomize(model: nn.Module, seed: int) -> None:
 
 def test_cpu_without_native_bf16_gets_a_warning(monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    import swa_research.step as step
+    import swa_research.training.step as step
 
     monkeypatch.setattr(step, "_NATIVE_CPU_PROBES", {})
     monkeypatch.setattr(step, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
@@ -70,7 +70,7 @@ def test_cpu_without_native_bf16_gets_a_warning(monkeypatch: pytest.MonkeyPatch,
     step.cpu_has_native.cache_clear()
     assert not step.cpu_has_native("bf16") and not step.cpu_has_native("fp16")
     assert step.cpu_has_native("fp32")
-    with caplog.at_level(logging.WARNING, logger="swa_research.step"):
+    with caplog.at_level(logging.WARNING, logger="swa_research.training.step"):
         assert resolve_precision("bf16", CPU) == "bf16"
         assert resolve_precision("bf16", CPU) == "bf16"
         assert resolve_precision("fp32", CPU) == "fp32"
@@ -491,8 +491,8 @@ def test_benchmark_measures_bf16_by_default_only_where_native(
 
 
 def test_benchmark_trainer_path_is_a_run_built_by_swa_research_build(tmp_path: Path) -> None:
-    """The trainer path is the Trainer that swa_research.build makes from a config: the seed's
-    Adam at lr 1e-4, the "swa" average every 50 iterations, the precision asked for."""
+    """The trainer path is the Trainer that swa_research.training.build makes from a config: the
+    seed's Adam at lr 1e-4, the "swa" average every 50 iterations, the precision asked for."""
     bench = load_script("benchmark")
     args = bench.parse_args(["--device", "cpu", "--model", "simplified", "--width", "0.0625",
                              "--batch-size", "4", "--num-images", "40", "--precision", "bf16",
@@ -516,7 +516,7 @@ def test_benchmark_trainer_path_is_a_run_built_by_swa_research_build(tmp_path: P
 
 
 def test_benchmark_never_imports_the_hydra_entry_point() -> None:
-    """The trainer path comes from swa_research.build: neither swa_research.train nor Hydra
+    """The trainer path comes from swa_research.training.build: neither swa_research.train nor Hydra
     is imported (a fresh process: this one may hold both)."""
     import os
     import subprocess

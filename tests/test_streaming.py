@@ -18,11 +18,11 @@ import torch
 from conftest import compose_config
 
 from swa_research.averaging import AveragingPlan, check_budget
-from swa_research.build import load_config
 from swa_research.config import DataConfig, UserError, iterations_per_epoch
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.data.streaming import StreamingSet, choose_path, open_image_folder
 from swa_research.data.transforms import ImageTransform, image_seeds, random_resized_crop_params
+from swa_research.training.build import load_config
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -416,7 +416,7 @@ def test_a_streamed_epoch_trains_and_evaluates_as_the_in_memory_path(
     names the path."""
     import logging
 
-    from swa_research.build import train
+    from swa_research.training.build import train
 
     root = square_folder(tmp_path / "data")
     results = {}

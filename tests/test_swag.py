@@ -23,9 +23,9 @@ from torch import nn
 
 from swa_research.averaging import METHODS, SWAG, SWAGDiag, bn_update, build_averages
 from swa_research.averaging.swag import VAR_CLAMP, flat_parameters, load_flat
-from swa_research.build import load_config, train
 from swa_research.config import SwaConfig, UserError
 from swa_research.data import ImageSet, Preprocess
+from swa_research.training.build import load_config, train
 
 
 def make_swag(model: nn.Module, method: str = "swag", **kw) -> SWAG:
@@ -410,7 +410,7 @@ def test_killed_and_resumed_run_is_identical(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-2000:]
     killed = launch(broken, fault="step@18")
     assert killed.returncode == -9, killed.stdout[-2000:]
-    from swa_research.checkpoint import LATEST, load_checkpoint
+    from swa_research.training.checkpoint import LATEST, load_checkpoint
 
     state = load_checkpoint(broken / LATEST)["averages"]["swag"]
     assert (state["count"], state["filled"], state["position"]) == (3, 2, 1)

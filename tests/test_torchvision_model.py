@@ -11,9 +11,9 @@ import torch
 import torchvision
 from conftest import compose_config
 
-from swa_research.build import load_config
 from swa_research.config import UserError
 from swa_research.models import build_model, resolve_model_config
+from swa_research.training.build import load_config
 
 
 def tv(num_classes: int = 10, image_size: int = 32, **options: object) -> torch.nn.Module:
@@ -168,7 +168,7 @@ def test_a_torchvision_model_trains_and_its_average_gets_fresh_bn_statistics(
     BN update before evaluation (its running statistics are recomputed, not the SGD model's)."""
     from conftest import TINY
 
-    from swa_research.build import train
+    from swa_research.training.build import train
 
     tiny = [o for o in TINY if not o.startswith("model.")]
     cfg = compose_config([*tiny, "model=torchvision", "model.arch=resnet18",
@@ -192,7 +192,7 @@ def test_bad_weights_end_the_run_with_one_line_and_a_failed_record(
     import os
     import pickle
 
-    from swa_research.build import train
+    from swa_research.training.build import train
 
     marker = tmp_path / "pwned"
     path = tmp_path / "w.pt"

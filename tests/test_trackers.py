@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_config
 
-from swa_research.build import load_config, train
 from swa_research.config import UserError
+from swa_research.training.build import load_config, train
 
 RUN = [*TINY, "logger.log_every=2", "trainer.epochs=2"]
 

@@ -15,11 +15,11 @@ from conftest import TINY, compose_config, group_options
 from omegaconf import OmegaConf
 
 from swa_research.averaging import AveragingPlan, has_batch_norm
-from swa_research.build import load_config, train
 from swa_research.config import Config, iterations_per_epoch, to_config
 from swa_research.data import ImageSet, Preprocess, build_data
-from swa_research.evaluation import evaluate
 from swa_research.models import build_model
+from swa_research.training.build import load_config, train
+from swa_research.training.evaluation import evaluate
 
 TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "averages", "calibration", "model", "train",
             "files"}
@@ -233,7 +233,7 @@ def test_no_averaging(tmp_path: Path) -> None:
 def test_an_evaluation_before_training(tmp_path: Path) -> None:
     """trainer.eval_at_start: history row 0 is the starting model (no training loss, no
     average yet), equal to evaluating a freshly built trainer; the run goes on as before."""
-    from swa_research.build import build_trainer, config_dict_of
+    from swa_research.training.build import build_trainer, config_dict_of
 
     overrides = [*TINY, "trainer.eval_at_start=true"]
     r = run(overrides, tmp_path / "run")
@@ -394,7 +394,7 @@ def test_history_logs_the_lr_each_epoch_trained_at(tmp_path: Path) -> None:
 def test_evaluation_runs_in_eval_precision(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    import swa_research.trainer as trainer_module
+    import swa_research.training.trainer as trainer_module
 
     assert load_config(compose_config([])).trainer.eval_precision == "fp32"
     used: list[str] = []

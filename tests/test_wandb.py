@@ -16,11 +16,11 @@ import pytest
 import yaml
 from conftest import TINY, compose_config
 
-from swa_research import loggers
-from swa_research.build import load_config, train
 from swa_research.config import LoggerConfig
-from swa_research.loggers import WandbLogger, resolve_mode, summary_values
-from swa_research.trainer import TrainingDiverged
+from swa_research.tracking import loggers
+from swa_research.tracking.loggers import WandbLogger, resolve_mode, summary_values
+from swa_research.training.build import load_config, train
+from swa_research.training.trainer import TrainingDiverged
 
 WANDB_TINY = [*TINY, "logger=wandb", "logger.mode=offline"]
 
@@ -228,12 +228,13 @@ def test_resolve_mode_asks_wandb_for_its_key(fresh_wandb_env: Path,
 
 
 def test_offline_run_says_how_to_sync(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="swa_research.loggers")
+    caplog.set_level(logging.INFO, logger="swa_research.tracking.loggers")
     lg = WandbLogger(LoggerConfig(backend="wandb", mode="offline"), tmp_path, {"a": 1})
     try:
         folder = Path(lg.run.dir).parent
         assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
-        lines = [r.getMessage() for r in caplog.records if r.name == "swa_research.loggers"]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "swa_research.tracking.loggers"]
         assert any(f"wandb sync {folder}" in line for line in lines), lines
     finally:
         lg.finish({"status": "finished"})
@@ -254,7 +255,7 @@ def test_online_init_timeout_falls_back_to_an_offline_run(
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setattr(loggers, "api_key_configured", lambda: True)  # online is tried
-    caplog.set_level(logging.INFO, logger="swa_research.loggers")
+    caplog.set_level(logging.INFO, logger="swa_research.tracking.loggers")
     lg = WandbLogger(LoggerConfig(backend="wandb", mode="online", init_timeout=5.0), tmp_path,
                      {"a": 1})
     assert lg.run is not None and lg.run.offline

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.averaging import bn_update, has_batch_norm
-from swa_research.build import load_run_config
 from swa_research.config import Config, UserError, bn_batch_size
 from swa_research.data import (
     DataSplits,
@@ -47,10 +46,11 @@ from swa_research.data import (
     bn_pass_batches,
     build_data,
 )
-from swa_research.evaluation import evaluate
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
-from swa_research.plots import pyplot, save_figure
+from swa_research.tracking.plots import pyplot, save_figure
+from swa_research.training.build import load_run_config
+from swa_research.training.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ With ``swa.ema_warmup`` the decay is warmed up as timm's ``ModelEmaV3`` does it
 (``timm/utils/model_ema.py``, ``get_decay`` with ``use_warmup=True``, warmup_gamma 1, warmup_power
 2/3, min_decay 0): the update that mixes in a point when n points are already averaged uses
 decay_n = min(decay, 1 - (1 + n) ** (-2/3)) (n >= 1; the first point is copied, timm's decay 0 at
-its first step). The same function mixes snapshots post hoc (:mod:`swa_research.posthoc`), so
-both give the same weights.
+its first step). The same function mixes snapshots post hoc (:mod:`swa_research.analysis.posthoc`),
+so both give the same weights.
 """
 
 from __future__ import annotations

@@ -64,10 +64,10 @@ def _replace_everywhere(original: Any, replacement: Any) -> None:
 
 def install() -> None:
     import swa_research.averaging.base as base
-    import swa_research.build  # noqa: F401  (loads every module whose names are rebound)
-    import swa_research.checkpoint as checkpoint
-    import swa_research.evaluation as evaluation
-    import swa_research.step as step
+    import swa_research.training.build  # noqa: F401  (loads every module whose names are rebound)
+    import swa_research.training.checkpoint as checkpoint
+    import swa_research.training.evaluation as evaluation
+    import swa_research.training.step as step
 
     train_step = step.TrainStep.__call__
 

@@ -1,9 +1,10 @@
 """The training loop: step -> average -> evaluate SGD and each average -> log -> checkpoint.
 
-The loop only: the step is :mod:`swa_research.step`, the averages :mod:`swa_research.averaging`,
-evaluation :mod:`swa_research.evaluation`, progress :mod:`swa_research.progress`, preemption
-:mod:`swa_research.preemption` and the run's output files :mod:`swa_research.outputs`.
-:mod:`swa_research.build` makes a Trainer from a config.
+The loop only: the step is :mod:`swa_research.training.step`, the averages
+:mod:`swa_research.averaging`, evaluation :mod:`swa_research.training.evaluation`, progress
+:mod:`swa_research.tracking.progress`, preemption :mod:`swa_research.training.preemption` and the
+run's output files :mod:`swa_research.tracking.outputs`. :mod:`swa_research.training.build` makes a
+Trainer from a config.
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ import torch
 from torch import nn
 
 from swa_research.averaging import PRIMARY, Average, AveragingPlan
-from swa_research.checkpoint import (
-    remove_finished_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess, bn_pass_batches, train_batches
 from swa_research.distributed import (
@@ -37,26 +32,32 @@ from swa_research.distributed import (
     gather_objects,
     world,
 )
-from swa_research.evaluation import (
+from swa_research.fileio import describe_write_error
+from swa_research.tracking.loggers import Loggers
+from swa_research.tracking.outputs import run_metrics, save_weights
+from swa_research.tracking.progress import Progress
+from swa_research.training.checkpoint import (
+    remove_finished_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from swa_research.training.evaluation import (
     EvalResult,
     calibrate_run,
     evaluate,
     evaluate_probs,
     logits_from_probs,
 )
-from swa_research.fileio import describe_write_error
-from swa_research.loggers import Loggers
-from swa_research.outputs import run_metrics, save_weights
-from swa_research.preemption import (
+from swa_research.training.preemption import (
     REQUEUE_EXIT_CODE,
     WRITING_RESULTS,
     Preempted,
     SignalFlag,
     set_phase,
 )
-from swa_research.progress import Progress
-from swa_research.snapshots import SnapshotWriter
-from swa_research.step import TrainStep, autocast, resolve_precision
+from swa_research.training.snapshots import SnapshotWriter
+from swa_research.training.step import TrainStep, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 

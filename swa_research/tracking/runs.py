@@ -19,10 +19,13 @@ from typing import Any
 
 import yaml
 
-from swa_research.checkpoint import LATEST, PREVIOUS
 from swa_research.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# The training checkpoint of a run dir, and the one before it (swa_research.training.checkpoint).
+LATEST = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
 
 NO_METRICS = "no metrics.json"
 UNREADABLE = "unreadable"

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import resource
-import sys
 from typing import Any
 
 import torch
@@ -98,20 +96,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def compile_in_place(model: nn.Module, mode: str) -> None:
     """``model.compile`` in ``trainer.compile_mode`` (``default`` is torch.compile's own)."""
     model.compile(mode=None if mode == "default" else mode)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MiB (getrusage)."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors have held on ``device`` so far (since the last
-    ``torch.cuda.reset_peak_memory_stats``), MiB; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -11,6 +11,8 @@ SWAG's posterior under "swag").
 
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,22 @@ from torch import nn
 
 from swa_research.averaging import Average
 from swa_research.fileio import atomic_torch_save
-from swa_research.step import peak_gpu_mb, peak_rss_mb
 
 EMPTY_EVAL = {"test_acc": None, "test_loss": None, "val_acc": None, "val_loss": None}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (getrusage)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """The most GPU memory tensors have held on ``device`` so far (since the last
+    ``torch.cuda.reset_peak_memory_stats``), MiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, iterations: int,

@@ -113,7 +113,7 @@ class LocalFiles:
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if self.rows:
-            from swa_research.plots import plot_history
+            from swa_research.tracking.plots import plot_history
 
             try:
                 plot_history(self.rows, self.run_dir, title=self.title)

@@ -1,5 +1,5 @@
-"""Config -> objects -> :class:`~swa_research.trainer.Trainer`, and :func:`train`: one run in a
-run dir, from a notebook, a test or the entry point, without Hydra.
+"""Config -> objects -> :class:`~swa_research.training.trainer.Trainer`, and :func:`train`: one run
+in a run dir, from a notebook, a test or the entry point, without Hydra.
 
 :func:`train` guards the run dir (a lock, no overwriting of a finished run, resume from its
 checkpoint), records a failure before training in metrics.json, and returns the run's metrics.
@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from swa_research.averaging import AveragingPlan, build_averages, check_budget, check_methods
-from swa_research.checkpoint import RETIRED_KEYS, config_differences, find_resume_checkpoint
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Limits, Preprocess, build_data
 from swa_research.distributed import agree, world
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
-from swa_research.loggers import (
+from swa_research.models import build_model, resolve_model_config
+from swa_research.tracking.loggers import (
     LocalFiles,
     Loggers,
     RunLogger,
@@ -35,14 +35,18 @@ from swa_research.loggers import (
     run_summary,
     write_metrics,
 )
-from swa_research.models import build_model, resolve_model_config
-from swa_research.optim import build_optimizer, build_schedule, build_scheduler
-from swa_research.preemption import stop_on_signals
-from swa_research.runs import check_finished_run, holds_run, read_metrics
-from swa_research.snapshots import SnapshotWriter
-from swa_research.step import compile_in_place, memory_format, resolve_precision
-from swa_research.trackers import build_trackers, check_trackers
-from swa_research.trainer import Trainer
+from swa_research.tracking.runs import check_finished_run, holds_run, read_metrics
+from swa_research.tracking.trackers import build_trackers, check_trackers
+from swa_research.training.checkpoint import (
+    RETIRED_KEYS,
+    config_differences,
+    find_resume_checkpoint,
+)
+from swa_research.training.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.training.preemption import stop_on_signals
+from swa_research.training.snapshots import SnapshotWriter
+from swa_research.training.step import compile_in_place, memory_format, resolve_precision
+from swa_research.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
-"""Experiment trackers besides W&B, behind the trainer's one logger interface
-(``log_step``, ``log_eval``, ``finish``; :class:`swa_research.loggers.RunLogger`): TensorBoard
+"""Experiment trackers besides W&B, behind the trainer's one logger interface (``log_step``,
+``log_eval``, ``finish``; :class:`swa_research.tracking.loggers.RunLogger`): TensorBoard
 (``logger=tensorboard``, event files in RUN_DIR/tensorboard), CSV (``logger=csv``: every logged
 value, per step and per evaluation, in RUN_DIR/csv/metrics.csv) and MLflow (``logger=mlflow``,
 optional extra ``[mlflow]``). Several at once: ``logger=[wandb,tensorboard,csv]``.
 
 Every tracker logs the same names as W&B (``train/loss``, ``lr``, ``sgd/val_loss``,
-``swa/test_acc``, ``epoch/train_loss``, ...; :func:`swa_research.loggers.eval_values`) against
-the iteration, and at the end the run's summary (``summary_values``: final SGD, best-val SGD and
-every average). A tracker that fails while logging warns once and stops; the run goes on.
+``swa/test_acc``, ``epoch/train_loss``, ...; :func:`swa_research.tracking.loggers.eval_values`)
+against the iteration, and at the end the run's summary (``summary_values``: final SGD, best-val SGD
+and every average). A tracker that fails while logging warns once and stops; the run goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from swa_research.config import LoggerConfig, UserError, flatten_dict
 from swa_research.fileio import atomic_write_text
-from swa_research.loggers import applicable_config, eval_values, summary_values
+from swa_research.tracking.loggers import applicable_config, eval_values, summary_values
 
 log = logging.getLogger(__name__)
 

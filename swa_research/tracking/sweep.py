@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from swa_research.runs import NO_METRICS, read_run
+from swa_research.tracking.runs import NO_METRICS, read_run
 
 
 @dataclass

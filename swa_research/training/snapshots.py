@@ -10,7 +10,7 @@ A snapshot is taken before the checkpoint of the same position is written, so on
 checkpoint at iteration c every snapshot up to c is on disk; :meth:`SnapshotWriter.prepare`
 rebuilds the index from the files up to c and removes the later ones (written after the
 checkpoint, before the kill): they are taken again, and the trajectory has neither a gap nor a
-duplicate. :func:`swa_research.posthoc` reads the trajectory back.
+duplicate. :func:`swa_research.analysis.posthoc` reads the trajectory back.
 """
 
 from __future__ import annotations

@@ -21,11 +21,10 @@ import torch
 
 from swa_research.config import UserError, flatten_dict
 from swa_research.fileio import atomic_write, describe_write_error
+from swa_research.tracking.runs import LATEST, PREVIOUS
 
 log = logging.getLogger(__name__)
 
-LATEST = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
 # 2: loadable with torch.load(weights_only=True) (the numpy RNG state as a tensor and numbers).
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "config", "epoch", "iteration", "model", "optimizer", "scheduler",

@@ -117,7 +117,7 @@ def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], t
     entry may instead be the (logits, labels) of the test set already collected (an average
     that predicts whole sets: :func:`logits_from_probs` of its probabilities). ``plot``: write
     the diagram (under DDP rank 0 alone does)."""
-    from swa_research.plots import plot_reliability
+    from swa_research.tracking.plots import plot_reliability
 
     result: dict[str, Any] = dict.fromkeys(models)
     bins: dict[str, ReliabilityBins] = {}

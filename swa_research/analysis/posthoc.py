@@ -1,0 +1,444 @@
+"""Averages formed after training from a run's snapshots (``trainer.snapshot_every``):
+``python -m swa_research.posthoc RUN_DIR [--swa-start A,B] [--swa-freq F] [--window W]
+[--ema-decay D] [--ema-warmup] [--lawa-k K] [--device auto|cpu|cuda]``.
+
+For every setting of the grid of the given lists (start, freq and window in the snapshot
+index's unit: iterations for ``trainer.snapshot_unit=iter``, epochs for ``epoch``):
+
+- ``swa``: the equal average of the snapshots at points p >= start, every freq-th unit from the
+  first of them (p - p0) % freq == 0, the last ``window`` of those (0: all); the rule of
+  ``swa.unit=epoch``, so start=S freq=F over epoch snapshots is the online SWA of
+  ``swa.start=S swa.freq=F``.
+- ``ema``: the exponential moving average of all snapshots with each ``--ema-decay``
+  (``--ema-warmup``: decay_n = min(decay, 1 - (1 + n) ** (-2/3)), as ``swa.ema_warmup``).
+- ``lawa``: LAWA (Kaddour et al., 2022), the equal average of the last k snapshots.
+
+The weights are mixed by the functions the online averages use (``HostCountAveragedModel``), so
+fp32 snapshots at the online points give the online average exactly. BN statistics are then
+recomputed with one pass over the training data, the trainer's (same batches, augmentation,
+batch size, seed and evaluation precision: ``Trainer.bn_batches`` at the run's last iteration),
+and the average is evaluated on the validation and test sets (loss, accuracy; NLL and ECE on
+the test set). Writes ``posthoc.csv`` (one row per setting) and ``posthoc.png`` (test accuracy
+against start, a line per window and freq; the run's SGD and online SWA as horizontal lines) into
+the run dir, atomically. On a multirun sweep dir, every run dir in it that has snapshots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swa_research.averaging import average_states, bn_update, has_batch_norm
+from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
+from swa_research.data import DataSplits, Limits, Preprocess, bn_pass_batches, build_data
+from swa_research.fileio import atomic_write_text
+from swa_research.models import build_model
+from swa_research.tracking.plots import pyplot, save_figure
+from swa_research.tracking.runs import find_run_dirs
+from swa_research.training.build import load_run_config, prepare_device, resolve_device
+from swa_research.training.evaluation import calibration_summary, collect_logits, evaluate
+from swa_research.training.snapshots import INDEX, TRAJECTORY, read_index
+from swa_research.training.step import autocast, memory_format, resolve_precision
+
+log = logging.getLogger(__name__)
+
+CSV_FILE = "posthoc.csv"
+PLOT_FILE = "posthoc.png"
+COLUMNS = ["kind", "start", "freq", "window", "decay", "warmup", "k", "n_points", "first",
+           "last", "val_loss", "val_acc", "test_loss", "test_acc", "nll", "ece"]
+CACHE_BYTES = 2 << 30  # snapshots kept in memory between settings up to this much
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: str  # swa | ema | lawa
+    start: int | None = None
+    freq: int | None = None
+    window: int | None = None
+    decay: float | None = None
+    warmup: bool | None = None
+    k: int | None = None
+
+    def label(self) -> str:
+        if self.kind == "swa":
+            return f"swa start={self.start} freq={self.freq} window={self.window}"
+        if self.kind == "ema":
+            return f"ema decay={self.decay:g}" + (" warmup" if self.warmup else "")
+        return f"lawa k={self.k}"
+
+
+def parse_list(text: str | None, flag: str, kind: type, low: float, high: float = math.inf,
+               open_low: bool = False) -> list[Any]:
+    """'A,B,C' -> [A, B, C] of ``kind`` within [low, high] (low excluded with open_low)."""
+    if text is None:
+        return []
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise UserError(f"{flag}={text!r}: expected comma-separated {what}") from None
+    for v in values:
+        if not (v > low if open_low else v >= low) or not v <= high or not math.isfinite(v):
+            bound = f"({low:g}, {high:g})" if math.isfinite(high) else (
+                f"> {low:g}" if open_low else f">= {low:g}")
+            raise UserError(f"{flag}={text!r}: {v:g} is out of range, expected {bound}")
+    return list(dict.fromkeys(values))  # in order, without repeats
+
+
+def point_of(entry: dict[str, Any], unit: str) -> int:
+    """A snapshot's position in the index's unit."""
+    return int(entry["epoch"] if unit == "epoch" else entry["iteration"])
+
+
+def select(setting: Setting, entries: Sequence[dict[str, Any]], unit: str
+           ) -> list[dict[str, Any]]:
+    """The snapshots a setting averages, in order."""
+    if setting.kind == "ema":
+        return list(entries)
+    if setting.kind == "lawa":
+        return list(entries[-(setting.k or 1):])
+    chosen = [e for e in entries if point_of(e, unit) >= (setting.start or 0)]
+    if not chosen:
+        return []
+    p0 = point_of(chosen[0], unit)
+    chosen = [e for e in chosen if (point_of(e, unit) - p0) % (setting.freq or 1) == 0]
+    return chosen[-setting.window:] if setting.window else chosen
+
+
+DEFAULT_STARTS = (0.0, 0.25, 0.5, 0.75)  # fractions of the trajectory
+DEFAULT_LAWA_K = (2, 4, 8)
+DEFAULT_EMA_HORIZONS = (0.125, 0.25)  # an EMA's 1 / (1 - decay), as a fraction of the snapshots
+
+
+def default_grid(points: Sequence[int], every: int, warmup: bool) -> list[Setting]:
+    """The grid evaluated when no flag is given: the equal average from the snapshots nearest
+    to 0, 1/4, 1/2 and 3/4 of the trajectory, LAWA over the last 2, 4 and 8 snapshots, and EMAs
+    whose horizon 1 / (1 - decay) is an eighth and a quarter of the snapshots (at least 2);
+    each only where the trajectory holds enough snapshots, without repeats."""
+    n = len(points)
+    starts = list(dict.fromkeys(points[min(n - 1, int(f * n))] for f in DEFAULT_STARTS))
+    settings = [Setting("swa", start=p, freq=every, window=0) for p in starts]
+    decays = dict.fromkeys(round(1 - 1 / max(2.0, h * n), 4) for h in DEFAULT_EMA_HORIZONS)
+    settings += [Setting("ema", decay=d, warmup=warmup) for d in decays]
+    settings += [Setting("lawa", k=k) for k in DEFAULT_LAWA_K if k < n]
+    return settings
+
+
+def build_settings(args: argparse.Namespace, index: dict[str, Any]) -> list[Setting]:
+    """The grid of the command line's lists, checked against the snapshots (a UserError
+    names the flag)."""
+    entries, unit, every = index["snapshots"], index["unit"], int(index["every"])
+    points = [point_of(e, unit) for e in entries]
+    flags = (args.swa_start, args.swa_freq, args.window, args.ema_decay, args.lawa_k)
+    if all(f is None for f in flags):
+        return default_grid(points, every, bool(args.ema_warmup))
+    starts = parse_list(args.swa_start, "--swa-start", int, 0) or [points[0]]
+    freqs = parse_list(args.swa_freq, "--swa-freq", int, 1) or [every]
+    windows = parse_list(args.window, "--window", int, 0) or [0]
+    decays = parse_list(args.ema_decay, "--ema-decay", float, 0.0, 1.0, open_low=True)
+    ks = parse_list(args.lawa_k, "--lawa-k", int, 1)
+    for f in freqs:
+        if f % every:
+            raise UserError(f"--swa-freq={f}: must be a multiple of the snapshot interval "
+                            f"({every} {unit})")
+    for s in starts:
+        if s > points[-1]:
+            raise UserError(f"--swa-start={s}: no snapshot at or after {unit} {s} (the last "
+                            f"is at {unit} {points[-1]})")
+    for d in decays:
+        if d >= 1.0:
+            raise UserError(f"--ema-decay={d:g}: must be in (0, 1)")
+    for k in ks:
+        if k > len(entries):
+            raise UserError(f"--lawa-k={k}: the run has only {len(entries)} snapshots")
+    settings = [Setting("swa", start=s, freq=f, window=w)
+                for s, f, w in itertools.product(starts, freqs, windows)]
+    settings += [Setting("ema", decay=d, warmup=args.ema_warmup) for d in decays]
+    settings += [Setting("lawa", k=k) for k in ks]
+    return settings
+
+
+class PosthocRun:
+    """A run's config, data and model rebuilt as the trainer built them, its snapshots, and
+    the evaluation of an average of them."""
+
+    def __init__(self, run_dir: Path, device: torch.device) -> None:
+        self.run_dir = run_dir
+        self.index = read_index(run_dir)
+        self.config: Config = load_run_config(run_dir)
+        cfg = self.config
+        self.device = device
+        prepare_device(device, cfg.trainer.deterministic)
+        self.data: DataSplits = build_data(cfg.data, cfg.seed, device, cfg.trainer.num_workers,
+                                           limits=Limits.of(cfg))
+        fmt = memory_format(cfg.trainer.channels_last)
+        self.model: nn.Module = build_model(cfg.model, self.data.num_classes,
+                                            self.data.image_size).to(device, memory_format=fmt)
+        dc = cfg.data
+        self.train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
+                                    memory_format=fmt)
+        self.eval_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, memory_format=fmt)
+        self.precision = resolve_precision(cfg.trainer.eval_precision, device)
+        t = cfg.trainer
+        # The trainer's last evaluation, whose BN batches are seeded by the final iteration.
+        self.final_iteration = t.epochs * iterations_per_epoch(len(self.data.train),
+                                                               t.batch_size, t.drop_last)
+        self.bn = cfg.swa.bn_update and has_batch_norm(self.model)
+        self._cache: dict[str, State] = {}
+        self._cached_bytes = 0
+
+    def snapshot(self, entry: dict[str, Any]) -> State:
+        name = entry["file"]
+        if name in self._cache:
+            return self._cache[name]
+        path = self.run_dir / TRAJECTORY / name
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except FileNotFoundError:
+            raise UserError(f"{path} is listed in {TRAJECTORY}/{INDEX} but missing") from None
+        except Exception as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__})") from e
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if self._cached_bytes + size <= CACHE_BYTES:
+            self._cache[name] = state
+            self._cached_bytes += size
+        return state
+
+    def average(self, setting: Setting, entries: Sequence[dict[str, Any]]) -> nn.Module:
+        """The averaged network of ``entries`` (BN statistics recomputed)."""
+        current: list[dict[str, Any]] = []
+
+        def states() -> Iterator[State]:
+            for entry in entries:
+                current[:] = [entry]
+                yield self.snapshot(entry)
+
+        try:  # the library's post-hoc average: the online averages' arithmetic
+            module = average_states(self.model, states(),
+                                    kind="ema" if setting.kind == "ema" else "swa",
+                                    decay=setting.decay or 0.0, warmup=bool(setting.warmup))
+        except (RuntimeError, KeyError) as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"{self.run_dir / TRAJECTORY / current[0]['file']} does not fit "
+                            f"the model of {self.run_dir}/.hydra/config.yaml (snapshots of "
+                            f"another run?): {detail}") from None
+        if self.bn:
+            with autocast(self.precision, self.device), torch.random.fork_rng(
+                    devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.config.seed)  # dropout in the BN pass, if any
+                bn_update(self.bn_batches(), module)
+        return module
+
+    def bn_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``Trainer.bn_batches`` at the run's final evaluation."""
+        return bn_pass_batches(self.data.train, bn_batch_size(self.config), self.config.seed,
+                               self.final_iteration, self.train_pre)
+
+    def evaluate(self, module: nn.Module) -> dict[str, float | None]:
+        bs = self.config.trainer.eval_batch_size
+        with autocast(self.precision, self.device):
+            val = evaluate(module, self.data.val, self.eval_pre, bs)
+            test = evaluate(module, self.data.test, self.eval_pre, bs)
+            logits, labels = collect_logits(module, self.data.test, self.eval_pre, bs)
+        cal, _ = calibration_summary(logits, labels)
+        return {"val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss,
+                "test_acc": test.acc, "nll": cal["nll"], "ece": cal["ece"]}
+
+
+def evaluate_settings(run: PosthocRun, settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    """One row per setting; a progress line for each."""
+    entries, unit = run.index["snapshots"], run.index["unit"]
+    rows = []
+    for i, setting in enumerate(settings, 1):
+        t0 = time.perf_counter()
+        chosen = select(setting, entries, unit)
+        metrics = run.evaluate(run.average(setting, chosen))
+        row = {"kind": setting.kind, "start": setting.start, "freq": setting.freq,
+               "window": setting.window, "decay": setting.decay,
+               "warmup": None if setting.warmup is None else int(setting.warmup),
+               "k": setting.k, "n_points": len(chosen),
+               "first": point_of(chosen[0], unit), "last": point_of(chosen[-1], unit),
+               **metrics}
+        rows.append(row)
+        print(f"[{i}/{len(settings)}] {setting.label()}: {len(chosen)} snapshots ({unit} "
+              f"{row['first']}..{row['last']}) | {_brief(row)} | "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _brief(row: dict[str, Any]) -> str:
+    val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f} {_pct(row['val_acc'])}"
+    return (f"val {val} test {row['test_loss']:.4f} {_pct(row['test_acc'])} "
+            f"nll {row['nll']:.4f} ece {100 * row['ece']:.2f}%")
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def run_reference(run_dir: Path) -> dict[str, float]:
+    """The run's SGD and online SWA test accuracy from metrics.json (those present)."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for name, label in (("sgd", "SGD (final)"), ("swa", "online SWA")):
+        acc = (metrics.get(name) or {}).get("test_acc")
+        if isinstance(acc, (int, float)):
+            out[label] = float(acc)
+    return out
+
+
+def plot(rows: Sequence[dict[str, Any]], reference: dict[str, float], unit: str, path: Path,
+         title: str) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    swa = [r for r in rows if r["kind"] == "swa"]
+    lines = sorted({(r["freq"], r["window"]) for r in swa})
+    for freq, window in lines:
+        pts = sorted((r["start"], 100 * r["test_acc"]) for r in swa
+                     if (r["freq"], r["window"]) == (freq, window))
+        label = f"window {window or 'all'}" + (f", freq {freq}" if len(
+            {f for f, _ in lines}) > 1 else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    styles = iter(["-", "--", ":", "-."] * 4)
+    for label, acc in reference.items():
+        ax.axhline(100 * acc, color="black" if label.startswith("SGD") else "tab:red",
+                   linestyle=next(styles), linewidth=1, label=f"{label} {100 * acc:.2f}%")
+    for r in [r for r in rows if r["kind"] != "swa"][:8]:
+        name = (f"EMA {r['decay']:g}" + (" warmup" if r["warmup"] else "")
+                if r["kind"] == "ema" else f"LAWA k={r['k']}")
+        ax.axhline(100 * r["test_acc"], color="tab:gray", linestyle=next(styles),
+                   linewidth=1, label=f"{name} {100 * r['test_acc']:.2f}%")
+    ax.set_xlabel(f"start of the equal average ({unit})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"post-hoc averages: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def best_row(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The best setting by validation accuracy (then loss), or by test accuracy when the run
+    has no validation split."""
+    if all(r["val_acc"] is not None for r in rows):
+        return max(rows, key=lambda r: (r["val_acc"], -r["val_loss"])), "validation accuracy"
+    return max(rows, key=lambda r: r["test_acc"]), "test accuracy (no validation split)"
+
+
+def describe(row: dict[str, Any]) -> str:
+    s = Setting(row["kind"], row["start"], row["freq"], row["window"], row["decay"],
+                None if row["warmup"] is None else bool(row["warmup"]), row["k"])
+    return f"{s.label()} (n={row['n_points']}): {_brief(row)}"
+
+
+def posthoc_run(run_dir: Path, args: argparse.Namespace, device: torch.device
+                ) -> list[dict[str, Any]]:
+    """Every setting of ``args`` on one run dir; writes its CSV and plot."""
+    index = read_index(run_dir)
+    settings = build_settings(args, index)
+    run = PosthocRun(run_dir, device)
+    n = len(index["snapshots"])
+    print(f"{run_dir}: {len(settings)} setting(s) over {n} snapshots (every "
+          f"{index['every']} {index['unit']}, {index['dtype']}) on {device}; BN statistics "
+          f"{'recomputed' if run.bn else 'none (no BN layers or swa.bn_update=false)'}",
+          flush=True)
+    if index["dtype"] != "fp32":
+        print(f"note: the snapshots are {index['dtype']}: their averages approximate the "
+              "online ones (each weight rounded to 8 mantissa bits; 2.9e-3 measured on the "
+              "smoke run), they do not equal them", flush=True)
+    rows = evaluate_settings(run, settings)
+    write_csv(run_dir / CSV_FILE, rows)
+    plot(rows, run_reference(run_dir), index["unit"], run_dir / PLOT_FILE,
+         run_dir.resolve().name)
+    return rows
+
+
+def target_dirs(path: Path) -> list[Path]:
+    """The run dir itself, or the run dirs with snapshots in a sweep dir."""
+    if not path.is_dir():
+        raise UserError(f"{path}: no such folder")
+    if (path / TRAJECTORY / INDEX).is_file() or (path / ".hydra" / "config.yaml").is_file():
+        return [path]
+    runs = [d for d in find_run_dirs([path]) if (d / TRAJECTORY / INDEX).is_file()]
+    if not runs:
+        raise UserError(f"{path} holds no run with snapshots ({TRAJECTORY}/{INDEX}); train "
+                        "with trainer.snapshot_every=N to record them")
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swa_research.posthoc",
+        description="Equal (SWA), EMA and LAWA averages of a run's weight snapshots "
+                    "(trainer.snapshot_every), each with fresh BN statistics, evaluated on "
+                    "the validation and test sets; posthoc.csv and posthoc.png in the run dir.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run dir, or a multirun sweep dir")
+    parser.add_argument("--swa-start", metavar="A,B,..",
+                        help="starts of the equal average, in the snapshots' unit (default: "
+                             "the first snapshot)")
+    parser.add_argument("--swa-freq", metavar="F,..",
+                        help="take every F-th unit from the start (default: every snapshot)")
+    parser.add_argument("--window", metavar="W,..",
+                        help="only the last W of the chosen snapshots (default 0: all)")
+    parser.add_argument("--ema-decay", metavar="D,..", help="EMA over all snapshots")
+    parser.add_argument("--ema-warmup", action="store_true",
+                        help="EMA decay min(D, 1 - (1 + n) ** (-2/3)) (swa.ema_warmup)")
+    parser.add_argument("--lawa-k", metavar="K,..", help="LAWA: the mean of the last K")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    args = parser.parse_args(argv)
+    try:
+        if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+            raise UserError(f"--device {args.device}: expected auto, cpu or cuda")
+        device = resolve_device(args.device, key="--device ")
+        runs = target_dirs(Path(args.run_dir))
+        if len(runs) == 1:
+            # Check the lists before loading anything: a typo costs no data loading.
+            build_settings(args, read_index(runs[0]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    best: list[str] = []
+    for run_dir in runs:
+        try:
+            rows = posthoc_run(run_dir, args, device)
+        except UserError as e:
+            print(f"error: {run_dir}: {e}" if len(runs) > 1 else f"error: {e}",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        row, by = best_row(rows)
+        best.append(f"{run_dir}: best by {by}: {describe(row)}")
+        print(f"wrote {run_dir / CSV_FILE} and {run_dir / PLOT_FILE}", flush=True)
+    for line in best:
+        print(line)
+    return 2 if failed else 0
+

@@ -1,0 +1,740 @@
+"""Sweep report: ``python -m swa_research.report PATH [PATH ...] [--no-wandb]``.
+
+PATH is a sweep dir, run dirs, or a folder above them; run dirs are found recursively by their
+``metrics.json`` or ``.hydra/overrides.yaml``. A configuration is the set of overrides that
+differ between the runs, leaving out ``seed`` and ``hydra.*``; per configuration the report
+gives mean and sample standard deviation over seeds of the final SGD, best-validation SGD and
+SWA test accuracy and loss (and calibration when the runs have it), the SWA gain (SWA minus
+final SGD test accuracy, paired by run) with a 95% t interval over seeds, and the number of
+runs. Failed runs (status other than "finished", or no metrics.json) are listed and never
+averaged. Writes report.md, report.csv and PNG plots atomically, and logs the table to W&B
+when the runs used it. A multirun of ``swa_research.train`` ends with this report for its
+sweep dir.
+
+When finished runs measure cells of the SWA paper's Table 1 (``swa_research.analysis.paper``: a run
+of one of its recipes, e.g. ``experiment=paper/preresnet164_cifar100_swa1.5``), the report also
+gives, per cell, the published mean ± std against the measured mean ± std over seeds, n, the
+difference, and whether the measured mean lies within the published mean ± 1 std or ± 2 std
+(a "paper vs measured" table, also in report_paper.csv). Runs of a paper preset with changed
+settings (fewer epochs, generated data, ...) appear there too, in rows of their own marked with
+what differs (the recipe column; never pooled with the paper's recipe, no verdict): their
+numbers are not comparable with the published ones. Without such runs nothing changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+
+from swa_research.analysis.paper import (
+    COMPARISON_HEADER,
+    CSV_HEADER,
+    OTHER_RECIPE_NOTE,
+    Comparison,
+    classify,
+    compare,
+    comparison_cells,
+    comparison_csv_row,
+    measured_cells,
+    recipe_differences,
+)
+from swa_research.config import flatten_dict
+from swa_research.fileio import atomic_write_text
+from swa_research.tracking.plots import pyplot, read_history, save_figure
+from swa_research.tracking.runs import find_run_dirs, is_run_dir, read_run
+
+log = logging.getLogger(__name__)
+
+REPORT_FILES = ("report.md", "report.csv", "report_swa_gain.png", "report_accuracy.png")
+PAPER_CSV = "report_paper.csv"  # only when runs measure cells of the SWA paper's table
+# (column, path in metrics.json, label); accuracies are shown in percent.
+METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("sgd_test_acc", ("sgd", "test_acc"), "SGD final acc %"),
+    ("sgd_best_val_test_acc", ("sgd_best_val", "test_acc"), "SGD best-val acc %"),
+    ("swa_test_acc", ("swa", "test_acc"), "SWA acc %"),
+    ("sgd_test_loss", ("sgd", "test_loss"), "SGD final loss"),
+    ("sgd_best_val_test_loss", ("sgd_best_val", "test_loss"), "SGD best-val loss"),
+    ("swa_test_loss", ("swa", "test_loss"), "SWA loss"),
+    ("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
+    ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
+    ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
+    ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL"),
+)
+Metric = tuple[str, tuple[str, ...], str]
+
+
+def metric_columns(averages: Sequence[str] = ()) -> list[Metric]:
+    """:data:`METRICS`, then the same four for each further average (``swa.also``) by name."""
+    out = list(METRICS)
+    for name in averages:
+        if name != "swa":
+            label = name.upper()
+            out += [(f"{name}_test_acc", (name, "test_acc"), f"{label} acc %"),
+                    (f"{name}_test_loss", (name, "test_loss"), f"{label} loss"),
+                    (f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
+                    (f"{name}_nll", ("calibration", name, "nll"), f"{label} NLL")]
+    return out
+
+
+def is_percent(column: str) -> bool:
+    return column.endswith(("_acc", "_ece"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t distribution with ``df`` degrees of freedom."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    return float(stats.t.ppf(p, df))
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None for one value) of n values."""
+
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        if not values:
+            return cls()
+        return cls(len(values), statistics.fmean(values),
+                   statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass
+class PairedCI:
+    """Mean of paired differences with a two-sided t interval (None below two pairs)."""
+
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+    level: float = 0.95
+
+    @classmethod
+    def of(cls, diffs: Sequence[float], level: float = 0.95) -> PairedCI:
+        s = Stat.of(diffs)
+        if s.n < 2 or s.std is None or s.mean is None:
+            return cls(s.n, s.mean, s.std, level=level)
+        half = t_quantile(0.5 + level / 2.0, s.n - 1) * s.std / math.sqrt(s.n)
+        return cls(s.n, s.mean, s.std, s.mean - half, s.mean + half, level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class WandbTarget:
+    project: str
+    entity: str | None
+    group: str | None
+    mode: str
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # relative to the report's folder
+    overrides: dict[str, str]
+    config: dict[str, Any]  # flattened .hydra/config.yaml
+    choices: dict[str, str | None]  # config group -> option, from .hydra/hydra.yaml
+    metrics: dict[str, Any] | None
+    status: str
+    error: str | None = None
+    wandb: WandbTarget | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed", self.overrides.get("seed"))
+
+    def value(self, key: str) -> Any:
+        """A key's value in this run: the resolved config value when it is a config key
+        (so 1e-3 and 0.001 agree), the chosen option for a config group, else the override
+        as written; None when the run does not set it."""
+        if key in self.config:
+            return self.config[key]
+        if key in self.choices:
+            return self.choices[key]
+        return self.overrides.get(key)
+
+    def metric(self, path: tuple[str, ...]) -> float | None:
+        node: Any = self.metrics
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return float(node) if isinstance(node, (int, float)) and math.isfinite(node) else None
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
+    """Hydra override strings -> {key: value as written}; `+`/`++` prefixes dropped."""
+    out: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        key = key.lstrip("+")
+        out[key] = value if sep else ""
+    return out
+
+
+def _wandb_target(run_dir: Path, config: dict[str, Any], hydra_cfg: dict[str, Any]
+                  ) -> WandbTarget | None:
+    from swa_research.tracking.loggers import resolve_mode
+
+    mode = resolve_mode(str(config.get("logger.mode") or "auto"))
+    if config.get("logger.backend") != "wandb" or mode == "disabled":
+        return None
+
+    group = config.get("logger.group")
+    if group is None:
+        # As the entry point named it: one group per multirun, the sweep folder's name.
+        if hydra_cfg.get("mode") == "MULTIRUN":
+            sweep_dir = str((hydra_cfg.get("sweep") or {}).get("dir", ""))
+            group = Path(sweep_dir).name if sweep_dir and "${" not in sweep_dir \
+                else run_dir.parent.name
+    return WandbTarget(project=str(config.get("logger.project") or "swa_research"),
+                       entity=config.get("logger.entity"), group=group,
+                       mode=mode)
+
+
+def load_run(run_dir: Path, root: Path) -> Run:
+    record = read_run(run_dir)
+    config = flatten_dict(record.config)
+    choices = {k: None if v is None else str(v) for k, v in
+               ((record.hydra.get("runtime") or {}).get("choices") or {}).items()
+               if not k.startswith("hydra/")}
+    try:
+        name = run_dir.relative_to(root).as_posix()
+    except ValueError:
+        name = run_dir.as_posix()
+    return Run(path=run_dir, name=name if name != "." else run_dir.name,
+               overrides=parse_overrides(record.overrides), config=config, choices=choices,
+               metrics=record.metrics, status=record.status, error=record.error,
+               wandb=_wandb_target(run_dir, config, record.hydra))
+
+
+def _ignored(key: str) -> bool:
+    return key == "seed" or key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def differing_keys(runs: Sequence[Run]) -> list[str]:
+    """The override keys whose value is not the same in every run, in order of appearance."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if not _ignored(k) and k not in keys]
+    return [k for k in keys if len({repr(run.value(k)) for run in runs}) > 1]
+
+
+def show(value: Any) -> str:
+    """A short rendering: 0.0005, 1e-12, 3, true, simplified. A float is shown with at most 12
+    significant digits, so that 3 * 1e-4 (0.00030000000000000003) reads 0.0003: the rounding
+    noise of an arithmetic sweep is not part of the value a researcher set."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else f"{value:.12g}"
+    return "-" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class ConfigRow:
+    label: str
+    values: dict[str, Any]  # differing key -> value
+    runs: list[Run] = field(default_factory=list)  # finished runs only
+    failed: list[Run] = field(default_factory=list)
+    stats: dict[str, Stat] = field(default_factory=dict)
+    gain: PairedCI = field(default_factory=PairedCI)
+
+    def summarise(self, columns: Sequence[Metric] = METRICS) -> None:
+        for column, path, _ in columns:
+            self.stats[column] = Stat.of([v for r in self.runs
+                                          if (v := r.metric(path)) is not None])
+        diffs = []
+        for r in self.runs:
+            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
+            if sgd is not None and swa is not None:
+                diffs.append(swa - sgd)
+        self.gain = PairedCI.of(diffs)
+
+
+@dataclass
+class Report:
+    root: Path
+    keys: list[str]
+    rows: list[ConfigRow]
+    runs: list[Run]
+    table: str = ""
+    markdown: str = ""
+    files: list[Path] = field(default_factory=list)
+    wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
+    columns: list[Metric] = field(default_factory=lambda: list(METRICS))
+    # The SWA paper's cells these runs measure (swa_research.analysis.paper; runs of another recipe
+    # in rows of their own), and the finished runs of its models, data sets or presets that
+    # measure no cell (with what differs from the paper's recipe, empty when nothing does).
+    paper: list[Comparison] = field(default_factory=list)
+    paper_skipped: list[tuple[Run, list[tuple[str, Any, Any]]]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if not r.finished]
+
+    def text(self) -> str:
+        """The table, and the failed runs one per line: what the commands print (and the
+        paper-vs-measured table when runs measure the paper's cells)."""
+        lines = [self.table]
+        if self.paper:
+            lines += ["", "paper vs measured (SWA paper, Table 1; test accuracy %):",
+                      format_paper_table(self)]
+            if any(c.recipe != "paper" for c in self.paper):
+                lines.append(OTHER_RECIPE_NOTE)
+        if self.failed:
+            lines.append(f"failed runs ({len(self.failed)}, not averaged):")
+            for r in self.failed:
+                why = f" ({r.error.splitlines()[0][:160]})" if r.error else ""
+                lines.append(f"  {r.name}: {r.status}{why}")
+        return "\n".join(lines)
+
+    def csv_rows(self) -> tuple[list[str], list[list[Any]]]:
+        columns = ["configuration", *self.keys, "n_runs", "n_failed", "seeds"]
+        for column, _, _ in self.columns:
+            columns += [f"{column}_mean", f"{column}_std"]
+        columns += ["swa_gain_mean", "swa_gain_std", "swa_gain_ci95_low", "swa_gain_ci95_high",
+                    "swa_gain_n"]
+        data = []
+        for row in self.rows:
+            line: list[Any] = [row.label, *(show(row.values[k]) for k in self.keys),
+                               len(row.runs), len(row.failed),
+                               " ".join(show(r.seed) for r in row.runs)]
+            for column, _, _ in self.columns:
+                line += [row.stats[column].mean, row.stats[column].std]
+            g = row.gain
+            line += [g.mean, g.std, g.low, g.high, g.n]
+            data.append(line)
+        return columns, data
+
+
+def build_report(paths: Sequence[str | Path], root: str | Path | None = None) -> Report:
+    """Find and group the runs under ``paths``; nothing is written."""
+    root = Path(root if root is not None else paths[0]).resolve()
+    runs = [load_run(d, root) for d in find_run_dirs(paths)]
+    if not runs:
+        raise FileNotFoundError(
+            f"no run dirs (with metrics.json or .hydra/overrides.yaml) under "
+            f"{', '.join(str(p) for p in paths)}")
+    keys = differing_keys(runs)
+    averages: list[str] = []
+    for run in runs:
+        averages += [n for n in (run.metrics or {}).get("averages") or [] if n not in averages]
+    columns = metric_columns(averages)
+    rows: dict[str, ConfigRow] = {}
+    for run in runs:
+        values = {k: run.value(k) for k in keys}
+        # A run that averages nothing has no averaging settings: its label omits them (the
+        # paper's SGD baseline is not "swa.start=161").
+        shown = {k: v for k, v in values.items()
+                 if not (k.startswith("swa.") and k != "swa.method"
+                         and run.value("swa.method") == "none")}
+        label = ", ".join(f"{k}={show(v)}" for k, v in shown.items()) or "all runs"
+        row = rows.setdefault(label, ConfigRow(label, values))
+        (row.runs if run.finished else row.failed).append(run)
+    for row in rows.values():
+        row.summarise(columns)
+    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns)
+    report.paper, report.paper_skipped = paper_comparison(runs)
+    report.table = format_table(report)
+    report.markdown = format_markdown(report)
+    return report
+
+
+def _history_rows(run: Run) -> list[dict[str, float | None]]:
+    try:
+        return read_history(run.path / "history.csv")
+    except (OSError, ValueError):
+        return []
+
+
+def paper_comparison(runs: Sequence[Run]
+                     ) -> tuple[list[Comparison], list[tuple[Run, list[tuple[str, Any, Any]]]]]:
+    """The paper's cells the finished runs measure, compared with the published figures: the
+    runs of the paper's recipe, and in rows of their own those of another recipe (a paper
+    model and data set, or a paper preset, with settings changed); and, when there are any,
+    the finished runs of the paper's models, data sets or presets that measure no cell (with
+    their differences from the paper's recipe)."""
+    measurements = []
+    skipped = []
+    for run in runs:
+        experiment = run.value("experiment")
+        if not run.finished or classify(run.config, experiment) is None:
+            continue
+        cells = measured_cells(run.config, run.metrics or {}, _history_rows(run),
+                               experiment=experiment, other_recipes=True)
+        if not cells:
+            skipped.append((run, recipe_differences(run.config, experiment)))
+        measurements += cells
+    cells = compare(measurements)
+    return cells, skipped if cells else []
+
+
+def format_paper_table(report: Report) -> str:
+    return _md_table(COMPARISON_HEADER, [comparison_cells(c) for c in report.paper])
+
+
+def format_paper_section(report: Report) -> list[str]:
+    """The "paper vs measured" section of report.md (empty without paper cells)."""
+    if not report.paper:
+        return []
+    parts = ["## Paper vs measured", "",
+             "The SWA paper's Table 1 (timgaripov/swa README.md; mean ± std over 3 runs) against "
+             "these runs (mean ± sample std over seeds, n runs). SGD: the final SGD model of a "
+             "run without averaging over the budget; SWA 1, 1.25, 1.5 budgets: the average of a "
+             "SWA run at that epoch (history.csv). Difference: measured minus published mean "
+             "in percentage points. Within published: the measured mean lies within the "
+             "published mean ± 1 std (\"1 std\"), else within ± 2 std (\"2 std\"), else "
+             "\"no\"; given for the paper's recipe only. Recipe: \"paper\", or what the runs "
+             "change (the first three differences; report_paper.csv has them all).", "",
+             format_paper_table(report), ""]
+    if any(c.recipe != "paper" for c in report.paper):
+        parts += [OTHER_RECIPE_NOTE[0].upper() + OTHER_RECIPE_NOTE[1:], ""]
+    if report.paper_skipped:
+        parts += ["Not compared (a paper model and data set, or a paper preset, that measures "
+                  "no cell: no evaluation of the average at the epochs read):", ""]
+        for run, diffs in report.paper_skipped:
+            what = ", ".join(f"{k}={show(have)} (paper: {show(want)})"
+                             for k, have, want in diffs[:4])
+            more = f", and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+            parts.append(f"- {run.name}: {what + more if what else 'the paper recipe'}")
+        parts.append("")
+    return parts
+
+
+def _fmt(stat: Stat, column: str) -> str:
+    if stat.mean is None:
+        return "-"
+    scale, digits = (100.0, 2) if is_percent(column) else (1.0, 4)
+    text = f"{scale * stat.mean:.{digits}f}"
+    return text if stat.std is None else f"{text} ± {scale * stat.std:.{digits}f}"
+
+
+def _fmt_gain(g: PairedCI) -> str:
+    if g.mean is None:
+        return "-"
+    text = f"{100 * g.mean:+.2f}"
+    if g.low is None or g.high is None:
+        return f"{text} (n={g.n}, no interval)"
+    return f"{text} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_table(report: Report) -> str:
+    extra = [c for c, _, _ in report.columns[len(METRICS):] if c.endswith("_test_acc")]
+    shown = ("sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc")
+    losses = ("sgd_test_loss", "sgd_best_val_test_loss", "swa_test_loss")
+    calib = [c for c, _, _ in report.columns
+             if c.endswith("_ece") and any(r.stats[c].n for r in report.rows)]
+    labels = {c: lbl for c, _, lbl in report.columns}
+    header = ["configuration", "n", *(labels[c] for c in shown), "SWA gain pp [95% CI]",
+              *(labels[c] for c in (*extra, *losses, *calib)), "failed"]
+    rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
+             _fmt_gain(r.gain), *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
+             str(len(r.failed))] for r in report.rows]
+    return _md_table(header, rows)
+
+
+def format_markdown(report: Report) -> str:
+    n_ok = sum(r.finished for r in report.runs)
+    parts = [
+        f"# SWA report: {report.root.name}",
+        "",
+        f"`{report.root}`: {len(report.runs)} runs ({n_ok} finished, "
+        f"{len(report.runs) - n_ok} failed) in {len(report.rows)} configuration(s).",
+        "",
+        "Mean ± sample standard deviation over seeds of the finished runs' test metrics "
+        "(accuracy and ECE in %). SWA gain: SWA minus final SGD test accuracy in percentage "
+        "points, paired by run, mean with a 95% t interval over seeds. Failed runs are not "
+        "averaged.",
+        "",
+        report.table,
+        "",
+        *format_paper_section(report),
+    ]
+    if report.failed:
+        parts += ["## Failed runs", "",
+                  _md_table(["run", "configuration", "seed", "status", "error"],
+                            [[r.name, _label_of(report, r), show(r.seed), r.status,
+                              (r.error or "").splitlines()[0][:200] if r.error else ""]
+                             for r in report.failed]), ""]
+    per_run = []
+    for row in report.rows:
+        for r in row.runs:
+            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
+            gain = "-" if sgd is None or swa is None else f"{100 * (swa - sgd):+.2f}"
+            per_run.append([r.name, row.label, show(r.seed), _fmt(Stat.of([sgd] if sgd is not
+                            None else []), "sgd_test_acc"),
+                            _fmt(Stat.of([swa] if swa is not None else []), "swa_test_acc"),
+                            gain])
+    parts += ["## Runs", "",
+              _md_table(["run", "configuration", "seed", "SGD final acc %", "SWA acc %",
+                         "gain pp"], per_run), ""]
+    return "\n".join(parts)
+
+
+def _label_of(report: Report, run: Run) -> str:
+    for row in report.rows:
+        if run in row.failed or run in row.runs:
+            return row.label
+    return "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_gain(report: Report, path: Path) -> Path:
+    """SWA gain per configuration: mean with its 95% interval, and each run's gain."""
+    plt = pyplot()
+    rows = report.rows
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.55 * len(rows)))
+    for i, row in enumerate(rows):
+        gains = [100 * (s - g) for r in row.runs
+                 if (g := r.metric(("sgd", "test_acc"))) is not None
+                 and (s := r.metric(("swa", "test_acc"))) is not None]
+        ax.scatter(gains, [i] * len(gains), s=14, color="gray", alpha=0.7, zorder=2,
+                   label="run" if i == 0 else None)
+        g = row.gain
+        if g.mean is None:
+            continue
+        xerr = None
+        if g.low is not None and g.high is not None:
+            xerr = [[100 * (g.mean - g.low)], [100 * (g.high - g.mean)]]
+        ax.errorbar([100 * g.mean], [i], xerr=xerr, fmt="o", color="tab:orange", capsize=4,
+                    zorder=3, label="mean, 95% CI" if i == 0 else None)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r.label for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("SWA gain: SWA - final SGD test accuracy (percentage points)")
+    ax.set_title(f"SWA gain per configuration ({report.root.name})")
+    ax.grid(alpha=0.3, axis="x")
+    if rows:
+        ax.legend(loc="best", fontsize="small")
+    return save_figure(fig, path)
+
+
+def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    by_epoch: dict[float, list[float]] = {}
+    for run in runs:
+        try:
+            rows = read_history(run.path / "history.csv")
+        except (OSError, ValueError):
+            continue
+        for r in rows:
+            if r.get("epoch") is not None and r.get(key) is not None:
+                by_epoch.setdefault(float(r["epoch"]), []).append(float(r[key]))  # type: ignore
+    epochs = sorted(by_epoch)
+    means = [statistics.fmean(by_epoch[e]) for e in epochs]
+    spread = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+    return epochs, means, spread
+
+
+def accuracy_band(means: Sequence[float], spread: Sequence[float]
+                  ) -> tuple[list[float], list[float]]:
+    """Mean ± one std of accuracies in percent, clipped to [0, 100] where an accuracy lies."""
+    return ([max(0.0, a - b) for a, b in zip(means, spread, strict=True)],
+            [min(100.0, a + b) for a, b in zip(means, spread, strict=True)])
+
+
+def plot_accuracy(report: Report, path: Path) -> Path:
+    """Test accuracy over epochs, SGD vs each average, mean over seeds (band: ± one std,
+    within [0, 100]), one panel per configuration."""
+    from swa_research.tracking.plots import color_of
+
+    names = ["sgd", "swa", *(c[:-len("_test_acc")] for c, _, _ in report.columns[len(METRICS):]
+                            if c.endswith("_test_acc"))]
+    plt = pyplot()
+    rows = report.rows
+    ncols = min(3, max(1, len(rows)))
+    nrows = math.ceil(max(1, len(rows)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False,
+                             sharey=True)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, rows, strict=False):
+        for model in names:
+            epochs, means, spread = _mean_curve(row.runs, f"{model}_test_acc")
+            if not epochs:
+                continue
+            m = [100 * v for v in means]
+            color = color_of(model, names)
+            ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
+            ax.fill_between(epochs, *accuracy_band(m, [100 * v for v in spread]),
+                            color=color, alpha=0.2)
+        ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
+        if not row.runs:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"Test accuracy, mean over seeds ({report.root.name})")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and W&B
+
+
+def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
+                 use_wandb: bool = True) -> Report:
+    """Write report.md, report.csv and the PNG plots into ``path`` for the runs at or below
+    ``runs`` (default: ``path`` itself), and log the table to W&B when the runs used it."""
+    out = Path(path)
+    report = build_report(list(runs) if runs else [out], root=out)
+    atomic_write_text(out / "report.md", report.markdown)
+    columns, data = report.csv_rows()
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows([["" if v is None else v for v in line] for line in data])
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    report.files = [out / "report.md", out / "report.csv"]
+    if report.paper:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(CSV_HEADER)
+        writer.writerows([["" if v is None else v for v in comparison_csv_row(c)]
+                          for c in report.paper])
+        atomic_write_text(out / PAPER_CSV, buf.getvalue())
+        report.files.append(out / PAPER_CSV)
+    for name, plot in (("report_swa_gain.png", plot_gain), ("report_accuracy.png",
+                                                           plot_accuracy)):
+        try:
+            report.files.append(plot(report, out / name))
+        except Exception as e:  # a plot is a convenience: keep the tables
+            log.warning("could not write %s: %s", out / name, e)
+    if use_wandb:
+        report.wandb_run = log_to_wandb(report, out)
+    return report
+
+
+def log_to_wandb(report: Report, out: Path) -> str | None:
+    """The table and the plots in a W&B run of job_type "report", in the project, group and
+    mode the runs used; returns the run's path, or None when the runs had no W&B or it
+    failed (a warning: the local files are unaffected)."""
+    targets = [r.wandb for r in report.runs if r.wandb is not None]
+    if not targets:
+        return None
+    target = targets[0]
+    try:
+        import shutil
+
+        import wandb
+
+        columns, data = report.csv_rows()
+        with wandb.init(project=target.project, entity=target.entity, group=target.group,
+                        job_type="report", name=f"report {out.name}", dir=str(out),
+                        mode=target.mode, reinit="finish_previous",
+                        config={"report.path": str(report.root),
+                                "report.keys": report.keys, "report.n_runs": len(report.runs),
+                                "report.n_failed": len(report.failed)},
+                        settings=wandb.Settings(console="off", silent=True,
+                                                init_timeout=90)) as run:
+            logged: dict[str, Any] = {"report/table": wandb.Table(columns=columns, data=data)}
+            if report.paper:
+                logged["report/paper_table"] = wandb.Table(
+                    columns=CSV_HEADER, data=[comparison_csv_row(c) for c in report.paper])
+            for p in report.files:
+                if p.suffix == ".png" and p.is_file():
+                    logged[f"report/{p.stem}"] = wandb.Image(str(p))
+            run.log(logged)
+            for p in report.files:
+                if p.is_file():
+                    shutil.copy2(p, Path(run.dir) / p.name)
+            where = run.path if target.mode == "online" else str(Path(run.dir).parent)
+        return where
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        log.warning("the report was not logged to W&B (%s: %s); the local files are "
+                    "unaffected", type(e).__name__, first)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a multirun
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swa_research.report",
+        description="Mean and spread over seeds per configuration, the SWA gain with a 95% "
+                    "t interval, and the failed runs, for a sweep dir, run dirs, or a folder "
+                    "above them.")
+    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("--out", default=None,
+                        help="where report.md, report.csv and the plots go (default: PATH, or "
+                             "the common parent of several PATHs)")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the report to W&B even when the runs used it")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.is_dir():
+            print(f"error: {p}: no such folder", file=sys.stderr)
+            return 2
+    out = Path(args.out) if args.out else (
+        paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths])))
+    if not args.out and is_run_dir(out):
+        print(f"error: {out} is one run's dir: a report is written beside runs, never into "
+              "one; give a sweep dir, or --out DIR for where the report goes", file=sys.stderr)
+        return 2
+    try:
+        report = write_report(out, runs=paths, use_wandb=not args.no_wandb)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    print(f"\nwrote {', '.join(str(p) for p in report.files)}")
+    if report.wandb_run:
+        print(f"logged to W&B: {report.wandb_run}")
+    return 0
+
