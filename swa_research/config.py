@@ -138,7 +138,7 @@ class TrainerConfig:
     # pretrained model that SWA fine-tunes (the SWA paper's ImageNet "SGD" column).
     eval_at_start: bool = False
     num_workers: int = 2
-    best_by: str = "val_loss"  # val_loss | val_acc
+    best_by: str = "val_loss"  # val_<metric> of the task: val_loss | val_acc (classification)
     progress: str = "auto"  # auto | bar | line | none
     save_checkpoints: bool = True  # sgd_final.pt, sgd_best_val.pt, swa.pt at the end
     checkpoint_every: int = 1  # epochs between training checkpoints (0: none, no resume)
@@ -195,7 +195,14 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskConfig:
+    # What the loop learns (swa_research.tasks): its data's batches, loss and metrics.
+    name: str = "classification"
+
+
+@dataclass
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # A model's name and its options: the keyword arguments of its builder in the model
     # registry (VGG: batch_norm, dropout, width), checked and completed there.
@@ -216,7 +223,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("constant", "decay_then_constant", "cyclical"),
     "schedule.step_unit": ("epoch", "iter"),
     "swa.unit": ("iter", "epoch"),
-    "trainer.best_by": ("val_loss", "val_acc"),
     "trainer.progress": ("auto", "bar", "line", "none"),
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
@@ -280,6 +286,9 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise UserError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    if not cfg.trainer.best_by.startswith("val_"):
+        raise UserError(f"trainer.best_by={cfg.trainer.best_by!r}: expected val_<metric>, e.g. "
+                        "val_loss or val_acc (the task's metrics on the validation set)")
     _positive(cfg.optimizer.lr, "optimizer.lr")
     if cfg.swa.method != "none":
         _positive(cfg.swa.lr, "swa.lr")

@@ -135,8 +135,8 @@ def test_every_panel_metric_is_a_logged_key(sweep: Path) -> None:
 
 def test_a_renamed_metric_fails_instead_of_an_empty_panel(sweep: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dashboard, "SCATTER_Y", "swa/test_accuracy")
-    with pytest.raises(ValueError, match="swa/test_accuracy"):
+    monkeypatch.setattr(dashboard, "GAIN", "swa_gain/test_accuracy")
+    with pytest.raises(ValueError, match="swa_gain/test_accuracy"):
         dashboard_spec(sweep)
 
 

@@ -246,7 +246,7 @@ bn_update(bn_pass_batches(data, 16, 3, 7, pre, shard=shard), model)
 result = evaluate(model, data, Preprocess(True, [0.5] * 3, [0.25] * 3, torch.device("cpu")), 24)
 if w.is_main:
     torch.save({"buffers": {k: v for k, v in model.state_dict().items() if "running" in k},
-                "loss": result.loss, "acc": result.acc}, sys.argv[1])
+                "loss": result["loss"], "acc": result["acc"]}, sys.argv[1])
 distributed.teardown()
 """
 

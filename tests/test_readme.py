@@ -35,11 +35,15 @@ NOT_COMPOSABLE: dict[str, str] = {
     "python -m swa_research.train hydra.run.dir=outputs/runs/exp1":
         "documents the refusal of a run dir whose lock another running process holds",
     # docs/extending.md: examples of entries a user adds; the toy entries in
-    # tests/test_averaging.py and tests/test_models.py run the same steps end to end.
+    # tests/test_averaging.py, tests/test_models.py and tests/test_tasks.py run the same steps
+    # end to end.
     "python -m swa_research.train swa.method=polyak": "an example method, not registered",
     "python -m swa_research.train swa.method=swa swa.also=[polyak]":
         "an example method, not registered",
     "python -m swa_research.train model=mlp model.hidden=256": "an example model, not registered",
+    # tests/test_tasks.py trains the same task (tests/regression_task.py) with this override.
+    "python -m swa_research.train task=regression trainer.best_by=val_mae":
+        "an example task, not registered",
 }
 
 

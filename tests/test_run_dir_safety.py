@@ -388,12 +388,12 @@ def test_stale_temporaries_are_removed_at_the_next_start(tmp_path: Path) -> None
 
 
 SIGTERM_WHILE_LOADING = """
-import swa_research.training.build as t
-_build = t.build_data
+from swa_research.tasks import Task
+_build = Task.build_data
 def build(*a, **k):
     os.kill(os.getpid(), signal.SIGTERM)
     return _build(*a, **k)
-t.build_data = build
+Task.build_data = build
 """
 
 

@@ -21,8 +21,8 @@ from swa_research.models import build_model
 from swa_research.training.build import load_config, train
 from swa_research.training.evaluation import evaluate
 
-TOP_KEYS = {"status", "sgd", "sgd_best_val", "swa", "averages", "calibration", "model", "train",
-            "files"}
+TOP_KEYS = {"status", "task", "sgd", "sgd_best_val", "swa", "averages", "calibration", "model",
+            "train", "files"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -183,8 +183,8 @@ def check_run(r: Run) -> None:
         assert to_config(ckpt["config"]) == c
         model = r.model_from(name)
         result = evaluate(model, data.test, pre, c.trainer.eval_batch_size)
-        assert result.acc == values["test_acc"]
-        assert result.loss == pytest.approx(values["test_loss"], rel=1e-5)
+        assert result["acc"] == values["test_acc"]
+        assert result["loss"] == pytest.approx(values["test_loss"], rel=1e-5)
         return ckpt
 
     ckpt = check_checkpoint("sgd_final.pt", m["sgd"])
@@ -245,7 +245,7 @@ def test_an_evaluation_before_training(tmp_path: Path) -> None:
     config = load_config(compose_config(overrides))
     fresh = build_trainer(config, config_dict_of(config), tmp_path / "fresh",
                           torch.device("cpu"))
-    start = fresh.evaluate_all(0, None, None)
+    start = fresh.evaluate_all(0, None)
     assert float(first["sgd_test_acc"]) == start["sgd_test_acc"]
     assert float(first["sgd_test_loss"]) == pytest.approx(start["sgd_test_loss"], rel=1e-6)
     # Without it the same run has the same later rows.
@@ -363,13 +363,13 @@ def test_evaluate_restores_the_mode(training: bool) -> None:
     result = evaluate(model, data, pre, batch_size=2)
     assert model.training is training
     assert all(m.training is training for m in model.modules())
-    assert result.acc is not None and 0.0 <= result.acc <= 1.0
-    assert result.loss is not None and result.loss > 0
+    assert result["acc"] is not None and 0.0 <= result["acc"] <= 1.0
+    assert result["loss"] is not None and result["loss"] > 0
     # Evaluation runs in eval mode: dropout off, so the result is repeatable.
     again = evaluate(model, data, pre, batch_size=5)
-    assert again.acc == result.acc
-    assert again.loss == pytest.approx(result.loss, rel=1e-6)
-    assert evaluate(model, None, pre, batch_size=5).acc is None
+    assert again["acc"] == result["acc"]
+    assert again["loss"] == pytest.approx(result["loss"], rel=1e-6)
+    assert evaluate(model, None, pre, batch_size=5)["acc"] is None
 
 
 def test_train_leaves_no_temporary_files_with_a_preexisting_run_dir(tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from swa_research.analysis.report import Report, build_report, show
+from swa_research.analysis.report import Report, build_report, gain_text, show
 from swa_research.fileio import atomic_write_text
+from swa_research.tasks import CLASSIFICATION, TaskMetrics
 from swa_research.tracking.loggers import (
     WANDB_ID_FILE,
     WandbLogger,
@@ -50,8 +51,8 @@ log = logging.getLogger(__name__)
 
 DASHBOARD_FILE = "dashboard.json"
 SPEC_VERSION = 1
-# The metrics the panels name (the averages' test accuracy, ECE and NLL are added per sweep).
-SCATTER_X, SCATTER_Y = "sgd/test_acc", "swa/test_acc"
+# The metrics the panels name besides the task's headline (``<model>/test_<headline>``: the
+# accuracy for classification) and the averages' ECE and NLL, added per sweep.
 GAIN = "swa_gain"
 CURVE_X = "epoch"
 REPORT_TABLE = "report/table"  # the report run's wandb.Table (swa_research.analysis.report)
@@ -70,16 +71,18 @@ class _Recorder:
         self.keys.update(data)
 
 
-def logged_keys(averages: Sequence[str] = ("swa",)) -> set[str]:
+def logged_keys(averages: Sequence[str] = ("swa",), spec: TaskMetrics = CLASSIFICATION
+                ) -> set[str]:
     """The keys a run with these averages logs to W&B: its summary (``summary_values``) and its
     per-evaluation history, the latter from :class:`WandbLogger`'s own ``log_eval``."""
     names = ["swa", *[n for n in averages if n != "swa"]]
-    skeleton: dict[str, Any] = {"status": "finished", "averages": names, "train": {}}
+    skeleton: dict[str, Any] = {"status": "finished", "averages": names, "train": {},
+                                "task": spec.record()}
     keys = set(summary_values(skeleton))
     logger = WandbLogger.__new__(WandbLogger)  # no wandb.init: only its log_eval's keys
     recorder = _Recorder()
     logger.run, logger.averages, logger._warned = recorder, names, False
-    logger.log_eval({c: 0.0 for c in history_columns(names)})
+    logger.log_eval({c: 0.0 for c in history_columns(names, spec.metrics)})
     return keys | recorder.keys
 
 
@@ -114,14 +117,17 @@ def _run_id(run_dir: Path) -> str | None:
 
 
 def _axis_range(report: Report) -> list[float]:
-    """One range for both axes of the scatter: all SGD and SWA accuracies, padded."""
+    """One range for both axes of the scatter: all SGD and SWA values of the headline metric
+    (accuracies: within [0, 1]), padded."""
+    key = f"test_{report.spec.headline}"
     values = [v for r in report.runs if r.finished
-              for v in (r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc")))
-              if v is not None]
+              for v in (r.metric(("sgd", key)), r.metric(("swa", key))) if v is not None]
     if not values:
         return [0.0, 1.0]
     lo, hi = min(values), max(values)
     pad = max(0.01, 0.05 * (hi - lo))
+    if report.spec.headline not in report.spec.percent:
+        return [round(lo - pad, 4), round(hi + pad, 4)]
     return [round(max(0.0, lo - pad), 4), round(min(1.0, hi + pad), 4)]
 
 
@@ -145,24 +151,27 @@ def build_dashboard(report: Report, group: str | None = None) -> dict[str, Any]:
     ece = [f"calibration/{m}_ece" for m in models]
     nll = [f"calibration/{m}_nll" for m in models]
     columns, data = report.csv_rows()
+    h, what = report.spec.headline, f"test {report.spec.title(report.spec.headline)}"
+    scatter_x, scatter_y = f"sgd/test_{h}", f"swa/test_{h}"
+    above = "above" if h in report.spec.maximize else "below"
     panels: list[dict[str, Any]] = [
-        {"id": "scatter", "type": "scatter", "title": "SWA vs final SGD test accuracy "
-         "(above the diagonal: SWA gains)", "x": SCATTER_X, "y": SCATTER_Y,
+        {"id": "scatter", "type": "scatter", "title": f"SWA vs final SGD {what} "
+         f"({above} the diagonal: SWA gains)", "x": scatter_x, "y": scatter_y,
          "range_x": [lo, hi], "range_y": [lo, hi], "diagonal": [[lo, lo], [hi, hi]],
          "points": "run", "color_by": "configuration"},
-        {"id": "swa_gain", "type": "bar", "title": "SWA gain (SWA - final SGD test accuracy)",
+        {"id": "swa_gain", "type": "bar", "title": f"SWA gain ({gain_text(report.spec)})",
          "metrics": [GAIN], "groupby": groupby, "aggregate": "mean", "range": "stderr"},
         {"id": "swa_gain_ci", "type": "markdown",
          "title": "SWA gain, mean with the sweep report's 95% t interval over seeds",
          "metrics": [GAIN], "text": _gain_markdown(configurations)},
-        {"id": "accuracy_curves", "type": "line", "title": "Test accuracy over epochs "
+        {"id": "accuracy_curves", "type": "line", "title": f"{what.capitalize()} over epochs "
          "(mean per configuration, band: ± one std)", "x": CURVE_X,
-         "y": [f"{m}/test_acc" for m in models], "groupby": groupby, "aggregate": "mean",
+         "y": [f"{m}/test_{h}" for m in models], "groupby": groupby, "aggregate": "mean",
          "range": "stddev"},
         {"id": "parallel", "type": "parallel_coordinates",
-         "title": "Swept keys to SWA test accuracy",
-         "columns": [*(_config_column(k) for k in report.keys), f"summary:{SCATTER_Y}"],
-         "metrics": [SCATTER_Y]},
+         "title": f"Swept keys to SWA {what}",
+         "columns": [*(_config_column(k) for k in report.keys), f"summary:{scatter_y}"],
+         "metrics": [scatter_y]},
         {"id": "calibration_ece", "type": "bar", "title": "Expected calibration error",
          "metrics": ece, "groupby": groupby, "aggregate": "mean", "range": "stddev"},
         {"id": "calibration_nll", "type": "bar", "title": "Test NLL", "metrics": nll,
@@ -173,8 +182,8 @@ def build_dashboard(report: Report, group: str | None = None) -> dict[str, Any]:
          "markdown": report.table},
     ]
     runs_columns = [*(f"config:{k}.value" for k in report.keys), "config:seed.value",
-                    *(f"summary:{m}" for m in (SCATTER_X, "sgd_best_val/test_acc",
-                                               *(f"{a}/test_acc" for a in averages), GAIN,
+                    *(f"summary:{m}" for m in (scatter_x, f"sgd_best_val/test_{h}",
+                                               *(f"{a}/test_{h}" for a in averages), GAIN,
                                                *ece, *nll, "status"))]
     spec = {
         "version": SPEC_VERSION,
@@ -191,7 +200,7 @@ def build_dashboard(report: Report, group: str | None = None) -> dict[str, Any]:
         "configurations": configurations,
         "panels": panels,
     }
-    missing = sorted(set(panel_metrics(spec)) - logged_keys(averages))
+    missing = sorted(set(panel_metrics(spec)) - logged_keys(averages, report.spec))
     if missing:  # a renamed metric: fail here rather than show an empty panel
         raise ValueError(f"dashboard panels name metrics the runs do not log: {missing}")
     return spec

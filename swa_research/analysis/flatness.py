@@ -41,13 +41,12 @@ from swa_research.config import Config, UserError, bn_batch_size
 from swa_research.data import (
     DataSplits,
     ImageSet,
-    Limits,
     Preprocess,
     bn_pass_batches,
-    build_data,
 )
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
+from swa_research.tasks import build_task
 from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.training.build import load_run_config
 from swa_research.training.evaluation import evaluate
@@ -85,8 +84,12 @@ def load_run(run_dir: str | Path, device: torch.device, num_workers: int = 0) ->
     config = load_run_config(run_dir)
     sgd = _load_weights(run_dir / "sgd_final.pt", device)
     swa = _load_weights(run_dir / "swa.pt", device)
-    data = build_data(config.data, config.seed, device, num_workers, limits=Limits.of(config))
-    model = build_model(config.model, data.num_classes, data.image_size).to(device)
+    task = build_task(config.task.name)
+    if "acc" not in task.spec.metrics:
+        raise UserError(f"{run_dir}: task {task.name} has no accuracy; the flatness analysis "
+                        "plots error rates (classification runs)")
+    data = task.build_data(config, device, num_workers)
+    model = build_model(config.model, task.output_size(data), data.image_size).to(device)
     model.load_state_dict(sgd["state_dict"])
     return LoadedRun(config, data, model, sgd["state_dict"], swa["state_dict"],
                      int(sgd.get("iteration", 0)))
@@ -176,10 +179,10 @@ class PointEvaluator:
                 bn_update(self.bn_batches(), self.model)
         test = evaluate(self.model, self.run.data.test, self.eval_pre, self.batch_size)
         train = evaluate(self.model, self.train, self.eval_pre, self.batch_size)
-        assert test.loss is not None and test.acc is not None
-        assert train.loss is not None and train.acc is not None
-        return {"train_loss": train.loss, "train_err": 1.0 - train.acc,
-                "test_loss": test.loss, "test_err": 1.0 - test.acc}
+        assert test["loss"] is not None and test["acc"] is not None
+        assert train["loss"] is not None and train["acc"] is not None
+        return {"train_loss": train["loss"], "train_err": 1.0 - train["acc"],
+                "test_loss": test["loss"], "test_err": 1.0 - test["acc"]}
 
 
 def line_scan(run: LoadedRun, alphas: Sequence[float], evaluator: PointEvaluator

@@ -44,9 +44,10 @@ from torch import nn
 
 from swa_research.averaging import average_states, bn_update, has_batch_norm
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
-from swa_research.data import DataSplits, Limits, Preprocess, bn_pass_batches, build_data
+from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import atomic_write_text
 from swa_research.models import build_model
+from swa_research.tasks import CLASSIFICATION, Task, TaskMetrics, build_task
 from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.tracking.runs import find_run_dirs
 from swa_research.training.build import load_run_config, prepare_device, resolve_device
@@ -58,8 +59,17 @@ log = logging.getLogger(__name__)
 
 CSV_FILE = "posthoc.csv"
 PLOT_FILE = "posthoc.png"
-COLUMNS = ["kind", "start", "freq", "window", "decay", "warmup", "k", "n_points", "first",
-           "last", "val_loss", "val_acc", "test_loss", "test_acc", "nll", "ece"]
+SETTING_COLUMNS = ["kind", "start", "freq", "window", "decay", "warmup", "k", "n_points",
+                   "first", "last"]
+
+
+def columns(task: Task) -> list[str]:
+    """posthoc.csv's columns: the setting, the task's metrics on val and test, and the test
+    set's NLL and ECE for a task that predicts class probabilities."""
+    return [*SETTING_COLUMNS, *task.spec.keys(), *(["nll", "ece"] if task.probabilistic else [])]
+
+
+COLUMNS = columns(build_task("classification"))
 CACHE_BYTES = 2 << 30  # snapshots kept in memory between settings up to this much
 State = dict[str, torch.Tensor]
 
@@ -185,10 +195,10 @@ class PosthocRun:
         cfg = self.config
         self.device = device
         prepare_device(device, cfg.trainer.deterministic)
-        self.data: DataSplits = build_data(cfg.data, cfg.seed, device, cfg.trainer.num_workers,
-                                           limits=Limits.of(cfg))
+        self.task = build_task(cfg.task.name)
         fmt = memory_format(cfg.trainer.channels_last)
-        self.model: nn.Module = build_model(cfg.model, self.data.num_classes,
+        self.data: DataSplits = self.task.build_data(cfg, device, cfg.trainer.num_workers, fmt)
+        self.model: nn.Module = build_model(cfg.model, self.task.output_size(self.data),
                                             self.data.image_size).to(device, memory_format=fmt)
         dc = cfg.data
         self.train_pre = Preprocess(dc.normalize, dc.mean, dc.std, device, augment=dc.augment,
@@ -247,18 +257,20 @@ class PosthocRun:
 
     def bn_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``Trainer.bn_batches`` at the run's final evaluation."""
-        return bn_pass_batches(self.data.train, bn_batch_size(self.config), self.config.seed,
-                               self.final_iteration, self.train_pre)
+        return self.task.bn_batches(self.data.train, bn_batch_size(self.config),
+                                    self.config.seed, self.final_iteration, self.train_pre)
 
     def evaluate(self, module: nn.Module) -> dict[str, float | None]:
         bs = self.config.trainer.eval_batch_size
         with autocast(self.precision, self.device):
-            val = evaluate(module, self.data.val, self.eval_pre, bs)
-            test = evaluate(module, self.data.test, self.eval_pre, bs)
+            out = {f"{split}_{m}": v for split in ("val", "test")
+                   for m, v in evaluate(module, getattr(self.data, split), self.eval_pre, bs,
+                                        self.task).items()}
+            if not self.task.probabilistic:
+                return out
             logits, labels = collect_logits(module, self.data.test, self.eval_pre, bs)
         cal, _ = calibration_summary(logits, labels)
-        return {"val_loss": val.loss, "val_acc": val.acc, "test_loss": test.loss,
-                "test_acc": test.acc, "nll": cal["nll"], "ece": cal["ece"]}
+        return {**out, "nll": cal["nll"], "ece": cal["ece"]}
 
 
 def evaluate_settings(run: PosthocRun, settings: Sequence[Setting]) -> list[dict[str, Any]]:
@@ -269,6 +281,7 @@ def evaluate_settings(run: PosthocRun, settings: Sequence[Setting]) -> list[dict
         t0 = time.perf_counter()
         chosen = select(setting, entries, unit)
         metrics = run.evaluate(run.average(setting, chosen))
+        spec = run.task.spec
         row = {"kind": setting.kind, "start": setting.start, "freq": setting.freq,
                "window": setting.window, "decay": setting.decay,
                "warmup": None if setting.warmup is None else int(setting.warmup),
@@ -277,91 +290,107 @@ def evaluate_settings(run: PosthocRun, settings: Sequence[Setting]) -> list[dict
                **metrics}
         rows.append(row)
         print(f"[{i}/{len(settings)}] {setting.label()}: {len(chosen)} snapshots ({unit} "
-              f"{row['first']}..{row['last']}) | {_brief(row)} | "
+              f"{row['first']}..{row['last']}) | {_brief(row, spec)} | "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
     return rows
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+def _brief(row: dict[str, Any], spec: TaskMetrics) -> str:
+    def scores(split: str) -> str:
+        if row[f"{split}_loss"] is None:
+            return "-"
+        return " ".join(spec.show(m, row[f"{split}_{m}"]) for m in spec.metrics)
+
+    text = f"val {scores('val')} test {scores('test')}"
+    if row.get("nll") is not None:
+        text += f" nll {row['nll']:.4f} ece {100 * row['ece']:.2f}%"
+    return text
 
 
-def _brief(row: dict[str, Any]) -> str:
-    val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f} {_pct(row['val_acc'])}"
-    return (f"val {val} test {row['test_loss']:.4f} {_pct(row['test_acc'])} "
-            f"nll {row['nll']:.4f} ece {100 * row['ece']:.2f}%")
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], task: Task) -> Path:
+    cols = columns(task)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in cols})
     atomic_write_text(path, buf.getvalue())
     return path
 
 
-def run_reference(run_dir: Path) -> dict[str, float]:
-    """The run's SGD and online SWA test accuracy from metrics.json (those present)."""
+def run_reference(run_dir: Path, spec: TaskMetrics) -> dict[str, float]:
+    """The run's SGD and online SWA test headline metric (accuracy for classification) from
+    metrics.json (those present)."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return {}
     out = {}
     for name, label in (("sgd", "SGD (final)"), ("swa", "online SWA")):
-        acc = (metrics.get(name) or {}).get("test_acc")
+        acc = (metrics.get(name) or {}).get(f"test_{spec.headline}")
         if isinstance(acc, (int, float)):
             out[label] = float(acc)
     return out
 
 
 def plot(rows: Sequence[dict[str, Any]], reference: dict[str, float], unit: str, path: Path,
-         title: str) -> Path:
+         title: str, spec: TaskMetrics) -> Path:
+    """The test headline metric (accuracy in % for classification) of each equal average
+    against its start, the EMA and LAWA settings and the run's own results as lines."""
+    m = spec.headline
+    scale, sign = (100.0, "%") if m in spec.percent else (1.0, "")
+    key = f"test_{m}"
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     swa = [r for r in rows if r["kind"] == "swa"]
     lines = sorted({(r["freq"], r["window"]) for r in swa})
     for freq, window in lines:
-        pts = sorted((r["start"], 100 * r["test_acc"]) for r in swa
+        pts = sorted((r["start"], scale * r[key]) for r in swa
                      if (r["freq"], r["window"]) == (freq, window))
         label = f"window {window or 'all'}" + (f", freq {freq}" if len(
             {f for f, _ in lines}) > 1 else "")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     styles = iter(["-", "--", ":", "-."] * 4)
     for label, acc in reference.items():
-        ax.axhline(100 * acc, color="black" if label.startswith("SGD") else "tab:red",
-                   linestyle=next(styles), linewidth=1, label=f"{label} {100 * acc:.2f}%")
+        ax.axhline(scale * acc, color="black" if label.startswith("SGD") else "tab:red",
+                   linestyle=next(styles), linewidth=1,
+                   label=f"{label} {spec.show(m, acc)}")
     for r in [r for r in rows if r["kind"] != "swa"][:8]:
         name = (f"EMA {r['decay']:g}" + (" warmup" if r["warmup"] else "")
                 if r["kind"] == "ema" else f"LAWA k={r['k']}")
-        ax.axhline(100 * r["test_acc"], color="tab:gray", linestyle=next(styles),
-                   linewidth=1, label=f"{name} {100 * r['test_acc']:.2f}%")
+        ax.axhline(scale * r[key], color="tab:gray", linestyle=next(styles),
+                   linewidth=1, label=f"{name} {spec.show(m, r[key])}")
     ax.set_xlabel(f"start of the equal average ({unit})")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {spec.title(m)}" + (f" ({sign})" if sign else ""))
     ax.set_title(f"post-hoc averages: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
-def best_row(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """The best setting by validation accuracy (then loss), or by test accuracy when the run
-    has no validation split."""
-    if all(r["val_acc"] is not None for r in rows):
-        return max(rows, key=lambda r: (r["val_acc"], -r["val_loss"])), "validation accuracy"
-    return max(rows, key=lambda r: r["test_acc"]), "test accuracy (no validation split)"
+def best_row(rows: Sequence[dict[str, Any]], spec: TaskMetrics = CLASSIFICATION
+             ) -> tuple[dict[str, Any], str]:
+    """The best setting by the validation headline metric (accuracy for classification; then
+    the loss), or by the test one when the run has no validation split."""
+    m = spec.headline
+    sign = 1.0 if m in spec.maximize else -1.0
+    if all(r[f"val_{m}"] is not None for r in rows):
+        return (max(rows, key=lambda r: (sign * r[f"val_{m}"], -r["val_loss"])),
+                f"validation {spec.title(m)}")
+    return (max(rows, key=lambda r: sign * r[f"test_{m}"]),
+            f"test {spec.title(m)} (no validation split)")
 
 
-def describe(row: dict[str, Any]) -> str:
+def describe(row: dict[str, Any], spec: TaskMetrics = CLASSIFICATION) -> str:
     s = Setting(row["kind"], row["start"], row["freq"], row["window"], row["decay"],
                 None if row["warmup"] is None else bool(row["warmup"]), row["k"])
-    return f"{s.label()} (n={row['n_points']}): {_brief(row)}"
+    return f"{s.label()} (n={row['n_points']}): {_brief(row, spec)}"
 
 
 def posthoc_run(run_dir: Path, args: argparse.Namespace, device: torch.device
-                ) -> list[dict[str, Any]]:
-    """Every setting of ``args`` on one run dir; writes its CSV and plot."""
+                ) -> tuple[list[dict[str, Any]], TaskMetrics]:
+    """Every setting of ``args`` on one run dir; writes its CSV and plot. The rows and the
+    run's task metrics."""
     index = read_index(run_dir)
     settings = build_settings(args, index)
     run = PosthocRun(run_dir, device)
@@ -375,10 +404,10 @@ def posthoc_run(run_dir: Path, args: argparse.Namespace, device: torch.device
               "online ones (each weight rounded to 8 mantissa bits; 2.9e-3 measured on the "
               "smoke run), they do not equal them", flush=True)
     rows = evaluate_settings(run, settings)
-    write_csv(run_dir / CSV_FILE, rows)
-    plot(rows, run_reference(run_dir), index["unit"], run_dir / PLOT_FILE,
-         run_dir.resolve().name)
-    return rows
+    write_csv(run_dir / CSV_FILE, rows, run.task)
+    plot(rows, run_reference(run_dir, run.task.spec), index["unit"], run_dir / PLOT_FILE,
+         run_dir.resolve().name, run.task.spec)
+    return rows, run.task.spec
 
 
 def target_dirs(path: Path) -> list[Path]:
@@ -429,14 +458,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     best: list[str] = []
     for run_dir in runs:
         try:
-            rows = posthoc_run(run_dir, args, device)
+            rows, spec = posthoc_run(run_dir, args, device)
         except UserError as e:
             print(f"error: {run_dir}: {e}" if len(runs) > 1 else f"error: {e}",
                   file=sys.stderr)
             failed += 1
             continue
-        row, by = best_row(rows)
-        best.append(f"{run_dir}: best by {by}: {describe(row)}")
+        row, by = best_row(rows, spec)
+        best.append(f"{run_dir}: best by {by}: {describe(row, spec)}")
         print(f"wrote {run_dir / CSV_FILE} and {run_dir / PLOT_FILE}", flush=True)
     for line in best:
         print(line)

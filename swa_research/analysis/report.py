@@ -51,8 +51,9 @@ from swa_research.analysis.paper import (
     measured_cells,
     recipe_differences,
 )
-from swa_research.config import flatten_dict
+from swa_research.config import UserError, flatten_dict
 from swa_research.fileio import atomic_write_text
+from swa_research.tasks import CLASSIFICATION, TaskMetrics
 from swa_research.tracking.plots import pyplot, read_history, save_figure
 from swa_research.tracking.runs import find_run_dirs, is_run_dir, read_run
 
@@ -60,33 +61,51 @@ log = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.md", "report.csv", "report_swa_gain.png", "report_accuracy.png")
 PAPER_CSV = "report_paper.csv"  # only when runs measure cells of the SWA paper's table
-# (column, path in metrics.json, label); accuracies are shown in percent.
-METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("sgd_test_acc", ("sgd", "test_acc"), "SGD final acc %"),
-    ("sgd_best_val_test_acc", ("sgd_best_val", "test_acc"), "SGD best-val acc %"),
-    ("swa_test_acc", ("swa", "test_acc"), "SWA acc %"),
-    ("sgd_test_loss", ("sgd", "test_loss"), "SGD final loss"),
-    ("sgd_best_val_test_loss", ("sgd_best_val", "test_loss"), "SGD best-val loss"),
-    ("swa_test_loss", ("swa", "test_loss"), "SWA loss"),
-    ("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
-    ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
-    ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
-    ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL"),
-)
-Metric = tuple[str, tuple[str, ...], str]
+Metric = tuple[str, tuple[str, ...], str]  # (column, path in metrics.json, label)
 
 
-def metric_columns(averages: Sequence[str] = ()) -> list[Metric]:
-    """:data:`METRICS`, then the same four for each further average (``swa.also``) by name."""
-    out = list(METRICS)
+def _label(spec: TaskMetrics, m: str) -> str:
+    return f"{m} %" if m in spec.percent else m
+
+
+def metric_columns(averages: Sequence[str] = (), spec: TaskMetrics = CLASSIFICATION
+                   ) -> list[Metric]:
+    """The report's columns for the runs' task: the final SGD, best-val SGD and SWA test
+    values of the headline metric (accuracy for classification), then of the other metrics,
+    the calibration, then the same per further average (``swa.also``) by name."""
+    ordered = [spec.headline, *(m for m in spec.metrics if m != spec.headline)]
+    out: list[Metric] = []
+    for m in ordered:
+        out += [(f"sgd_test_{m}", ("sgd", f"test_{m}"), f"SGD final {_label(spec, m)}"),
+                (f"sgd_best_val_test_{m}", ("sgd_best_val", f"test_{m}"),
+                 f"SGD best-val {_label(spec, m)}"),
+                (f"swa_test_{m}", ("swa", f"test_{m}"), f"SWA {_label(spec, m)}")]
+    out += [("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
+            ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
+            ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
+            ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL")]
     for name in averages:
         if name != "swa":
             label = name.upper()
-            out += [(f"{name}_test_acc", (name, "test_acc"), f"{label} acc %"),
-                    (f"{name}_test_loss", (name, "test_loss"), f"{label} loss"),
-                    (f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
+            out += [(f"{name}_test_{m}", (name, f"test_{m}"), f"{label} {_label(spec, m)}")
+                    for m in ordered]
+            out += [(f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
                     (f"{name}_nll", ("calibration", name, "nll"), f"{label} NLL")]
     return out
+
+
+# The columns of a classification sweep without further averages.
+METRICS: tuple[Metric, ...] = tuple(metric_columns())
+
+
+def base_count(spec: TaskMetrics) -> int:
+    """How many of :func:`metric_columns` come before the further averages'."""
+    return 3 * len(spec.metrics) + 4
+
+
+def gain_scale(spec: TaskMetrics) -> tuple[float, str]:
+    """The gain's display factor and unit (percentage points for a percent metric)."""
+    return (100.0, " pp") if spec.headline in spec.percent else (1.0, "")
 
 
 def is_percent(column: str) -> bool:
@@ -272,15 +291,17 @@ class ConfigRow:
     stats: dict[str, Stat] = field(default_factory=dict)
     gain: PairedCI = field(default_factory=PairedCI)
 
-    def summarise(self, columns: Sequence[Metric] = METRICS) -> None:
+    def summarise(self, columns: Sequence[Metric] = METRICS,
+                  spec: TaskMetrics = CLASSIFICATION) -> None:
         for column, path, _ in columns:
             self.stats[column] = Stat.of([v for r in self.runs
                                           if (v := r.metric(path)) is not None])
         diffs = []
+        key = f"test_{spec.headline}"
         for r in self.runs:
-            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
+            sgd, swa = r.metric(("sgd", key)), r.metric(("swa", key))
             if sgd is not None and swa is not None:
-                diffs.append(swa - sgd)
+                diffs.append(spec.gain(sgd, swa))
         self.gain = PairedCI.of(diffs)
 
 
@@ -295,6 +316,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     wandb_run: str | None = None  # the W&B run's path or offline folder, when logged
     columns: list[Metric] = field(default_factory=lambda: list(METRICS))
+    spec: TaskMetrics = CLASSIFICATION  # the runs' task: its metric names
     # The SWA paper's cells these runs measure (swa_research.analysis.paper; runs of another recipe
     # in rows of their own), and the finished runs of its models, data sets or presets that
     # measure no cell (with what differs from the paper's recipe, empty when nothing does).
@@ -352,7 +374,8 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
     averages: list[str] = []
     for run in runs:
         averages += [n for n in (run.metrics or {}).get("averages") or [] if n not in averages]
-    columns = metric_columns(averages)
+    spec = runs_task(runs)
+    columns = metric_columns(averages, spec)
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         values = {k: run.value(k) for k in keys}
@@ -365,12 +388,22 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
         row = rows.setdefault(label, ConfigRow(label, values))
         (row.runs if run.finished else row.failed).append(run)
     for row in rows.values():
-        row.summarise(columns)
-    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns)
+        row.summarise(columns, spec)
+    report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns,
+                    spec=spec)
     report.paper, report.paper_skipped = paper_comparison(runs)
     report.table = format_table(report)
     report.markdown = format_markdown(report)
     return report
+
+
+def runs_task(runs: Sequence[Run]) -> TaskMetrics:
+    """The task of the runs (metrics.json's ``task``); runs of several tasks are refused."""
+    specs = {TaskMetrics.of_run(r.metrics) for r in runs if r.metrics and "sgd" in r.metrics}
+    if len(specs) > 1:
+        raise UserError("the runs are of different tasks ("
+                        f"{', '.join(sorted(s.name for s in specs))}): report each apart")
+    return specs.pop() if specs else CLASSIFICATION
 
 
 def _history_rows(run: Run) -> list[dict[str, float | None]]:
@@ -442,13 +475,15 @@ def _fmt(stat: Stat, column: str) -> str:
     return text if stat.std is None else f"{text} ± {scale * stat.std:.{digits}f}"
 
 
-def _fmt_gain(g: PairedCI) -> str:
+def _fmt_gain(g: PairedCI, spec: TaskMetrics = CLASSIFICATION) -> str:
     if g.mean is None:
         return "-"
-    text = f"{100 * g.mean:+.2f}"
+    scale, _ = gain_scale(spec)
+    digits = 2 if scale == 100.0 else 4
+    text = f"{scale * g.mean:+.{digits}f}"
     if g.low is None or g.high is None:
         return f"{text} (n={g.n}, no interval)"
-    return f"{text} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]"
+    return f"{text} [{scale * g.low:+.{digits}f}, {scale * g.high:+.{digits}f}]"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -462,21 +497,33 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(report: Report) -> str:
-    extra = [c for c, _, _ in report.columns[len(METRICS):] if c.endswith("_test_acc")]
-    shown = ("sgd_test_acc", "sgd_best_val_test_acc", "swa_test_acc")
-    losses = ("sgd_test_loss", "sgd_best_val_test_loss", "swa_test_loss")
+    spec, h = report.spec, report.spec.headline
+    extra = [c for c, _, _ in report.columns[base_count(spec):] if c.endswith(f"_test_{h}")]
+    shown = (f"sgd_test_{h}", f"sgd_best_val_test_{h}", f"swa_test_{h}")
+    losses = tuple(c for m in spec.metrics if m != h
+                   for c in (f"sgd_test_{m}", f"sgd_best_val_test_{m}", f"swa_test_{m}"))
     calib = [c for c, _, _ in report.columns
              if c.endswith("_ece") and any(r.stats[c].n for r in report.rows)]
     labels = {c: lbl for c, _, lbl in report.columns}
-    header = ["configuration", "n", *(labels[c] for c in shown), "SWA gain pp [95% CI]",
+    header = ["configuration", "n", *(labels[c] for c in shown),
+              f"SWA gain{gain_scale(spec)[1]} [95% CI]",
               *(labels[c] for c in (*extra, *losses, *calib)), "failed"]
     rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
-             _fmt_gain(r.gain), *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
+             _fmt_gain(r.gain, spec),
+             *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
              str(len(r.failed))] for r in report.rows]
     return _md_table(header, rows)
 
 
+def gain_text(spec: TaskMetrics) -> str:
+    h = spec.title(spec.headline)
+    diff = (f"SWA minus final SGD test {h}" if spec.headline in spec.maximize
+            else f"final SGD minus SWA test {h} (positive: SWA lower)")
+    return diff + (" in percentage points" if spec.headline in spec.percent else "")
+
+
 def format_markdown(report: Report) -> str:
+    spec, h = report.spec, report.spec.headline
     n_ok = sum(r.finished for r in report.runs)
     parts = [
         f"# SWA report: {report.root.name}",
@@ -485,9 +532,9 @@ def format_markdown(report: Report) -> str:
         f"{len(report.runs) - n_ok} failed) in {len(report.rows)} configuration(s).",
         "",
         "Mean ± sample standard deviation over seeds of the finished runs' test metrics "
-        "(accuracy and ECE in %). SWA gain: SWA minus final SGD test accuracy in percentage "
-        "points, paired by run, mean with a 95% t interval over seeds. Failed runs are not "
-        "averaged.",
+        f"(task {spec.name}; {' and '.join([*sorted(spec.percent), 'ECE'])} in %). SWA gain: "
+        f"{gain_text(spec)}, paired by run, mean with a 95% t interval over seeds. Failed runs "
+        "are not averaged.",
         "",
         report.table,
         "",
@@ -502,15 +549,17 @@ def format_markdown(report: Report) -> str:
     per_run = []
     for row in report.rows:
         for r in row.runs:
-            sgd, swa = r.metric(("sgd", "test_acc")), r.metric(("swa", "test_acc"))
-            gain = "-" if sgd is None or swa is None else f"{100 * (swa - sgd):+.2f}"
+            sgd, swa = r.metric(("sgd", f"test_{h}")), r.metric(("swa", f"test_{h}"))
+            scale, unit = gain_scale(spec)
+            gain = "-" if sgd is None or swa is None else \
+                f"{scale * spec.gain(sgd, swa):+.{2 if unit else 4}f}"
             per_run.append([r.name, row.label, show(r.seed), _fmt(Stat.of([sgd] if sgd is not
-                            None else []), "sgd_test_acc"),
-                            _fmt(Stat.of([swa] if swa is not None else []), "swa_test_acc"),
+                            None else []), f"sgd_test_{h}"),
+                            _fmt(Stat.of([swa] if swa is not None else []), f"swa_test_{h}"),
                             gain])
     parts += ["## Runs", "",
-              _md_table(["run", "configuration", "seed", "SGD final acc %", "SWA acc %",
-                         "gain pp"], per_run), ""]
+              _md_table(["run", "configuration", "seed", f"SGD final {_label(spec, h)}",
+                         f"SWA {_label(spec, h)}", f"gain{gain_scale(spec)[1]}"], per_run), ""]
     return "\n".join(parts)
 
 
@@ -528,12 +577,14 @@ def _label_of(report: Report, run: Run) -> str:
 def plot_gain(report: Report, path: Path) -> Path:
     """SWA gain per configuration: mean with its 95% interval, and each run's gain."""
     plt = pyplot()
-    rows = report.rows
+    rows, spec = report.rows, report.spec
+    scale, unit = gain_scale(spec)
+    key = f"test_{spec.headline}"
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.55 * len(rows)))
     for i, row in enumerate(rows):
-        gains = [100 * (s - g) for r in row.runs
-                 if (g := r.metric(("sgd", "test_acc"))) is not None
-                 and (s := r.metric(("swa", "test_acc"))) is not None]
+        gains = [scale * spec.gain(g, s) for r in row.runs
+                 if (g := r.metric(("sgd", key))) is not None
+                 and (s := r.metric(("swa", key))) is not None]
         ax.scatter(gains, [i] * len(gains), s=14, color="gray", alpha=0.7, zorder=2,
                    label="run" if i == 0 else None)
         g = row.gain
@@ -541,13 +592,13 @@ def plot_gain(report: Report, path: Path) -> Path:
             continue
         xerr = None
         if g.low is not None and g.high is not None:
-            xerr = [[100 * (g.mean - g.low)], [100 * (g.high - g.mean)]]
-        ax.errorbar([100 * g.mean], [i], xerr=xerr, fmt="o", color="tab:orange", capsize=4,
+            xerr = [[scale * (g.mean - g.low)], [scale * (g.high - g.mean)]]
+        ax.errorbar([scale * g.mean], [i], xerr=xerr, fmt="o", color="tab:orange", capsize=4,
                     zorder=3, label="mean, 95% CI" if i == 0 else None)
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [r.label for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("SWA gain: SWA - final SGD test accuracy (percentage points)")
+    ax.set_xlabel(f"SWA gain: {gain_text(spec)}")
     ax.set_title(f"SWA gain per configuration ({report.root.name})")
     ax.grid(alpha=0.3, axis="x")
     if rows:
@@ -583,8 +634,11 @@ def plot_accuracy(report: Report, path: Path) -> Path:
     within [0, 100]), one panel per configuration."""
     from swa_research.tracking.plots import color_of
 
-    names = ["sgd", "swa", *(c[:-len("_test_acc")] for c, _, _ in report.columns[len(METRICS):]
-                            if c.endswith("_test_acc"))]
+    spec, h = report.spec, report.spec.headline
+    scale = 100.0 if h in spec.percent else 1.0
+    suffix = f"_test_{h}"
+    names = ["sgd", "swa", *(c[:-len(suffix)] for c, _, _ in report.columns[base_count(spec):]
+                            if c.endswith(suffix))]
     plt = pyplot()
     rows = report.rows
     ncols = min(3, max(1, len(rows)))
@@ -595,25 +649,27 @@ def plot_accuracy(report: Report, path: Path) -> Path:
         ax.set_visible(False)
     for ax, row in zip(axes.flat, rows, strict=False):
         for model in names:
-            epochs, means, spread = _mean_curve(row.runs, f"{model}_test_acc")
+            epochs, means, spread = _mean_curve(row.runs, f"{model}{suffix}")
             if not epochs:
                 continue
-            m = [100 * v for v in means]
+            m = [scale * v for v in means]
             color = color_of(model, names)
             ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
-            ax.fill_between(epochs, *accuracy_band(m, [100 * v for v in spread]),
-                            color=color, alpha=0.2)
+            band = accuracy_band(m, [scale * v for v in spread]) if h in spec.percent else \
+                ([a - b for a, b in zip(m, spread, strict=True)],
+                 [a + b for a, b in zip(m, spread, strict=True)])
+            ax.fill_between(epochs, *band, color=color, alpha=0.2)
         ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
         if not row.runs:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {spec.title(h)}" + (" (%)" if h in spec.percent else ""))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
-    fig.suptitle(f"Test accuracy, mean over seeds ({report.root.name})")
+    fig.suptitle(f"Test {spec.title(h)}, mean over seeds ({report.root.name})")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -729,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         report = write_report(out, runs=paths, use_wandb=not args.no_wandb)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text())

@@ -19,10 +19,11 @@ CONF_DIR = Path(__file__).parent
 
 def register_configs() -> None:
     """The schema conf/config.yaml builds on; a ``model=NAME`` option for every registered
-    model without a yaml file of its own (a model is one file and a registry line; call this
-    again after registering one); the
+    model and a ``task=NAME`` option for every registered task without a yaml file of its own
+    (each is one file and a registry line; call this again after registering one); the
     ``swa_gpu_count`` resolver of conf/hydra/launcher/local_gpus.yaml."""
     from swa_research.models import MODELS, model_options
+    from swa_research.tasks import TASKS
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -31,6 +32,9 @@ def register_configs() -> None:
             # The builder's options with their defaults: model.OPTION=... overrides them.
             cs.store(group="model", name=name, node={
                 "name": name, **{k: p.default for k, p in model_options(name).items()}})
+    for name in TASKS:  # likewise a task=NAME option for every registered task
+        if not (CONF_DIR / "task" / f"{name}.yaml").is_file():
+            cs.store(group="task", name=name, node={"name": name})
     if not OmegaConf.has_resolver("swa_gpu_count"):
         OmegaConf.register_new_resolver("swa_gpu_count", visible_gpu_count)
 

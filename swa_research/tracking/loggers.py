@@ -14,27 +14,37 @@ import math
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from swa_research.config import LoggerConfig, flatten_dict, unused_keys
 from swa_research.fileio import atomic_write_text
+from swa_research.tasks import CLASSIFICATION, TaskMetrics
 
 log = logging.getLogger(__name__)
 
 OFFLINE_INIT_TIMEOUT = 300.0  # seconds for wandb's local service to start, offline
 
-EVAL_KEYS = ("val_loss", "val_acc", "test_loss", "test_acc")
+def eval_keys(metrics: Sequence[str] = CLASSIFICATION.metrics) -> list[str]:
+    """An evaluation's keys per model: ``val_<m>``, then ``test_<m>``, for the task's metrics."""
+    return [f"{split}_{m}" for split in ("val", "test") for m in metrics]
 
 
-def history_columns(averages: list[str] | tuple[str, ...] = ("swa",)) -> list[str]:
+EVAL_KEYS = tuple(eval_keys())
+
+
+def history_columns(averages: Sequence[str] = ("swa",),
+                    metrics: Sequence[str] = CLASSIFICATION.metrics) -> list[str]:
     """history.csv's columns: the step's, the SGD model's, then each average's by name (the
-    primary's ``swa_*`` columns are there also when the run averages nothing)."""
+    primary's ``swa_*`` columns are there also when the run averages nothing), for the task's
+    metrics (classification: loss, acc)."""
     names = ["swa", *[n for n in averages if n != "swa"]]
-    cols = ["epoch", "iteration", "lr", "train_loss", "train_acc",
-            *(f"sgd_{k}" for k in EVAL_KEYS)]
+    keys = eval_keys(metrics)
+    cols = ["epoch", "iteration", "lr", *(f"train_{m}" for m in metrics),
+            *(f"sgd_{k}" for k in keys)]
     for name in names:
-        cols += [*(f"{name}_{k}" for k in EVAL_KEYS), f"{name}_n_averaged"]
+        cols += [*(f"{name}_{k}" for k in keys), f"{name}_n_averaged"]
     return cols
 
 
@@ -61,19 +71,25 @@ class RunLogger(Protocol):
     def finish(self, metrics: dict[str, Any]) -> None: ...
 
 
+def row_metrics(row: dict[str, Any]) -> list[str]:
+    """The task's metric names in an evaluation row (from its ``sgd_test_<m>`` columns)."""
+    return [k[len("sgd_test_"):] for k in row if k.startswith("sgd_test_")]
+
+
 def eval_values(row: dict[str, Any], averages: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """An evaluation row under the names every tracker uses: ``epoch``, ``iteration``,
     ``epoch/lr``, ``epoch/train_loss``, ``MODEL/val_loss`` ... for ``sgd`` and each average,
     ``NAME/n_averaged``; values that are not there (no validation split) are left out."""
     data: dict[str, Any] = {"epoch": row["epoch"], "iteration": row["iteration"],
                             "epoch/lr": row["lr"]}
-    for key in ("train_loss", "train_acc"):  # none at an evaluation before training
+    metrics = row_metrics(row)
+    for key in (f"train_{m}" for m in metrics):  # none at an evaluation before training
         if row.get(key) is not None:
             data[f"epoch/{key}"] = row[key]
     for name in averages:
         data[f"{name}/n_averaged"] = row.get(f"{name}_n_averaged", 0)
     for model in ("sgd", *averages):
-        for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+        for key in eval_keys(metrics):
             if row.get(f"{model}_{key}") is not None:
                 data[f"{model}/{key}"] = row[f"{model}_{key}"]
     if row.get("images_per_s") is not None:
@@ -85,9 +101,10 @@ class LocalFiles:
     """history.csv (one row per evaluation) and metrics.json in the run dir."""
 
     def __init__(self, run_dir: Path, title: str | None = None,
-                 averages: list[str] | tuple[str, ...] = ("swa",)) -> None:
+                 averages: list[str] | tuple[str, ...] = ("swa",),
+                 metrics: Sequence[str] = CLASSIFICATION.metrics) -> None:
         self.run_dir = Path(run_dir)
-        self.columns = history_columns(averages)
+        self.columns = history_columns(averages, metrics)
         self.title = title or self.run_dir.name  # the plots' title: the job's overrides
         self.rows: list[dict[str, Any]] = []
 
@@ -164,25 +181,30 @@ def applicable_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
-    """The line a finished run ends with: where it is, what it scored, how long it took."""
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
+    """The line a finished run ends with: where it is, what it scored (the task's headline
+    metric on the test set: accuracy for classification), how long it took."""
+    spec = TaskMetrics.of_run(metrics)
+    key, m = f"test_{spec.headline}", spec.headline
 
-    sgd, best = metrics["sgd"]["test_acc"], metrics["sgd_best_val"]["test_acc"]
-    swa = metrics["swa"]["test_acc"]
-    others = [(n, (metrics.get(n) or {}).get("test_acc")) for n in average_names(metrics)
+    def show(v: float | None) -> str:
+        return spec.show(m, v)
+
+    sgd, best = metrics["sgd"].get(key), metrics["sgd_best_val"].get(key)
+    swa = metrics["swa"].get(key)
+    others = [(n, (metrics.get(n) or {}).get(key)) for n in average_names(metrics)
               if n != "swa"]
     minutes, seconds = divmod(int(round(metrics["train"]["wall_time_s"])), 60)
     hours, minutes = divmod(minutes, 60)
     wall = f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-    text = (f"finished in {wall}: test accuracy SGD final {pct(sgd)}, SGD best-val {pct(best)}")
+    text = f"finished in {wall}: test {spec.title(m)} SGD final {show(sgd)}, " \
+           f"SGD best-val {show(best)}"
     if swa is not None:
-        text += f", SWA {pct(swa)}"
+        text += f", SWA {show(swa)}"
         if sgd is not None:
-            text += f" (gain {100 * (swa - sgd):+.2f} pp)"
-    for name, acc in others:
-        if acc is not None:
-            text += f", {name.upper()} {pct(acc)}"
+            text += f" (gain {spec.show_gain(m, spec.gain(sgd, swa))})"
+    for name, value in others:
+        if value is not None:
+            text += f", {name.upper()} {show(value)}"
     bad = metrics.get("nonfinite") or {}
     if bad:
         text += "; NON-FINITE results: " + ", ".join(f"{n} ({w})" for n, w in bad.items())
@@ -190,19 +212,24 @@ def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
 
 
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The run summary: the dashboard's table columns."""
+    """The run summary: the dashboard's table columns. ``swa_gain``: SWA minus final SGD on
+    the task's headline test metric (accuracy for classification)."""
+    spec = TaskMetrics.of_run(metrics)
     out: dict[str, Any] = {"status": metrics.get("status")}
     averages = average_names(metrics)
+    keys = [f"{split}_{m}" for split in ("test", "val") for m in spec.metrics[::-1]]
     for model in ("sgd", "sgd_best_val", *averages):
-        for key in ("test_acc", "test_loss", "val_acc", "val_loss"):
+        for key in keys:
             out[f"{model}/{key}"] = (metrics.get(model) or {}).get(key)
     for name in averages:
         out[f"{name}/n_averaged"] = (metrics.get(name) or {}).get("n_averaged")
     out["sgd_best_val/epoch"] = (metrics.get("sgd_best_val") or {}).get("epoch")
-    for key in ("acc", "loss"):
+    for key in spec.metrics[::-1]:
         swa, sgd = out[f"swa/test_{key}"], out[f"sgd/test_{key}"]
         out[f"swa_gain/test_{key}"] = None if swa is None or sgd is None else swa - sgd
-    out["swa_gain"] = out["swa_gain/test_acc"]
+    # The headline's improvement (for a metric where lower is better, SGD minus SWA).
+    swa, sgd = out[f"swa/test_{spec.headline}"], out[f"sgd/test_{spec.headline}"]
+    out["swa_gain"] = None if swa is None or sgd is None else spec.gain(sgd, swa)
     calibration = metrics.get("calibration") or {}
     for model in ("sgd", *averages):
         for key in ("nll", "ece"):

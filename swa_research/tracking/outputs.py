@@ -1,6 +1,7 @@
 """What a run leaves: the metrics.json record and the weight files.
 
-metrics.json keeps one layout for every run: ``sgd`` (the final SGD model), ``sgd_best_val``
+metrics.json keeps one layout for every run: ``task`` (its name and metric names:
+:class:`~swa_research.tasks.TaskMetrics`), ``sgd`` (the final SGD model), ``sgd_best_val``
 (the SGD model of the best validation epoch), one entry per average by name (``swa`` for the
 primary; ``averages`` lists the names), ``calibration``, ``model`` (name and parameter count) and
 ``train`` (budget, timing, memory).
@@ -21,8 +22,7 @@ from torch import nn
 
 from swa_research.averaging import Average
 from swa_research.fileio import atomic_torch_save
-
-EMPTY_EVAL = {"test_acc": None, "test_loss": None, "val_acc": None, "val_loss": None}
+from swa_research.tasks import CLASSIFICATION, TaskMetrics
 
 
 def peak_rss_mb() -> float:
@@ -43,17 +43,20 @@ def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, ite
                 sgd: dict[str, Any], best: dict[str, Any] | None,
                 averages: dict[str, dict[str, Any]], names: list[str],
                 calibration: dict[str, Any] | None, images_seen: int, train_time: float,
-                device: torch.device, model: dict[str, Any] | None = None) -> dict[str, Any]:
+                device: torch.device, model: dict[str, Any] | None = None,
+                task: TaskMetrics = CLASSIFICATION) -> dict[str, Any]:
     """The contents of metrics.json. ``averages``: the latest evaluation of each average by
     name; ``names``: the run's averages (the primary ``swa`` is always there, empty when the
-    run averages nothing, so that readers find the key)."""
+    run averages nothing, so that readers find the key); ``task``: whose metrics these are."""
+    empty = task.empty(("test", "val"))
     out: dict[str, Any] = {
         "status": status,
-        "sgd": sgd or dict(EMPTY_EVAL),
-        "sgd_best_val": best or {"epoch": None, **EMPTY_EVAL},
+        "task": task.record(),
+        "sgd": sgd or dict(empty),
+        "sgd_best_val": best or {"epoch": None, **empty},
     }
     for name in ["swa", *[n for n in names if n != "swa"]]:
-        out[name] = averages.get(name) or {**EMPTY_EVAL, "n_averaged": 0}
+        out[name] = averages.get(name) or {**empty, "n_averaged": 0}
     out["averages"] = list(names)
     out["calibration"] = calibration
     out["model"] = model or {"name": None, "parameters": None}  # name, parameter count

@@ -67,17 +67,29 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def plot_files(metrics: Sequence[str]) -> list[str]:
+    """The curve files of a run with these metrics: loss_curves.png, accuracy.png
+    (classification), ``<metric>.png`` for another task's metric."""
+    return [PLOT_FILES[0], *(PLOT_FILES[1] if m == "acc" else f"{m}.png"
+                             for m in metrics if m != "loss")]
+
+
 def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                  title: str = "") -> list[Path]:
-    """Writes loss_curves.png and accuracy.png into ``out_dir``; returns their paths."""
+    """One plot per metric of the run's task (the rows' ``sgd_test_<m>`` columns) into
+    ``out_dir``: loss_curves.png, and for classification accuracy.png; returns their paths."""
     plt = pyplot()
     out = Path(out_dir)
     written: list[Path] = []
     names = model_names(rows)
-    panels = (  # file, metric suffix, y label, scale, title
-        (PLOT_FILES[0], "loss", "cross-entropy loss", 1.0, "Loss"),
-        (PLOT_FILES[1], "acc", "accuracy (%)", 100.0, "SGD vs averaged accuracy"),
-    )
+    metrics = [k[len("sgd_test_"):] for k in (rows[0] if rows else {})
+               if k.startswith("sgd_test_")] or ["loss", "acc"]
+    panels = [  # file, metric suffix, y label, scale, title
+        (name, m, *(("loss", 1.0, "Loss") if m == "loss" else
+                    ("accuracy (%)", 100.0, "SGD vs averaged accuracy") if m == "acc" else
+                    (m, 1.0, f"SGD vs averaged {m}")))
+        for name, m in zip(plot_files(metrics), ["loss", *(m for m in metrics if m != "loss")],
+                           strict=True)]
     for filename, metric, ylabel, scale, heading in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if metric == "loss":

@@ -6,11 +6,42 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from swa_research.tasks import TaskMetrics
+
 log = logging.getLogger(__name__)
+
+
+def eval_line(row: dict[str, Any], spec: TaskMetrics, averages: Sequence[str], epochs: int,
+              seconds: float, loader_wait: float | None = None) -> str:
+    """The log line of an evaluation: the lr, the epoch's training metrics, then the SGD model's
+    and each average's on val and test (the task's metrics; percent metrics with a % sign)."""
+    def scores(prefix: str) -> str:
+        return " ".join(spec.show(m, row[f"{prefix}_{m}"]) for m in spec.metrics)
+
+    msg = (f"epoch {row['epoch']}/{epochs} it {row['iteration']} lr {row['lr']:.3g} | "
+           f"train {scores('train')} | sgd val {scores('sgd_val')} test {scores('sgd_test')}")
+    for name in averages:
+        if row[f"{name}_n_averaged"]:
+            msg += (f" | {name} val {scores(f'{name}_val')} test {scores(f'{name}_test')} "
+                    f"(n={row[f'{name}_n_averaged']})")
+    msg += f" | {seconds:.1f}s"
+    if loader_wait is not None:
+        msg += f" (loader wait {100 * loader_wait:.0f}% of training)"
+    return msg
+
+
+def start_lines(name: str | None, parameters: int, epochs: int, iters: int, device: Any,
+                sizes: tuple[int, int | None, int]) -> str:
+    """The line a run starts with: the model, its size, the budget and the data."""
+    train, val, test = sizes
+    return (f"training {name or 'the model'} ({parameters:,} parameters) for {epochs} "
+            f"epoch{'' if epochs == 1 else 's'} of {iters} iterations on {device} ({train} "
+            f"train, {val or 0} val, {test} test samples)")
 
 
 def _hms(seconds: float) -> str:

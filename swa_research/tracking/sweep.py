@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from swa_research.tasks import TaskMetrics
 from swa_research.tracking.runs import NO_METRICS, read_run
 
 
@@ -55,17 +56,16 @@ def format_summary(sweep_dir: Path, jobs: list[JobResult]) -> str:
         name = j.run_dir.relative_to(sweep_dir).as_posix()
         over = ",".join(j.overrides) or "-"
         if j.ok and j.metrics:
-            sgd = (j.metrics.get("sgd") or {}).get("test_acc")
-            swa = (j.metrics.get("swa") or {}).get("test_acc")
-            res = f"sgd test {_pct(sgd)}  swa test {_pct(swa)}"
+            spec = TaskMetrics.of_run(j.metrics)
+            key = f"test_{spec.headline}"
+            sgd = (j.metrics.get("sgd") or {}).get(key)
+            swa = (j.metrics.get("swa") or {}).get(key)
+            res = f"sgd test {spec.show(spec.headline, sgd)}  " \
+                  f"swa test {spec.show(spec.headline, swa)}"
         else:
             res = (j.error or "").splitlines()[0][:160] if j.error else ""
         lines.append(f"  job {name:>3} {j.status:<11} {over}  {res}")
     return "\n".join(lines)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
 
 
 def print_optuna_result(sweep_dir: Path, sweep_failed: bool = False) -> None:

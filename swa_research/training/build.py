@@ -19,14 +19,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from swa_research.averaging import AveragingPlan, build_averages, check_budget, check_methods
+from swa_research.averaging import (
+    Average,
+    AveragingPlan,
+    build_averages,
+    check_budget,
+    check_methods,
+)
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
-from swa_research.data import Limits, Preprocess, build_data
+from swa_research.data import Preprocess
 from swa_research.distributed import agree, world
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
 from swa_research.models import build_model, resolve_model_config
+from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import (
     LocalFiles,
     Loggers,
@@ -42,6 +49,7 @@ from swa_research.training.checkpoint import (
     config_differences,
     find_resume_checkpoint,
 )
+from swa_research.training.evaluator import check_best_by
 from swa_research.training.optim import build_optimizer, build_schedule, build_scheduler
 from swa_research.training.preemption import stop_on_signals
 from swa_research.training.snapshots import SnapshotWriter
@@ -266,9 +274,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     prepare_device(device, trainer_cfg.deterministic)
     torch.manual_seed(config.seed)
     fmt = memory_format(trainer_cfg.channels_last)
+    task = build_task(config.task.name)
+    check_best_by(task, trainer_cfg.best_by)
     try:
-        data = build_data(config.data, config.seed, device, trainer_cfg.num_workers, fmt,
-                          limits=Limits.of(config))
+        data = task.build_data(config, device, trainer_cfg.num_workers, fmt)
     except DataError:
         raise
     except UserError as e:
@@ -276,7 +285,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
     try:  # reading model.weights (a file, or torchvision's download) fails here, not on meta
-        model = build_model(config.model, data.num_classes, data.image_size).to(
+        model = build_model(config.model, task.output_size(data), data.image_size).to(
             device, memory_format=fmt)
     except ValueError as e:
         raise UserError(str(e)) from e
@@ -285,6 +294,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
                               trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
     averages = build_averages(model, config.swa)
+    check_task_methods(task, averages)
     train_model = wrap_for_ddp(model, config, device)
     if world().rank > 0:
         # The weights are rank 0's; dropout on this rank's shard draws from a stream of its own.
@@ -300,7 +310,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     loggers: list[RunLogger] = []
     if world().is_main:  # under DDP rank 0 alone writes files and logs to W&B
         loggers.append(LocalFiles(run_dir, title=config.logger.name or run_name,
-                                  averages=list(averages)))
+                                  averages=list(averages), metrics=task.spec.metrics))
     if config.logger.backend == "wandb" and world().is_main:
         loggers.append(WandbLogger(config.logger, run_dir, config_dict, run_name, group,
                                    resuming=resuming, averages=list(averages)))
@@ -315,7 +325,18 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         bn_batch_size=config.swa.bn_batch_size,
         snapshots=SnapshotWriter(run_dir, trainer_cfg, iters)
         if trainer_cfg.snapshot_every and world().is_main else None,
-        train_model=train_model, device=device)
+        train_model=train_model, device=device, task=task)
+
+
+def check_task_methods(task: Task, averages: dict[str, Average]) -> None:
+    """An average that predicts whole sets itself (SWAG's model average of class
+    probabilities) needs a task that predicts class probabilities."""
+    for average in averages.values():
+        if type(average).collect_probs is not Average.collect_probs and not task.probabilistic:
+            raise UserError(f"averaging method {average.method} (swa.method or swa.also): its "
+                            "model average averages class probabilities, which task "
+                            f"{task.name} does not predict; use swa, ema or another method that "
+                            "averages weights")
 
 
 def wrap_for_ddp(model: torch.nn.Module, config: Config, device: torch.device

@@ -1,6 +1,7 @@
-"""Evaluation of a model or an average on a data set: mean loss and accuracy
-(:func:`evaluate`), and calibration: negative log-likelihood, expected calibration error (ECE)
-and the reliability diagram, for the SGD model and each average at the end of a run.
+"""Evaluation of a model or an average on a data set: the task's metrics (:func:`evaluate`;
+classification: mean loss and accuracy), and for tasks that predict class probabilities the
+calibration: negative log-likelihood, expected calibration error (ECE) and the reliability
+diagram, for the SGD model and each average at the end of a run.
 
 ECE (Guo et al., 2017): the top-class confidences are put into equal-width bins over [0, 1]
 (bin i holds (i/B, (i+1)/B]); ECE = sum over bins of |accuracy - mean confidence| weighted by
@@ -18,12 +19,10 @@ averaged prediction and softmax gives the probabilities back for accuracy and EC
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swa_research.averaging import Average, predict
@@ -39,63 +38,66 @@ from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions,
 )
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.distributed import all_reduce_sum_, world
+from swa_research.tasks import Task, build_task
+from swa_research.tasks.classification import log_probs
 
 log = logging.getLogger(__name__)
 
 RELIABILITY_FILE = "reliability.png"
 
 Evaluated = nn.Module | Average
+Scores = dict[str, float | None]  # by the task's metric names; None: nothing to evaluate
 
 
-@dataclass
-class EvalResult:
-    loss: float | None = None
-    acc: float | None = None
+def _task(task: Task | None) -> Task:
+    return task if task is not None else build_task("classification")
 
 
 @torch.inference_mode()
-def evaluate(model: Evaluated, data: ImageSet | None, preprocess: Preprocess,
-             batch_size: int) -> EvalResult:
-    """Mean cross-entropy and accuracy over the whole set, in eval mode (restored after).
-    Sums stay on the device: one host read at the end. Under DDP each rank evaluates its slice
-    of the set and the sums are added over the ranks: every rank gets the whole set's result."""
+def evaluate(model: Evaluated, data: Any, preprocess: Preprocess, batch_size: int,
+             task: Task | None = None) -> Scores:
+    """The task's metrics (loss first; classification: loss and accuracy) over the whole set,
+    in eval mode (restored after). Sums stay on the device: one host read at the end. Under DDP
+    each rank evaluates its slice of the set and the sums are added over the ranks: every rank
+    gets the whole set's result."""
+    task = _task(task)
     if data is None or len(data) == 0:
-        return EvalResult()
+        return dict.fromkeys(task.spec.metrics)
     module, forward = network_of(model)
     was_training = module.training
     module.eval()
-    n = len(data)
     w = world()
-    sums = torch.zeros(2, device=preprocess.device, dtype=torch.float64)  # loss, correct
+    sums = torch.zeros(len(task.spec.metrics), device=preprocess.device, dtype=torch.float64)
+    count = 0
     try:
-        for x, y in eval_batches(data, batch_size, preprocess,
-                                 shard=(w.rank, w.size) if w.distributed else None):
-            logits = forward(x).float()
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            sums[1] += (logits.argmax(1) == y).sum()
+        for x, y in task.eval_batches(data, batch_size, preprocess,
+                                      shard=(w.rank, w.size) if w.distributed else None):
+            sums += task.eval_sums(forward(x), y)
+            count += task.count(y)
     finally:
         module.train(was_training)
-    all_reduce_sum_([sums])
-    loss_sum, correct = sums.tolist()
-    return EvalResult(loss=loss_sum / n, acc=round(correct) / n)
+    total = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64,
+                                          device=sums.device)])
+    all_reduce_sum_([total])
+    *values, n = total.tolist()
+    return task.summarize(values, n)
 
 
 def logits_from_probs(probs: Tensor) -> Tensor:
     """log(probabilities) in float64 (a probability of 0 becomes the smallest positive
     double's log rather than -inf): softmax of it gives the probabilities back."""
-    return probs.double().clamp_min(torch.finfo(torch.float64).tiny).log()
+    return log_probs(probs)
 
 
-def evaluate_probs(probs: Tensor | None, data: ImageSet | None) -> EvalResult:
-    """Mean negative log-likelihood and accuracy of predicted class probabilities [N, C] of
-    ``data`` (in its order): :func:`evaluate` for an average that predicts whole sets."""
+def evaluate_probs(probs: Tensor | None, data: Any, task: Task | None = None) -> Scores:
+    """The task's metrics of predicted class probabilities [N, C] of ``data`` (in its order;
+    the loss is the negative log-likelihood): :func:`evaluate` for an average that predicts
+    whole sets."""
+    task = _task(task)
     if probs is None or data is None or len(data) == 0:
-        return EvalResult()
-    logits = logits_from_probs(probs)
-    labels = data.labels.to(logits.device)
-    loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(data)
-    acc = (logits.argmax(1) == labels).sum().item() / len(data)
-    return EvalResult(loss=loss, acc=acc)
+        return dict.fromkeys(task.spec.metrics)
+    sums = task.probs_sums(probs, data.labels)
+    return task.summarize(sums.tolist(), task.count(data.labels))
 
 
 @torch.inference_mode()

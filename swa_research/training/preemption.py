@@ -99,3 +99,24 @@ class SignalFlag:
     def __exit__(self, *exc: object) -> None:
         _restore(self._previous)
         self._previous = {}
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def outcome(e: BaseException) -> tuple[str, str | None, BaseException | None]:
+    """How a run that raised ``e`` ended, for metrics.json: its status, the error line, and
+    under DDP the failure of another rank that ``e`` stands for (raise that one instead)."""
+    from swa_research.distributed import as_peer_failure
+
+    if isinstance(e, Preempted):
+        return "preempted", "stopped by a signal; resumes from its checkpoint", None
+    if isinstance(e, TrainingDiverged):
+        return "diverged", str(e), None
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", "interrupted by the user", None
+    peer = as_peer_failure(e) if isinstance(e, Exception) else None
+    if peer is not None and peer is not e:
+        return "failed", str(peer), peer
+    return "failed", f"{type(e).__name__}: {e}", None

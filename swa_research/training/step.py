@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,15 +104,17 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class TrainStep:
-    """forward, loss, backward, optimizer step; returns the detached loss and logits.
+    """forward, loss, backward, optimizer step; returns the detached loss and output.
 
     Compile the model (``model.compile()``, in place) before or after building this: the step
     calls the module, so it runs whatever the module's forward is.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: str,
-                 device: torch.device) -> None:
+                 device: torch.device, loss: Callable[[Tensor, Tensor], Tensor] | None = None
+                 ) -> None:
         self.model = model
+        self.loss = loss or _cross_entropy  # the task's: (output, target) -> scalar mean
         self.optimizer = optimizer
         self.precision = precision
         self.device = device
@@ -119,10 +122,14 @@ class TrainStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with autocast(self.precision, self.device):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+            output = self.model(x)
+        loss = self.loss(output, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), logits.detach()
+        return loss.detach(), output.detach()
+
+
+def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), target)

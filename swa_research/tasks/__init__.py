@@ -1,0 +1,14 @@
+"""Tasks: what the training loop learns (:mod:`swa_research.tasks.base`). The registry is filled
+here: a new task is one file and one import line below."""
+
+from swa_research.tasks import classification  # noqa: F401 - registers "classification"
+from swa_research.tasks.base import (
+    CLASSIFICATION,
+    TASKS,
+    Task,
+    TaskMetrics,
+    build_task,
+    register_task,
+)
+
+__all__ = ["CLASSIFICATION", "TASKS", "Task", "TaskMetrics", "build_task", "register_task"]
