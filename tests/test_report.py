@@ -21,7 +21,8 @@ import yaml
 from conftest import TINY
 from test_wandb import clean_env, read_offline
 
-from swa_research.analysis.report import PairedCI, Stat, build_report, main, t_quantile
+from swa_research.analysis.report import build_report, main
+from swa_research.analysis.stats import PairedCI, Stat, t_quantile
 
 # Small enough to be quick, large enough that seeds differ and SWA and SGD disagree.
 LEARNS = [*TINY, "model.width=0.125", "data.train_size=256", "trainer.epochs=3"]
@@ -316,7 +317,7 @@ def test_the_accuracy_band_stays_within_0_and_100_percent(
     band's top is 100%, not 102%; at low accuracy its bottom is 0%, not below."""
     from matplotlib.axes import Axes
 
-    import swa_research.analysis.report as report_module
+    import swa_research.analysis.report_plots as report_module
 
     assert report_module.accuracy_band([96.0, 3.0], [5.0, 4.5]) == ([91.0, 0.0], [100.0, 7.5])
     for seed, sgd in ((0, 0.998), (1, 0.90), (2, 0.999)):
@@ -342,7 +343,7 @@ def test_the_accuracy_band_stays_within_0_and_100_percent(
 def test_labels_show_set_values_not_rounding_noise(tmp_path: Path) -> None:
     """3 * 1e-4 reads 0.0003 (it printed 0.00030000000000000003), and a run that averages
     nothing is not labelled with averaging settings."""
-    from swa_research.analysis.report import show
+    from swa_research.analysis.runset import show
 
     assert show(3 * 1e-4) == "0.0003" and show(0.1 + 0.2) == "0.3" and show(5e-4) == "0.0005"
     assert show(1 / 3) == "0.333333333333" and show(True) == "true"

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from swa_research.analysis.report import Report, build_report, gain_text, show
+from swa_research.analysis.report import Report, build_report
+from swa_research.analysis.runset import show
 from swa_research.fileio import atomic_write_text
 from swa_research.tasks import CLASSIFICATION, TaskMetrics
 from swa_research.tracking.loggers import (
@@ -159,7 +160,7 @@ def build_dashboard(report: Report, group: str | None = None) -> dict[str, Any]:
          f"({above} the diagonal: SWA gains)", "x": scatter_x, "y": scatter_y,
          "range_x": [lo, hi], "range_y": [lo, hi], "diagonal": [[lo, lo], [hi, hi]],
          "points": "run", "color_by": "configuration"},
-        {"id": "swa_gain", "type": "bar", "title": f"SWA gain ({gain_text(report.spec)})",
+        {"id": "swa_gain", "type": "bar", "title": f"SWA gain ({report.spec.gain_text()})",
          "metrics": [GAIN], "groupby": groupby, "aggregate": "mean", "range": "stderr"},
         {"id": "swa_gain_ci", "type": "markdown",
          "title": "SWA gain, mean with the sweep report's 95% t interval over seeds",

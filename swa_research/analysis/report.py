@@ -27,17 +27,12 @@ import argparse
 import csv
 import io
 import logging
-import math
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from matplotlib.ticker import MaxNLocator
-from scipy import stats
 
 from swa_research.analysis.paper import (
     COMPARISON_HEADER,
@@ -51,11 +46,15 @@ from swa_research.analysis.paper import (
     measured_cells,
     recipe_differences,
 )
-from swa_research.config import UserError, flatten_dict
+from swa_research.analysis.report_plots import plot_accuracy, plot_gain
+from swa_research.analysis.report_wandb import log_to_wandb
+from swa_research.analysis.runset import Run, differing_keys, load_run, show
+from swa_research.analysis.stats import PairedCI, Stat
+from swa_research.config import UserError
 from swa_research.fileio import atomic_write_text
 from swa_research.tasks import CLASSIFICATION, TaskMetrics
-from swa_research.tracking.plots import pyplot, read_history, save_figure
-from swa_research.tracking.runs import find_run_dirs, is_run_dir, read_run
+from swa_research.tracking.plots import read_history
+from swa_research.tracking.runs import find_run_dirs, is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,179 +102,8 @@ def base_count(spec: TaskMetrics) -> int:
     return 3 * len(spec.metrics) + 4
 
 
-def gain_scale(spec: TaskMetrics) -> tuple[float, str]:
-    """The gain's display factor and unit (percentage points for a percent metric)."""
-    return (100.0, " pp") if spec.headline in spec.percent else (1.0, "")
-
-
 def is_percent(column: str) -> bool:
     return column.endswith(("_acc", "_ece"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t distribution with ``df`` degrees of freedom."""
-    if not 0.0 < p < 1.0 or not df > 0:
-        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    return float(stats.t.ppf(p, df))
-
-
-@dataclass
-class Stat:
-    """Mean and sample standard deviation (ddof=1; None for one value) of n values."""
-
-    n: int = 0
-    mean: float | None = None
-    std: float | None = None
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        if not values:
-            return cls()
-        return cls(len(values), statistics.fmean(values),
-                   statistics.stdev(values) if len(values) > 1 else None)
-
-
-@dataclass
-class PairedCI:
-    """Mean of paired differences with a two-sided t interval (None below two pairs)."""
-
-    n: int = 0
-    mean: float | None = None
-    std: float | None = None
-    low: float | None = None
-    high: float | None = None
-    level: float = 0.95
-
-    @classmethod
-    def of(cls, diffs: Sequence[float], level: float = 0.95) -> PairedCI:
-        s = Stat.of(diffs)
-        if s.n < 2 or s.std is None or s.mean is None:
-            return cls(s.n, s.mean, s.std, level=level)
-        half = t_quantile(0.5 + level / 2.0, s.n - 1) * s.std / math.sqrt(s.n)
-        return cls(s.n, s.mean, s.std, s.mean - half, s.mean + half, level)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs
-
-
-@dataclass
-class WandbTarget:
-    project: str
-    entity: str | None
-    group: str | None
-    mode: str
-
-
-@dataclass
-class Run:
-    path: Path
-    name: str  # relative to the report's folder
-    overrides: dict[str, str]
-    config: dict[str, Any]  # flattened .hydra/config.yaml
-    choices: dict[str, str | None]  # config group -> option, from .hydra/hydra.yaml
-    metrics: dict[str, Any] | None
-    status: str
-    error: str | None = None
-    wandb: WandbTarget | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status == "finished"
-
-    @property
-    def seed(self) -> Any:
-        return self.config.get("seed", self.overrides.get("seed"))
-
-    def value(self, key: str) -> Any:
-        """A key's value in this run: the resolved config value when it is a config key
-        (so 1e-3 and 0.001 agree), the chosen option for a config group, else the override
-        as written; None when the run does not set it."""
-        if key in self.config:
-            return self.config[key]
-        if key in self.choices:
-            return self.choices[key]
-        return self.overrides.get(key)
-
-    def metric(self, path: tuple[str, ...]) -> float | None:
-        node: Any = self.metrics
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        return float(node) if isinstance(node, (int, float)) and math.isfinite(node) else None
-
-
-def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
-    """Hydra override strings -> {key: value as written}; `+`/`++` prefixes dropped."""
-    out: dict[str, str] = {}
-    for line in lines:
-        key, sep, value = str(line).partition("=")
-        key = key.lstrip("+")
-        out[key] = value if sep else ""
-    return out
-
-
-def _wandb_target(run_dir: Path, config: dict[str, Any], hydra_cfg: dict[str, Any]
-                  ) -> WandbTarget | None:
-    from swa_research.tracking.loggers import resolve_mode
-
-    mode = resolve_mode(str(config.get("logger.mode") or "auto"))
-    if config.get("logger.backend") != "wandb" or mode == "disabled":
-        return None
-
-    group = config.get("logger.group")
-    if group is None:
-        # As the entry point named it: one group per multirun, the sweep folder's name.
-        if hydra_cfg.get("mode") == "MULTIRUN":
-            sweep_dir = str((hydra_cfg.get("sweep") or {}).get("dir", ""))
-            group = Path(sweep_dir).name if sweep_dir and "${" not in sweep_dir \
-                else run_dir.parent.name
-    return WandbTarget(project=str(config.get("logger.project") or "swa_research"),
-                       entity=config.get("logger.entity"), group=group,
-                       mode=mode)
-
-
-def load_run(run_dir: Path, root: Path) -> Run:
-    record = read_run(run_dir)
-    config = flatten_dict(record.config)
-    choices = {k: None if v is None else str(v) for k, v in
-               ((record.hydra.get("runtime") or {}).get("choices") or {}).items()
-               if not k.startswith("hydra/")}
-    try:
-        name = run_dir.relative_to(root).as_posix()
-    except ValueError:
-        name = run_dir.as_posix()
-    return Run(path=run_dir, name=name if name != "." else run_dir.name,
-               overrides=parse_overrides(record.overrides), config=config, choices=choices,
-               metrics=record.metrics, status=record.status, error=record.error,
-               wandb=_wandb_target(run_dir, config, record.hydra))
-
-
-def _ignored(key: str) -> bool:
-    return key == "seed" or key == "hydra" or key.startswith(("hydra.", "hydra/"))
-
-
-def differing_keys(runs: Sequence[Run]) -> list[str]:
-    """The override keys whose value is not the same in every run, in order of appearance."""
-    keys: list[str] = []
-    for run in runs:
-        keys += [k for k in run.overrides if not _ignored(k) and k not in keys]
-    return [k for k in keys if len({repr(run.value(k)) for run in runs}) > 1]
-
-
-def show(value: Any) -> str:
-    """A short rendering: 0.0005, 1e-12, 3, true, simplified. A float is shown with at most 12
-    significant digits, so that 3 * 1e-4 (0.00030000000000000003) reads 0.0003: the rounding
-    noise of an arithmetic sweep is not part of the value a researcher set."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        short = f"{value:g}"
-        return short if float(short) == value else f"{value:.12g}"
-    return "-" if value is None else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +154,10 @@ class Report:
     @property
     def failed(self) -> list[Run]:
         return [r for r in self.runs if not r.finished]
+
+    def further_columns(self) -> list[Metric]:
+        """The columns of the averages besides the primary (``swa.also``)."""
+        return self.columns[base_count(self.spec):]
 
     def text(self) -> str:
         """The table, and the failed runs one per line: what the commands print (and the
@@ -478,7 +310,7 @@ def _fmt(stat: Stat, column: str) -> str:
 def _fmt_gain(g: PairedCI, spec: TaskMetrics = CLASSIFICATION) -> str:
     if g.mean is None:
         return "-"
-    scale, _ = gain_scale(spec)
+    scale, _ = spec.gain_scale()
     digits = 2 if scale == 100.0 else 4
     text = f"{scale * g.mean:+.{digits}f}"
     if g.low is None or g.high is None:
@@ -498,7 +330,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(report: Report) -> str:
     spec, h = report.spec, report.spec.headline
-    extra = [c for c, _, _ in report.columns[base_count(spec):] if c.endswith(f"_test_{h}")]
+    extra = [c for c, _, _ in report.further_columns() if c.endswith(f"_test_{h}")]
     shown = (f"sgd_test_{h}", f"sgd_best_val_test_{h}", f"swa_test_{h}")
     losses = tuple(c for m in spec.metrics if m != h
                    for c in (f"sgd_test_{m}", f"sgd_best_val_test_{m}", f"swa_test_{m}"))
@@ -506,20 +338,13 @@ def format_table(report: Report) -> str:
              if c.endswith("_ece") and any(r.stats[c].n for r in report.rows)]
     labels = {c: lbl for c, _, lbl in report.columns}
     header = ["configuration", "n", *(labels[c] for c in shown),
-              f"SWA gain{gain_scale(spec)[1]} [95% CI]",
+              f"SWA gain{spec.gain_scale()[1]} [95% CI]",
               *(labels[c] for c in (*extra, *losses, *calib)), "failed"]
     rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
              _fmt_gain(r.gain, spec),
              *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
              str(len(r.failed))] for r in report.rows]
     return _md_table(header, rows)
-
-
-def gain_text(spec: TaskMetrics) -> str:
-    h = spec.title(spec.headline)
-    diff = (f"SWA minus final SGD test {h}" if spec.headline in spec.maximize
-            else f"final SGD minus SWA test {h} (positive: SWA lower)")
-    return diff + (" in percentage points" if spec.headline in spec.percent else "")
 
 
 def format_markdown(report: Report) -> str:
@@ -533,7 +358,7 @@ def format_markdown(report: Report) -> str:
         "",
         "Mean ± sample standard deviation over seeds of the finished runs' test metrics "
         f"(task {spec.name}; {' and '.join([*sorted(spec.percent), 'ECE'])} in %). SWA gain: "
-        f"{gain_text(spec)}, paired by run, mean with a 95% t interval over seeds. Failed runs "
+        f"{spec.gain_text()}, paired by run, mean with a 95% t interval over seeds. Failed runs "
         "are not averaged.",
         "",
         report.table,
@@ -550,7 +375,7 @@ def format_markdown(report: Report) -> str:
     for row in report.rows:
         for r in row.runs:
             sgd, swa = r.metric(("sgd", f"test_{h}")), r.metric(("swa", f"test_{h}"))
-            scale, unit = gain_scale(spec)
+            scale, unit = spec.gain_scale()
             gain = "-" if sgd is None or swa is None else \
                 f"{scale * spec.gain(sgd, swa):+.{2 if unit else 4}f}"
             per_run.append([r.name, row.label, show(r.seed), _fmt(Stat.of([sgd] if sgd is not
@@ -559,7 +384,7 @@ def format_markdown(report: Report) -> str:
                             gain])
     parts += ["## Runs", "",
               _md_table(["run", "configuration", "seed", f"SGD final {_label(spec, h)}",
-                         f"SWA {_label(spec, h)}", f"gain{gain_scale(spec)[1]}"], per_run), ""]
+                         f"SWA {_label(spec, h)}", f"gain{spec.gain_scale()[1]}"], per_run), ""]
     return "\n".join(parts)
 
 
@@ -568,110 +393,6 @@ def _label_of(report: Report, run: Run) -> str:
         if run in row.failed or run in row.runs:
             return row.label
     return "-"
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def plot_gain(report: Report, path: Path) -> Path:
-    """SWA gain per configuration: mean with its 95% interval, and each run's gain."""
-    plt = pyplot()
-    rows, spec = report.rows, report.spec
-    scale, unit = gain_scale(spec)
-    key = f"test_{spec.headline}"
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.55 * len(rows)))
-    for i, row in enumerate(rows):
-        gains = [scale * spec.gain(g, s) for r in row.runs
-                 if (g := r.metric(("sgd", key))) is not None
-                 and (s := r.metric(("swa", key))) is not None]
-        ax.scatter(gains, [i] * len(gains), s=14, color="gray", alpha=0.7, zorder=2,
-                   label="run" if i == 0 else None)
-        g = row.gain
-        if g.mean is None:
-            continue
-        xerr = None
-        if g.low is not None and g.high is not None:
-            xerr = [[scale * (g.mean - g.low)], [scale * (g.high - g.mean)]]
-        ax.errorbar([scale * g.mean], [i], xerr=xerr, fmt="o", color="tab:orange", capsize=4,
-                    zorder=3, label="mean, 95% CI" if i == 0 else None)
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_yticks(range(len(rows)), [r.label for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel(f"SWA gain: {gain_text(spec)}")
-    ax.set_title(f"SWA gain per configuration ({report.root.name})")
-    ax.grid(alpha=0.3, axis="x")
-    if rows:
-        ax.legend(loc="best", fontsize="small")
-    return save_figure(fig, path)
-
-
-def _mean_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float], list[float]]:
-    by_epoch: dict[float, list[float]] = {}
-    for run in runs:
-        try:
-            rows = read_history(run.path / "history.csv")
-        except (OSError, ValueError):
-            continue
-        for r in rows:
-            if r.get("epoch") is not None and r.get(key) is not None:
-                by_epoch.setdefault(float(r["epoch"]), []).append(float(r[key]))  # type: ignore
-    epochs = sorted(by_epoch)
-    means = [statistics.fmean(by_epoch[e]) for e in epochs]
-    spread = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
-    return epochs, means, spread
-
-
-def accuracy_band(means: Sequence[float], spread: Sequence[float]
-                  ) -> tuple[list[float], list[float]]:
-    """Mean ± one std of accuracies in percent, clipped to [0, 100] where an accuracy lies."""
-    return ([max(0.0, a - b) for a, b in zip(means, spread, strict=True)],
-            [min(100.0, a + b) for a, b in zip(means, spread, strict=True)])
-
-
-def plot_accuracy(report: Report, path: Path) -> Path:
-    """Test accuracy over epochs, SGD vs each average, mean over seeds (band: ± one std,
-    within [0, 100]), one panel per configuration."""
-    from swa_research.tracking.plots import color_of
-
-    spec, h = report.spec, report.spec.headline
-    scale = 100.0 if h in spec.percent else 1.0
-    suffix = f"_test_{h}"
-    names = ["sgd", "swa", *(c[:-len(suffix)] for c, _, _ in report.columns[base_count(spec):]
-                            if c.endswith(suffix))]
-    plt = pyplot()
-    rows = report.rows
-    ncols = min(3, max(1, len(rows)))
-    nrows = math.ceil(max(1, len(rows)) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False,
-                             sharey=True)
-    for ax in axes.flat[len(rows):]:
-        ax.set_visible(False)
-    for ax, row in zip(axes.flat, rows, strict=False):
-        for model in names:
-            epochs, means, spread = _mean_curve(row.runs, f"{model}{suffix}")
-            if not epochs:
-                continue
-            m = [scale * v for v in means]
-            color = color_of(model, names)
-            ax.plot(epochs, m, marker=".", color=color, label=f"{model.upper()} test")
-            band = accuracy_band(m, [scale * v for v in spread]) if h in spec.percent else \
-                ([a - b for a, b in zip(m, spread, strict=True)],
-                 [a + b for a, b in zip(m, spread, strict=True)])
-            ax.fill_between(epochs, *band, color=color, alpha=0.2)
-        ax.set_title(f"{row.label} (n={len(row.runs)})", fontsize="small")
-        if not row.runs:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center",
-                    transform=ax.transAxes)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"test {spec.title(h)}" + (" (%)" if h in spec.percent else ""))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-    fig.suptitle(f"Test {spec.title(h)}, mean over seeds ({report.root.name})")
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,48 +430,6 @@ def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
     if use_wandb:
         report.wandb_run = log_to_wandb(report, out)
     return report
-
-
-def log_to_wandb(report: Report, out: Path) -> str | None:
-    """The table and the plots in a W&B run of job_type "report", in the project, group and
-    mode the runs used; returns the run's path, or None when the runs had no W&B or it
-    failed (a warning: the local files are unaffected)."""
-    targets = [r.wandb for r in report.runs if r.wandb is not None]
-    if not targets:
-        return None
-    target = targets[0]
-    try:
-        import shutil
-
-        import wandb
-
-        columns, data = report.csv_rows()
-        with wandb.init(project=target.project, entity=target.entity, group=target.group,
-                        job_type="report", name=f"report {out.name}", dir=str(out),
-                        mode=target.mode, reinit="finish_previous",
-                        config={"report.path": str(report.root),
-                                "report.keys": report.keys, "report.n_runs": len(report.runs),
-                                "report.n_failed": len(report.failed)},
-                        settings=wandb.Settings(console="off", silent=True,
-                                                init_timeout=90)) as run:
-            logged: dict[str, Any] = {"report/table": wandb.Table(columns=columns, data=data)}
-            if report.paper:
-                logged["report/paper_table"] = wandb.Table(
-                    columns=CSV_HEADER, data=[comparison_csv_row(c) for c in report.paper])
-            for p in report.files:
-                if p.suffix == ".png" and p.is_file():
-                    logged[f"report/{p.stem}"] = wandb.Image(str(p))
-            run.log(logged)
-            for p in report.files:
-                if p.is_file():
-                    shutil.copy2(p, Path(run.dir) / p.name)
-            where = run.path if target.mode == "online" else str(Path(run.dir).parent)
-        return where
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        log.warning("the report was not logged to W&B (%s: %s); the local files are "
-                    "unaffected", type(e).__name__, first)
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,18 @@ class TaskMetrics:
         SWA minus SGD where higher is better (accuracy), SGD minus SWA where lower is."""
         return swa - sgd if (metric or self.headline) in self.maximize else sgd - swa
 
+    def gain_scale(self) -> tuple[float, str]:
+        """The headline gain's display factor and unit (percentage points for a percent
+        metric)."""
+        return (100.0, " pp") if self.headline in self.percent else (1.0, "")
+
+    def gain_text(self) -> str:
+        """What the headline gain is, in words (the report's and the dashboard's captions)."""
+        h = self.title(self.headline)
+        diff = (f"SWA minus final SGD test {h}" if self.headline in self.maximize
+                else f"final SGD minus SWA test {h} (positive: SWA lower)")
+        return diff + (" in percentage points" if self.headline in self.percent else "")
+
     def show_gain(self, metric: str, diff: float) -> str:
         """A difference of two values: percentage points for percent metrics."""
         return f"{100 * diff:+.2f} pp" if metric in self.percent else f"{diff:+.4f}"
