@@ -68,6 +68,16 @@ class DataConfig:
     # A quick look at real data: N training images (after the validation split), seeded and
     # class-balanced; 0: all of them.
     subset: int = 0
+    # text (task=lm, swa_research.data.text): a text file or a folder of files matching
+    # pattern, tokenized once (char | byte | gpt2) into a token file beside it; the last
+    # val_fraction and test_fraction of the tokens are held out; an epoch is windows_per_epoch
+    # training windows (0: as many as the training tokens fill); evaluation reads at most
+    # eval_tokens tokens of a split (0: all).
+    tokenizer: str = "char"
+    pattern: str = "*.txt"
+    test_fraction: float = 0.0
+    windows_per_epoch: int = 0
+    eval_tokens: int = 0
 
 
 @dataclass
@@ -78,11 +88,17 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Parameter kinds without weight decay: some of bias, norm, embedding (language models:
+    # all three); none by default, as the SWA paper's code decays every parameter.
+    no_decay: list[str] = field(default_factory=list)
+    # Clip the gradients' global L2 norm to this before each step (0: off; nanoGPT: 1.0).
+    grad_clip: float = 0.0
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"  # constant | decay_then_constant | cyclical
+    # constant | decay_then_constant | cyclical | warmup_cosine | warmup_constant | wsd
+    name: str = "constant"
     # decay_then_constant: "epoch" steps the lr once per epoch as the SWA paper's code does.
     step_unit: str = "epoch"  # epoch | iter
     decay_start: float = 0.5
@@ -90,6 +106,11 @@ class ScheduleConfig:
     final_ratio: float = 0.01  # lr ratio at the end when averaging is off
     # cyclical: iterations per cycle.
     cycle: int = 100
+    # warmup_cosine | warmup_constant | wsd (language-model pretraining; swa_research.training
+    # .optim): linear warm-up iterations; wsd: the cooldown's share of the budget and shape.
+    warmup: int = 0
+    cooldown: float = 0.2
+    cooldown_shape: str = "linear"  # linear | 1-sqrt
 
 
 @dataclass
@@ -121,6 +142,8 @@ class SwaConfig:
     # ema: warm the decay up as decay_t = min(decay, 1 - (1 + n) ** (-2/3)), n the points already
     # averaged (timm's ModelEmaV3 warmup); docs/posthoc.md.
     ema_warmup: bool = False
+    # lawa: the mean of the latest lawa_k points of the plan (taken every swa.freq units).
+    lawa_k: int = 5
 
 
 @dataclass
@@ -139,6 +162,8 @@ class TrainerConfig:
     eval_at_start: bool = False
     num_workers: int = 2
     best_by: str = "val_loss"  # val_<metric> of the task: val_loss | val_acc (classification)
+    # Gradient accumulation: each step's batch (per rank) in this many micro-batches.
+    grad_accum: int = 1
     progress: str = "auto"  # auto | bar | line | none
     save_checkpoints: bool = True  # sgd_final.pt, sgd_best_val.pt, swa.pt at the end
     checkpoint_every: int = 1  # epochs between training checkpoints (0: none, no resume)
@@ -216,11 +241,13 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic"),
+    "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "text"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "trainer.strategy": ("auto", "single", "ddp"),
     "optimizer.name": ("sgd", "adam", "adamw"),
-    "schedule.name": ("constant", "decay_then_constant", "cyclical"),
+    "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
+                      "warmup_constant", "wsd"),
+    "schedule.cooldown_shape": ("linear", "1-sqrt"),
     "schedule.step_unit": ("epoch", "iter"),
     "swa.unit": ("iter", "epoch"),
     "trainer.progress": ("auto", "bar", "line", "none"),
@@ -311,8 +338,21 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.snapshot_every < 0:
         raise UserError(f"trainer.snapshot_every={cfg.trainer.snapshot_every}: must be >= 0 "
                         "(0: no snapshots)")
+    if cfg.trainer.grad_accum < 1 or cfg.trainer.batch_size % cfg.trainer.grad_accum:
+        raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum}: must be at least 1 and "
+                        f"divide trainer.batch_size={cfg.trainer.batch_size}")
+    if not (cfg.optimizer.grad_clip >= 0 and math.isfinite(cfg.optimizer.grad_clip)):
+        raise UserError(f"optimizer.grad_clip={cfg.optimizer.grad_clip}: must be >= 0 (0: off)")
     if cfg.trainer.num_workers < 0:
         raise UserError(f"trainer.num_workers={cfg.trainer.num_workers}: must be >= 0")
+    if cfg.data.name == "text":
+        if not 0.0 <= cfg.data.test_fraction < 1.0 or \
+                cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
+            raise UserError(f"data.test_fraction={cfg.data.test_fraction}: must be in [0, 1), "
+                            "with data.val_fraction below 1 together")
+        for key in ("windows_per_epoch", "eval_tokens"):
+            if getattr(cfg.data, key) < 0:
+                raise UserError(f"data.{key}={getattr(cfg.data, key)}: must be >= 0 (0: all)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
     if not isinstance(cfg.model.get("name"), str):
@@ -338,9 +378,16 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"schedule.decay_start={s.decay_start}, schedule.decay_end={s.decay_end}: "
             "need 0 <= decay_start <= decay_end <= 1")
-    _positive(s.final_ratio, "schedule.final_ratio")
+    if not 0.0 <= s.final_ratio <= 1.0:
+        raise UserError(f"schedule.final_ratio={s.final_ratio}: must be in [0, 1] (the final "
+                        "lr as a fraction of optimizer.lr)")
     if s.name == "cyclical":
         _positive(s.cycle, "schedule.cycle")
+    if s.warmup < 0:
+        raise UserError(f"schedule.warmup={s.warmup}: must be >= 0 (iterations)")
+    if not 0.0 <= s.cooldown <= 1.0:
+        raise UserError(f"schedule.cooldown={s.cooldown}: must be a fraction of the budget in "
+                        "[0, 1]")
     if cfg.data.name == "synthetic":
         for key in ("data.num_classes", "data.train_size", "data.test_size"):
             _positive(_get(cfg, key), key)
@@ -433,6 +480,7 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _FOLDER_KEYS = ("in_memory", "memory_fraction", "test_split", "resize_size", "crop_scale",
                 "prefetch_factor", "cache", "image_size")
 _SYNTHETIC_KEYS = ("num_classes", "train_size", "test_size", "image_size")
+_TEXT_KEYS = ("tokenizer", "pattern", "test_fraction", "windows_per_epoch", "eval_tokens")
 _SWAG_KEYS = ("max_models", "swag_scale", "samples", "swag_device", "swag_eval_every")
 
 
@@ -445,11 +493,13 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
     sched, opt = config.get("schedule") or {}, config.get("optimizer") or {}
     name = data.get("name")
     data_keys = {"imagefolder": _FOLDER_KEYS, "imagenet": _FOLDER_KEYS,
-                 "synthetic": _SYNTHETIC_KEYS}.get(name, ())
-    unused = [f"data.{k}" for k in (*_FOLDER_KEYS, *_SYNTHETIC_KEYS, "download")
+                 "synthetic": _SYNTHETIC_KEYS, "text": _TEXT_KEYS}.get(name, ())
+    unused = [f"data.{k}" for k in (*_FOLDER_KEYS, *_SYNTHETIC_KEYS, *_TEXT_KEYS, "download")
               if k in data and k not in data_keys
               and not (k == "download" and name in ("cifar10", "cifar100"))]
-    if not data.get("normalize"):
+    if name == "text":  # tokens: no image transforms
+        unused += [f"data.{k}" for k in ("augment", "normalize", "subset")]
+    if not data.get("normalize") or name == "text":
         unused += ["data.mean", "data.std"]
     methods = set() if swa.get("method") == "none" else {swa.get("method"), *swa.get("also", [])}
     if swa.get("method") == "none":
@@ -464,9 +514,15 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
                 unused.append("swa.swag_diag_scale")
         if "ema" not in methods:
             unused += [k for k in ("swa.decay", "swa.ema_warmup") if k.split(".")[1] in swa]
+        if "lawa" not in methods:
+            unused.append("swa.lawa_k")
     s_name = sched.get("name")
     if s_name != "cyclical":
         unused.append("schedule.cycle")
+    if s_name not in ("warmup_cosine", "warmup_constant", "wsd"):
+        unused.append("schedule.warmup")
+    if s_name != "wsd":
+        unused += ["schedule.cooldown", "schedule.cooldown_shape"]
     if s_name != "decay_then_constant":
         unused += [f"schedule.{k}" for k in ("step_unit", "decay_start", "decay_end",
                                              "final_ratio")]

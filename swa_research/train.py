@@ -34,6 +34,7 @@ except UserError as _e:
 from swa_research import distributed  # noqa: E402
 from swa_research.conf import register_configs  # noqa: E402
 from swa_research.fileio import atomic_write_text  # noqa: E402
+from swa_research.tasks import TaskMetrics  # noqa: E402
 from swa_research.tracking.callbacks import SWEEP  # noqa: E402
 from swa_research.tracking.sweep import format_summary, print_optuna_result, sweep_jobs  # noqa: E402
 from swa_research.training.build import train  # noqa: E402
@@ -98,10 +99,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         raise
-    # The value a sweeper (e.g. Optuna) optimises: the averaged model's validation accuracy,
-    # or the SGD model's when there is no average.
-    swa_acc = metrics["swa"]["val_acc"]
-    return swa_acc if swa_acc is not None else metrics["sgd"]["val_acc"]
+    # The value a sweeper (e.g. Optuna) optimises: the averaged model's validation value of the
+    # task's headline metric (classification: accuracy; lm: loss), or the SGD model's when
+    # there is no average.
+    key = f"val_{TaskMetrics.of_run(metrics).headline}"
+    value = metrics["swa"].get(key)
+    return value if value is not None else metrics["sgd"].get(key)
 
 
 def quiet_follower_logging() -> None:

@@ -23,7 +23,8 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 CONF_DIR = Path(swa_research.__file__).parent / "conf"
-GROUPS = ("data", "model", "optimizer", "schedule", "swa", "trainer", "logger", "experiment")
+GROUPS = ("task", "data", "model", "optimizer", "schedule", "swa", "trainer", "logger",
+          "experiment")
 
 # Any experiment runs in about a second on a CPU with these after it. Group choices given on
 # the command line win over an experiment's `override /group: ...`, so `experiment=paper_vgg16`

@@ -39,7 +39,7 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes_and_validates(group: str, option: str, tmp_path) -> None:
     overrides = [f"{group}={option}"]
-    if (group, option) in (("data", "imagefolder"), ("experiment", "cpu_quick")):
+    if (group, option) in (("data", "imagefolder"), ("data", "text"), ("experiment", "cpu_quick")):
         overrides.append(f"data.root={tmp_path}")
     cfg = compose_config(overrides)
     config = to_config(cfg)

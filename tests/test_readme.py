@@ -25,6 +25,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Training images of the data sets the README names (the image folder is the CIFAR-10 copy).
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000,
                 "imagenet": 1_281_167}
+TEXT_WINDOWS = 100_000  # a text's windows per epoch when data.windows_per_epoch=0
 
 # Documented train commands that composing the config cannot check, with the reason. Each must
 # still be documented (test_every_skipped_command_is_documented), so the list cannot go stale;
@@ -110,9 +111,12 @@ def check_command(command: str, error: str | None) -> None:
         config = load_config(compose_config(overrides_of(command)))
         if config.data.name == "synthetic":
             n_train = config.data.train_size
+        elif config.data.name == "text":  # an epoch is windows_per_epoch windows
+            n_train = config.data.windows_per_epoch or TEXT_WINDOWS
         else:
             n_train = TRAIN_IMAGES[config.data.name]
-        n_train -= int(config.data.val_fraction * n_train)
+        if config.data.name != "text":
+            n_train -= int(config.data.val_fraction * n_train)
         t = config.trainer
         check_budget(config, iterations_per_epoch(n_train, t.batch_size, t.drop_last))
     except UserError as e:

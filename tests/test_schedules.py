@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -371,3 +373,61 @@ def test_an_empty_plan_blames_freq_when_the_start_is_inside_the_budget() -> None
     c = load_config(compose_config(["experiment=smoke", "swa.start=100"]))
     with pytest.raises(UserError, match=r"^swa.start=100 is beyond the training budget"):
         check_budget(c, 14)
+
+
+def nanogpt_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
+    """karpathy/nanoGPT train.py's get_lr, as written there."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup) / (decay_iters - warmup)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (lr - min_lr)
+
+
+def test_warmup_cosine_is_nanogpts_schedule_step_by_step() -> None:
+    cfg = ScheduleConfig(name="warmup_cosine", warmup=100, final_ratio=0.1)
+    sched = build_schedule(cfg, lr=1e-3, swa_lr=5e-4, iters_per_epoch=50, total_iters=5000,
+                           start_iter=2500)
+    for i in range(5000):
+        assert sched(i) == pytest.approx(nanogpt_lr(i, 1e-3, 1e-4, 100, 5000), rel=1e-12), i
+    assert sched(4999) == pytest.approx(1e-4, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_warms_up_holds_and_cools_down_by_its_formula(shape: str) -> None:
+    total, warmup, cooldown = 1000, 50, 0.2
+    cfg = ScheduleConfig(name="wsd", warmup=warmup, cooldown=cooldown, cooldown_shape=shape,
+                         final_ratio=0.0)
+    sched = build_schedule(cfg, lr=0.01, swa_lr=0.001, iters_per_epoch=10, total_iters=total,
+                           start_iter=None)
+    start = total - round(cooldown * total)  # 800
+    for i in range(total):
+        if i < warmup:
+            want = 0.01 * (i + 1) / (warmup + 1)
+        elif i < start:
+            want = 0.01
+        else:
+            t = (i - start + 1) / (total - start)
+            want = 0.01 * ((1 - t) if shape == "linear" else (1 - math.sqrt(t)))
+        assert sched(i) == pytest.approx(want, rel=1e-12, abs=1e-18), i
+    assert sched(total - 1) == 0.0
+    # The 1-sqrt shape drops faster at first, then more slowly than linear.
+    if shape == "1-sqrt":
+        assert sched(start) < 0.01 * (1 - 1 / 200)
+
+
+def test_warmup_constant_and_the_scheduler_follow_the_schedule() -> None:
+    cfg = ScheduleConfig(name="warmup_constant", warmup=10)
+    sched = build_schedule(cfg, lr=0.1, swa_lr=0.01, iters_per_epoch=5, total_iters=40,
+                           start_iter=20)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(opt, sched)
+    seen = []
+    for _ in range(40):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.1 * (i + 1) / 11 for i in range(10)] + [0.1] * 30)

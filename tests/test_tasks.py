@@ -60,7 +60,7 @@ def test_the_registry_holds_both_tasks_and_refuses_an_unknown_one() -> None:
     assert {"classification", "regression"} <= set(TASKS)
     assert isinstance(build_task("regression"), Regression)
     with pytest.raises(UserError, match=r"task=nope: unknown task; choose one of "
-                                        r"classification, regression"):
+                                        r"classification, lm, regression"):
         build_task("nope")
 
 

@@ -28,6 +28,7 @@ from swa_research.averaging.base import (
     has_batch_norm,
 )
 from swa_research.averaging.ema import EMA
+from swa_research.averaging.lawa import LAWA
 from swa_research.averaging.plan import AveragingPlan, check_budget
 from swa_research.averaging.swa import SWA
 from swa_research.averaging.swag import SWAG, SWAGDiag
@@ -49,6 +50,7 @@ METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
     "ema": EMA,
     "swag": SWAG,
     "swag_diag": SWAGDiag,
+    "lawa": LAWA,
 }
 
 PRIMARY = "swa"  # the primary average's name in every output, whatever its method

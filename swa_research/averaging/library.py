@@ -43,20 +43,21 @@ Module = nn.Module | Average
 
 def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
                  decay: float = 0.999, ema_warmup: bool = False, max_models: int = 20,
-                 scale: float | None = None, samples: int = 30, device: str = "auto"
-                 ) -> Average:
+                 scale: float | None = None, samples: int = 30, device: str = "auto",
+                 lawa_k: int = 5) -> Average:
     """An average of ``model``'s weights by method name: ``swa`` (equal), ``ema`` (``decay``,
     timm's warm-up with ``ema_warmup``), ``swag`` / ``swag_diag`` (Gaussian posteriors:
     ``max_models`` deviations, sample variance ``scale``, default 0.5 for SWAG and 1.0 for
-    SWAG-Diagonal, ``samples`` networks per Bayesian model average, moments on ``device``), or
-    any method registered with :func:`~swa_research.averaging.register_method`.
+    SWAG-Diagonal, ``samples`` networks per Bayesian model average, moments on ``device``),
+    ``lawa`` (the mean of the latest ``lawa_k`` points), or any method registered with
+    :func:`~swa_research.averaging.register_method`.
     ``bn_update``: recompute BN statistics before the average is evaluated. A copy of
     ``model`` is taken now; call ``update(model)`` at each averaging point."""
     from swa_research.averaging import METHODS, check_methods
 
     options: dict[str, Any] = dict(method=method, bn_update=bn_update, decay=decay,
                                    ema_warmup=ema_warmup, max_models=max_models,
-                                   samples=samples, swag_device=device)
+                                   samples=samples, swag_device=device, lawa_k=lawa_k)
     if scale is not None:
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from swa_research.errors import UserError
-from swa_research.models import preresnet, tv, vgg, wrn
+from swa_research.models import gpt, preresnet, tv, vgg, wrn
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class ModelEntry:
     build: Callable[..., nn.Module]
     # The input size must be a multiple of this (the network's total downsampling).
     image_multiple: int = 1
+    # What it models: classification (images -> class logits) or lm (tokens -> next-token
+    # logits, task=lm).
+    task: str = "classification"
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -42,6 +45,7 @@ MODELS: dict[str, ModelEntry] = {
     "preresnet164": ModelEntry(preresnet.preresnet164, image_multiple=4),
     "wrn28x10": ModelEntry(wrn.wrn28x10, image_multiple=4),
     "torchvision": ModelEntry(tv.torchvision_model),
+    "gpt": ModelEntry(gpt.gpt, task="lm"),
 }
 
 

@@ -148,6 +148,10 @@ class Task:
     def name(self) -> str:
         return self.spec.name
 
+    def check(self, config: Any) -> None:
+        """Refuse a config this task cannot run (UserError naming the key), before any data
+        is read. Default: nothing to check."""
+
     # -- the model's output -----------------------------------------------------------------
     def output_size(self, data: DataSplits) -> int:
         """The width of the model's output layer (its ``num_classes`` argument)."""

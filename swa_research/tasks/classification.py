@@ -3,11 +3,14 @@ calibration)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from swa_research.data import DataSplits
+from swa_research.errors import UserError
 from swa_research.tasks.base import CLASSIFICATION, Task, register_task
 
 
@@ -15,6 +18,13 @@ from swa_research.tasks.base import CLASSIFICATION, Task, register_task
 class Classification(Task):
     spec = CLASSIFICATION
     probabilistic = True
+
+    def check(self, config: Any) -> None:
+        if config.data.name == "text":
+            raise UserError("data=text is for language models: set task=lm (and model=gpt)")
+        if "block_size" in config.model:
+            raise UserError(f"model={config.model.get('name')} is a language model: set "
+                            "task=lm data=text")
 
     def output_size(self, data: DataSplits) -> int:
         return data.num_classes

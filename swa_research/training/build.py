@@ -275,6 +275,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     torch.manual_seed(config.seed)
     fmt = memory_format(trainer_cfg.channels_last)
     task = build_task(config.task.name)
+    task.check(config)
     check_best_by(task, trainer_cfg.best_by)
     try:
         data = task.build_data(config, device, trainer_cfg.num_workers, fmt)
@@ -289,7 +290,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
             device, memory_format=fmt)
     except ValueError as e:
         raise UserError(str(e)) from e
-    optimizer = build_optimizer(config.optimizer, model.parameters())
+    optimizer = build_optimizer(config.optimizer, model)
     plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
                               trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
@@ -325,7 +326,8 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         bn_batch_size=config.swa.bn_batch_size,
         snapshots=SnapshotWriter(run_dir, trainer_cfg, iters)
         if trainer_cfg.snapshot_every and world().is_main else None,
-        train_model=train_model, device=device, task=task)
+        train_model=train_model, device=device, task=task,
+        grad_clip=config.optimizer.grad_clip)
 
 
 def check_task_methods(task: Task, averages: dict[str, Average]) -> None:

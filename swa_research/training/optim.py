@@ -5,29 +5,65 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from swa_research.config import OptimizerConfig, ScheduleConfig
+from swa_research.config import OptimizerConfig, ScheduleConfig, UserError
+
+NO_DECAY_KINDS = ("bias", "norm", "embedding")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
+def decay_groups(model: nn.Module, no_decay: Iterable[str], weight_decay: float
+                 ) -> list[dict[str, Any]]:
+    """The model's parameters in two groups: with ``weight_decay``, and without it for the
+    kinds in ``no_decay`` (``bias``: biases, ``norm``: the weights of normalisation layers,
+    ``embedding``: embedding tables, also where a head shares them). Each parameter once, in
+    the model's order; an empty group is left out."""
+    kinds = set(no_decay)
+    unknown = kinds - set(NO_DECAY_KINDS)
+    if unknown:
+        raise UserError(f"optimizer.no_decay: {sorted(unknown)} are not parameter kinds; "
+                        f"expected some of {', '.join(NO_DECAY_KINDS)}")
+    exempt: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if ("bias" in kinds and name == "bias") or ("norm" in kinds and isinstance(
+                    module, _NORMS)) or ("embedding" in kinds and isinstance(
+                    module, nn.Embedding)):
+                exempt.add(id(p))
+    params = list(model.parameters())  # shared parameters once
+    groups = [{"params": [p for p in params if id(p) not in exempt],
+               "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module | Iterable[torch.nn.Parameter]
                     ) -> torch.optim.Optimizer:
-    params = list(params)
+    """The optimizer of ``model``'s parameters (or of the parameters given), with weight decay
+    except on the kinds in ``optimizer.no_decay`` (a model is needed for those)."""
+    if isinstance(model, nn.Module):
+        groups: Any = decay_groups(model, cfg.no_decay, cfg.weight_decay)
+        params = [p for g in groups for p in g["params"]]
+    else:
+        params = groups = list(model)
     # The fused kernels: one pass over each tensor (about 3x faster than the per-tensor loop
     # on a CPU), and with fp16's GradScaler no host read of its inf check.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                  for p in params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                fused=fused)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
                                 fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
                                  fused=fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}: expected sgd, adam or adamw")
 
@@ -45,6 +81,17 @@ class LRSchedule:
       fractional epoch i / iters_per_epoch.
     cyclical: from the averaging start (iteration 0 without averaging), cycles of ``cycle``
       iterations, each linear from ``lr`` down to ``swa_lr``; ``lr`` before the start.
+
+    The schedules of language-model pretraining ignore ``swa_lr`` (the averages are formed
+    under the schedule as it is); each starts with ``warmup`` iterations of linear warm-up,
+    lr (i + 1) / (warmup + 1), as karpathy/nanoGPT's ``get_lr``, and ``lr_min`` =
+    ``final_ratio`` lr:
+    warmup_cosine: then nanoGPT's cosine from ``lr`` to ``lr_min`` over the rest of the budget,
+      lr_min + (lr - lr_min) (1 + cos(pi r)) / 2 with r = (i - warmup) / (total - warmup).
+    warmup_constant: then ``lr`` to the end (averaging at a constant lr, Hagele et al. 2024).
+    wsd: warm-up, stable at ``lr``, then a cooldown over the last ``cooldown`` fraction of the
+      budget to ``lr_min``: with t the cooldown's progress in (0, 1], lr_min + (lr - lr_min)
+      (1 - t) (``cooldown_shape=linear``) or (1 - sqrt(t)) (``1-sqrt``, Hagele et al.'s best).
     """
 
     name: str
@@ -60,6 +107,9 @@ class LRSchedule:
     cycle: int = 1
     # constant: the first iteration at swa_lr (AveragingPlan.lr_switch_iter); None: start_iter.
     switch_iter: int | None = None
+    warmup: int = 0
+    cooldown: float = 0.2
+    cooldown_shape: str = "linear"
 
     def __call__(self, i: int) -> float:
         if self.name == "constant":
@@ -69,6 +119,8 @@ class LRSchedule:
             return self.lr
         if self.name == "decay_then_constant":
             return self._decay_then_constant(i)
+        if self.name in ("warmup_cosine", "warmup_constant", "wsd"):
+            return self._pretraining(i)
         if self.name == "cyclical":
             origin = self.start_iter if self.start_iter is not None else 0
             if i < origin:
@@ -76,6 +128,23 @@ class LRSchedule:
             t = ((i - origin) % self.cycle + 1) / self.cycle
             return (1.0 - t) * self.lr + t * self.swa_lr
         raise ValueError(f"unknown schedule {self.name!r}")
+
+    def _pretraining(self, i: int) -> float:
+        if i < self.warmup:
+            return self.lr * (i + 1) / (self.warmup + 1)
+        lr_min = self.final_ratio * self.lr
+        if self.name == "warmup_constant":
+            return self.lr
+        if self.name == "warmup_cosine":
+            r = min(1.0, (i - self.warmup) / max(1, self.total_iters - self.warmup))
+            return lr_min + 0.5 * (1.0 + math.cos(math.pi * r)) * (self.lr - lr_min)
+        length = round(self.cooldown * self.total_iters)
+        start = self.total_iters - length
+        if length <= 0 or i < start:
+            return self.lr
+        t = min(1.0, (i - start + 1) / length)
+        factor = 1.0 - (math.sqrt(t) if self.cooldown_shape == "1-sqrt" else t)
+        return lr_min + (self.lr - lr_min) * factor
 
     def _decay_then_constant(self, i: int) -> float:
         epoch = i // self.iters_per_epoch if self.per_epoch else i / self.iters_per_epoch
@@ -107,7 +176,8 @@ def build_schedule(cfg: ScheduleConfig, lr: float, swa_lr: float, iters_per_epoc
         name=cfg.name, lr=lr, swa_lr=swa_lr, iters_per_epoch=iters_per_epoch,
         total_iters=total_iters, start_iter=start_iter, decay_start=cfg.decay_start,
         decay_end=cfg.decay_end, final_ratio=cfg.final_ratio,
-        per_epoch=cfg.step_unit == "epoch", cycle=cfg.cycle)
+        per_epoch=cfg.step_unit == "epoch", cycle=cfg.cycle, warmup=cfg.warmup,
+        cooldown=cfg.cooldown, cooldown_shape=cfg.cooldown_shape)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule

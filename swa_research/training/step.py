@@ -106,29 +106,59 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 class TrainStep:
     """forward, loss, backward, optimizer step; returns the detached loss and output.
 
+    ``accumulate`` > 1: the batch in that many micro-batches, their gradients added (each loss
+    weighted by its share of the batch, so the step is the whole batch's; under DDP the
+    gradients are all-reduced once, at the last); the memory of a micro-batch, the step of the
+    batch. ``grad_clip`` > 0: the gradients' global L2 norm clipped to it (after fp16's
+    unscaling) before the step.
+
     Compile the model (``model.compile()``, in place) before or after building this: the step
     calls the module, so it runs whatever the module's forward is.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: str,
-                 device: torch.device, loss: Callable[[Tensor, Tensor], Tensor] | None = None
-                 ) -> None:
+                 device: torch.device, loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 grad_clip: float = 0.0, accumulate: int = 1) -> None:
         self.model = model
         self.loss = loss or _cross_entropy  # the task's: (output, target) -> scalar mean
         self.optimizer = optimizer
         self.precision = precision
         self.device = device
+        self.grad_clip, self.accumulate = grad_clip, accumulate
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_backward(self, x: Tensor, y: Tensor, weight: float = 1.0
+                          ) -> tuple[Tensor, Tensor]:
         with autocast(self.precision, self.device):
             output = self.model(x)
         loss = self.loss(output, y)
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        return loss.detach(), output.detach()
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.accumulate == 1:
+            loss, output = self._forward_backward(x, y)
+        else:
+            n = y.shape[0]
+            parts = list(zip(x.chunk(self.accumulate), y.chunk(self.accumulate), strict=True))
+            no_sync = getattr(self.model, "no_sync", None)
+            losses, outputs = [], []
+            for j, (xc, yc) in enumerate(parts):
+                last = j == len(parts) - 1
+                with (no_sync() if no_sync is not None and not last
+                      else contextlib.nullcontext()):
+                    part_loss, part_out = self._forward_backward(xc, yc, yc.shape[0] / n)
+                losses.append(part_loss * (yc.shape[0] / n))
+                outputs.append(part_out)
+            loss, output = torch.stack(losses).sum(), torch.cat(outputs)
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups
+                                      for p in g["params"]], self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), output.detach()
+        return loss, output
 
 
 def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:

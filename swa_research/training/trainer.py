@@ -65,6 +65,7 @@ class Trainer:
     train_model: nn.Module | None = None
     device: torch.device | None = None  # None: the in-memory training set's device
     task: Task = field(default_factory=lambda: build_task("classification"))
+    grad_clip: float = 0.0  # optimizer.grad_clip
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -83,7 +84,8 @@ class Trainer:
         self.eval_precision = resolve_precision(self.cfg.eval_precision, self.device)
         self.last_lr = self.current_lr()  # the lr the latest step used
         self.step = TrainStep(self.train_model or self.model, self.optimizer, self.precision,
-                              self.device, loss=self.task.loss)
+                              self.device, loss=self.task.loss, accumulate=self.cfg.grad_accum,
+                              grad_clip=self.grad_clip)
         self.evaluator = Evaluator(self.task, self.data, self.eval_pre, self.cfg, self.seed,
                                    self.averages, self.device, self.bn_batches)
         self.model_info = {"name": (self.config_dict.get("model") or {}).get("name"),

@@ -1,0 +1,273 @@
+"""Text for language models, bigger than memory by construction: a text file or a folder of
+them is tokenized once into a token file beside it (``<name>.<tokenizer>.tokens``, a flat
+array of uint16/uint32 ids, memory-mapped) with a record of what it was made from
+(``<name>.<tokenizer>.json``: the files' sizes and modification times, the vocabulary). A
+later run reuses it; a changed text rebuilds it; a token file whose size or checksum does not
+match its record is refused with one line (never read as if it were whole).
+
+The tokens are split in order: train, then ``data.val_fraction`` for validation and
+``data.test_fraction`` for test. Training windows (``block_size`` + 1 tokens: the inputs and
+the next-token targets) start at positions drawn per window from the epoch's seed and the
+window's position in the epoch (splitmix64, as the images' crops): a resume at any step draws
+the same windows, and DDP ranks take slices of the same global batches. Evaluation reads a
+split's consecutive windows from its start (at most ``data.eval_tokens`` tokens).
+
+Tokenizers: ``char`` (the text's characters, nanoGPT's shakespeare_char), ``byte`` (UTF-8
+bytes, 256 ids) and ``gpt2`` (GPT-2's BPE through ``tiktoken``, when its encoding can be
+loaded: it downloads it once, so offline it needs the encoding already in its cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from swa_research.config import UserError
+from swa_research.data.transforms import image_seeds
+from swa_research.errors import DataError
+from swa_research.fileio import atomic_write_text
+from swa_research.locks import file_lock
+
+log = logging.getLogger(__name__)
+
+TOKENIZERS = ("char", "byte", "gpt2")
+FORMAT = 1
+CHUNK = 1 << 22  # characters tokenized at a time
+
+
+@dataclass
+class Tokenizer:
+    name: str
+    vocab_size: int
+    chars: str = ""  # char: the vocabulary, id = position
+    _bpe: Any = None
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.name == "byte":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        if self.name == "char":
+            index = {c: i for i, c in enumerate(self.chars)}
+            return np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
+        return np.asarray(self._bpe.encode_ordinary(text), dtype=np.int64)
+
+    def decode(self, ids: Any) -> str:
+        ids = [int(i) for i in ids]
+        if self.name == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        if self.name == "char":
+            return "".join(self.chars[i] for i in ids)
+        return str(self._bpe.decode(ids))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's BPE (50257 ids) through tiktoken; a one-line error when it cannot be loaded."""
+    try:
+        import tiktoken
+
+        bpe = tiktoken.get_encoding("gpt2")
+    except ImportError:
+        raise UserError("data.tokenizer=gpt2 needs the tiktoken package (pip install "
+                        "tiktoken)") from None
+    except Exception as e:
+        raise UserError(f"data.tokenizer=gpt2: tiktoken cannot load the GPT-2 encoding "
+                        f"({type(e).__name__}; offline it must already be in tiktoken's cache, "
+                        "TIKTOKEN_CACHE_DIR); use data.tokenizer=char or byte") from None
+    return Tokenizer("gpt2", bpe.n_vocab, _bpe=bpe)
+
+
+def text_files(root: Path, pattern: str) -> list[Path]:
+    """The text: ``root`` itself, or the files under it matching ``pattern``, sorted."""
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"data.root={root}: no such file or folder (a text file, or a folder "
+                        "of them)")
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"data.root={root}: no files match data.pattern={pattern!r}")
+    return files
+
+
+def _fingerprint(root: Path, files: list[Path]) -> list[list[Any]]:
+    base = root if root.is_dir() else root.parent
+    return [[str(f.relative_to(base)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _read(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def _edge_sha(path: Path) -> str:
+    """A checksum of the token file's first and last MiB and its size: cheap to check at
+    every start, and it catches a truncated or overwritten file."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def token_paths(root: Path, tokenizer: str) -> tuple[Path, Path]:
+    """Where the tokens of ``root`` and their record live: beside a file, inside a folder."""
+    base = root / f".text.{tokenizer}" if root.is_dir() else root.with_name(
+        f"{root.name}.{tokenizer}")
+    return base.with_name(base.name + ".tokens"), base.with_name(base.name + ".json")
+
+
+def _build(root: Path, files: list[Path], tokenizer: Tokenizer, tokens: Path, record: Path,
+           fingerprint: list[list[Any]]) -> dict[str, Any]:
+    if tokenizer.name == "char":
+        chars: set[str] = set()
+        for f in files:
+            for chunk in _read(f):
+                chars.update(chunk)
+        tokenizer.chars = "".join(sorted(chars))
+        tokenizer.vocab_size = max(1, len(tokenizer.chars))
+    tmp = tokens.with_name(f".{tokens.name}.{os.getpid()}.tmp")
+    n = 0
+    log.info("tokenizing %d file(s) under %s (%s) into %s", len(files), root, tokenizer.name,
+             tokens)
+    try:
+        with open(tmp, "wb") as out:
+            for f in files:
+                for chunk in _read(f):
+                    ids = tokenizer.encode(chunk).astype(tokenizer.dtype)
+                    out.write(ids.tobytes())
+                    n += ids.size
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, tokens)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the token file {tokens} ({e.strerror or e}); the text's "
+                        "folder must be writable") from None
+    meta = {"format": FORMAT, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "chars": tokenizer.chars, "dtype": tokenizer.dtype.name, "n_tokens": n,
+            "files": fingerprint, "edge_sha256": _edge_sha(tokens)}
+    atomic_write_text(record, json.dumps(meta, indent=1))
+    return meta
+
+
+def load_tokens(root: str | Path, tokenizer: str, pattern: str = "*.txt"
+                ) -> tuple[np.memmap, Tokenizer]:
+    """The token file of the text at ``root`` (built when missing or when the text changed),
+    memory-mapped, and its tokenizer."""
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"data.tokenizer={tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+    root = Path(root).expanduser()
+    files = text_files(root, pattern)
+    fingerprint = _fingerprint(root, files)
+    tokens, record = token_paths(root, tokenizer)
+    tok = gpt2_tokenizer() if tokenizer == "gpt2" else Tokenizer(
+        tokenizer, 256 if tokenizer == "byte" else 0)
+    with file_lock(tokens.with_name(tokens.name + ".lock"), f"tokenizing {root}"):
+        meta = _read_record(record)
+        if meta is None or meta.get("files") != fingerprint or meta.get("format") != FORMAT \
+                or not tokens.is_file():
+            if meta is not None and tokens.is_file():
+                log.info("the text under %s changed since %s was made: tokenizing again",
+                         root, tokens)
+            meta = _build(root, files, tok, tokens, record, fingerprint)
+        else:
+            _check(tokens, meta)
+    tok.chars, tok.vocab_size = meta["chars"], int(meta["vocab_size"])
+    if meta["n_tokens"] < 2:
+        raise DataError(f"data.root={root}: the text has {meta['n_tokens']} token(s)")
+    return np.memmap(tokens, dtype=np.dtype(meta["dtype"]), mode="r",
+                     shape=(int(meta["n_tokens"]),)), tok
+
+
+def _read_record(record: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(record.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{record} is not a readable token record ({type(e).__name__}); "
+                        "delete it and its .tokens file to tokenize the text again") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def _check(tokens: Path, meta: dict[str, Any]) -> None:
+    expected = int(meta["n_tokens"]) * np.dtype(meta["dtype"]).itemsize
+    size = tokens.stat().st_size if tokens.is_file() else None
+    if size != expected or _edge_sha(tokens) != meta.get("edge_sha256"):
+        what = (f"{size:,} bytes, its record says {expected:,}" if size != expected
+                else "its checksum does not match its record")
+        raise DataError(f"token file {tokens} is corrupt ({what}); delete it to tokenize "
+                        "the text again")
+
+
+class TokenSet:
+    """A split of the token file: ``tokens[lo:hi]``. ``len()`` is the number of training
+    windows an epoch takes (or the evaluation's windows for val and test)."""
+
+    def __init__(self, tokens: np.memmap, lo: int, hi: int, block_size: int, windows: int,
+                 device: torch.device) -> None:
+        if hi - lo < block_size + 1:
+            raise DataError(f"a split of {hi - lo} tokens is shorter than one window of "
+                            f"model.block_size + 1 = {block_size + 1} tokens: use more text or "
+                            "a smaller block")
+        self.tokens, self.lo, self.hi = tokens, lo, hi
+        self.block_size, self.windows, self.device = block_size, windows, device
+        self.labels = torch.zeros(0)  # no per-sample labels (the targets are tokens)
+
+    def __len__(self) -> int:
+        return self.windows
+
+    @property
+    def image_size(self) -> int:
+        return self.block_size
+
+    def _batch(self, starts: np.ndarray) -> tuple[Tensor, Tensor]:
+        idx = starts[:, None] + np.arange(self.block_size + 1)[None, :]
+        w = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
+        if self.device.type == "cuda":
+            w = w.pin_memory().to(self.device, non_blocking=True)
+        else:
+            w = w.to(self.device)
+        return w[:, :-1], w[:, 1:]
+
+    def window_starts(self, aug_seed: int, positions: Tensor) -> np.ndarray:
+        """The start of the window at each position of an epoch drawn with ``aug_seed``."""
+        span = self.hi - self.lo - self.block_size
+        return self.lo + (image_seeds(aug_seed, positions).numpy() % span)
+
+    def train_batches(self, batch_size: int, drop_last: bool, start: int, aug_seed: int,
+                      shard: tuple[int, int] | None) -> Iterator[tuple[Tensor, Tensor]]:
+        n = self.windows
+        stop = n - n % batch_size if drop_last else n
+        rank, world = shard or (0, 1)
+        for i in range(start * batch_size, stop, batch_size):
+            positions = torch.arange(i, min(i + batch_size, n))
+            lo, hi = positions.shape[0] * rank // world, positions.shape[0] * (rank + 1) // world
+            yield self._batch(self.window_starts(aug_seed, positions[lo:hi]))
+
+    def eval_batches(self, batch_size: int, shard: tuple[int, int] | None
+                     ) -> Iterator[tuple[Tensor, Tensor]]:
+        rank, world = shard or (0, 1)
+        starts = self.lo + np.arange(self.windows) * self.block_size
+        mine = starts[self.windows * rank // world:self.windows * (rank + 1) // world]
+        for i in range(0, len(mine), batch_size):
+            yield self._batch(mine[i:i + batch_size])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,393 @@
+"""Language models (task=lm): the GPT, text tokenized into a memory-mapped token file, random
+windows that a resume draws again, and a tiny GPT that learns through the whole framework."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, fault_env
+from omegaconf import OmegaConf
+
+from swa_research.analysis.posthoc import main as posthoc_main
+from swa_research.config import UserError
+from swa_research.data.text import TokenSet, load_tokens, token_paths
+from swa_research.errors import DataError
+from swa_research.models import build_model, resolve_model_config
+from swa_research.tasks import build_task
+from swa_research.training.build import train
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "and", "a", "big", "red", "sun"]
+
+
+def write_text(path: Path, lines: int = 3000, seed: int = 0) -> Path:
+    """Generated sentences of a 13-word vocabulary: learnable structure, 17 characters."""
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+                              + "." for _ in range(lines)))
+    return path
+
+
+def lm_run(root: Path) -> list[str]:
+    return ["experiment=lm/char_cpu", f"data.root={root}", "model.n_layer=2", "model.n_head=2",
+            "model.n_embd=32", "model.block_size=32", "data.windows_per_epoch=320",
+            "data.eval_tokens=4096", "trainer.epochs=4", "trainer.device=cpu",
+            "trainer.progress=none", "swa.start=0.5", "swa.freq=5", "optimizer.lr=3e-3",
+            "swa.lr=3e-3"]
+
+
+def test_gpt2_small_has_nanogpts_parameter_count() -> None:
+    """124,439,808 with the tied embedding; nanoGPT prints 123.65M, which leaves out the
+    1024 x 768 position embeddings."""
+    cfg = resolve_model_config({"name": "gpt", "n_layer": 12, "n_head": 12, "n_embd": 768,
+                                "block_size": 1024, "dropout": 0.0, "bias": True})
+    with torch.device("meta"):
+        model = build_model(cfg, 50257)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 124_439_808
+    assert round((n - 1024 * 768) / 1e6, 2) == 123.65
+    assert model.lm_head.weight is model.wte.weight  # tied
+    with pytest.raises(UserError, match="model.n_embd=100 must be a multiple of model.n_head=3"):
+        resolve_model_config({"name": "gpt", "n_embd": 100, "n_head": 3})
+
+
+def test_the_token_file_is_made_once_rebuilt_on_change_and_refused_when_corrupt(
+        tmp_path: Path) -> None:
+    text = write_text(tmp_path / "corpus.txt", lines=200)
+    tokens, tok = load_tokens(text, "char")
+    assert tok.decode(tokens[:50]) == text.read_text()[:50]
+    assert tok.vocab_size == len(set(text.read_text())) and tokens.dtype == np.uint16
+    path, record = token_paths(text, "char")
+    made = path.stat().st_mtime_ns
+    again, _ = load_tokens(text, "char")  # reused, not rebuilt
+    assert path.stat().st_mtime_ns == made and np.array_equal(again, tokens)
+    # The text changes: tokenized again, with the new characters in the vocabulary.
+    text.write_text(text.read_text() + "\nzebra!")
+    changed, tok2 = load_tokens(text, "char")
+    assert len(changed) == len(tokens) + 7 and "z" in tok2.chars
+    assert tok2.decode(changed[-6:]) == "zebra!"
+    # A truncated token file is refused with one line, never read.
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 2)
+    with pytest.raises(DataError, match=r"token file .*corpus.txt.char.tokens is corrupt \("
+                                        r".* bytes, its record says .*\); delete it"):
+        load_tokens(text, "char")
+    # Same size, other bytes: the checksum catches it.
+    path.unlink()
+    load_tokens(text, "char")
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="its checksum does not match its record"):
+        load_tokens(text, "char")
+    record.write_text("{not json")
+    with pytest.raises(DataError, match="is not a readable token record"):
+        load_tokens(text, "char")
+
+
+def test_byte_tokens_and_a_folder_of_files(tmp_path: Path) -> None:
+    folder = tmp_path / "src"
+    (folder / "pkg").mkdir(parents=True)
+    (folder / "a.py").write_text("print('héllo')\n")
+    (folder / "pkg" / "b.py").write_text("x = 1\n")
+    (folder / "notes.txt").write_text("not matched\n")
+    tokens, tok = load_tokens(folder, "byte", pattern="**/*.py")
+    assert tok.vocab_size == 256
+    assert bytes(tokens.tolist()).decode() == "print('héllo')\nx = 1\n"
+    assert token_paths(folder, "byte")[0].parent == folder  # beside the text
+    with pytest.raises(DataError, match="no files match data.pattern='\\*\\*/\\*.md'"):
+        load_tokens(folder, "byte", pattern="**/*.md")
+
+
+def test_gpt2_tokens_without_the_encoding_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """Offline, tiktoken cannot fetch GPT-2's BPE files: a one-line error naming the way out."""
+    import tiktoken
+
+    def offline(name: str) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match="tiktoken cannot load the GPT-2 encoding "
+                                        r"\(ConnectionError; offline"):
+        load_tokens(write_text(tmp_path / "t.txt", lines=5), "gpt2")
+
+
+def test_windows_are_a_function_of_the_epoch_seed_and_position(tmp_path: Path) -> None:
+    """A resume at batch k draws the windows the uninterrupted epoch drew there; two ranks
+    take the halves of the same global batches."""
+    tokens, _ = load_tokens(write_text(tmp_path / "c.txt", lines=300), "char")
+    s = TokenSet(tokens, 0, len(tokens) - 100, 16, 64, torch.device("cpu"))
+    full = list(s.train_batches(8, True, 0, aug_seed=1234, shard=None))
+    assert len(full) == 8
+    resumed = list(s.train_batches(8, True, 5, aug_seed=1234, shard=None))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(full[5:], resumed, strict=True))
+    x, y = full[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+    ranks = [list(s.train_batches(8, True, 0, 1234, (r, 2))) for r in (0, 1)]
+    for k, (x, _) in enumerate(full):
+        assert torch.equal(torch.cat([ranks[0][k][0], ranks[1][k][0]]), x)
+    other = list(s.train_batches(8, True, 0, aug_seed=99, shard=None))
+    assert not torch.equal(other[0][0], full[0][0])
+    starts = s.window_starts(1234, torch.arange(64))
+    assert starts.min() >= s.lo and starts.max() + 16 + 1 <= s.hi  # inside the split
+    assert len(set(starts.tolist())) > 60  # drawn, not a fixed stride
+
+
+@pytest.fixture(scope="module")
+def lm_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("lm")
+    text = write_text(root / "corpus.txt")
+    run_dir = root / "run"
+    cfg = compose_config([*lm_run(text), "trainer.snapshot_every=5",
+                          "trainer.snapshot_unit=iter", "swa.also=[ema,lawa]", "swa.lawa_k=3"])
+    metrics = train(cfg, run_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir, metrics
+
+
+def test_a_tiny_gpt_learns_and_reports_loss_and_perplexity(lm_trained) -> None:
+    run_dir, m = lm_trained
+    assert m["status"] == "finished" and m["task"]["name"] == "lm"
+    vocab = len(set(Path(run_dir.parent / "corpus.txt").read_text()))
+    chance = math.log(vocab)
+    for model in ("sgd", "swa", "ema"):
+        assert m[model]["test_loss"] < 0.6 * chance, (model, m[model], chance)
+        assert m[model]["val_ppl"] == pytest.approx(math.exp(m[model]["val_loss"]), rel=1e-12)
+    assert m["calibration"] is None
+    header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "train_ppl", "sgd_val_loss", "swa_test_ppl"} <= set(header)
+    assert not any(h.endswith("_acc") for h in header)
+    assert m["swa"]["n_averaged"] == 4  # iterations 25, 30, 35, 40 of 40
+    assert (m["lawa"]["n_averaged"], m["lawa"]["k"], m["lawa"]["updates"]) == (3, 3, 4)
+
+
+def test_posthoc_swa_over_the_snapshots_equals_the_online_average(lm_trained,
+                                                                  capsys) -> None:  # noqa: ANN001
+    """Snapshots every 5 iterations; the equal average from iteration 25 is the online SWA
+    (start 0.5 of 40 iterations, every 5): the same weights, so the same val loss."""
+    run_dir, m = lm_trained
+    assert posthoc_main([str(run_dir), "--swa-start", "25", "--device", "cpu"]) == 0
+    rows = (run_dir / "posthoc.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    row = dict(zip(header, rows[1].split(","), strict=True))
+    assert row["n_points"] == "4"
+    assert float(row["val_loss"]) == pytest.approx(m["swa"]["val_loss"], rel=1e-5)
+    assert float(row["test_ppl"]) == pytest.approx(m["swa"]["test_ppl"], rel=1e-5)
+    # LAWA k=3 over the snapshots (30, 35, 40) is the online LAWA's last three points.
+    assert posthoc_main([str(run_dir), "--lawa-k", "3", "--device", "cpu"]) == 0
+    lines = (run_dir / "posthoc.csv").read_text().splitlines()
+    row = next(r for r in (dict(zip(lines[0].split(","), line.split(","), strict=True))
+                           for line in lines[1:]) if r["kind"] == "lawa")
+    assert row["n_points"] == "3"
+    assert float(row["val_loss"]) == pytest.approx(m["lawa"]["val_loss"], rel=1e-5)
+
+
+def test_an_image_model_for_the_lm_task_is_one_line(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "t.txt", lines=50)
+    with pytest.raises(UserError, match=r"task=lm needs a language model \(model=gpt\), not "
+                                        "model=simplified"):
+        train(compose_config(["task=lm", "data=text", f"data.root={text}", "model=simplified",
+                              "trainer.device=cpu"]), tmp_path / "run")
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    (["data=cifar10"], "task=lm trains on text: set data=text"),
+    (["task=classification", "trainer.best_by=val_loss"],
+     "data=text is for language models: set task=lm"),
+    (["trainer.best_by=val_acc"], "trainer.best_by=val_acc: task lm reports val_loss, val_ppl"),
+])
+def test_a_config_the_lm_task_cannot_run_is_one_line(extra: list[str], error: str,
+                                                      tmp_path: Path) -> None:
+    text = write_text(tmp_path / "t.txt", lines=50)
+    with pytest.raises(UserError, match=error):
+        train(compose_config([*lm_run(text), *extra]), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def launch(run_dir: Path, text: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **fault_env(fault)}
+    return subprocess.run(
+        [sys.executable, "-m", "swa_research.train", *lm_run(text), "trainer.epochs=2",
+         "trainer.deterministic=true", f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_killed_lm_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Killed mid-epoch (step 15 of 20; the checkpoint is at 10): the resume draws the same
+    windows and ends with the uninterrupted run's weights and losses."""
+    text = write_text(tmp_path / "t.txt", lines=800)
+    baseline, run_dir = tmp_path / "a", tmp_path / "b"
+    assert launch(baseline, text).returncode == 0
+    killed = launch(run_dir, text, fault="step@15")
+    assert killed.returncode == -9, killed.stdout[-2000:]
+    resumed = launch(run_dir, text)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    a = json.loads((baseline / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert a["sgd"] == b["sgd"] and a["swa"] == b["swa"]
+    for name in ("sgd_final.pt", "swa.pt"):
+        wa = torch.load(baseline / name, weights_only=False)["state_dict"]
+        wb = torch.load(run_dir / name, weights_only=False)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_lm_as_one_process(tmp_path: Path) -> None:
+    """torchrun with 2 ranks against one process, same global batch and seed, on a run that
+    learns: the ranks take halves of the same windows, so the weights agree."""
+    text = write_text(tmp_path / "t.txt", lines=800)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = [*lm_run(text), "trainer.epochs=2", "trainer.deterministic=true"]
+    one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["sgd"]["val_loss"] < 0.7 * math.log(17)  # it learned
+    for name in ("sgd_final.pt", "swa.pt"):
+        a = torch.load(tmp_path / "one" / name, weights_only=False)["state_dict"]
+        b = torch.load(tmp_path / "two" / name, weights_only=False)["state_dict"]
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, (name, worst)
+    assert m2["sgd"]["val_loss"] == pytest.approx(m1["sgd"]["val_loss"], abs=1e-5)
+
+
+def test_adamw_decays_neither_norms_biases_nor_embeddings_when_asked() -> None:
+    from swa_research.config import OptimizerConfig
+    from swa_research.training.optim import build_optimizer
+
+    model = build_model(resolve_model_config({"name": "gpt", "n_layer": 2, "n_head": 2,
+                                              "n_embd": 16, "block_size": 8, "bias": True}), 11)
+    opt = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.1,
+                                          no_decay=["bias", "norm", "embedding"]), model)
+    decayed, exempt = (opt.param_groups[0], opt.param_groups[1])
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}  # the tied head is the wte
+    assert sorted(names[id(p)] for p in exempt["params"]) == sorted(
+        n for n, p in model.named_parameters()
+        if n.endswith("bias") or ".ln_" in n or n.startswith("ln_f") or n in ("wte.weight",
+                                                                              "wpe.weight"))
+    assert all(p.dim() == 2 and names[id(p)].endswith("weight") for p in decayed["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters())  # every parameter once
+    everything = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.1), model)
+    assert len(everything.param_groups) == 1  # the default decays every parameter
+    with pytest.raises(UserError, match="optimizer.no_decay: \\['layernorm'\\] are not"):
+        build_optimizer(OptimizerConfig(name="adamw", no_decay=["layernorm"]), model)
+
+
+def test_gradient_accumulation_and_clipping_take_the_batchs_step() -> None:
+    """Four micro-batches give the one-batch step (to rounding); clipping bounds the norm."""
+    from swa_research.training.step import TrainStep
+
+    torch.manual_seed(0)
+    cfg = resolve_model_config({"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                "block_size": 8, "dropout": 0.0})
+    models = [build_model(cfg, 11) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randint(0, 11, (8, 8))
+    y = torch.roll(x, -1, dims=1)
+    task_loss = build_task("lm").loss
+    steps = [TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.5), "fp32", torch.device("cpu"),
+                       loss=task_loss, accumulate=k) for m, k in zip(models, (1, 4),
+                                                                    strict=True)]
+    (la, oa), (lb, ob) = steps[0](x, y), steps[1](x, y)
+    assert lb.item() == pytest.approx(la.item(), rel=1e-6) and torch.allclose(oa, ob, atol=1e-6)
+    for pa, pb in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    clipped = TrainStep(models[0], torch.optim.SGD(models[0].parameters(), lr=0.0), "fp32",
+                        torch.device("cpu"), loss=task_loss, grad_clip=0.01)
+    clipped(x, y)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in models[0].parameters()
+                                                 if p.grad is not None]))
+    assert norm.item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_lawa_is_the_mean_of_its_latest_k_points_and_resumes() -> None:
+    from swa_research.averaging import make_average
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    lawa = make_average("lawa", model, lawa_k=3)
+    points = []
+    for step in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * (step + 1))
+        points.append([p.detach().clone() for p in model.parameters()])
+        lawa.update(model)
+        latest = points[-3:]
+        for j, p in enumerate(lawa.module.parameters()):
+            torch.testing.assert_close(p, torch.stack([q[j] for q in latest]).mean(0),
+                                       rtol=1e-6, atol=1e-6)
+    assert lawa.n_averaged == 3 and lawa.settings() == {"k": 3, "updates": 7}
+    again = make_average("lawa", model, lawa_k=3)
+    again.load_state_dict(lawa.state_dict())
+    model.apply(lambda m: None)
+    lawa.update(model)
+    again.update(model)
+    for a, b in zip(lawa.module.parameters(), again.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="swa.lawa_k=0: must be at least 1"):
+        make_average("lawa", model, lawa_k=0)
+
+
+@pytest.mark.parametrize("preset", ["char_cpu", "shakespeare_char", "schedules_cpu", "lawa_cpu"])
+def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> None:
+    from swa_research.config import validate
+    from swa_research.training.build import load_config
+
+    cfg = compose_config([f"experiment=lm/{preset}", f"data.root={tmp_path}"])
+    config = load_config(cfg)
+    validate(config)
+    assert (config.task.name, config.data.name, config.model["name"]) == ("lm", "text", "gpt")
+    if preset == "shakespeare_char":  # nanoGPT's train_shakespeare_char.py
+        m, o, s, t = config.model, config.optimizer, config.schedule, config.trainer
+        assert (m["n_layer"], m["n_head"], m["n_embd"], m["block_size"], m["dropout"]) == (
+            6, 6, 384, 256, 0.2)
+        assert (o.lr, o.betas[1], o.weight_decay, o.grad_clip) == (1e-3, 0.99, 0.1, 1.0)
+        assert (s.name, s.warmup, s.final_ratio) == ("warmup_cosine", 100, 0.1)
+        iters = config.data.windows_per_epoch // t.batch_size
+        assert (t.batch_size, iters * t.epochs, iters) == (64, 5000, 250)  # eval every 250
+    if preset == "schedules_cpu":
+        assert config.schedule.name == "warmup_constant"
+    if preset == "lawa_cpu":
+        assert config.swa.method == "lawa" and config.optimizer.lr == 3e-3
+
+
+def test_the_sweep_presets_sweep_what_their_papers_compare(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from swa_research.conf import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("swa_research.conf", version_base=None):
+        for preset, want in (("schedules_cpu", {"schedule": "warmup_constant,warmup_cosine,wsd"}),
+                             ("lawa_cpu", {"swa.lawa_k": "5,10,20", "swa.freq": "10,50"})):
+            cfg = compose("config", overrides=[f"experiment=lm/{preset}",
+                                               f"data.root={tmp_path}"],
+                          return_hydra_config=True)
+            assert dict(cfg.hydra.sweeper.params) == want
+    GlobalHydra.instance().clear()
