@@ -335,6 +335,11 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key}={_get(cfg, key)}: must be >= 0 (0: off)")
     if cfg.trainer.checkpoint_every < 0:
         raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
+    t = cfg.trainer
+    if t.snapshot_every > t.epochs and t.snapshot_unit == "epoch":
+        raise UserError(f"trainer.snapshot_every={t.snapshot_every}: every "
+                        f"{t.snapshot_every} epochs takes no snapshot in a budget of {t.epochs} "
+                        "(trainer.snapshot_unit=iter counts iterations)")
     if cfg.trainer.snapshot_every < 0:
         raise UserError(f"trainer.snapshot_every={cfg.trainer.snapshot_every}: must be >= 0 "
                         "(0: no snapshots)")

@@ -52,6 +52,7 @@ class TaskMetrics:
     maximize: frozenset[str] = field(default_factory=frozenset)
     percent: frozenset[str] = field(default_factory=frozenset)
     headline: str = "loss"
+    unit: str = "samples"  # what the training throughput counts (images, tokens)
 
     def __post_init__(self) -> None:
         if not self.metrics or self.metrics[0] != "loss":
@@ -107,7 +108,7 @@ class TaskMetrics:
         """metrics.json's ``task``."""
         return {"name": self.name, "metrics": list(self.metrics),
                 "maximize": sorted(self.maximize), "percent": sorted(self.percent),
-                "headline": self.headline}
+                "headline": self.headline, "unit": self.unit}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any] | None) -> TaskMetrics:
@@ -117,7 +118,7 @@ class TaskMetrics:
             return CLASSIFICATION
         return cls(str(record["name"]), tuple(record["metrics"]),
                    frozenset(record.get("maximize", ())), frozenset(record.get("percent", ())),
-                   str(record.get("headline", "loss")))
+                   str(record.get("headline", "loss")), str(record.get("unit", "samples")))
 
     @classmethod
     def of_run(cls, metrics: Mapping[str, Any] | None) -> TaskMetrics:
@@ -126,7 +127,7 @@ class TaskMetrics:
 
 
 CLASSIFICATION = TaskMetrics("classification", ("loss", "acc"), frozenset({"acc"}),
-                             frozenset({"acc"}), headline="acc")
+                             frozenset({"acc"}), headline="acc", unit="images")
 
 
 class Task:

@@ -45,7 +45,7 @@ def split_bounds(n: int, val_fraction: float, test_fraction: float) -> tuple[int
 
 @register_task("lm")
 class LanguageModel(Task):
-    spec = TaskMetrics("lm", ("loss", "ppl"), headline="loss")
+    spec = TaskMetrics("lm", ("loss", "ppl"), headline="loss", unit="tokens")
 
     def check(self, config: Any) -> None:
         if config.data.name != "text":

@@ -30,6 +30,8 @@ def eval_line(row: dict[str, Any], spec: TaskMetrics, averages: Sequence[str], e
             msg += (f" | {name} val {scores(f'{name}_val')} test {scores(f'{name}_test')} "
                     f"(n={row[f'{name}_n_averaged']})")
     msg += f" | {seconds:.1f}s"
+    if row.get("images_per_s"):  # training throughput so far, in the task's unit
+        msg += f", {row['images_per_s']:,.0f} {spec.unit}/s"
     if loader_wait is not None:
         msg += f" (loader wait {100 * loader_wait:.0f}% of training)"
     return msg
