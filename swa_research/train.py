@@ -165,7 +165,7 @@ def job_config_text(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from swa_research.config import unused_keys
+    from swa_research.config_keys import unused_keys
     from swa_research.training.build import config_dict_of, load_config
 
     GlobalHydra.instance().clear()

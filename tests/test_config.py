@@ -332,7 +332,7 @@ def test_cfg_job_and_wandb_show_the_keys_that_act_first() -> None:
     method's options grouped apart (commented out); W&B records only the keys that act."""
     import yaml
 
-    from swa_research.config import unused_keys
+    from swa_research.config_keys import unused_keys
     from swa_research.tracking.loggers import applicable_config
     from swa_research.train import cfg_job_overrides, job_config_text
     from swa_research.training.build import config_dict_of

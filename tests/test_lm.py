@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -257,16 +258,28 @@ def test_two_ranks_train_the_lm_as_one_process(tmp_path: Path) -> None:
                           f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", "2", "-m", "swa_research.train", *args,
-                          f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    def torchrun(run_dir: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", "2", "--tee", "3", "-m", "swa_research.train",
+                               *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    two_dir = tmp_path / "two"
+    two = torchrun(two_dir)
+    if two.returncode != 0 and "SIGABRT" in two.stderr:
+        # Seen once in CI (a rank aborted by the C++ runtime, no Python traceback, while the
+        # default test set loaded both cores); not reproduced in dozens of runs. Its output is
+        # kept in the warning, and the run is repeated once in a fresh dir.
+        warnings.warn(f"torchrun child aborted; rerunning once: {two.stderr[-3000:]}",
+                      stacklevel=1)
+        two_dir = tmp_path / "two_again"
+        two = torchrun(two_dir)
+    assert two.returncode == 0, two.stderr[-4000:]
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", two_dir))
     assert m1["sgd"]["val_loss"] < 0.7 * math.log(17)  # it learned
     for name in ("sgd_final.pt", "swa.pt"):
         a = torch.load(tmp_path / "one" / name, weights_only=False)["state_dict"]
-        b = torch.load(tmp_path / "two" / name, weights_only=False)["state_dict"]
+        b = torch.load(two_dir / name, weights_only=False)["state_dict"]
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst < 1e-5, (name, worst)
     assert m2["sgd"]["val_loss"] == pytest.approx(m1["sgd"]["val_loss"], abs=1e-5)
