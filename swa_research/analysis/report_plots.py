@@ -7,15 +7,23 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from matplotlib.ticker import MaxNLocator
 
 from swa_research.analysis.runset import Run
+from swa_research.tasks import TaskMetrics
 from swa_research.tracking.plots import pyplot, read_history, save_figure
 
-if TYPE_CHECKING:
-    from swa_research.analysis.report import Report
+
+class Report(Protocol):
+    """What the plots read of a sweep report (:class:`swa_research.analysis.report.Report`)."""
+
+    root: Path
+    rows: Any  # its ConfigRows: label, runs, gain
+    spec: TaskMetrics
+
+    def further_columns(self) -> list[tuple[str, tuple[str, ...], str]]: ...
 
 
 def plot_gain(report: Report, path: Path) -> Path:

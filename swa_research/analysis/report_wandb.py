@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from swa_research.analysis.paper import CSV_HEADER, comparison_csv_row
 
-if TYPE_CHECKING:
-    from swa_research.analysis.report import Report
+
+class Report(Protocol):
+    """What W&B is given of a sweep report (:class:`swa_research.analysis.report.Report`)."""
+
+    root: Path
+    keys: list[str]
+    runs: Any
+    paper: Any
+    files: list[Path]
+
+    @property
+    def failed(self) -> list[Any]: ...
+
+    def csv_rows(self) -> tuple[list[str], list[list[Any]]]: ...
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from swa_research.averaging import PRIMARY
 from swa_research.tracking.runs import LATEST
@@ -18,8 +19,31 @@ from swa_research.training.checkpoint import rng_state, save_checkpoint, set_rng
 from swa_research.training.preemption import REQUEUE_EXIT_CODE, Preempted
 from swa_research.training.ranks import buffers_of, load_buffers, networks_of
 
-if TYPE_CHECKING:
-    from swa_research.training.trainer import Trainer
+
+class Trainer(Protocol):
+    """What a checkpoint holds of the trainer (:class:`swa_research.training.trainer.Trainer`);
+    a protocol, so that the trainer imports this module and not the other way round."""
+
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    averages: dict[str, Any]
+    evaluator: Any
+    loggers: Any
+    ranks: Any
+    step: Any
+    signals: Any
+    generator: torch.Generator
+    device: Any
+    config_dict: dict[str, Any]
+    run_dir: Path
+    history: list[dict[str, Any]]
+    partial: dict[str, Any] | None
+    iteration: int
+    start_epoch: int
+    train_time: float
+    images_seen: int
+    wall_before: float
 
 log = logging.getLogger(__name__)
 
