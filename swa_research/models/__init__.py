@@ -54,9 +54,17 @@ MODELS: dict[str, ModelEntry] = {
 COMMON_OPTIONS: dict[str, bool] = {"sync_bn": False}
 
 
-def register_model(name: str, build: Callable[..., nn.Module], image_multiple: int = 1) -> None:
-    """Add a model under ``name`` (from a plugin, a notebook or a test)."""
-    MODELS[name] = ModelEntry(build, image_multiple)
+def register_model(name: str, build: Callable[..., nn.Module], image_multiple: int = 1,
+                   task: str = "classification") -> None:
+    """Add a model under ``name`` (from a plugin, a notebook or a test) for ``task``."""
+    MODELS[name] = ModelEntry(build, image_multiple, task)
+
+
+def model_task(model: dict[str, Any]) -> str | None:
+    """The task a model config's model is for (its registry entry's); None for an unknown
+    name (refused where the model is resolved)."""
+    entry = MODELS.get(model.get("name"))  # type: ignore[arg-type]
+    return None if entry is None else entry.task
 
 
 def model_options(name: str) -> dict[str, inspect.Parameter]:

@@ -9,6 +9,8 @@ from swa_research.tasks.base import (
     TaskMetrics,
     build_task,
     register_task,
+    row_metrics,
 )
 
-__all__ = ["CLASSIFICATION", "TASKS", "Task", "TaskMetrics", "build_task", "register_task"]
+__all__ = ["CLASSIFICATION", "TASKS", "Task", "TaskMetrics", "build_task", "register_task",
+           "row_metrics"]

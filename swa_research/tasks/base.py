@@ -24,14 +24,13 @@ from swa_research.data import (
     DataSplits,
     Limits,
     Preprocess,
+    Shard,
     bn_pass_batches,
     build_data,
     eval_batches,
     train_batches,
 )
 from swa_research.errors import UserError
-
-Shard = tuple[int, int]  # (rank, world size)
 
 METRIC_TITLES = {"acc": "accuracy", "mae": "mean absolute error", "ppl": "perplexity"}
 
@@ -124,6 +123,11 @@ class TaskMetrics:
     def of_run(cls, metrics: Mapping[str, Any] | None) -> TaskMetrics:
         """The task of a run from its metrics.json contents."""
         return cls.from_record((metrics or {}).get("task"))
+
+
+def row_metrics(row: Mapping[str, Any]) -> list[str]:
+    """The task's metric names in an evaluation row (from its ``sgd_test_<m>`` columns)."""
+    return [k[len("sgd_test_"):] for k in row if k.startswith("sgd_test_")]
 
 
 CLASSIFICATION = TaskMetrics("classification", ("loss", "acc"), frozenset({"acc"}),

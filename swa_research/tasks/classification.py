@@ -11,6 +11,7 @@ from torch import Tensor
 
 from swa_research.data import DataSplits
 from swa_research.errors import UserError
+from swa_research.models import model_task
 from swa_research.tasks.base import CLASSIFICATION, Task, register_task
 
 
@@ -22,7 +23,7 @@ class Classification(Task):
     def check(self, config: Any) -> None:
         if config.data.name == "text":
             raise UserError("data=text is for language models: set task=lm (and model=gpt)")
-        if "block_size" in config.model:
+        if model_task(config.model) == "lm":
             raise UserError(f"model={config.model.get('name')} is a language model: set "
                             "task=lm data=text")
 

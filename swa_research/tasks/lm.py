@@ -21,6 +21,7 @@ from torch import Tensor
 from swa_research.data import DataSplits
 from swa_research.data.text import Tokenizer, TokenSet, load_tokens
 from swa_research.errors import DataError, UserError
+from swa_research.models import model_task
 from swa_research.tasks.base import Task, TaskMetrics, register_task
 
 
@@ -50,7 +51,7 @@ class LanguageModel(Task):
     def check(self, config: Any) -> None:
         if config.data.name != "text":
             raise UserError(f"task=lm trains on text: set data=text (not data={config.data.name})")
-        if "block_size" not in config.model:
+        if model_task(config.model) != "lm":
             raise UserError(f"task=lm needs a language model (model=gpt), not "
                             f"model={config.model.get('name')}")
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from swa_research.config import LoggerConfig, flatten_dict
 from swa_research.config_keys import unused_keys
 from swa_research.fileio import atomic_write_text
-from swa_research.tasks import CLASSIFICATION, TaskMetrics
+from swa_research.tasks import CLASSIFICATION, TaskMetrics, row_metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,6 @@ class RunLogger(Protocol):
     def log_step(self, iteration: int, values: dict[str, float]) -> None: ...
     def log_eval(self, row: dict[str, Any]) -> None: ...
     def finish(self, metrics: dict[str, Any]) -> None: ...
-
-
-def row_metrics(row: dict[str, Any]) -> list[str]:
-    """The task's metric names in an evaluation row (from its ``sgd_test_<m>`` columns)."""
-    return [k[len("sgd_test_"):] for k in row if k.startswith("sgd_test_")]
 
 
 def eval_values(row: dict[str, Any], averages: list[str] | tuple[str, ...]) -> dict[str, Any]:

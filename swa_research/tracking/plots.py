@@ -10,6 +10,8 @@ from typing import Any
 
 from matplotlib.ticker import MaxNLocator
 
+from swa_research.tasks import CLASSIFICATION, row_metrics
+
 PLOT_FILES = ("loss_curves.png", "accuracy.png")
 
 
@@ -82,8 +84,7 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     out = Path(out_dir)
     written: list[Path] = []
     names = model_names(rows)
-    metrics = [k[len("sgd_test_"):] for k in (rows[0] if rows else {})
-               if k.startswith("sgd_test_")] or ["loss", "acc"]
+    metrics = row_metrics(rows[0] if rows else {}) or list(CLASSIFICATION.metrics)
     panels = [  # file, metric suffix, y label, scale, title
         (name, m, *(("loss", 1.0, "Loss") if m == "loss" else
                     ("accuracy (%)", 100.0, "SGD vs averaged accuracy") if m == "acc" else

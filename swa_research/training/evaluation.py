@@ -12,8 +12,9 @@ What is evaluated is a network (``nn.Module``) or an average
 (:class:`~swa_research.averaging.Average`: its ``predict``, in its module's eval mode). An
 average that predicts whole sets itself (``Average.collect_probs``, e.g. SWAG's Bayesian model
 average) gives class probabilities: they are scored with log(probabilities) as the logits
-(:func:`logits_from_probs`, :func:`evaluate_probs`), so that the cross-entropy is the NLL of the
-averaged prediction and softmax gives the probabilities back for accuracy and ECE.
+(:func:`~swa_research.tasks.classification.log_probs`, :func:`evaluate_probs`), so that the
+cross-entropy is the NLL of the averaged prediction and softmax gives the probabilities back
+for accuracy and ECE.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions,
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.distributed import all_reduce_sum_, world
 from swa_research.tasks import Task, build_task
-from swa_research.tasks.classification import log_probs
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def evaluate(model: Evaluated, data: Any, preprocess: Preprocess, batch_size: in
     return task.summarize(values, n)
 
 
-def logits_from_probs(probs: Tensor) -> Tensor:
-    """log(probabilities) in float64 (a probability of 0 becomes the smallest positive
-    double's log rather than -inf): softmax of it gives the probabilities back."""
-    return log_probs(probs)
-
-
 def evaluate_probs(probs: Tensor | None, data: Any, task: Task | None = None) -> Scores:
     """The task's metrics of predicted class probabilities [N, C] of ``data`` (in its order;
     the loss is the negative log-likelihood): :func:`evaluate` for an average that predicts
@@ -117,7 +111,7 @@ def calibrate_run(models: dict[str, Evaluated | tuple[Tensor, Tensor] | None], t
     to evaluate) on the test set, and their reliability diagram in ``run_dir``: the value of
     metrics.json's "calibration" key. Averages must already be prepared for evaluation; an
     entry may instead be the (logits, labels) of the test set already collected (an average
-    that predicts whole sets: :func:`logits_from_probs` of its probabilities). ``plot``: write
+    that predicts whole sets: ``log_probs`` of its probabilities). ``plot``: write
     the diagram (under DDP rank 0 alone does)."""
     from swa_research.tracking.plots import plot_reliability
 

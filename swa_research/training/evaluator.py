@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from swa_research.averaging import PRIMARY, Average
 from swa_research.config import TrainerConfig, UserError
 from swa_research.tasks import Task
+from swa_research.tasks.classification import log_probs
 from swa_research.training.evaluation import (
     Scores,
     calibrate_run,
     evaluate,
     evaluate_probs,
-    logits_from_probs,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class Evaluator:
         return {f"{prefix}_{split}_{m}": scores[split][m] for split in SPLITS
                 for m in self.metrics}
 
+    def _entries(self, scores: dict[str, Scores]) -> dict[str, Any]:
+        """metrics.json's entries of a model: ``<split>_<m>``, test first."""
+        return {f"{s}_{m}": scores[s][m] for s in ("test", "val") for m in self.metrics}
+
     def row(self, model: nn.Module, epoch: int, iteration: int, lr: float,
             train: Scores | None, history: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the SGD model and each average; the history row."""
@@ -94,7 +98,7 @@ class Evaluator:
                                # The primary's columns are there also in a run without an average.
                                **self._columns(PRIMARY, {s: none for s in SPLITS}),
                                f"{PRIMARY}_n_averaged": 0}
-        self.last_sgd = {f"{s}_{m}": sgd[s][m] for s in ("test", "val") for m in self.metrics}
+        self.last_sgd = self._entries(sgd)
         final = epoch == self.cfg.epochs
         # This evaluation's number, counted from 1 (trainer.eval_at_start's row 0 not counted).
         evaluation = sum(1 for r in history if r["epoch"] > 0) + 1
@@ -106,8 +110,7 @@ class Evaluator:
             row.update({**self._columns(name, scores), f"{name}_n_averaged": average.n_averaged})
             if due or average.n_averaged == 0 or name not in self.last_avg:
                 # An evaluation the average skips (eval_due) keeps its latest results.
-                self.last_avg[name] = {**{f"{s}_{m}": scores[s][m] for s in ("test", "val")
-                                          for m in self.metrics},
+                self.last_avg[name] = {**self._entries(scores),
                                        "n_averaged": average.n_averaged, **average.settings()}
         model.train()
         self._note_nonfinite(row, epoch)
@@ -123,7 +126,7 @@ class Evaluator:
                 average.prepare_for_eval(self.bn_batches(iteration))
             return {s: self._scores(average, s) for s in SPLITS}
         if final and "test" in probs:
-            self.final_logits[name] = (logits_from_probs(probs["test"]).cpu(),
+            self.final_logits[name] = (log_probs(probs["test"]).cpu(),
                                        self.data.test.labels.cpu())
         return {s: evaluate_probs(probs.get(s), getattr(self.data, s), self.task)
                 for s in SPLITS}
@@ -184,7 +187,7 @@ class Evaluator:
         probs = self.collect_probs(average, iteration, {"test": self.data.test})
         if probs is None:
             return average
-        return logits_from_probs(probs["test"]).cpu(), self.data.test.labels.cpu()
+        return log_probs(probs["test"]).cpu(), self.data.test.labels.cpu()
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

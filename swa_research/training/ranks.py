@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from swa_research.data import Shard
 from swa_research.distributed import (
     all_reduce_sum_,
     average_buffers_,
@@ -26,7 +27,6 @@ from swa_research.distributed import (
 
 log = logging.getLogger(__name__)
 
-Shard = tuple[int, int]  # (rank, world size)
 
 
 class Ranks:
