@@ -82,7 +82,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # sgd | adam | adamw
+    name: str = "adam"  # sgd | adam | adamw | adamw_schedulefree
     lr: float = 1e-4
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -93,6 +93,10 @@ class OptimizerConfig:
     no_decay: list[str] = field(default_factory=list)
     # Clip the gradients' global L2 norm to this before each step (0: off; nanoGPT: 1.0).
     grad_clip: float = 0.0
+    # adamw_schedulefree (Defazio et al. 2024, package schedulefree): the weight of step t in
+    # its average is t^r lr_max^weight_lr_power (the package's names and defaults).
+    weight_lr_power: float = 2.0
+    r: float = 0.0
 
 
 @dataclass
@@ -244,7 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "text"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "trainer.strategy": ("auto", "single", "ddp"),
-    "optimizer.name": ("sgd", "adam", "adamw"),
+    "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
                       "warmup_constant", "wsd"),
     "schedule.cooldown_shape": ("linear", "1-sqrt"),
@@ -371,6 +375,13 @@ def validate(cfg: Config) -> None:
         raise UserError("optimizer.nesterov=true needs optimizer=sgd with optimizer.momentum > 0")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         raise UserError(f"optimizer.betas={cfg.optimizer.betas}: expected two numbers in [0, 1)")
+    if o.name == "adamw_schedulefree":
+        if not o.betas[0] > 0:
+            raise UserError(f"optimizer.betas={o.betas}: schedule-free AdamW interpolates with "
+                            "betas[0], which must be > 0 (its default: 0.9)")
+        for key in ("weight_lr_power", "r"):
+            if not (getattr(o, key) >= 0 and math.isfinite(getattr(o, key))):
+                raise UserError(f"optimizer.{key}={getattr(o, key)}: must be a number >= 0")
     if cfg.data.normalize and (len(cfg.data.mean) != 3 or len(cfg.data.std) != 3
                                or min(cfg.data.std) <= 0):
         raise UserError("data.mean and data.std need three values each, std > 0")

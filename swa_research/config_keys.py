@@ -60,5 +60,7 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused.append("optimizer.betas")
     else:
         unused += ["optimizer.momentum", "optimizer.nesterov"]
+    if opt.get("name") != "adamw_schedulefree":
+        unused += ["optimizer.weight_lr_power", "optimizer.r"]
     present = flatten_dict(config)
     return [k for k in dict.fromkeys(unused) if k in present]

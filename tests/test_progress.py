@@ -50,14 +50,14 @@ def test_a_line_every_interval_with_loss_speed_and_time_left(
 def test_no_line_after_the_last_iteration_and_hours_in_the_time_left(
         caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    progress = Progress("line", total=1000, clock=clock)
+    progress = Progress("line", total=1000, clock=clock, unit="tokens")
     with caplog.at_level(logging.INFO, logger="swa_research.tracking.progress"):
         clock.now += 40
         progress.update(1, 1, 10, torch.tensor(12.8), 1280)  # 4 s per iteration, 990 left
         clock.now += 4000
         progress.update(1, 1, 1000, torch.tensor(0.0), 128000)
     assert lines(caplog) == ["epoch 1/1: iteration 10/1000 (1%), train loss 0.0100, "
-                             "32 images/s, epoch done in 1:06:00"]
+                             "32 tokens/s, epoch done in 1:06:00"]  # the task's unit
 
 
 def test_a_resumed_epoch_counts_speed_from_where_it_resumed(

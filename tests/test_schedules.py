@@ -431,3 +431,20 @@ def test_warmup_constant_and_the_scheduler_follow_the_schedule() -> None:
         opt.step()
         scheduler.step()
     assert seen == pytest.approx([0.1 * (i + 1) / 11 for i in range(10)] + [0.1] * 30)
+
+
+def test_the_schedule_plot_draws_every_step_or_an_even_stride_with_the_last(tmp_path) -> None:
+    from swa_research.tracking.plots import plot_schedule, schedule_points
+
+    cfg = ScheduleConfig(name="wsd", warmup=10, cooldown=0.2, cooldown_shape="1-sqrt",
+                         final_ratio=0.0)
+    sched = build_schedule(cfg, lr=1e-3, swa_lr=1e-3, iters_per_epoch=50, total_iters=1000,
+                           start_iter=500)
+    xs, ys = schedule_points(sched, 1000)
+    assert xs == list(range(1000)) and ys == [sched(i) for i in range(1000)]
+    xs, ys = schedule_points(sched, 1000, max_points=300)  # stride 4, the last step added
+    assert xs[:3] == [0, 4, 8] and xs[-1] == 999 and len(xs) == 251
+    assert ys == [sched(i) for i in xs] and ys[-1] == 0.0  # the cooldown's end
+    assert schedule_points(sched, 0) == ([], [])
+    path = plot_schedule(sched, 1000, 50, tmp_path / "lr.png", averaging_start=500)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

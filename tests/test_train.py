@@ -378,7 +378,7 @@ def test_train_leaves_no_temporary_files_with_a_preexisting_run_dir(tmp_path: Pa
     check_run(r)
     assert (tmp_path / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".lock", "accuracy.png", "history.csv", "keep.txt", "loss_curves.png",
+        ".lock", "accuracy.png", "history.csv", "keep.txt", "loss_curves.png", "lr_schedule.png",
         "metrics.json", "reliability.png", "sgd_best_val.pt", "sgd_final.pt", "swa.pt"]
 
 

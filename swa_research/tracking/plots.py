@@ -1,10 +1,11 @@
-"""PNG plots of a run: loss curves, SGD vs averaged accuracy over epochs, and the reliability
-diagram of each model."""
+"""PNG plots of a run: loss curves, SGD vs averaged accuracy over epochs, the learning-rate
+schedule, and the reliability diagram of each model."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,45 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         ax.legend()
         written.append(save_figure(fig, out / filename))
     return written
+
+
+SCHEDULE_FILE = "lr_schedule.png"
+
+
+def schedule_points(lr: Callable[[int], float], total: int, max_points: int = 20_000
+                    ) -> tuple[list[int], list[float]]:
+    """(iterations, lr) of a schedule over ``total`` steps: every step up to ``max_points``
+    steps, else evenly strided, always with the first and the last."""
+    if total <= 0:
+        return [], []
+    stride = max(1, math.ceil(total / max_points))
+    xs = list(range(0, total, stride))
+    if xs[-1] != total - 1:
+        xs.append(total - 1)
+    return xs, [float(lr(i)) for i in xs]
+
+
+def plot_schedule(lr: Callable[[int], float], total: int, iters_per_epoch: int,
+                  path: str | Path, averaging_start: int | None = None, title: str = "") -> Path:
+    """The learning rate of every step (``lr(i)`` for the 0-based step i) over the budget, in
+    epochs below and iterations above, the averaging phase shaded."""
+    plt = pyplot()
+    xs, ys = schedule_points(lr, total)
+    ipe = max(1, iters_per_epoch)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([x / ipe for x in xs], ys, color="tab:blue", lw=1.2, label="lr")
+    if averaging_start is not None and averaging_start < total:
+        ax.axvspan(averaging_start / ipe, total / ipe, color="tab:orange", alpha=0.15,
+                   label="averaging")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    top = ax.secondary_xaxis("top", functions=(lambda e: e * ipe, lambda i: i / ipe))
+    top.set_xlabel("iteration")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"Learning rate {title}".strip())
+    return save_figure(fig, path)
 
 
 def plot_reliability(bins: dict[str, Any], path: str | Path, title: str = "") -> Path:

@@ -68,7 +68,7 @@ class Progress:
 
     def __init__(self, mode: str, total: int, done: int = 0, seen: int = 0,
                  clock: Callable[[], float] = time.monotonic,
-                 extra: Callable[[], str] | None = None) -> None:
+                 extra: Callable[[], str] | None = None, unit: str = "images") -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "line"
         self.mode = mode
@@ -79,6 +79,7 @@ class Progress:
         self._last = 0.0 if mode == "bar" else self._t0
         self._done0, self._seen0 = done, seen
         self._extra = extra
+        self.unit = unit  # what ``seen`` counts: the task's throughput unit
 
     def _suffix(self) -> str:
         return f", {self._extra()}" if self._extra is not None else ""
@@ -111,10 +112,10 @@ class Progress:
         self._last = now
         elapsed = max(now - self._t0, 1e-9)
         per_iter = elapsed / max(1, done - self._done0)
-        log.info("epoch %d/%d: iteration %d/%d (%d%%), train loss %.4f, %.0f images/s, "
+        log.info("epoch %d/%d: iteration %d/%d (%d%%), train loss %.4f, %.0f %s/s, "
                  "epoch done in %s%s", epoch, epochs, done, self.total,
                  100 * done // max(1, self.total), loss_sum.item() / max(1, seen),
-                 (seen - self._seen0) / elapsed, _hms(per_iter * (self.total - done)),
+                 (seen - self._seen0) / elapsed, self.unit, _hms(per_iter * (self.total - done)),
                  self._suffix())
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ from swa_research.tracking.loggers import (
     run_summary,
     write_metrics,
 )
+from swa_research.tracking.plots import SCHEDULE_FILE, plot_schedule
 from swa_research.tracking.runs import check_finished_run, holds_run, read_metrics
 from swa_research.tracking.trackers import build_trackers, check_trackers
 from swa_research.training.checkpoint import (
@@ -50,7 +51,12 @@ from swa_research.training.checkpoint import (
     find_resume_checkpoint,
 )
 from swa_research.training.evaluator import check_best_by
-from swa_research.training.optim import build_optimizer, build_schedule, build_scheduler
+from swa_research.training.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_schedule,
+    build_scheduler,
+)
 from swa_research.training.preemption import stop_on_signals
 from swa_research.training.snapshots import SnapshotWriter
 from swa_research.training.step import compile_in_place, memory_format, resolve_precision
@@ -318,6 +324,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
     if world().is_main:
         loggers += build_trackers(config.logger, run_dir, config_dict, list(averages),
                                   run_name)
+        write_schedule_plot(schedule, run_dir, plan.start_iter, config.logger.name or run_name)
     return Trainer(
         model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, schedule),
         plan=plan, averages=averages, data=data, train_pre=train_pre, eval_pre=eval_pre,
@@ -328,6 +335,17 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         if trainer_cfg.snapshot_every and world().is_main else None,
         train_model=train_model, device=device, task=task,
         grad_clip=config.optimizer.grad_clip)
+
+
+def write_schedule_plot(schedule: LRSchedule, run_dir: Path, averaging_start: int | None,
+                        title: str | None) -> None:
+    """lr_schedule.png: the lr of every step of the budget, before the first step (a plot is
+    a convenience: a failure is a warning)."""
+    try:
+        plot_schedule(schedule, schedule.total_iters, schedule.iters_per_epoch,
+                      run_dir / SCHEDULE_FILE, averaging_start, title or "")
+    except Exception as e:
+        log.warning("could not write %s into %s: %s", SCHEDULE_FILE, run_dir, e)
 
 
 def check_task_methods(task: Task, averages: dict[str, Average]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,51 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module | Iterable[torch.nn.P
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
                                  fused=fused)
-    raise ValueError(f"unknown optimizer {cfg.name!r}: expected sgd, adam or adamw")
+    if cfg.name == "adamw_schedulefree":
+        try:
+            import schedulefree
+        except ImportError as e:
+            raise UserError("optimizer=adamw_schedulefree needs the schedulefree package: "
+                            "pip install 'swa_research[lm]' (or pip install schedulefree)") from e
+        # Its warm-up is the project's schedule (warmup_constant): the package's own is off.
+        return schedulefree.AdamWScheduleFree(groups, lr=cfg.lr, betas=betas,
+                                              weight_decay=cfg.weight_decay, warmup_steps=0,
+                                              r=cfg.r, weight_lr_power=cfg.weight_lr_power)
+    raise ValueError(f"unknown optimizer {cfg.name!r}: expected sgd, adam, adamw or "
+                     "adamw_schedulefree")
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """An optimizer that averages inside its step (Defazio et al. 2024): its parameters hold y,
+    where gradients are taken, in train mode, and x, the average one evaluates, in eval mode."""
+    return bool(optimizer.param_groups) and "train_mode" in optimizer.param_groups[0] \
+        and callable(getattr(optimizer, "eval", None))
+
+
+@contextmanager
+def averaged_iterate(optimizer: torch.optim.Optimizer, model: nn.Module,
+                     prepare: Callable[[nn.Module], None] | None = None) -> Iterator[None]:
+    """Inside: ``model`` holds a schedule-free optimizer's averaged iterate x (what the run
+    evaluates, averages, snapshots and saves as its SGD model), then ``prepare(model)`` has run
+    (the BN pass of a model with BN layers: their statistics were gathered at y). After:
+    the parameters and buffers training left, bit for bit (not the lerp back, whose rounding
+    would make the training run depend on how often it was evaluated). Other optimizers: a
+    no-op."""
+    if not is_schedule_free(optimizer) or not optimizer.param_groups[0]["train_mode"]:
+        yield
+        return
+    kept = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+    optimizer.eval()  # type: ignore[attr-defined]
+    try:
+        if prepare is not None:
+            prepare(model)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, old in zip((*model.parameters(), *model.buffers()), kept, strict=True):
+                t.copy_(old)
+        for group in optimizer.param_groups:
+            group["train_mode"] = True
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swa_research.averaging import Average, AveragingPlan
+from swa_research.averaging import Average, AveragingPlan, bn_update, has_batch_norm
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import describe_write_error
@@ -26,7 +26,8 @@ from swa_research.tracking.loggers import Loggers
 from swa_research.tracking.outputs import run_metrics, save_weights
 from swa_research.tracking.progress import Progress, eval_line, start_lines
 from swa_research.training.checkpoint import remove_finished_checkpoints
-from swa_research.training.evaluator import Evaluator
+from swa_research.training.evaluator import Evaluator, forked_rng
+from swa_research.training.optim import averaged_iterate, is_schedule_free
 from swa_research.training.preemption import (
     WRITING_RESULTS,
     SignalFlag,
@@ -88,6 +89,8 @@ class Trainer:
                               grad_clip=self.grad_clip)
         self.evaluator = Evaluator(self.task, self.data, self.eval_pre, self.cfg, self.seed,
                                    self.averages, self.device, self.bn_batches)
+        if is_schedule_free(self.optimizer):
+            self.optimizer.train()  # type: ignore[attr-defined]  # a checkpoint's state keeps it
         self.model_info = {"name": (self.config_dict.get("model") or {}).get("name"),
                            "parameters": sum(p.numel() for p in self.model.parameters())}
 
@@ -113,7 +116,7 @@ class Trainer:
                                           self.ranks.shard, aug_seed)
         progress = Progress(self.cfg.progress if self.ranks.is_main else "none",
                             self.plan.iters_per_epoch, start, seen,
-                            extra=getattr(batches, "describe", None))
+                            extra=getattr(batches, "describe", None), unit=self.task.spec.unit)
         for i, (x, y) in enumerate(batches, start=start + 1):
             self.last_lr = self.current_lr()  # before the scheduler moves on to the next step's
             loss, output = self.step(x, y)
@@ -124,7 +127,7 @@ class Trainer:
             if self.plan.due_after_iter(self.iteration):
                 self._update_averages()
             if self.snapshots is not None and self.snapshots.due_after_iter(self.iteration):
-                self.snapshots.save(self.model, self.iteration)
+                self._snapshot()
             stop = False
             if self.iteration % self.log_every == 0:
                 # The one sync every log_every steps: the logged loss, also a divergence check;
@@ -144,7 +147,7 @@ class Trainer:
             self._update_averages()
         if self.snapshots is not None and self.snapshots.due_after_epoch(epoch):
             # Before the checkpoint of this epoch: a resume from it finds the snapshot.
-            self.snapshots.save(self.model, self.iteration)
+            self._snapshot()
         self.images_seen += seen
         # The epoch's one read of the device: a host read per metric sum.
         scores = self.task.summarize([s.item() for s in sums], seen)
@@ -156,8 +159,24 @@ class Trainer:
         return self.signals.signum is not None
 
     def _update_averages(self) -> None:
-        for average in self.averages.values():
-            average.update(self.model)
+        with self.iterate():
+            for average in self.averages.values():
+                average.update(self.model)
+
+    def _snapshot(self) -> None:
+        assert self.snapshots is not None
+        with self.iterate():
+            self.snapshots.save(self.model, self.iteration)
+
+    def iterate(self, bn: bool = False) -> Any:
+        """The SGD model as the run reports it: the model, or a schedule-free optimizer's
+        averaged iterate (with BN statistics of its own when ``bn``) until the block ends."""
+        return averaged_iterate(self.optimizer, self.model,
+                                self._bn_pass if bn and has_batch_norm(self.model) else None)
+
+    def _bn_pass(self, model: nn.Module) -> None:
+        with forked_rng(self.device):  # its dropout does not draw from training's RNG
+            bn_update(self.bn_batches(), model)
 
     def _check_finite(self, loss: float | None, epoch: int) -> None:
         if loss is not None and not math.isfinite(loss):
@@ -181,7 +200,7 @@ class Trainer:
         """The SGD model and every average evaluated: the history row. Under DDP the ranks
         first average their BN statistics and check that their weights are identical."""
         self.ranks.before_eval(self.model, self.averages, f"at iteration {self.iteration}")
-        with autocast(self.eval_precision, self.device):
+        with self.iterate(bn=True), autocast(self.eval_precision, self.device):
             return self.evaluator.row(self.model, epoch, self.iteration, self.last_lr, train,
                                       self.history)
 
@@ -197,7 +216,7 @@ class Trainer:
                 self._epochs(start)
             set_phase(WRITING_RESULTS)
             # After the final evaluation, so that the averages are prepared (fresh BN).
-            with autocast(self.eval_precision, self.device):
+            with self.iterate(bn=True), autocast(self.eval_precision, self.device):
                 self.calibration = self.evaluator.calibrate(
                     self.model, self.iteration, self.run_dir, plot=self.ranks.is_main)
             status = "finished"
@@ -278,8 +297,9 @@ class Trainer:
         return out
 
     def save_weights(self) -> list[str]:
-        return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,
-                            self.evaluator.best_state, self.evaluator.best, self.averages)
+        with self.iterate(bn=True):
+            return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,
+                                self.evaluator.best_state, self.evaluator.best, self.averages)
 
     def _log_start(self) -> None:
         d = self.data
