@@ -5,6 +5,8 @@ on the same data, for VGG "simplified" and VGG16.
     python scripts/benchmark.py --device cuda --precision bf16 --batch-size 512
     python scripts/benchmark.py --data-root /work/data/cifar10-jpeg --json speed.json
     python scripts/benchmark.py --ranks 1,2,4,8 --model wrn28x10   # DDP scaling (torchrun)
+    python scripts/benchmark.py --task lm --device cuda --compile  # GPT tokens/s and MFU
+                                                                   # (scripts/lm_benchmark.py)
 
 The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
 ``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
@@ -670,7 +672,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=("classification", "lm"), default="classification")
+    known, rest = task.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.task == "lm":  # language models: scripts/lm_benchmark.py, its own options
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from lm_benchmark import main as lm_main
+
+        return lm_main(rest)
+    args = parse_args(rest)
     if args.ranks:
         result = scaling(args)
         if args.json:

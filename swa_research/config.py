@@ -187,6 +187,7 @@ class TrainerConfig:
     # CUDA graphs: a few launches per step instead of hundreds), max-autotune (autotuned kernels
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
+    peak_tflops: float = 0.0  # MFU's peak; 0: the known GPU's datasheet (training.speed)
     # Shortened runs (the debug group): train on limit_train_batches batches' worth of images
     # (a seeded selection), evaluate limit_eval_batches eval batches of each set; overfit on
     # overfit_batches fixed batches (validated on the same images). 0: off.
@@ -347,6 +348,9 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.snapshot_every < 0:
         raise UserError(f"trainer.snapshot_every={cfg.trainer.snapshot_every}: must be >= 0 "
                         "(0: no snapshots)")
+    if not (cfg.trainer.peak_tflops >= 0 and math.isfinite(cfg.trainer.peak_tflops)):
+        raise UserError(f"trainer.peak_tflops={cfg.trainer.peak_tflops}: must be >= 0 (0: the "
+                        "known GPU's datasheet peak)")
     if cfg.trainer.grad_accum < 1 or cfg.trainer.batch_size % cfg.trainer.grad_accum:
         raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum}: must be at least 1 and "
                         f"divide trainer.batch_size={cfg.trainer.batch_size}")

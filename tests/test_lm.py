@@ -365,7 +365,8 @@ def test_lawa_is_the_mean_of_its_latest_k_points_and_resumes() -> None:
         make_average("lawa", model, lawa_k=0)
 
 
-@pytest.mark.parametrize("preset", ["char_cpu", "shakespeare_char", "schedules_cpu", "lawa_cpu"])
+@pytest.mark.parametrize("preset", ["char_cpu", "shakespeare_char", "schedules_cpu", "lawa_cpu",
+                                    "gpt2_owt"])
 def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> None:
     from swa_research.config import validate
     from swa_research.training.build import load_config
@@ -382,6 +383,18 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
         assert (s.name, s.warmup, s.final_ratio) == ("warmup_cosine", 100, 0.1)
         iters = config.data.windows_per_epoch // t.batch_size
         assert (t.batch_size, iters * t.epochs, iters) == (64, 5000, 250)  # eval every 250
+    if preset == "gpt2_owt":  # nanoGPT's train_gpt2.py: 600,000 iterations of 491,520 tokens
+        m, o, s, t = config.model, config.optimizer, config.schedule, config.trainer
+        assert (m["n_layer"], m["n_head"], m["n_embd"], m["block_size"], m["bias"]) == (
+            12, 12, 768, 1024, False)
+        assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip) == (6e-4, (0.9, 0.95), 0.1,
+                                                                       1.0)
+        assert (s.name, s.warmup, s.final_ratio, config.data.tokenizer) == (
+            "warmup_cosine", 2000, 0.1, "gpt2")
+        iters = config.data.windows_per_epoch // t.batch_size
+        assert (t.batch_size * m["block_size"], iters * t.epochs, iters) == (
+            491_520, 600_000, 1000)
+        assert t.batch_size // t.grad_accum == 12 and config.data.eval_tokens == 200 * 12 * 1024
     if preset == "schedules_cpu":
         assert config.schedule.name == "warmup_constant"
     if preset == "lawa_cpu":
@@ -404,3 +417,35 @@ def test_the_sweep_presets_sweep_what_their_papers_compare(tmp_path: Path) -> No
                           return_hydra_config=True)
             assert dict(cfg.hydra.sweeper.params) == want
     GlobalHydra.instance().clear()
+
+
+def test_the_mfu_is_the_models_flops_at_the_throughput_over_the_peak(tmp_path: Path,
+                                                                      caplog) -> None:  # noqa: ANN001
+    """nanoGPT's estimate_mfu: 6 N + 12 L T d per token; a CPU has no datasheet peak, so the
+    log says MFU only with trainer.peak_tflops."""
+    import logging
+
+    from swa_research.training.speed import mfu, peak_tflops
+
+    cfg = resolve_model_config({"name": "gpt", "n_layer": 12, "n_head": 12, "n_embd": 768,
+                                "block_size": 1024, "dropout": 0.0, "bias": False})
+    with torch.device("meta"):
+        model = build_model(cfg, 50304)
+    fpt = model.flops_per_token()
+    n = sum(p.numel() for p in model.parameters()) - 1024 * 768
+    assert fpt == 6 * n + 12 * 12 * 1024 * 768
+    # nanoGPT's A100 figure: 312 TFLOPS bf16; at 135k tokens/s GPT-2 small is ~37% of it.
+    assert mfu(fpt, 135_000, 312.0) == pytest.approx(fpt * 135_000 / 312e12)
+    assert mfu(fpt, 8 * 135_000, 312.0, devices=8) == pytest.approx(mfu(fpt, 135_000, 312.0))
+    assert mfu(None, 1e5, 312.0) is None and mfu(fpt, 1e5, None) is None
+    assert peak_tflops(torch.device("cpu")) is None
+    assert peak_tflops(torch.device("cpu"), 2.5) == 2.5
+    text = write_text(tmp_path / "t.txt", lines=400)
+    with caplog.at_level(logging.INFO, logger="swa_research.training.trainer"):
+        m = train(compose_config([*lm_run(text), "trainer.epochs=1", "trainer.peak_tflops=0.5"]),
+                  tmp_path / "run")
+    tokens_per_s = m["train"]["images_per_s"]
+    flops = m["model"]["flops_per_unit"]
+    assert m["train"]["mfu"] == pytest.approx(flops * tokens_per_s / 0.5e12, rel=1e-3)
+    line = next(r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage())
+    assert ", MFU " in line and line.endswith("%")

@@ -26,7 +26,7 @@ from swa_research.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
 RUN = ["experiment=smoke", *TINY, "data.train_size=256", "model.batch_norm=true",
        "trainer.epochs=3",
        "trainer.deterministic=true", "swa.start=0.4", "swa.freq=2"]
-TIMING = ("wall_time_s", "images_per_s", "peak_rss_mb", "peak_gpu_mb")  # vary run to run
+TIMING = ("wall_time_s", "images_per_s", "peak_rss_mb", "peak_gpu_mb", "mfu")  # vary run to run
 
 
 def launch(run_dir: Path, extra: list[str] = (), fault: str | None = None,

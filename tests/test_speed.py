@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -658,3 +661,36 @@ def test_a_batch_becomes_floats_in_one_op(normalize: bool) -> None:
     assert out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, out_from_nchw)
+
+
+def test_the_lm_benchmark_measures_tokens_per_second_and_mfu(tmp_path: Path) -> None:
+    """scripts/benchmark.py --task lm: a GPT of the trainer's own making, its tokens/s, the
+    TFLOPS its FLOPs count gives and the MFU against the peak given."""
+    out = tmp_path / "lm.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "benchmark.py"), "--task", "lm", "--shape",
+         "tiny", "--device", "cpu", "--steps", "2", "--rounds", "2", "--batch-size", "4",
+         "--grad-accum", "2", "--peak-tflops", "1.5", "--avg-calls", "2", "--matmul-size",
+         "128", "--json", str(out)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert set(result["columns"]) <= set(row)
+    assert (row["shape"], row["block"], row["tokens_per_step"], row["grad_accum"]) == (
+        "tiny", 64, 256, 2)
+    assert row["tokens_per_s"] > 0 and len(row["tokens_per_s_rounds"]) == 2
+    assert row["ms_per_step"] == pytest.approx(1000 * 256 / row["tokens_per_s"], rel=1e-3)
+    from swa_research.models import build_model, resolve_model_config
+    gpt = build_model(resolve_model_config({"name": "gpt", "n_layer": 2, "n_head": 2,
+                                            "n_embd": 64, "block_size": 64}), 256)
+    assert row["tflops"] == pytest.approx(gpt.flops_per_token() * row["tokens_per_s"] / 1e12,
+                                          rel=1e-3, abs=1e-4)
+    assert row["mfu_pct"] == pytest.approx(100 * row["tflops"] / 1.5, rel=1e-2, abs=1e-2)
+    assert row["ema_update_ms"] > 0 and row["peak_gpu_mb"] is None
+    assert "| tiny | fp32 |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "benchmark.py"), "--task",
+                          "lm", "--shape", "huge", "--device", "cpu"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert bad.returncode == 1 and "--shape huge: expected some of tiny" in bad.stderr

@@ -136,7 +136,8 @@ def check_run(r: Run) -> None:
         assert cal["swa"] is None
 
     assert set(m["train"]) == {"epochs", "iterations", "wall_time_s", "images_per_s",
-                               "peak_rss_mb", "peak_gpu_mb"}
+                               "peak_rss_mb", "peak_gpu_mb", "mfu"}
+    assert m["train"]["mfu"] is None  # a VGG does not count its FLOPs; a CPU has no peak
     # This process's peak so far: at least what torch and the data take, and not the machine.
     assert 100 < m["train"]["peak_rss_mb"] < 24 * 1024
     assert m["train"]["peak_gpu_mb"] is None  # on the CPU

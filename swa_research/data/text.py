@@ -12,6 +12,10 @@ window's position in the epoch (splitmix64, as the images' crops): a resume at a
 the same windows, and DDP ranks take slices of the same global batches. Evaluation reads a
 split's consecutive windows from its start (at most ``data.eval_tokens`` tokens).
 
+A token file prepared elsewhere (``scripts/prepare_text.py``: a Hugging Face data set such as
+OpenWebText or FineWeb, as nanoGPT's ``prepare.py``) is given as ``data.root=<name>.tokens``
+with its record ``<name>.json`` beside it: checked against the record, never rebuilt.
+
 Tokenizers: ``char`` (the text's characters, nanoGPT's shakespeare_char), ``byte`` (UTF-8
 bytes, 256 ids) and ``gpt2`` (GPT-2's BPE through ``tiktoken``, when its encoding can be
 loaded: it downloads it once, so offline it needs the encoding already in its cache).
@@ -23,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +136,35 @@ def token_paths(root: Path, tokenizer: str) -> tuple[Path, Path]:
     return base.with_name(base.name + ".tokens"), base.with_name(base.name + ".json")
 
 
+def _write(ids: Iterable[np.ndarray], dtype: np.dtype, tokens: Path) -> int:
+    """The ids, in order, into ``tokens`` atomically (a temporary file beside it, synced, then
+    renamed); their number."""
+    tmp = tokens.with_name(f".{tokens.name}.{os.getpid()}.tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in ids:
+                out.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                n += chunk.size
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, tokens)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the token file {tokens} ({e.strerror or e}); its "
+                        "folder must be writable") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _record(tokenizer: Tokenizer, n: int, tokens: Path, **source: Any) -> dict[str, Any]:
+    return {"format": FORMAT, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "chars": tokenizer.chars, "dtype": tokenizer.dtype.name, "n_tokens": n, **source,
+            "edge_sha256": _edge_sha(tokens)}
+
+
 def _build(root: Path, files: list[Path], tokenizer: Tokenizer, tokens: Path, record: Path,
            fingerprint: list[list[Any]]) -> dict[str, Any]:
     if tokenizer.name == "char":
@@ -141,29 +174,96 @@ def _build(root: Path, files: list[Path], tokenizer: Tokenizer, tokens: Path, re
                 chars.update(chunk)
         tokenizer.chars = "".join(sorted(chars))
         tokenizer.vocab_size = max(1, len(tokenizer.chars))
-    tmp = tokens.with_name(f".{tokens.name}.{os.getpid()}.tmp")
-    n = 0
     log.info("tokenizing %d file(s) under %s (%s) into %s", len(files), root, tokenizer.name,
              tokens)
-    try:
-        with open(tmp, "wb") as out:
-            for f in files:
-                for chunk in _read(f):
-                    ids = tokenizer.encode(chunk).astype(tokenizer.dtype)
-                    out.write(ids.tobytes())
-                    n += ids.size
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, tokens)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write the token file {tokens} ({e.strerror or e}); the text's "
-                        "folder must be writable") from None
-    meta = {"format": FORMAT, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "chars": tokenizer.chars, "dtype": tokenizer.dtype.name, "n_tokens": n,
-            "files": fingerprint, "edge_sha256": _edge_sha(tokens)}
+    n = _write((tokenizer.encode(chunk) for f in files for chunk in _read(f)),
+               tokenizer.dtype, tokens)
+    meta = _record(tokenizer, n, tokens, files=fingerprint)
     atomic_write_text(record, json.dumps(meta, indent=1))
     return meta
+
+
+def write_token_file(documents: Iterable[str], tokenizer: str, tokens: str | Path,
+                     source: dict[str, Any], batch: int = 1024,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Documents (a Hugging Face data set's texts, in order) tokenized into ``tokens`` (a
+    ``.tokens`` path) and its record beside it (``.json``, with ``source`` describing where they
+    came from), the format ``data.root=<file>.tokens`` trains on. As nanoGPT's ``prepare.py``:
+    ``gpt2`` ends each document with its end-of-text token (50256); ``byte`` separates them by a
+    blank line. ``progress(documents, tokens)`` is called after each batch. Returns the record."""
+    if tokenizer not in ("gpt2", "byte"):
+        raise UserError(f"tokenizer {tokenizer!r}: a prepared token file is gpt2 or byte (char "
+                        "needs the whole text's characters first: train on the text itself)")
+    tokens = Path(tokens).expanduser()
+    if tokens.suffix != ".tokens":
+        raise UserError(f"{tokens}: the token file's name must end in .tokens")
+    tok = gpt2_tokenizer() if tokenizer == "gpt2" else Tokenizer("byte", 256)
+    counts = [0, 0]
+
+    def ids() -> Iterator[np.ndarray]:
+        docs: list[str] = []
+        for doc in documents:
+            docs.append(doc)
+            if len(docs) == batch:
+                yield from encode(docs)
+                docs = []
+        if docs:
+            yield from encode(docs)
+
+    def encode(docs: list[str]) -> Iterator[np.ndarray]:
+        if tok.name == "gpt2":
+            eot = tok._bpe.eot_token
+            out = [np.asarray([*d, eot], dtype=np.int64)
+                   for d in tok._bpe.encode_ordinary_batch(docs)]
+        else:
+            out = [tok.encode(d + "\n\n") for d in docs]
+        counts[0] += len(docs)
+        counts[1] += sum(o.size for o in out)
+        if progress is not None:
+            progress(*counts)
+        yield from out
+
+    return _prepare(ids(), tok, tokens, lambda: {**source, "documents": counts[0]})
+
+
+def write_ids(ids: Iterable[np.ndarray], tokenizer: str, vocab_size: int, tokens: str | Path,
+              source: dict[str, Any]) -> dict[str, Any]:
+    """Token ids already made (chunks of integers below ``vocab_size``, e.g. a benchmark's
+    random ones) into ``tokens`` and its record, as :func:`write_token_file`."""
+    tokens = Path(tokens).expanduser()
+    if tokens.suffix != ".tokens":
+        raise UserError(f"{tokens}: the token file's name must end in .tokens")
+    return _prepare(ids, Tokenizer(tokenizer, vocab_size), tokens, lambda: source)
+
+
+def _prepare(ids: Iterable[np.ndarray], tok: Tokenizer, tokens: Path,
+             source: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    tokens.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(tokens.with_name(tokens.name + ".lock"), f"writing {tokens}"):
+        n = _write(ids, tok.dtype, tokens)
+        meta = _record(tok, n, tokens, source=source())
+        atomic_write_text(tokens.with_suffix(".json"), json.dumps(meta, indent=1))
+    return meta
+
+
+def load_prepared(tokens: Path, tokenizer: str) -> tuple[np.memmap, Tokenizer]:
+    """A token file made by :func:`write_token_file` (or any ``.tokens`` file with its record
+    beside it), checked against its record and memory-mapped."""
+    record = tokens.with_suffix(".json")
+    meta = _read_record(record)
+    if meta is None:
+        raise DataError(f"data.root={tokens}: no record {record.name} beside it (a token file "
+                        "is read with the record scripts/prepare_text.py writes)")
+    if meta.get("format") != FORMAT or meta.get("tokenizer") not in TOKENIZERS:
+        raise DataError(f"{record} is not a token record of format {FORMAT}")
+    if meta["tokenizer"] != tokenizer:
+        raise UserError(f"data.root={tokens} holds {meta['tokenizer']} tokens: set "
+                        f"data.tokenizer={meta['tokenizer']}")
+    _check(tokens, meta)
+    # The ids alone train a model: GPT-2's BPE (tiktoken) is not needed to read them.
+    tok = Tokenizer(meta["tokenizer"], int(meta["vocab_size"]), meta.get("chars", ""))
+    return np.memmap(tokens, dtype=np.dtype(meta["dtype"]), mode="r",
+                     shape=(int(meta["n_tokens"]),)), tok
 
 
 def load_tokens(root: str | Path, tokenizer: str, pattern: str = "*.txt"
@@ -173,6 +273,10 @@ def load_tokens(root: str | Path, tokenizer: str, pattern: str = "*.txt"
     if tokenizer not in TOKENIZERS:
         raise UserError(f"data.tokenizer={tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
     root = Path(root).expanduser()
+    if root.suffix == ".tokens" and root.is_file():
+        tokens_, tok_ = load_prepared(root, tokenizer)
+        _enough(root, int(tokens_.shape[0]))
+        return tokens_, tok_
     files = text_files(root, pattern)
     fingerprint = _fingerprint(root, files)
     tokens, record = token_paths(root, tokenizer)
@@ -189,10 +293,14 @@ def load_tokens(root: str | Path, tokenizer: str, pattern: str = "*.txt"
         else:
             _check(tokens, meta)
     tok.chars, tok.vocab_size = meta["chars"], int(meta["vocab_size"])
-    if meta["n_tokens"] < 2:
-        raise DataError(f"data.root={root}: the text has {meta['n_tokens']} token(s)")
+    _enough(root, int(meta["n_tokens"]))
     return np.memmap(tokens, dtype=np.dtype(meta["dtype"]), mode="r",
                      shape=(int(meta["n_tokens"]),)), tok
+
+
+def _enough(root: Path, n: int) -> None:
+    if n < 2:
+        raise DataError(f"data.root={root}: the text has {n} token(s)")
 
 
 def _read_record(record: Path) -> dict[str, Any] | None:

@@ -88,8 +88,9 @@ def eval_values(row: dict[str, Any], averages: list[str] | tuple[str, ...]) -> d
         for key in eval_keys(metrics):
             if row.get(f"{model}_{key}") is not None:
                 data[f"{model}/{key}"] = row[f"{model}_{key}"]
-    if row.get("images_per_s") is not None:
-        data["epoch/images_per_s"] = row["images_per_s"]
+    for key in ("images_per_s", "mfu"):
+        if row.get(key) is not None:
+            data[f"epoch/{key}"] = row[key]
     return data
 
 

@@ -32,6 +32,8 @@ def eval_line(row: dict[str, Any], spec: TaskMetrics, averages: Sequence[str], e
     msg += f" | {seconds:.1f}s"
     if row.get("images_per_s"):  # training throughput so far, in the task's unit
         msg += f", {row['images_per_s']:,.0f} {spec.unit}/s"
+        if row.get("mfu") is not None:  # a model that counts its FLOPs, on a known peak
+            msg += f", MFU {100 * row['mfu']:.1f}%"
     if loader_wait is not None:
         msg += f" (loader wait {100 * loader_wait:.0f}% of training)"
     return msg

@@ -37,6 +37,7 @@ from swa_research.training.preemption import (
 )
 from swa_research.training.ranks import Ranks
 from swa_research.training.snapshots import SnapshotWriter
+from swa_research.training.speed import mfu, model_flops, peak_tflops
 from swa_research.training.state import load_trainer_state, preempt, write_checkpoint
 from swa_research.training.step import TrainStep, autocast, resolve_precision
 
@@ -92,7 +93,9 @@ class Trainer:
         if is_schedule_free(self.optimizer):
             self.optimizer.train()  # type: ignore[attr-defined]  # a checkpoint's state keeps it
         self.model_info = {"name": (self.config_dict.get("model") or {}).get("name"),
-                           "parameters": sum(p.numel() for p in self.model.parameters())}
+                           "parameters": sum(p.numel() for p in self.model.parameters()),
+                           "flops_per_unit": model_flops(self.model)}
+        self.peak_tflops = peak_tflops(self.device, self.cfg.peak_tflops)
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float | None]:
@@ -270,9 +273,15 @@ class Trainer:
         self.history.append(dict(row))
         if epoch > 0:  # throughput goes to the trackers only: the files stay reproducible
             row["images_per_s"] = self.images_seen / max(self.train_time, 1e-9)
+            row["mfu"] = self.mfu(row["images_per_s"])
         self.loggers.log_eval(row)
         log.info("%s", eval_line(row, self.task.spec, list(self.averages), self.cfg.epochs,
                                  time.perf_counter() - t0, self.loader_wait))
+
+    def mfu(self, per_s: float) -> float | None:
+        """The model FLOPs utilization at ``per_s`` training units a second (all ranks)."""
+        return mfu(self.model_info.get("flops_per_unit"), per_s, self.peak_tflops,
+                   self.ranks.world.size if self.ranks.distributed else 1)
 
     # -- checkpoints, preemption, results -------------------------------------------------
     def save_checkpoint(self, epoch: int, partial: dict[str, Any] | None = None,
@@ -292,6 +301,8 @@ class Trainer:
                           names=list(self.averages), calibration=self.calibration,
                           model=self.model_info, images_seen=self.images_seen,
                           train_time=self.train_time, device=self.device, task=self.task.spec)
+        out["train"]["mfu"] = self.mfu(self.images_seen / self.train_time) \
+            if self.train_time > 0 else None
         if ev.nonfinite:
             out["nonfinite"] = dict(ev.nonfinite)
         return out
