@@ -59,7 +59,7 @@ SHAPES = {
     "tiny": (2, 2, 64, 64, 256),
     "char": (4, 4, 128, 64, 444),          # lm/char_cpu on the Python sources' 444 characters
     "shakespeare": (6, 6, 384, 256, 65),   # lm/shakespeare_char
-    "gpt2": (12, 12, 768, 1024, 50257),    # lm/gpt2_owt (GPT-2 small)
+    "gpt2": (12, 12, 768, 1024, 50257),    # lm/gpt2_owt (GPT-2 small, 50,304 logits)
 }
 COLUMNS = ["shape", "precision", "compile", "batch", "block", "grad_accum", "tokens_per_step",
            "tokens_per_s", "ms_per_step", "tflops", "mfu_pct", "pct_of_matmul_peak",
@@ -100,7 +100,8 @@ def measure(args: argparse.Namespace, shape: str, precision: str, device: torch.
         "experiment=lm/char_cpu", f"data.root={tokens}",
         f"data.tokenizer={'byte' if vocab <= 256 else 'gpt2'}",
         f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
-        f"model.block_size={block}", f"data.windows_per_epoch={args.steps * args.batch_size}",
+        f"model.block_size={block}", f"model.vocab_multiple={64 if shape == 'gpt2' else 1}",
+        f"data.windows_per_epoch={args.steps * args.batch_size}",
         "data.val_fraction=0.01", "data.test_fraction=0.01", "swa.method=none", "swa.also=[]",
         f"trainer.batch_size={args.batch_size}", f"trainer.grad_accum={args.grad_accum}",
         f"trainer.device={device}", f"trainer.precision={precision}",

@@ -56,6 +56,9 @@ def test_gpt2_small_has_nanogpts_parameter_count() -> None:
     assert n == 124_439_808
     assert round((n - 1024 * 768) / 1e6, 2) == 123.65
     assert model.lm_head.weight is model.wte.weight  # tied
+    padded = resolve_model_config({**cfg, "vocab_multiple": 64})
+    with torch.device("meta"):
+        assert build_model(padded, 50257).wte.weight.shape == (50304, 768)  # nanoGPT's
     with pytest.raises(UserError, match="model.n_embd=100 must be a multiple of model.n_head=3"):
         resolve_model_config({"name": "gpt", "n_embd": 100, "n_head": 3})
 
@@ -449,3 +452,20 @@ def test_the_mfu_is_the_models_flops_at_the_throughput_over_the_peak(tmp_path: P
     assert m["train"]["mfu"] == pytest.approx(flops * tokens_per_s / 0.5e12, rel=1e-3)
     line = next(r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage())
     assert ", MFU " in line and line.endswith("%")
+
+
+@pytest.mark.slow
+def test_a_compiled_gpt_trains_as_the_eager_one(tmp_path: Path) -> None:
+    """trainer.compile=true on the GPT (the CUDA path's torch.compile, here with the CPU's
+    inductor): the same losses within float tolerance, state dicts without _orig_mod."""
+    text = write_text(tmp_path / "t.txt", lines=800)
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["trainer.compile=true"])):
+        runs[name] = train(compose_config([*lm_run(text), "trainer.epochs=2", *extra]),
+                           tmp_path / name)
+    for part in ("sgd", "swa"):
+        assert runs["compiled"][part]["val_loss"] == pytest.approx(
+            runs["eager"][part]["val_loss"], rel=2e-3)
+    a = torch.load(tmp_path / "compiled" / "sgd_final.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "eager" / "sgd_final.pt", weights_only=False)["state_dict"]
+    assert list(a) == list(b)
