@@ -469,3 +469,14 @@ def test_a_compiled_gpt_trains_as_the_eager_one(tmp_path: Path) -> None:
     a = torch.load(tmp_path / "compiled" / "sgd_final.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "eager" / "sgd_final.pt", weights_only=False)["state_dict"]
     assert list(a) == list(b)
+
+
+def test_the_log_gives_the_global_batch_in_tokens(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    text = write_text(tmp_path / "t.txt", lines=400)
+    with caplog.at_level(logging.INFO, logger="swa_research.training.trainer"):
+        train(compose_config([*lm_run(text), "trainer.epochs=1", "trainer.batch_size=8",
+                              "trainer.grad_accum=4"]), tmp_path / "run")
+    assert "each step: 8 samples (256 tokens) in 4 micro-batch(es) of 2 per rank" in \
+        caplog.text

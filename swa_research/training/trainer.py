@@ -324,3 +324,11 @@ class Trainer:
             size = self.ranks.world.size
             log.info("DDP: %d ranks, global batch %d (%d per rank)", size, self.cfg.batch_size,
                      self.cfg.batch_size // size)
+        block = getattr(d.train, "block_size", None)  # a language model's window
+        if block or self.cfg.grad_accum > 1:
+            per_rank = self.cfg.batch_size // (self.ranks.world.size
+                                               if self.ranks.distributed else 1)
+            log.info("each step: %d samples%s in %d micro-batch(es) of %d per rank",
+                     self.cfg.batch_size,
+                     f" ({self.cfg.batch_size * block:,} tokens)" if block else "",
+                     self.cfg.grad_accum, per_rank // self.cfg.grad_accum)
