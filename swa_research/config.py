@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from swa_research.config_checks import check_positive, validate_data_paths, validate_swa
 from swa_research.errors import UserError
 
 __all__ = ["UserError"]  # re-exported: raised by every module that checks a user's input
@@ -101,7 +102,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    # constant | decay_then_constant | cyclical | warmup_cosine | warmup_constant | wsd
+    # constant | decay_then_constant | cyclical | warmup_cosine | warmup_constant | wsd | fge
     name: str = "constant"
     # decay_then_constant: "epoch" steps the lr once per epoch as the SWA paper's code does.
     step_unit: str = "epoch"  # epoch | iter
@@ -115,6 +116,10 @@ class ScheduleConfig:
     warmup: int = 0
     cooldown: float = 0.2
     cooldown_shape: str = "linear"  # linear | 1-sqrt
+    # fge (Garipov et al. 2018): from the averaging start, triangular cycles of fge_cycle epochs
+    # (even) from fge_lr_high down to swa.lr at mid-cycle and back; before it decay_then_constant.
+    fge_cycle: int = 4
+    fge_lr_high: float = 0.05
 
 
 @dataclass
@@ -251,7 +256,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.strategy": ("auto", "single", "ddp"),
     "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
-                      "warmup_constant", "wsd"),
+                      "warmup_constant", "wsd", "fge"),
     "schedule.cooldown_shape": ("linear", "1-sqrt"),
     "schedule.step_unit": ("epoch", "iter"),
     "swa.unit": ("iter", "epoch"),
@@ -303,11 +308,6 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def _positive(value: float, key: str) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise UserError(f"{key}={value}: must be a positive number")
-
-
 def iterations_per_epoch(num_train: int, batch_size: int, drop_last: bool) -> int:
     return num_train // batch_size if drop_last else -(-num_train // batch_size)
 
@@ -321,13 +321,13 @@ def validate(cfg: Config) -> None:
     if not cfg.trainer.best_by.startswith("val_"):
         raise UserError(f"trainer.best_by={cfg.trainer.best_by!r}: expected val_<metric>, e.g. "
                         "val_loss or val_acc (the task's metrics on the validation set)")
-    _positive(cfg.optimizer.lr, "optimizer.lr")
+    check_positive(cfg.optimizer.lr, "optimizer.lr")
     if cfg.swa.method != "none":
-        _positive(cfg.swa.lr, "swa.lr")
+        check_positive(cfg.swa.lr, "swa.lr")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
                 "trainer.eval_every", "swa.freq", "logger.log_every",
                 "logger.init_timeout"):
-        _positive(_get(cfg, key), key)
+        check_positive(_get(cfg, key), key)
     if cfg.trainer.epochs > MAX_EPOCHS:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs}: at most {MAX_EPOCHS:,} (a "
                         "budget beyond any run; the iteration counters must stay exact)")
@@ -402,7 +402,15 @@ def validate(cfg: Config) -> None:
         raise UserError(f"schedule.final_ratio={s.final_ratio}: must be in [0, 1] (the final "
                         "lr as a fraction of optimizer.lr)")
     if s.name == "cyclical":
-        _positive(s.cycle, "schedule.cycle")
+        check_positive(s.cycle, "schedule.cycle")
+    if s.name == "fge":
+        if s.fge_cycle < 2 or s.fge_cycle % 2:
+            raise UserError(f"schedule.fge_cycle={s.fge_cycle}: an even number of epochs >= 2 "
+                            "(models are collected at the middle of each cycle)")
+        check_positive(s.fge_lr_high, "schedule.fge_lr_high")
+        if cfg.swa.method == "none":
+            raise UserError("schedule=fge cycles from the averaging start: it needs an average "
+                            "(swa=fge)")
     if s.warmup < 0:
         raise UserError(f"schedule.warmup={s.warmup}: must be >= 0 (iterations)")
     if not 0.0 <= s.cooldown <= 1.0:
@@ -410,74 +418,18 @@ def validate(cfg: Config) -> None:
                         "[0, 1]")
     if cfg.data.name == "synthetic":
         for key in ("data.num_classes", "data.train_size", "data.test_size"):
-            _positive(_get(cfg, key), key)
+            check_positive(_get(cfg, key), key)
         if cfg.data.num_classes < 2:
             raise UserError("data.num_classes must be at least 2")
     if cfg.data.image_size is not None:
-        _positive(cfg.data.image_size, "data.image_size")
+        check_positive(cfg.data.image_size, "data.image_size")
     validate_data_paths(cfg.data)
     if cfg.swa.bn_batch_size is not None:
-        _positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
+        check_positive(cfg.swa.bn_batch_size, "swa.bn_batch_size")
     validate_swa(cfg.swa)
     dev = cfg.trainer.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise UserError(f"trainer.device={dev!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def validate_swa(sw: SwaConfig) -> None:
-    """The averaging methods' own options (SWAG's buffer, scales, samples, device); also used by
-    the library's ``make_average``. UserError naming the key."""
-    if sw.max_models < 2:
-        # The low-rank part divides by sqrt(max_models - 1) (swa_gaussian's SWAG.sample_fullrank).
-        raise UserError(f"swa.max_models={sw.max_models}: must be at least 2")
-    for key in ("swag_scale", "swag_diag_scale"):
-        value = getattr(sw, key)
-        if not (math.isfinite(value) and 0 <= value <= 100):
-            raise UserError(f"swa.{key}={value}: must be a number in [0, 100] (the sample "
-                            "variance's factor; swa_gaussian uses 0.5 for SWAG, 1.0 for "
-                            "SWAG-Diagonal)")
-    if sw.samples < 1:
-        raise UserError(f"swa.samples={sw.samples}: must be at least 1")
-    if sw.swag_eval_every < 0:
-        raise UserError(f"swa.swag_eval_every={sw.swag_eval_every}: must be >= 0 "
-                        "(0: only at the final evaluation)")
-    if not (sw.swag_device in ("auto", "cpu", "cuda") or sw.swag_device.startswith("cuda:")):
-        raise UserError(f"swa.swag_device={sw.swag_device!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def validate_data_paths(d: DataConfig) -> None:
-    """data.in_memory and the streaming keys (swa_research.data.streaming); UserError naming
-    the key."""
-    mode = str(d.in_memory).strip().lower()  # Hydra's true/false arrive as "True"/"False"
-    if mode not in ("auto", "true", "false"):
-        raise UserError(f"data.in_memory={d.in_memory!r}: expected auto, true or false")
-    folder = d.name in ("imagefolder", "imagenet")
-    if mode == "false" and not folder:
-        raise UserError(f"data.in_memory=false: only image folders stream from disk "
-                        f"(data.name={d.name} is loaded into memory)")
-    if d.augment == "random_resized_crop" and not folder:
-        raise UserError(f"data.augment=random_resized_crop: needs an image folder streamed from "
-                        f"disk (data.name={d.name})")
-    if d.augment == "random_resized_crop" and mode == "true":
-        raise UserError("data.augment=random_resized_crop: crops each image while decoding, "
-                        "so it needs data.in_memory=auto or false")
-    if not (math.isfinite(d.memory_fraction) and 0 < d.memory_fraction <= 1):
-        raise UserError(f"data.memory_fraction={d.memory_fraction}: must be in (0, 1]")
-    if d.resize_size is not None:
-        _positive(d.resize_size, "data.resize_size")
-        if d.image_size and d.resize_size < d.image_size:
-            raise UserError(f"data.resize_size={d.resize_size}: smaller than "
-                            f"data.image_size={d.image_size} (the centre crop would pad)")
-    cs = d.crop_scale
-    if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
-        raise UserError(f"data.crop_scale={list(cs)}: expected [min, max] with "
-                        "0 < min <= max <= 1")
-    if d.prefetch_factor < 1:
-        raise UserError(f"data.prefetch_factor={d.prefetch_factor}: must be at least 1")
-    split = d.test_split
-    if not split or split == "train" or "/" in split or split.startswith("."):
-        raise UserError(f"data.test_split={split!r}: must name a folder next to train/ "
-                        "(test, val)")
 
 
 def bn_batch_size(cfg: Config) -> int:

@@ -53,9 +53,11 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused.append("schedule.warmup")
     if s_name != "wsd":
         unused += ["schedule.cooldown", "schedule.cooldown_shape"]
-    if s_name != "decay_then_constant":
+    if s_name not in ("decay_then_constant", "fge"):
         unused += [f"schedule.{k}" for k in ("step_unit", "decay_start", "decay_end",
                                              "final_ratio")]
+    if s_name != "fge":
+        unused += ["schedule.fge_cycle", "schedule.fge_lr_high"]
     if opt.get("name") == "sgd":
         unused.append("optimizer.betas")
     else:

@@ -188,9 +188,11 @@ class PosthocRun:
     """A run's config, data and model rebuilt as the trainer built them, its snapshots, and
     the evaluation of an average of them."""
 
-    def __init__(self, run_dir: Path, device: torch.device) -> None:
+    def __init__(self, run_dir: Path, device: torch.device, snapshots: bool = True) -> None:
         self.run_dir = run_dir
-        self.index = read_index(run_dir)
+        # snapshots=False: the run rebuilt without its trajectory (python -m
+        # swa_research.ensemble combines runs' saved weights).
+        self.index = read_index(run_dir) if snapshots else {"snapshots": [], "unit": "iter"}
         self.config: Config = load_run_config(run_dir)
         cfg = self.config
         self.device = device
@@ -248,6 +250,10 @@ class PosthocRun:
             raise UserError(f"{self.run_dir / TRAJECTORY / current[0]['file']} does not fit "
                             f"the model of {self.run_dir}/.hydra/config.yaml (snapshots of "
                             f"another run?): {detail}") from None
+        return self.with_bn(module)
+
+    def with_bn(self, module: nn.Module) -> nn.Module:
+        """``module`` with BN statistics recomputed as the trainer's final BN pass does."""
         if self.bn:
             with autocast(self.precision, self.device), torch.random.fork_rng(
                     devices=[self.device.index or 0] if self.device.type == "cuda" else []):

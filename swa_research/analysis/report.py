@@ -50,6 +50,7 @@ from swa_research.analysis.report_plots import plot_accuracy, plot_gain
 from swa_research.analysis.report_wandb import log_to_wandb
 from swa_research.analysis.runset import Run, differing_keys, load_run, show
 from swa_research.analysis.stats import PairedCI, Stat
+from swa_research.analysis.tables import format_combined, md_table, read_combined
 from swa_research.config import UserError
 from swa_research.fileio import atomic_write_text
 from swa_research.tasks import CLASSIFICATION, TaskMetrics
@@ -118,19 +119,27 @@ class ConfigRow:
     failed: list[Run] = field(default_factory=list)
     stats: dict[str, Stat] = field(default_factory=dict)
     gain: PairedCI = field(default_factory=PairedCI)
+    # Each further average's (swa.also: EMA, FGE, ...) gain over SGD, paired by run as SWA's.
+    gains: dict[str, PairedCI] = field(default_factory=dict)
 
     def summarise(self, columns: Sequence[Metric] = METRICS,
-                  spec: TaskMetrics = CLASSIFICATION) -> None:
+                  spec: TaskMetrics = CLASSIFICATION, averages: Sequence[str] = ()) -> None:
         for column, path, _ in columns:
             self.stats[column] = Stat.of([v for r in self.runs
                                           if (v := r.metric(path)) is not None])
+        self.gain = self.paired_gain("swa", spec)
+        self.gains = {n: self.paired_gain(n, spec) for n in averages if n != "swa"}
+
+    def paired_gain(self, name: str, spec: TaskMetrics) -> PairedCI:
+        """The average ``name``'s gain over the final SGD model, run by run: mean and 95% t
+        interval over the seeds."""
         diffs = []
         key = f"test_{spec.headline}"
         for r in self.runs:
-            sgd, swa = r.metric(("sgd", key)), r.metric(("swa", key))
-            if sgd is not None and swa is not None:
-                diffs.append(spec.gain(sgd, swa))
-        self.gain = PairedCI.of(diffs)
+            sgd, avg = r.metric(("sgd", key)), r.metric((name, key))
+            if sgd is not None and avg is not None:
+                diffs.append(spec.gain(sgd, avg))
+        return PairedCI.of(diffs)
 
 
 @dataclass
@@ -150,6 +159,10 @@ class Report:
     # measure no cell (with what differs from the paper's recipe, empty when nothing does).
     paper: list[Comparison] = field(default_factory=list)
     paper_skipped: list[tuple[Run, list[tuple[str, Any, Any]]]] = field(default_factory=list)
+    averages: list[str] = field(default_factory=list)  # the further averages, by name
+    # python -m swa_research.ensemble's ensemble.csv in the report's folder: the final deep
+    # ensemble, uniform soup and greedy soup of each kind of weights.
+    combined: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Run]:
@@ -163,6 +176,9 @@ class Report:
         """The table, and the failed runs one per line: what the commands print (and the
         paper-vs-measured table when runs measure the paper's cells)."""
         lines = [self.table]
+        if self.combined:
+            lines += ["", "ensembles and soups of the runs (ensemble.csv):",
+                      format_combined(self.combined)]
         if self.paper:
             lines += ["", "paper vs measured (SWA paper, Table 1; test accuracy %):",
                       format_paper_table(self)]
@@ -179,8 +195,9 @@ class Report:
         columns = ["configuration", *self.keys, "n_runs", "n_failed", "seeds"]
         for column, _, _ in self.columns:
             columns += [f"{column}_mean", f"{column}_std"]
-        columns += ["swa_gain_mean", "swa_gain_std", "swa_gain_ci95_low", "swa_gain_ci95_high",
-                    "swa_gain_n"]
+        for name in ("swa", *self.averages):
+            columns += [f"{name}_gain_{k}" for k in ("mean", "std", "ci95_low", "ci95_high",
+                                                     "n")]
         data = []
         for row in self.rows:
             line: list[Any] = [row.label, *(show(row.values[k]) for k in self.keys),
@@ -188,8 +205,8 @@ class Report:
                                " ".join(show(r.seed) for r in row.runs)]
             for column, _, _ in self.columns:
                 line += [row.stats[column].mean, row.stats[column].std]
-            g = row.gain
-            line += [g.mean, g.std, g.low, g.high, g.n]
+            for g in (row.gain, *(row.gains.get(n, PairedCI()) for n in self.averages)):
+                line += [g.mean, g.std, g.low, g.high, g.n]
             data.append(line)
         return columns, data
 
@@ -220,9 +237,10 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
         row = rows.setdefault(label, ConfigRow(label, values))
         (row.runs if run.finished else row.failed).append(run)
     for row in rows.values():
-        row.summarise(columns, spec)
+        row.summarise(columns, spec, averages)
     report = Report(root=root, keys=keys, rows=list(rows.values()), runs=runs, columns=columns,
-                    spec=spec)
+                    spec=spec, averages=[n for n in averages if n != "swa"],
+                    combined=read_combined(root))
     report.paper, report.paper_skipped = paper_comparison(runs)
     report.table = format_table(report)
     report.markdown = format_markdown(report)
@@ -268,7 +286,7 @@ def paper_comparison(runs: Sequence[Run]
 
 
 def format_paper_table(report: Report) -> str:
-    return _md_table(COMPARISON_HEADER, [comparison_cells(c) for c in report.paper])
+    return md_table(COMPARISON_HEADER, [comparison_cells(c) for c in report.paper])
 
 
 def format_paper_section(report: Report) -> list[str]:
@@ -318,16 +336,6 @@ def _fmt_gain(g: PairedCI, spec: TaskMetrics = CLASSIFICATION) -> str:
     return f"{text} [{scale * g.low:+.{digits}f}, {scale * g.high:+.{digits}f}]"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-             "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def format_table(report: Report) -> str:
     spec, h = report.spec, report.spec.headline
     extra = [c for c, _, _ in report.further_columns() if c.endswith(f"_test_{h}")]
@@ -337,14 +345,19 @@ def format_table(report: Report) -> str:
     calib = [c for c, _, _ in report.columns
              if c.endswith("_ece") and any(r.stats[c].n for r in report.rows)]
     labels = {c: lbl for c, _, lbl in report.columns}
+    unit = spec.gain_scale()[1]
     header = ["configuration", "n", *(labels[c] for c in shown),
-              f"SWA gain{spec.gain_scale()[1]} [95% CI]",
-              *(labels[c] for c in (*extra, *losses, *calib)), "failed"]
+              f"SWA gain{unit} [95% CI]",
+              *(x for c in extra for x in (labels[c], f"{c.split('_test_')[0].upper()} "
+                                                      f"gain{unit} [95% CI]")),
+              *(labels[c] for c in (*losses, *calib)), "failed"]
     rows = [[r.label, str(len(r.runs)), *(_fmt(r.stats[c], c) for c in shown),
              _fmt_gain(r.gain, spec),
-             *(_fmt(r.stats[c], c) for c in (*extra, *losses, *calib)),
+             *(x for c in extra for x in (_fmt(r.stats[c], c), _fmt_gain(
+                 r.gains.get(c.split("_test_")[0], PairedCI()), spec))),
+             *(_fmt(r.stats[c], c) for c in (*losses, *calib)),
              str(len(r.failed))] for r in report.rows]
-    return _md_table(header, rows)
+    return md_table(header, rows)
 
 
 def format_markdown(report: Report) -> str:
@@ -363,11 +376,15 @@ def format_markdown(report: Report) -> str:
         "",
         report.table,
         "",
+        *(["## Ensembles and soups", "",
+           "From `ensemble.csv` (`python -m swa_research.ensemble`): the deep ensemble of all "
+           "runs, the uniform soup and the final greedy soup of each kind of weights.", "",
+           format_combined(report.combined), ""] if report.combined else []),
         *format_paper_section(report),
     ]
     if report.failed:
         parts += ["## Failed runs", "",
-                  _md_table(["run", "configuration", "seed", "status", "error"],
+                  md_table(["run", "configuration", "seed", "status", "error"],
                             [[r.name, _label_of(report, r), show(r.seed), r.status,
                               (r.error or "").splitlines()[0][:200] if r.error else ""]
                              for r in report.failed]), ""]
@@ -383,7 +400,7 @@ def format_markdown(report: Report) -> str:
                             _fmt(Stat.of([swa] if swa is not None else []), f"swa_test_{h}"),
                             gain])
     parts += ["## Runs", "",
-              _md_table(["run", "configuration", "seed", f"SGD final {_label(spec, h)}",
+              md_table(["run", "configuration", "seed", f"SGD final {_label(spec, h)}",
                          f"SWA {_label(spec, h)}", f"gain{spec.gain_scale()[1]}"], per_run), ""]
     return "\n".join(parts)
 

@@ -1,5 +1,6 @@
 """Weight averaging: when (:mod:`.plan`), what (the methods, by name), and the BN update.
-The methods: swa, ema, and the SWAG posteriors swag and swag_diag (:mod:`.swag`).
+The methods: swa, ema, lawa, the SWAG posteriors swag and swag_diag (:mod:`.swag`), and fge,
+the ensemble of models collected along a cyclical lr (:mod:`.fge`: predictions, not weights).
 
 This package is the project's public library (docs/library.md), for any training loop: the
 names in ``PUBLIC`` below are versioned (semantic versioning from 0.2: a change that breaks
@@ -28,6 +29,7 @@ from swa_research.averaging.base import (
     has_batch_norm,
 )
 from swa_research.averaging.ema import EMA
+from swa_research.averaging.fge import FGE
 from swa_research.averaging.lawa import LAWA
 from swa_research.averaging.plan import AveragingPlan, check_budget
 from swa_research.averaging.swa import SWA
@@ -51,6 +53,7 @@ METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
     "swag": SWAG,
     "swag_diag": SWAGDiag,
     "lawa": LAWA,
+    "fge": FGE,
 }
 
 PRIMARY = "swa"  # the primary average's name in every output, whatever its method

@@ -20,6 +20,9 @@ class AveragingPlan:
     unit epoch (timgaripov/swa): after the E-th epoch (E counted from 1) when E >= start and
       (E - start) % freq == 0. The lr phase (the schedule's horizon) is ``start`` epochs.
     cyclical schedule: at the end of every cycle after the start, whatever the unit.
+    fge schedule: at the middle of every cycle of ``schedule.fge_cycle`` epochs after the start
+      (the lr's low point: timgaripov/dnn-mode-connectivity fge.py collects after the epochs
+      where epoch % cycle + 1 == cycle / 2, counted from the start), whatever the unit.
     """
 
     method: str  # the primary average's method, or none
@@ -28,16 +31,27 @@ class AveragingPlan:
     freq: int
     iters_per_epoch: int
     epochs: int
-    cycle: int | None = None  # set for the cyclical schedule
+    cycle: int | None = None  # iterations per cycle: set for the cyclical and fge schedules
+    phase: int | None = None  # the first point's distance from the start (None: a cycle)
 
     @classmethod
     def from_config(cls, swa: SwaConfig, schedule: ScheduleConfig, epochs: int,
                     iters_per_epoch: int) -> AveragingPlan:
         budget = epochs if swa.unit == "epoch" else epochs * iters_per_epoch
         start = int(round(swa.start * budget)) if swa.start < 1.0 else int(round(swa.start))
+        cycle = phase = None
+        if schedule.name == "cyclical":
+            cycle = schedule.cycle
+        elif schedule.name == "fge":
+            cycle = schedule.fge_cycle * iters_per_epoch
+            phase = cycle // 2
         return cls(method=swa.method, unit=swa.unit, start=start, freq=swa.freq,
-                   iters_per_epoch=iters_per_epoch, epochs=epochs,
-                   cycle=schedule.cycle if schedule.name == "cyclical" else None)
+                   iters_per_epoch=iters_per_epoch, epochs=epochs, cycle=cycle, phase=phase)
+
+    @property
+    def first_offset(self) -> int:
+        """Iterations from the start to the first point of a cyclical plan."""
+        return self.cycle if self.phase is None else self.phase  # type: ignore[return-value]
 
     @property
     def enabled(self) -> bool:
@@ -71,8 +85,8 @@ class AveragingPlan:
         if not self.enabled:
             return False
         if self.cycle is not None:
-            origin = self.start_iter or 0
-            return n > origin and (n - origin) % self.cycle == 0
+            k = n - (self.start_iter or 0) - self.first_offset
+            return k >= 0 and k % self.cycle == 0
         return self.unit == "iter" and n > self.start and n % self.freq == 0
 
     def due_after_epoch(self, epoch: int) -> bool:
@@ -98,9 +112,10 @@ class AveragingPlan:
         if not self.enabled:
             return 0, 1, 0
         if self.cycle is not None:
-            origin = self.start_iter or 0
-            count = max(0, (self.total_iters - origin) // self.cycle)
-            return origin + self.cycle, self.cycle, count
+            first = (self.start_iter or 0) + self.first_offset
+            count = max(0, (self.total_iters - first) // self.cycle + 1) \
+                if first <= self.total_iters else 0
+            return first, self.cycle, count
         if self.unit == "iter":  # n > start, n % freq == 0, n <= total
             first = (self.start // self.freq + 1) * self.freq
             count = max(0, self.total_iters // self.freq - self.start // self.freq)

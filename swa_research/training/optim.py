@@ -134,6 +134,13 @@ class LRSchedule:
     warmup_cosine: then nanoGPT's cosine from ``lr`` to ``lr_min`` over the rest of the budget,
       lr_min + (lr - lr_min) (1 + cos(pi r)) / 2 with r = (i - warmup) / (total - warmup).
     warmup_constant: then ``lr`` to the end (averaging at a constant lr, Hagele et al. 2024).
+    fge: Fast Geometric Ensembling (Garipov et al. 2018; timgaripov/dnn-mode-connectivity
+      fge.py with utils.cyclic_learning_rate): before the averaging start decay_then_constant's
+      decay over that horizon to ``final_ratio`` lr (the reference's pre-training, train.py);
+      from it, cycles of ``fge_cycle_iters`` steps with t = ((i - start) mod cycle) / cycle:
+      ``fge_lr_high`` (1 - 2t) + ``swa_lr`` 2t for t < 1/2, ``fge_lr_high`` (2t - 1) +
+      ``swa_lr`` (2 - 2t) after: down to swa_lr at mid-cycle (where a model is collected) and
+      back up.
     wsd: warm-up, stable at ``lr``, then a cooldown over the last ``cooldown`` fraction of the
       budget to ``lr_min``: with t the cooldown's progress in (0, 1], lr_min + (lr - lr_min)
       (1 - t) (``cooldown_shape=linear``) or (1 - sqrt(t)) (``1-sqrt``, Hagele et al.'s best).
@@ -155,6 +162,8 @@ class LRSchedule:
     warmup: int = 0
     cooldown: float = 0.2
     cooldown_shape: str = "linear"
+    fge_lr_high: float = 0.05
+    fge_cycle_iters: int = 0
 
     def __call__(self, i: int) -> float:
         if self.name == "constant":
@@ -166,6 +175,8 @@ class LRSchedule:
             return self._decay_then_constant(i)
         if self.name in ("warmup_cosine", "warmup_constant", "wsd"):
             return self._pretraining(i)
+        if self.name == "fge":
+            return self._fge(i)
         if self.name == "cyclical":
             origin = self.start_iter if self.start_iter is not None else 0
             if i < origin:
@@ -191,9 +202,21 @@ class LRSchedule:
         factor = 1.0 - (math.sqrt(t) if self.cooldown_shape == "1-sqrt" else t)
         return lr_min + (self.lr - lr_min) * factor
 
-    def _decay_then_constant(self, i: int) -> float:
+    def _fge(self, i: int) -> float:
+        start = self.start_iter if self.start_iter is not None else self.total_iters
+        if i < start:
+            return self._decay_then_constant(i, horizon_iter=start, ratio=self.final_ratio)
+        t = ((i - start) % self.fge_cycle_iters) / self.fge_cycle_iters
+        if t < 0.5:
+            return self.fge_lr_high * (1.0 - 2.0 * t) + self.swa_lr * 2.0 * t
+        return self.fge_lr_high * (2.0 * t - 1.0) + self.swa_lr * (2.0 - 2.0 * t)
+
+    def _decay_then_constant(self, i: int, horizon_iter: int | None = None,
+                             ratio: float | None = None) -> float:
         epoch = i // self.iters_per_epoch if self.per_epoch else i / self.iters_per_epoch
-        if self.start_iter is not None:
+        if horizon_iter is not None and ratio is not None:
+            horizon = horizon_iter / self.iters_per_epoch
+        elif self.start_iter is not None:
             horizon = self.start_iter / self.iters_per_epoch
             ratio = self.swa_lr / self.lr
         else:
@@ -222,7 +245,8 @@ def build_schedule(cfg: ScheduleConfig, lr: float, swa_lr: float, iters_per_epoc
         total_iters=total_iters, start_iter=start_iter, decay_start=cfg.decay_start,
         decay_end=cfg.decay_end, final_ratio=cfg.final_ratio,
         per_epoch=cfg.step_unit == "epoch", cycle=cfg.cycle, warmup=cfg.warmup,
-        cooldown=cfg.cooldown, cooldown_shape=cfg.cooldown_shape)
+        cooldown=cfg.cooldown, cooldown_shape=cfg.cooldown_shape,
+        fge_lr_high=cfg.fge_lr_high, fge_cycle_iters=cfg.fge_cycle * iters_per_epoch)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule

@@ -1,0 +1,140 @@
+"""FGE (swa=fge): the reference's cyclical lr and collection points step by step, the ensemble's
+prediction as the mean of its members' probabilities, its memory check, and a run that reports
+FGE beside SGD and SWA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from torch import nn
+
+from swa_research.averaging import METHODS, AveragingPlan
+from swa_research.averaging.fge import FGE
+from swa_research.config import ScheduleConfig, SwaConfig, UserError, to_config, validate
+from swa_research.data import ImageSet, Preprocess
+from swa_research.training.build import train
+from swa_research.training.optim import build_schedule
+
+
+def reference_lr(epoch: int, it: int, ipe: int, start: int, epochs: int, cycle: int,
+                 lr_init: float, lr_1: float, lr_2: float) -> float:
+    """dnn-mode-connectivity, written out independently: train.py's learning_rate_schedule over
+    the ``start`` pre-training epochs, then fge.py's utils.cyclic_learning_rate(epoch, cycle,
+    lr_1, lr_2)(iter / num_iters) for the FGE epochs counted from 0."""
+    if epoch < start:
+        alpha = epoch / start
+        factor = 1.0 if alpha <= 0.5 else (1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9
+                                           else 0.01)
+        return lr_init * factor
+    t = (((epoch - start) % cycle) + it / ipe) / cycle
+    if t < 0.5:
+        return lr_1 * (1.0 - 2.0 * t) + lr_2 * 2.0 * t
+    return lr_1 * (2.0 * t - 1.0) + lr_2 * (2.0 - 2.0 * t)
+
+
+@pytest.mark.parametrize(("cycle", "start"), [(2, 6), (4, 5)])
+def test_fges_lr_and_collection_points_are_the_references_step_by_step(cycle: int,
+                                                                       start: int) -> None:
+    ipe, epochs = 7, 14
+    sched_cfg = ScheduleConfig(name="fge", fge_cycle=cycle, fge_lr_high=0.05)
+    swa = SwaConfig(method="swa", also=["fge"], lr=5e-4, start=start, unit="epoch")
+    plan = AveragingPlan.from_config(swa, sched_cfg, epochs, ipe)
+    sched = build_schedule(sched_cfg, lr=0.1, swa_lr=5e-4, iters_per_epoch=ipe,
+                           total_iters=epochs * ipe, start_iter=plan.start_iter)
+    for i in range(epochs * ipe):
+        want = reference_lr(i // ipe, i % ipe, ipe, start, epochs, cycle, 0.1, 0.05, 5e-4)
+        assert sched(i) == pytest.approx(want, rel=1e-12, abs=1e-15), i
+    # fge.py collects after the FGE epoch k (from 0) with k % cycle + 1 == cycle // 2: the end of
+    # the global epoch start + k + 1, at the lr's low point.
+    ref = [(start + k + 1) * ipe for k in range(epochs - start) if k % cycle + 1 == cycle // 2]
+    assert plan.update_points() == ref and plan.count_updates() == len(ref)
+    assert plan.first_update() == ref[0]
+    for n in ref:  # collected going down, one step before the cycle's lowest lr (swa.lr)
+        assert sched(n - 1) < sched(n - 2) and sched(n) == pytest.approx(5e-4)
+
+
+class Net(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8),
+                                  nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def probs_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=-1)
+
+
+def test_the_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=g)
+    data = ImageSet(images, torch.randint(0, 5, (40,), generator=g))
+    pre = Preprocess(False, [0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    x = pre.to_float(images)
+    members = [Net(s) for s in range(4)]
+    for m in members:  # BN statistics of their own, which the ensemble keeps
+        m.train()
+        m(torch.randn(16, 3, 4, 4) * (1 + members.index(m)))
+    fge = FGE(members[0], SwaConfig(max_models=3))
+    sets = {"test": data, "val": None}
+    for k, m in enumerate(members[:3], start=1):
+        fge.update(m)
+        got = fge.collect_probs(sets, pre, 16, lambda: iter(()), seed=0)["test"]
+        want = torch.stack([probs_of(n, x) for n in members[:k]]).mean(0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The fourth pushes out the first (max_models=3): the latest three.
+    fge.update(members[3])
+    got = fge.collect_probs(sets, pre, 16, lambda: iter(()), seed=0)["test"]
+    want = torch.stack([probs_of(n, x) for n in members[1:]]).mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (fge.n_averaged, fge.collected) == (3, 4)
+    torch.testing.assert_close(torch.softmax(fge.predict(x), -1), want, rtol=1e-5, atol=1e-6)
+    # A resumed ensemble sums again from its members: the same probabilities.
+    again = FGE(members[0], SwaConfig(max_models=3))
+    again.load_state_dict(fge.state_dict())
+    torch.testing.assert_close(again.collect_probs(sets, pre, 16, lambda: iter(()), 0)["test"],
+                               got)
+
+
+def test_the_members_memory_is_checked_before_training() -> None:
+    with pytest.raises(UserError, match=r"swa.max_models=1000: FGE keeps up to 1000 copies of "
+                                        r"the model, .* GiB are free; lower swa.max_models"):
+        FGE(Net(0), SwaConfig(max_models=1000), available=1 << 20)
+    assert METHODS["fge"] is FGE
+
+
+def test_swa_fge_selects_its_schedule_and_refuses_an_odd_cycle() -> None:
+    cfg = compose_config(["swa=fge"])
+    assert (cfg.schedule.name, cfg.swa.method, list(cfg.swa.also)) == ("fge", "swa", ["fge"])
+    assert compose_config(["swa=fge", "schedule=constant"]).schedule.name == "constant"
+    with pytest.raises(UserError, match=r"schedule.fge_cycle=3: an even number of epochs"):
+        validate(to_config(compose_config(["swa=fge", "schedule.fge_cycle=3"])))
+
+
+def test_a_run_reports_fge_beside_sgd_and_swa(tmp_path: Path) -> None:
+    """Six epochs, FGE from epoch 2 with cycles of 2: members after epochs 3 and 5; SWA
+    averages the same two points."""
+    m = train(compose_config([*TINY, "swa=fge", "trainer.epochs=6", "swa.start=2",
+                              "schedule.fge_cycle=2", "optimizer=sgd", "optimizer.lr=0.05",
+                              "schedule.fge_lr_high=0.05", "swa.lr=0.005"]), tmp_path)
+    assert m["status"] == "finished" and m["averages"] == ["swa", "fge"]
+    assert (m["fge"]["n_averaged"], m["fge"]["collected"]) == (2, 2)
+    assert m["swa"]["n_averaged"] == 2
+    for key in ("test_acc", "test_loss", "val_acc"):
+        assert m["fge"][key] is not None
+    assert {"nll", "ece"} <= set(m["calibration"]["fge"])
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"fge_test_acc", "fge_val_loss", "fge_n_averaged"} <= set(header)
+    n = [r.split(",")[header.index("fge_n_averaged")] for r in rows[1:]]
+    assert n == ["0", "0", "1", "1", "2", "2"]
+    saved = torch.load(tmp_path / "fge.pt", weights_only=False)
+    assert len(saved["members"]) == 2 and saved["method"] == "fge"
