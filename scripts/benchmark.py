@@ -81,6 +81,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import cpu_model, matmul_peak_tflops, sync, time_queued  # noqa: E402
+
 from swa_research.averaging import PRIMARY
 from swa_research.config import (
     CHOICES,
@@ -113,11 +116,6 @@ AVERAGE_EVERY = 50  # the seed's swa_freq
 VAL_FRACTION = 0.1  # the seed's validation split, held out by both paths
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class OtherLoad:
     """CPU used by other processes while a block runs, in % of all cores (Linux; None
     elsewhere): on a shared machine it says which timings a neighbour disturbed."""
@@ -148,16 +146,6 @@ class OtherLoad:
         seconds = time.perf_counter() - self._t0
         other = (end[0] - self._start[0]) - (end[1] - self._start[1])
         self.pct = max(0.0, 100 * other / hz / (seconds * (os.cpu_count() or 1)))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,33 +307,6 @@ class TrainerLoop:
 # Measurements
 
 
-def time_queued(fn: Callable[[], None], device: torch.device, calls: int) -> float:
-    """Seconds per call of ``calls`` calls queued back to back with one sync at the end, after
-    one untimed call: what a call adds to a loop that does not wait for the device (an EMA
-    update between steps), without a sync's round trip per call."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / calls
-
-
-def time_calls(fn: Callable[[], None], device: torch.device, calls: int,
-               best: bool = False) -> float:
-    """Median (or, with ``best``, the shortest) seconds of one call, after one untimed call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times) if best else statistics.median(times)
-
-
 def busy_us(spans: list[tuple[float, float]]) -> float:
     """The length of the union of (start, end) intervals: how long a device had work, however
     its streams overlapped."""
@@ -382,18 +343,6 @@ def profile_trainer(loop: TrainerLoop, steps: int, device: torch.device
     busy_ms = busy_us(spans) / 1000 / steps if spans else None
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=30), busy_ms
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """The best rate of square matmuls of sizes n / 2, n and 2 n, 5 timed calls each: a peak,
-    so the fastest call counts (a neighbour on a shared machine only slows calls down)."""
-    best = 0.0
-    for size in (n // 2, n, 2 * n):
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        seconds = time_calls(lambda: torch.mm(a, b), device, calls=5, best=True)  # noqa: B023
-        best = max(best, 2 * size**3 / seconds / 1e12)
-    return best
 
 
 def step_flops(model_dict: dict[str, Any], num_classes: int, image_size: int, batch_size: int,

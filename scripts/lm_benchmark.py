@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import cpu_model, matmul_peak_tflops, sync, time_queued  # noqa: E402
+from timing import cpu_model, matmul_peak_tflops, sync, time_queued  # noqa: E402
 
 from swa_research.averaging import make_average  # noqa: E402
 from swa_research.data.text import write_ids  # noqa: E402
