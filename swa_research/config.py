@@ -193,6 +193,9 @@ class TrainerConfig:
     # and CUDA graphs), max-autotune-no-cudagraphs.
     compile_mode: str = "default"
     peak_tflops: float = 0.0  # MFU's peak; 0: the known GPU's datasheet (training.speed)
+    # Start from these weights (a run's sgd_final.pt or swa.pt, or a state dict file) instead of
+    # the seed's initialization: fine-tuning, FGE from a trained point, soups of one start.
+    init_weights: str | None = None
     # Shortened runs (the debug group): train on limit_train_batches batches' worth of images
     # (a seeded selection), evaluate limit_eval_batches eval batches of each set; overfit on
     # overfit_batches fixed batches (validated on the same images). 0: off.

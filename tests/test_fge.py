@@ -21,11 +21,12 @@ from swa_research.training.optim import build_schedule
 
 def reference_lr(epoch: int, it: int, ipe: int, start: int, epochs: int, cycle: int,
                  lr_init: float, lr_1: float, lr_2: float) -> float:
-    """dnn-mode-connectivity, written out independently: train.py's learning_rate_schedule over
-    the ``start`` pre-training epochs, then fge.py's utils.cyclic_learning_rate(epoch, cycle,
-    lr_1, lr_2)(iter / num_iters) for the FGE epochs counted from 0."""
+    """dnn-mode-connectivity, written out independently: train.py's learning_rate_schedule with
+    --epochs the budget, stopped at its checkpoint of epoch ``start`` (README: checkpoint-160 of
+    200), then fge.py's utils.cyclic_learning_rate(epoch, cycle, lr_1, lr_2)(iter / num_iters)
+    for the FGE epochs counted from 0."""
     if epoch < start:
-        alpha = epoch / start
+        alpha = epoch / epochs
         factor = 1.0 if alpha <= 0.5 else (1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9
                                            else 0.01)
         return lr_init * factor
@@ -138,3 +139,24 @@ def test_a_run_reports_fge_beside_sgd_and_swa(tmp_path: Path) -> None:
     assert n == ["0", "0", "1", "1", "2", "2"]
     saved = torch.load(tmp_path / "fge.pt", weights_only=False)
     assert len(saved["members"]) == 2 and saved["method"] == "fge"
+
+
+def test_a_run_starts_from_init_weights_and_bad_ones_are_one_line(tmp_path: Path) -> None:
+    """trainer.init_weights: the first evaluation (eval_at_start) is the source run's final
+    SGD model's."""
+    source = train(compose_config([*TINY, "trainer.epochs=1"]), tmp_path / "source")
+    m = train(compose_config([*TINY, "trainer.epochs=1", "trainer.eval_at_start=true",
+                              f"trainer.init_weights={tmp_path / 'source' / 'sgd_final.pt'}"]),
+              tmp_path / "tuned")
+    first = (tmp_path / "tuned" / "history.csv").read_text().splitlines()
+    row = dict(zip(first[0].split(","), first[1].split(","), strict=True))
+    assert float(row["sgd_test_acc"]) == pytest.approx(source["sgd"]["test_acc"], abs=1e-9)
+    assert m["status"] == "finished"
+    with pytest.raises(UserError, match=r"trainer.init_weights=.*missing.pt: no such file"):
+        train(compose_config([*TINY, f"trainer.init_weights={tmp_path / 'missing.pt'}"]),
+              tmp_path / "bad")
+    other = tmp_path / "source" / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(UserError, match=r"trainer.init_weights=.*other.pt: does not fit the "
+                                        "model"):
+        train(compose_config([*TINY, f"trainer.init_weights={other}"]), tmp_path / "bad2")

@@ -234,3 +234,26 @@ def test_a_key_added_after_a_checkpoint_compares_as_its_old_behaviour() -> None:
     current["swa"]["also"] = ["ema"]
     assert config_differences(saved, current) == ["swa.also: [] -> ['ema']"]
     assert config_differences(saved, {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}) == []
+
+
+def test_a_checkpoint_from_before_the_language_model_and_fge_keys_resumes() -> None:
+    """A default run's config without the keys added since 0.2.0's task seam (language
+    models, schedule-free AdamW, FGE, trainer.init_weights, trainer.peak_tflops): no
+    difference, so its checkpoint resumes."""
+    from omegaconf import OmegaConf
+
+    from swa_research.config import Config, flatten_dict
+    from swa_research.training.checkpoint import config_differences
+
+    current = OmegaConf.to_container(OmegaConf.structured(Config))
+    added = {"data": ("tokenizer", "pattern", "test_fraction", "windows_per_epoch",
+                      "eval_tokens"),
+             "optimizer": ("no_decay", "grad_clip", "weight_lr_power", "r"),
+             "schedule": ("warmup", "cooldown", "cooldown_shape", "fge_cycle", "fge_lr_high"),
+             "swa": ("lawa_k",), "trainer": ("grad_accum", "init_weights", "peak_tflops")}
+    saved = {g: {k: v for k, v in node.items() if k not in added.get(g, ())}
+             if isinstance(node, dict) else node for g, node in current.items()}
+    assert len(flatten_dict(saved)) == len(flatten_dict(current)) - 18
+    assert config_differences(saved, current) == []
+    current["trainer"]["grad_accum"] = 4
+    assert config_differences(saved, current) == ["trainer.grad_accum: 1 -> 4"]

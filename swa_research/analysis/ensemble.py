@@ -19,7 +19,8 @@ Each is evaluated on val and test (accuracy, loss; NLL and ECE on test) and writ
 ``ensemble.csv`` and ``ensemble.png`` (test accuracy against the number of members for the
 ensembles and the greedy soups; each run's SGD and SWA marked) in the sweep dir, atomically. The
 runs must share the model and the data; soups also an initialization (the same seed, or the same
-``model.weights``): otherwise they are refused with one line saying why.
+``trainer.init_weights`` or ``model.weights``): otherwise they are refused with one line saying
+why.
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ def check_runs(run_dirs: Sequence[Path]) -> tuple[list[Path], str | None]:
         raise UserError(f"task={flat[0].get('task.name')}: ensembles and soups average class "
                         "probabilities and are scored by accuracy (task=classification)")
     seeds = {f.get("seed") for f in flat}
-    weights = {f.get("model.weights") for f in flat}
+    starts = {(f.get("model.weights"), f.get("trainer.init_weights")) for f in flat}
     soups = None
-    if len(seeds) > 1 and (weights == {None} or len(weights) > 1):
+    if len(seeds) > 1 and (starts == {(None, None)} or len(starts) > 1):
         soups = (f"soups need runs from one initialization: these have seeds "
-                 f"{sorted(seeds, key=str)} and no shared model.weights, so their weights are "
-                 "not averaged (the deep ensemble is formed)")
+                 f"{sorted(seeds, key=str)} and no shared trainer.init_weights or "
+                 "model.weights, so their weights are not averaged (the deep ensemble is "
+                 "formed)")
     return [r.run_dir for r in finished], soups
 
 

@@ -296,6 +296,8 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
             device, memory_format=fmt)
     except ValueError as e:
         raise UserError(str(e)) from e
+    if trainer_cfg.init_weights:
+        load_init_weights(model, trainer_cfg.init_weights)
     optimizer = build_optimizer(config.optimizer, model)
     plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
@@ -335,6 +337,29 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         if trainer_cfg.snapshot_every and world().is_main else None,
         train_model=train_model, device=device, task=task,
         grad_clip=config.optimizer.grad_clip)
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """``trainer.init_weights``: the weights a run starts from (a run's weight file, whose
+    ``state_dict`` is taken, or a state dict); a one-line UserError when they cannot be read or
+    do not fit the model."""
+    where = f"trainer.init_weights={path}"
+    try:
+        saved = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except Exception as e:
+        raise UserError(f"{where}: not a weights file that can be loaded "
+                        f"({type(e).__name__})") from None
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"{where}: holds no state dict (tensors by name)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{where}: does not fit the model: {detail}") from None
 
 
 def write_schedule_plot(schedule: LRSchedule, run_dir: Path, averaging_start: int | None,

@@ -35,7 +35,7 @@ OPERATIONAL_KEYS = ("trainer.resume", "trainer.resume_override", "trainer.progre
                     "trainer.num_workers", "trainer.checkpoint_every",
                     "trainer.save_checkpoints", "trainer.keep_checkpoint", "trainer.device",
                     "trainer.strategy", "logger.", "data.root",
-                    "data.download", "data.cache")
+                    "data.download", "data.cache", "trainer.peak_tflops")
 
 # What a run computed with before a key existed: a checkpoint that lacks the key is compared as
 # if it held this value.
@@ -47,7 +47,17 @@ LEGACY_VALUES = {"trainer.compile_mode": "default", "swa.also": [], "swa.max_mod
                  "trainer.snapshot_dtype": "fp32", "model.sync_bn": False,
                  "trainer.eval_at_start": False, "trainer.limit_train_batches": 0,
                  "trainer.limit_eval_batches": 0, "trainer.overfit_batches": 0,
-                 "data.subset": 0}
+                 "data.subset": 0,
+                 # the task seam, language models, schedule-free AdamW, FGE, init weights
+                 "task.name": "classification", "data.tokenizer": "char",
+                 "data.pattern": "*.txt", "data.test_fraction": 0.0,
+                 "data.windows_per_epoch": 0, "data.eval_tokens": 0,
+                 "optimizer.no_decay": [], "optimizer.grad_clip": 0.0,
+                 "optimizer.weight_lr_power": 2.0, "optimizer.r": 0.0,
+                 "schedule.warmup": 0, "schedule.cooldown": 0.2,
+                 "schedule.cooldown_shape": "linear", "schedule.fge_cycle": 4,
+                 "schedule.fge_lr_high": 0.05, "swa.lawa_k": 5, "trainer.grad_accum": 1,
+                 "trainer.init_weights": None}
 # Keys that no longer exist: a checkpoint that holds one still resumes (trainer.conv_algorithm
 # chose CPU convolution kernels, which changed rounding only).
 RETIRED_KEYS = ("trainer.conv_algorithm",)

@@ -136,7 +136,8 @@ class LRSchedule:
     warmup_constant: then ``lr`` to the end (averaging at a constant lr, Hagele et al. 2024).
     fge: Fast Geometric Ensembling (Garipov et al. 2018; timgaripov/dnn-mode-connectivity
       fge.py with utils.cyclic_learning_rate): before the averaging start decay_then_constant's
-      decay over that horizon to ``final_ratio`` lr (the reference's pre-training, train.py);
+      decay over the whole budget to ``final_ratio`` lr (the reference pre-trains with train.py
+      over the budget's epochs and starts FGE from its checkpoint at the start, e.g. 160 of 200);
       from it, cycles of ``fge_cycle_iters`` steps with t = ((i - start) mod cycle) / cycle:
       ``fge_lr_high`` (1 - 2t) + ``swa_lr`` 2t for t < 1/2, ``fge_lr_high`` (2t - 1) +
       ``swa_lr`` (2 - 2t) after: down to swa_lr at mid-cycle (where a model is collected) and
@@ -205,7 +206,8 @@ class LRSchedule:
     def _fge(self, i: int) -> float:
         start = self.start_iter if self.start_iter is not None else self.total_iters
         if i < start:
-            return self._decay_then_constant(i, horizon_iter=start, ratio=self.final_ratio)
+            return self._decay_then_constant(i, horizon_iter=self.total_iters,
+                                             ratio=self.final_ratio)
         t = ((i - start) % self.fge_cycle_iters) / self.fge_cycle_iters
         if t < 0.5:
             return self.fge_lr_high * (1.0 - 2.0 * t) + self.swa_lr * 2.0 * t
