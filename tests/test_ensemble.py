@@ -117,3 +117,54 @@ def test_the_sweep_report_shows_fge_with_its_paired_gain_and_the_ensembles(
                                                                   abs=1e-9)
     assert "## Ensembles and soups" in report.markdown
     assert "ensembles and soups of the runs (ensemble.csv):" in report.text()
+
+
+def test_the_ensembles_go_to_a_w_and_b_run_beside_the_sweeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in wandb module records what is logged (W&B itself is read back offline in
+    test_wandb.py): a run of job_type "ensemble" in the runs' project and group, with
+    ensemble.csv as a table and ensemble.png."""
+    import sys
+    import types
+
+    import swa_research.analysis.ensemble as ensemble
+    from swa_research.analysis.runset import WandbTarget
+
+    calls: list[dict] = []
+
+    class FakeRun:
+        path, dir = "entity/project/abc", str(tmp_path / "wandb" / "run")
+
+        def __enter__(self) -> FakeRun:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def log(self, data: dict) -> None:
+            calls.append({"logged": data})
+
+    def init(**kwargs: object) -> FakeRun:
+        calls.append({"init": kwargs})
+        return FakeRun()
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw,
+                                 Table=lambda columns, data: ("table", columns, len(data)),
+                                 Image=lambda path: ("image", Path(path).name))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sweep(tmp_path, [["optimizer.lr=1e-3"], ["optimizer.lr=2e-3"]])
+    target = WandbTarget(project="swa", entity=None, group="g1", mode="online")
+    real = ensemble.load_run
+    monkeypatch.setattr(ensemble, "load_run",
+                        lambda d, root: types.SimpleNamespace(**{**vars(real(d, root)),
+                                                                 "wandb": target}))
+    assert main([str(tmp_path), "--device", "cpu"]) == 0
+    init_kw = calls[0]["init"]
+    assert (init_kw["job_type"], init_kw["project"], init_kw["group"]) == ("ensemble", "swa",
+                                                                           "g1")
+    logged = calls[1]["logged"]
+    assert logged["report/ensemble"] == ("image", "ensemble.png")
+    kind, columns, n = logged["report/ensemble_table"]
+    assert columns[:3] == ["combination", "kind", "members"] and n == len(rows(tmp_path))
+    calls.clear()
+    assert main([str(tmp_path), "--device", "cpu", "--no-wandb"]) == 0 and calls == []

@@ -160,3 +160,60 @@ def test_a_run_starts_from_init_weights_and_bad_ones_are_one_line(tmp_path: Path
     with pytest.raises(UserError, match=r"trainer.init_weights=.*other.pt: does not fit the "
                                         "model"):
         train(compose_config([*TINY, f"trainer.init_weights={other}"]), tmp_path / "bad2")
+
+
+FGE_PRESETS = [f"paper_fge/{m}_{d}" for m in ("vgg16", "preresnet164", "wrn28x10")
+               for d in ("cifar10", "cifar100")]
+
+
+@pytest.mark.parametrize("preset", FGE_PRESETS)
+def test_the_fge_presets_are_the_references_recipe(preset: str) -> None:
+    """train.py over 200 epochs to its checkpoint 160, then fge.py's cycles of 2 epochs:
+    20 models collected, at the end of epochs 161, 163, ..., 199."""
+    from swa_research.analysis import paper
+    from swa_research.averaging import check_budget
+    from swa_research.config import flatten_dict
+    from swa_research.training.build import config_dict_of, load_config
+
+    ipe = 391
+    config = load_config(compose_config([f"experiment={preset}"]))
+    check_budget(config, ipe)
+    flat = flatten_dict(config_dict_of(config))
+    recipe, run = paper.classify(flat)
+    assert run == "fge" and paper.recipe_differences(flat) == []
+    assert paper.recipe_label(flat) == paper.PAPER_RECIPE
+    assert paper.parse_preset(preset) == (recipe.model, recipe.dataset, "fge")
+    s, sw = config.schedule, config.swa
+    lr, wd, lr_1, lr_2 = {"vgg16": (0.05, 5e-4, 0.01, 0.01),
+                          "preresnet164": (0.1, 3e-4, 0.05, 0.01),
+                          "wrn28x10": (0.1, 5e-4, 0.05, 0.01)}[recipe.model]
+    assert (config.optimizer.lr, config.optimizer.weight_decay, s.fge_lr_high, sw.lr) == (
+        lr, wd, lr_1, lr_2)
+    plan = AveragingPlan.from_config(sw, s, config.trainer.epochs, ipe)
+    assert plan.update_points() == [e * ipe for e in range(161, 200, 2)]
+    assert sw.max_models == plan.count_updates() == 20 and list(sw.also) == ["fge"]
+    sched = build_schedule(s, lr, lr_2, ipe, plan.total_iters, plan.start_iter)
+    for e in range(200):
+        want = reference_lr(e, 0, ipe, 160, 200, 2, lr, lr_1, lr_2)
+        assert sched(e * ipe) == pytest.approx(want, rel=1e-12), e
+
+
+def test_an_fge_run_measures_the_fge_cell_against_the_published_figure() -> None:
+    from swa_research.analysis import paper
+    from swa_research.config import flatten_dict
+    from swa_research.training.build import config_dict_of, load_config
+
+    flat = flatten_dict(config_dict_of(load_config(compose_config(
+        ["experiment=paper_fge/vgg16_cifar100"]))))
+    metrics = {"status": "finished", "sgd": {"test_acc": 0.72}, "swa": {"test_acc": 0.73},
+               "fge": {"test_acc": 0.7451}}
+    (cell,) = paper.measured_cells(flat, metrics, [])
+    assert (cell.column, cell.epoch, cell.acc) == ("fge", 200, pytest.approx(74.51))
+    (row,) = paper.compare([cell])
+    assert (row.published_mean, row.published_std) == (74.26, None)
+    assert row.within == paper.NO_STD and row.difference == pytest.approx(0.25)
+    cells = paper.comparison_cells(row)
+    assert cells[2:5] == ["FGE 1 budget", "200", "74.26"]
+    table = paper.published_table()
+    assert "| SGD | FGE 1 budget | SWA 1 budget |" in table
+    assert "| 72.55 ± 0.10 | 74.26 | 73.91 ± 0.12 |" in table

@@ -17,7 +17,9 @@ probabilities (the run's FGE), and it is not souped (an ensemble is not one set 
 
 Each is evaluated on val and test (accuracy, loss; NLL and ECE on test) and written to
 ``ensemble.csv`` and ``ensemble.png`` (test accuracy against the number of members for the
-ensembles and the greedy soups; each run's SGD and SWA marked) in the sweep dir, atomically. The
+ensembles and the greedy soups; each run's SGD and SWA marked) in the sweep dir, atomically;
+when the runs logged to W&B, both go to a W&B run of job_type "ensemble" in their project and
+group (and the sweep report's W&B run shows them too). The
 runs must share the model and the data; soups also an initialization (the same seed, or the same
 ``trainer.init_weights`` or ``model.weights``): otherwise they are refused with one line saying
 why.
@@ -40,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from swa_research.analysis.report_wandb import log_ensemble
+from swa_research.analysis.runset import load_run
 from swa_research.averaging import average_states, classification_metrics
 from swa_research.config import UserError, flatten_dict
 from swa_research.fileio import atomic_write_text
@@ -304,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", default="sgd,swa",
                         help="the weights combined: sgd and averages' names (default sgd,swa)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log to W&B even when the runs did")
     args = parser.parse_args(argv)
     try:
         if not args.sweep_dir.is_dir():
@@ -323,6 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot(rows, args.sweep_dir / PLOT_FILE, args.sweep_dir.name)
         except Exception as e:  # a plot is a convenience
             log.warning("could not write %s: %s", PLOT_FILE, e)
+        if not args.no_wandb:
+            targets = [t for d in run_dirs
+                       if (t := load_run(d, args.sweep_dir).wandb) is not None]
+            where = log_ensemble(targets, args.sweep_dir)
+            if where:
+                print(f"logged to W&B: {where}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

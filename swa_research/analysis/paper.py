@@ -33,12 +33,20 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from swa_research.analysis.paper_fge import (
+    FGE_EPOCHS,
+    FGE_PUBLISHED,
+    fge_expected,
+    fge_preset,
+)
+
 MODELS = ("vgg16", "preresnet164", "wrn28x10")
 DATASETS = ("cifar10", "cifar100")
 RUNS = ("sgd", "swa1.5")
 COLUMNS = ("sgd", "swa1", "swa1.25", "swa1.5")
 COLUMN_LABELS = {"sgd": "SGD", "swa1": "SWA 1 budget", "swa1.25": "SWA 1.25 budgets",
-                 "swa1.5": "SWA 1.5 budgets"}
+                 "swa1.5": "SWA 1.5 budgets", "fge": "FGE 1 budget"}
+TABLE_ORDER = ("sgd", "fge", "swa1", "swa1.25", "swa1.5")  # the paper's column order
 MODEL_LABELS = {"vgg16": "VGG16", "preresnet164": "PreResNet164", "wrn28x10": "WideResNet28x10"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 SOURCE = "timgaripov/swa README.md (Results), the SWA paper's Table 1"
@@ -99,6 +107,8 @@ class Recipe:
                 "swa1.25": math.ceil(1.25 * self.budget), "swa1.5": math.ceil(1.5 * self.budget)}
 
     def epochs(self, run: str) -> int:
+        if run == "fge":
+            return FGE_EPOCHS
         return self.budget if run == "sgd" else self.swa_epochs
 
     def eval_every(self, run: str) -> int:
@@ -121,6 +131,8 @@ class Recipe:
         if run == "sgd":
             out.update({"swa.method": "none", "schedule.final_ratio": 0.01,
                         "trainer.epochs": self.budget})
+        elif run == "fge":
+            out.update(fge_expected(self.model))
         else:
             out.update({"swa.method": "swa", "swa.lr": self.swa_lr,
                         "swa.start": self.swa_start, "swa.freq": 1, "swa.unit": "epoch",
@@ -178,6 +190,8 @@ def parse_preset(experiment: Any) -> tuple[str, str, str] | None:
         return LEGACY_PRESETS[experiment]
     for m in MODELS:
         for d in DATASETS:
+            if experiment == fge_preset(m, d):
+                return m, d, "fge"
             for r in RUNS:
                 if experiment == f"paper/{m}_{d}_{r}":
                     return m, d, r
@@ -242,6 +256,8 @@ def classify(config: Mapping[str, Any], experiment: Any = None) -> tuple[Recipe,
         if found is None:
             return None
         recipe = RECIPES[found[:2]]
+    if config_value(config, "schedule.name") == "fge":
+        return recipe, "fge"
     return recipe, "sgd" if config_value(config, "swa.method") == "none" else "swa1.5"
 
 
@@ -293,7 +309,7 @@ def recipe_label(config: Mapping[str, Any], experiment: Any = None) -> str:
         return PAPER_RECIPE
     recipe, run = found
     epochs = config_value(config, "trainer.epochs")
-    if run != "sgd" and epochs is not None and not _same(epochs, recipe.swa_epochs):
+    if run == "swa1.5" and epochs is not None and not _same(epochs, recipe.swa_epochs):
         diffs.append(("trainer.epochs", epochs, recipe.swa_epochs))
     first = ("model.name", "data.name", "trainer.epochs", "swa.start")
     diffs.sort(key=lambda d: first.index(d[0]) if d[0] in first else len(first))
@@ -389,6 +405,10 @@ def measured_cells(config: Mapping[str, Any], metrics: Mapping[str, Any] | None,
             out.append(Measurement(recipe.model, recipe.dataset, column, epoch, 100.0 * acc,
                                    label))
 
+    if run == "fge":  # the ensemble's test accuracy at the end of the run
+        add("fge", int(epochs) if epochs is not None else FGE_EPOCHS,
+            _finite((metrics.get("fge") or {}).get("test_acc")))
+        return out
     if run == "sgd":
         sgd = metrics.get("sgd") or {}
         acc = _finite(sgd.get("test_acc"))
@@ -424,7 +444,7 @@ class Comparison:
     column: str
     epoch: int
     published_mean: float
-    published_std: float
+    published_std: float | None  # None: the paper gives no std (its FGE column)
     values: list[float]
     recipe: str = PAPER_RECIPE  # "paper", or what the runs' recipe changes (never pooled)
 
@@ -452,7 +472,19 @@ class Comparison:
         ``n/a (other recipe)`` for runs of another recipe, whose figures are not comparable."""
         if self.recipe != PAPER_RECIPE:
             return OTHER_RECIPE
+        if self.published_std is None:
+            return NO_STD
         return within(self.mean, self.published_mean, self.published_std)
+
+
+NO_STD = "n/a (no std published)"
+
+
+def published(model: str, dataset: str, column: str) -> tuple[float, float | None]:
+    """The published mean and std of a cell (the FGE column has no std)."""
+    if column == "fge":
+        return FGE_PUBLISHED[(model, dataset)], None
+    return PUBLISHED[(model, dataset)][column]
 
 
 def within(mean: float, published_mean: float, published_std: float) -> str:
@@ -473,12 +505,12 @@ def compare(measurements: Sequence[Measurement]) -> list[Comparison]:
     for m in measurements:
         key = (m.model, m.dataset, m.column, m.recipe, m.epoch)
         if key not in cells:
-            pub_mean, pub_std = PUBLISHED[(m.model, m.dataset)][m.column]
+            pub_mean, pub_std = published(m.model, m.dataset, m.column)
             cells[key] = Comparison(m.model, m.dataset, m.column, m.epoch, pub_mean, pub_std, [],
                                     m.recipe)
         cells[key].values.append(m.acc)
     order = {(mo, d, c): i for i, (d, mo, c) in enumerate(
-        (d, mo, c) for d in DATASETS for mo in MODELS for c in COLUMNS)}
+        (d, mo, c) for d in DATASETS for mo in MODELS for c in TABLE_ORDER)}
     return sorted(cells.values(), key=lambda c: (order[(c.model, c.dataset, c.column)],
                                                  c.recipe != PAPER_RECIPE, c.recipe, c.epoch))
 
@@ -491,7 +523,8 @@ def comparison_cells(c: Comparison) -> list[str]:
     """A row of the table; the recipe shortened to its first three differences."""
     measured = f"{c.mean:.2f}" if c.std is None else f"{c.mean:.2f} ± {c.std:.2f}"
     return [MODEL_LABELS[c.model], DATASET_LABELS[c.dataset], COLUMN_LABELS[c.column],
-            str(c.epoch), f"{c.published_mean:.2f} ± {c.published_std:.2f}", measured,
+            str(c.epoch), f"{c.published_mean:.2f}" + ("" if c.published_std is None else
+                                                       f" ± {c.published_std:.2f}"), measured,
             str(c.n), f"{c.difference:+.2f}", c.within, short_recipe(c.recipe)]
 
 
@@ -606,15 +639,15 @@ def estimate_table(sustained_tflops: float | None = None,
 
 def published_table() -> str:
     """The published table in Markdown, one row per (data set, model)."""
-    rows = ["| data set | model (budget) | " + " | ".join(COLUMN_LABELS[c] for c in COLUMNS)
-            + " |", "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
+    rows = ["| data set | model (budget) | " + " | ".join(COLUMN_LABELS[c] for c in TABLE_ORDER)
+            + " |", "| --- | --- | " + " | ".join("---" for _ in TABLE_ORDER) + " |"]
     for dataset in DATASETS:
         for model in MODELS:
-            pub = PUBLISHED[(model, dataset)]
+            cells = [published(model, dataset, c) for c in TABLE_ORDER]
             budget = RECIPES[(model, dataset)].budget
             rows.append(f"| {DATASET_LABELS[dataset]} | {MODEL_LABELS[model]} ({budget}) | "
-                        + " | ".join(f"{pub[c][0]:.2f} ± {pub[c][1]:.2f}" for c in COLUMNS)
-                        + " |")
+                        + " | ".join(f"{m:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+                                     for m, sd in cells) + " |")
     return "\n".join(rows)
 
 
