@@ -47,6 +47,7 @@ from swa_research.analysis.runset import load_run
 from swa_research.averaging import average_states, classification_metrics
 from swa_research.config import UserError, flatten_dict
 from swa_research.fileio import atomic_write_text
+from swa_research.models import load_state
 from swa_research.tracking.runs import find_run_dirs, read_run
 from swa_research.training.build import resolve_device
 from swa_research.training.evaluation import collect_logits
@@ -137,13 +138,7 @@ class Combiner:
         return list(saved["members"]) if saved.get("members") else [saved["state_dict"]]
 
     def module(self, state: dict[str, Tensor], where: str) -> nn.Module:
-        model = self.base.model
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            detail = str(e).strip().splitlines()[-1].strip()
-            raise UserError(f"{where} does not fit the sweep's model: {detail}") from None
-        return model
+        return load_state(self.base.model, state, where)
 
     @torch.no_grad()
     def probs(self, module: nn.Module) -> dict[str, Tensor | None]:
@@ -291,6 +286,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         singles = rows_of(rows, "single", kind)
         ax.scatter([1] * len(singles), [100 * r["test_acc"] for r in singles], marker="x",
                    color=color, label=f"{kind.upper()} of each run")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("members")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Ensembles and soups {title}".strip())

@@ -46,7 +46,7 @@ from swa_research.averaging import average_states, bn_update, has_batch_norm
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
 from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import atomic_write_text
-from swa_research.models import build_model
+from swa_research.models import build_model, mismatch_detail
 from swa_research.tasks import CLASSIFICATION, Task, TaskMetrics, build_task
 from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.tracking.runs import find_run_dirs
@@ -246,10 +246,9 @@ class PosthocRun:
                                     kind="ema" if setting.kind == "ema" else "swa",
                                     decay=setting.decay or 0.0, warmup=bool(setting.warmup))
         except (RuntimeError, KeyError) as e:
-            detail = str(e).strip().splitlines()[-1].strip()
             raise UserError(f"{self.run_dir / TRAJECTORY / current[0]['file']} does not fit "
                             f"the model of {self.run_dir}/.hydra/config.yaml (snapshots of "
-                            f"another run?): {detail}") from None
+                            f"another run?): {mismatch_detail(e)}") from None
         return self.with_bn(module)
 
     def with_bn(self, module: nn.Module) -> nn.Module:

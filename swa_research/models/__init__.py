@@ -150,3 +150,19 @@ def build_model(model: dict[str, Any], num_classes: int, image_size: int = 32) -
 def builder_options(model: dict[str, Any]) -> dict[str, Any]:
     """A model config's options that its builder takes (not its name, not the common ones)."""
     return {k: v for k, v in model.items() if k != "name" and k not in COMMON_OPTIONS}
+
+
+def mismatch_detail(error: BaseException) -> str:
+    """The line of a ``load_state_dict`` error that says what does not fit (its last)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """``model`` with ``state`` loaded; a one-line UserError ``<where>: does not fit the model:
+    <what>`` when the names or shapes differ."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{where}: does not fit the model: {mismatch_detail(e)}") from None
+    return model

@@ -32,7 +32,7 @@ from swa_research.distributed import agree, world
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
-from swa_research.models import build_model, resolve_model_config
+from swa_research.models import build_model, load_state, resolve_model_config
 from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import (
     LocalFiles,
@@ -355,11 +355,7 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise UserError(f"{where}: holds no state dict (tensors by name)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = str(e).strip().splitlines()[-1].strip()
-        raise UserError(f"{where}: does not fit the model: {detail}") from None
+    load_state(model, state, where)
 
 
 def write_schedule_plot(schedule: LRSchedule, run_dir: Path, averaging_start: int | None,
