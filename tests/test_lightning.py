@@ -136,6 +136,10 @@ DDP_SCRIPT = textwrap.dedent("""
     print(f"RANK {{trainer.global_rank}} n={{cb.averages['swa'].n_averaged}} "
           f"sum={{flat.double().sum().item():.10f}} bn={{bn.double().sum().item():.10f}} "
           f"val_acc={{float(trainer.callback_metrics['swa/val_acc']):.6f}}", flush=True)
+    # The script's process group is torn down before the interpreter's: left to exit, gloo's
+    # threads were once destroyed while running (std::terminate, SIGABRT after the records).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 """)
 
 
