@@ -475,7 +475,7 @@ def test_the_log_gives_the_global_batch_in_tokens(tmp_path: Path, caplog) -> Non
     import logging
 
     text = write_text(tmp_path / "t.txt", lines=400)
-    with caplog.at_level(logging.INFO, logger="swa_research.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="swa_research.training.results"):
         train(compose_config([*lm_run(text), "trainer.epochs=1", "trainer.batch_size=8",
                               "trainer.grad_accum=4"]), tmp_path / "run")
     assert "each step: 8 samples (256 tokens) in 4 micro-batch(es) of 2 per rank" in \

@@ -173,9 +173,10 @@ class Combiner:
         return self.probs(self.base.with_bn(module))
 
 
-def mean_probs(members: Sequence[Member]) -> dict[str, Tensor | None]:
-    return {s: (None if members[0].probs[s] is None else
-                torch.stack([m.probs[s] for m in members]).mean(0))  # type: ignore[misc]
+def mean_probs(probs: Sequence[dict[str, Tensor | None]]) -> dict[str, Tensor | None]:
+    """The mean of several models' probabilities of each split: their ensemble's."""
+    return {s: (None if probs[0][s] is None else
+                torch.stack([p[s] for p in probs]).mean(0))  # type: ignore[misc]
             for s in SPLITS}
 
 
@@ -198,10 +199,7 @@ def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
             if states is None:
                 continue
             where = str(d / weight_file(kind))
-            each = [combiner.probs(combiner.module(st, where)) for st in states]
-            probs = {s: None if each[0][s] is None else
-                     torch.stack([p[s] for p in each]).mean(0)  # type: ignore[misc]
-                     for s in SPLITS}
+            probs = mean_probs([combiner.probs(combiner.module(st, where)) for st in states])
             members.append(Member(d.name, kind, states[0] if len(states) == 1 else None,
                                   probs))
         if not members:
@@ -213,7 +211,7 @@ def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
         for m in members:
             add("single", kind, [m], m.probs)
         for k in range(1, len(members) + 1):
-            add("ensemble", kind, members[:k], mean_probs(members[:k]))
+            add("ensemble", kind, members[:k], mean_probs([m.probs for m in members[:k]]))
         soups = soups_refused is None and all(m.state is not None for m in members)
         if soups:
             add("uniform_soup", kind, members, combiner.soup_probs([m.state for m in members]))

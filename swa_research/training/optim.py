@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from swa_research.averaging import bn_update, has_batch_norm
 from swa_research.config import OptimizerConfig, ScheduleConfig, UserError
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
@@ -89,21 +90,24 @@ def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
 
 @contextmanager
 def averaged_iterate(optimizer: torch.optim.Optimizer, model: nn.Module,
-                     prepare: Callable[[nn.Module], None] | None = None) -> Iterator[None]:
+                     bn_batches: Callable[[], Iterable[Any]] | None = None) -> Iterator[None]:
     """Inside: ``model`` holds a schedule-free optimizer's averaged iterate x (what the run
-    evaluates, averages, snapshots and saves as its SGD model), then ``prepare(model)`` has run
-    (the BN pass of a model with BN layers: their statistics were gathered at y). After:
-    the parameters and buffers training left, bit for bit (not the lerp back, whose rounding
-    would make the training run depend on how often it was evaluated). Other optimizers: a
-    no-op."""
+    evaluates, averages, snapshots and saves as its SGD model), with its BN statistics
+    recomputed over ``bn_batches()`` when given and the model has BN layers (they were gathered
+    at y; the pass's dropout draws from a forked RNG, not training's). After: the parameters
+    and buffers training left, bit for bit (not the lerp back, whose rounding would make the
+    training run depend on how often it was evaluated). Other optimizers: a no-op."""
     if not is_schedule_free(optimizer) or not optimizer.param_groups[0]["train_mode"]:
         yield
         return
     kept = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
     optimizer.eval()  # type: ignore[attr-defined]
     try:
-        if prepare is not None:
-            prepare(model)
+        if bn_batches is not None and has_batch_norm(model):
+            device = kept[0].device
+            with torch.random.fork_rng(devices=[device.index or 0]
+                                       if device.type == "cuda" else []):
+                bn_update(bn_batches(), model)
         yield
     finally:
         with torch.no_grad():

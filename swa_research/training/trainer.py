@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from swa_research.averaging import Average, AveragingPlan, bn_update, has_batch_norm
+from swa_research.averaging import Average, AveragingPlan
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import describe_write_error
 from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import Loggers
-from swa_research.tracking.outputs import run_metrics, save_weights
-from swa_research.tracking.progress import Progress, eval_line, start_lines
+from swa_research.tracking.outputs import save_weights
+from swa_research.tracking.progress import Progress, eval_line
 from swa_research.training.checkpoint import remove_finished_checkpoints
-from swa_research.training.evaluator import Evaluator, forked_rng
+from swa_research.training.evaluator import Evaluator
 from swa_research.training.optim import averaged_iterate, is_schedule_free
 from swa_research.training.preemption import (
     WRITING_RESULTS,
@@ -36,8 +36,9 @@ from swa_research.training.preemption import (
     set_phase,
 )
 from swa_research.training.ranks import Ranks
+from swa_research.training.results import log_start, run_mfu, run_results
 from swa_research.training.snapshots import SnapshotWriter
-from swa_research.training.speed import mfu, model_flops, peak_tflops
+from swa_research.training.speed import model_flops, peak_tflops
 from swa_research.training.state import load_trainer_state, preempt, write_checkpoint
 from swa_research.training.step import TrainStep, autocast, resolve_precision
 
@@ -174,12 +175,7 @@ class Trainer:
     def iterate(self, bn: bool = False) -> Any:
         """The SGD model as the run reports it: the model, or a schedule-free optimizer's
         averaged iterate (with BN statistics of its own when ``bn``) until the block ends."""
-        return averaged_iterate(self.optimizer, self.model,
-                                self._bn_pass if bn and has_batch_norm(self.model) else None)
-
-    def _bn_pass(self, model: nn.Module) -> None:
-        with forked_rng(self.device):  # its dropout does not draw from training's RNG
-            bn_update(self.bn_batches(), model)
+        return averaged_iterate(self.optimizer, self.model, self.bn_batches if bn else None)
 
     def _check_finite(self, loss: float | None, epoch: int) -> None:
         if loss is not None and not math.isfinite(loss):
@@ -273,15 +269,10 @@ class Trainer:
         self.history.append(dict(row))
         if epoch > 0:  # throughput goes to the trackers only: the files stay reproducible
             row["images_per_s"] = self.images_seen / max(self.train_time, 1e-9)
-            row["mfu"] = self.mfu(row["images_per_s"])
+            row["mfu"] = run_mfu(self, row["images_per_s"])
         self.loggers.log_eval(row)
         log.info("%s", eval_line(row, self.task.spec, list(self.averages), self.cfg.epochs,
                                  time.perf_counter() - t0, self.loader_wait))
-
-    def mfu(self, per_s: float) -> float | None:
-        """The model FLOPs utilization at ``per_s`` training units a second (all ranks)."""
-        return mfu(self.model_info.get("flops_per_unit"), per_s, self.peak_tflops,
-                   self.ranks.world.size if self.ranks.distributed else 1)
 
     # -- checkpoints, preemption, results -------------------------------------------------
     def save_checkpoint(self, epoch: int, partial: dict[str, Any] | None = None,
@@ -295,17 +286,7 @@ class Trainer:
         preempt(self, epoch, partial, wall)
 
     def metrics(self, status: str, wall: float, error: str | None = None) -> dict[str, Any]:
-        ev = self.evaluator
-        out = run_metrics(status, wall, error, epochs=self.cfg.epochs, iterations=self.iteration,
-                          sgd=ev.last_sgd, best=ev.best, averages=ev.last_avg,
-                          names=list(self.averages), calibration=self.calibration,
-                          model=self.model_info, images_seen=self.images_seen,
-                          train_time=self.train_time, device=self.device, task=self.task.spec)
-        out["train"]["mfu"] = self.mfu(self.images_seen / self.train_time) \
-            if self.train_time > 0 else None
-        if ev.nonfinite:
-            out["nonfinite"] = dict(ev.nonfinite)
-        return out
+        return run_results(self, status, wall, error)
 
     def save_weights(self) -> list[str]:
         with self.iterate(bn=True):
@@ -313,22 +294,4 @@ class Trainer:
                                 self.evaluator.best_state, self.evaluator.best, self.averages)
 
     def _log_start(self) -> None:
-        d = self.data
-        log.info("%s", start_lines(self.model_info["name"], self.model_info["parameters"],
-                                   self.cfg.epochs, self.plan.iters_per_epoch, self.device,
-                                   (len(d.train), d.val and len(d.val), len(d.test))))
-        if self.start_epoch > 1 or self.partial is not None:
-            log.info("resumed at iteration %d (epoch %d)", self.iteration,
-                     self.start_epoch - (self.partial is None))
-        if self.ranks.distributed:
-            size = self.ranks.world.size
-            log.info("DDP: %d ranks, global batch %d (%d per rank)", size, self.cfg.batch_size,
-                     self.cfg.batch_size // size)
-        block = getattr(d.train, "block_size", None)  # a language model's window
-        if block or self.cfg.grad_accum > 1:
-            per_rank = self.cfg.batch_size // (self.ranks.world.size
-                                               if self.ranks.distributed else 1)
-            log.info("each step: %d samples%s in %d micro-batch(es) of %d per rank",
-                     self.cfg.batch_size,
-                     f" ({self.cfg.batch_size * block:,} tokens)" if block else "",
-                     self.cfg.grad_accum, per_rank // self.cfg.grad_accum)
+        log_start(self)
