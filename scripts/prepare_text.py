@@ -22,6 +22,8 @@ tiktoken GPT-2's BPE files: a machine without a network stops with one line sayi
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,11 @@ def load(args: argparse.Namespace):  # noqa: ANN201  (a datasets.Dataset or Iter
                         "datasets") from None
     kwargs = {"split": args.split, "streaming": args.streaming}
     if args.data_files:
+        # Local files: a pattern that matches nothing is named here, not blamed on the Hub.
+        for pattern in args.data_files:
+            if "://" not in pattern and not glob.glob(os.path.expanduser(pattern),
+                                                      recursive=True):
+                raise UserError(f"--data-files {pattern!r}: no file matches it")
         kwargs["data_files"] = args.data_files
     try:
         return datasets.load_dataset(args.dataset, args.name, **kwargs)

@@ -38,6 +38,11 @@ class DataConfig:
     root: str = MISSING  # each option sets it; imagefolder leaves it to the user
     download: bool = True
     val_fraction: float = 0.1
+    # The seed of the validation split, fixed whatever the training seed: runs of a sweep
+    # over seeds hold out the same images, so that anything that ranks or selects across them
+    # (ensembles, soups, the best of a sweep) never scores a run on its own training images.
+    # Runs written before this key drew the split with their training seed.
+    split_seed: int = 0
     augment: str = "none"  # none | crop_flip
     normalize: bool = False
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -220,7 +225,9 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     name: str | None = None  # null: built from the job's overrides
     mode: str = "auto"  # auto | online | offline | disabled
-    init_timeout: float = 20.0  # seconds wandb.init may try to reach W&B; then offline
+    # Seconds a tracker may try to reach its server at the start (W&B: then offline; MLflow: a
+    # warning, and the run goes on without it).
+    init_timeout: float = 20.0
     # A multirun ends with a W&B report of the sweep (swa_research.analysis.dashboard;
     # logger=wandb).
     dashboard: bool = False
@@ -369,6 +376,8 @@ def validate(cfg: Config) -> None:
         for key in ("windows_per_epoch", "eval_tokens"):
             if getattr(cfg.data, key) < 0:
                 raise UserError(f"data.{key}={getattr(cfg.data, key)}: must be >= 0 (0: all)")
+    if not 0 <= cfg.data.split_seed < 2**63:
+        raise UserError(f"data.split_seed={cfg.data.split_seed}: must be an integer in [0, 2^63)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
     if not isinstance(cfg.model.get("name"), str):

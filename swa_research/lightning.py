@@ -31,7 +31,9 @@ for another task (it takes the set's outputs and targets and returns named float
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from swa_research.averaging import (
     snapshot,
 )
 from swa_research.averaging.base import bn_update, first_item, has_batch_norm
+from swa_research.averaging.library import check_average_options, check_plan
 
 __all__ = ["AveragingCallback"]
 
@@ -74,8 +77,13 @@ class AveragingCallback(pl.Callback):
 
     ``methods``: method names (``["swa", "ema"]``), or names mapped to their options
     (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords).
-    ``start``, ``freq``, ``unit``, ``cycle``: the plan (:func:`~swa_research.averaging.make_plan`;
-    the budget is the trainer's ``max_epochs`` x its batches per epoch). ``evaluate``: score the
+    ``start``, ``freq``, ``unit``, ``cycle``: the plan (:func:`~swa_research.averaging.make_plan`),
+    in optimizer steps (``trainer.global_step``: with ``accumulate_grad_batches=k`` an epoch of
+    n batches is ceil(n / k) steps) and epochs; the budget is the trainer's ``max_steps`` or
+    ``max_epochs`` x its steps per epoch, whichever ends the fit first. A training loader
+    without a length needs ``Trainer(max_steps=N)`` and ``unit="iter"``; a model with BN then
+    needs ``bn_batches`` (each BN pass reads that many training batches; None: the whole
+    loader). ``evaluate``: score the
     averages at validation. ``snapshot_every`` (in ``snapshot_unit``): save the module's weights
     into ``snapshot_dir`` (default: the trainer's ``default_root_dir``/trajectory) for
     :func:`~swa_research.averaging.average_states` after training."""
@@ -87,15 +95,22 @@ class AveragingCallback(pl.Callback):
                  target_fn: Callable[[Any], Tensor] = second_item,
                  metrics_fn: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
                  swag_seed: int = 0, snapshot_every: int = 0, snapshot_unit: str = "epoch",
-                 snapshot_dir: str | Path | None = None) -> None:
+                 snapshot_dir: str | Path | None = None, bn_batches: int | None = None
+                 ) -> None:
         super().__init__()
         self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
         if not self.options:
             raise ValueError("methods: name at least one averaging method")
+        for method, opts in self.options.items():  # checked now, not at fit
+            check_average_options(method, dict(opts))
         self.plan_args = dict(start=start, freq=freq, unit=unit, cycle=cycle)
-        make_plan(epochs=1, iters_per_epoch=1, **self.plan_args)  # the arguments, checked now
+        check_plan(start, freq, unit, cycle)
         if snapshot_unit not in ("iter", "epoch") or snapshot_every < 0:
             raise ValueError("snapshot_unit must be 'iter' or 'epoch', snapshot_every >= 0")
+        if bn_batches is not None and (isinstance(bn_batches, bool)
+                                       or not isinstance(bn_batches, int) or bn_batches < 1):
+            raise ValueError(f"bn_batches={bn_batches!r}: a whole number >= 1, or None")
+        self.bn_batches = bn_batches
         self.evaluate = evaluate
         self.input_fn, self.target_fn = input_fn, target_fn
         self.metrics_fn = metrics_fn or classification_metrics
@@ -122,13 +137,46 @@ class AveragingCallback(pl.Callback):
             self._pending = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        per_epoch = int(trainer.num_training_batches)
-        if trainer.max_epochs is None or trainer.max_epochs < 1 or per_epoch < 1:
-            raise ValueError("AveragingCallback needs Trainer(max_epochs=N) and a finite "
-                             "training loader (the plan is a function of the budget)")
-        self.plan = make_plan(epochs=int(trainer.max_epochs), iters_per_epoch=per_epoch,
-                              **self.plan_args)
+        epochs, per_epoch = self._budget(trainer, pl_module)
+        self.plan = make_plan(epochs=epochs, iters_per_epoch=per_epoch, **self.plan_args)
         self._train = _loaders(trainer.train_dataloader)  # for BN passes at test, after fit
+
+    def _budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int]:
+        """(epochs, optimizer steps an epoch) of the plan. Lightning steps the optimizer after
+        every ``accumulate_grad_batches``-th batch and after an epoch's last one, and counts
+        those steps in ``global_step``, which the updates follow."""
+        batches = trainer.num_training_batches
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        max_steps = int(trainer.max_steps) if trainer.max_steps is not None else -1
+        max_epochs = int(trainer.max_epochs) if trainer.max_epochs is not None else -1
+        unit = self.plan_args["unit"]
+        if not math.isfinite(batches):  # an unsized (iterable) loader
+            if max_steps < 1 or unit != "iter" or (self.snapshot_every
+                                                   and self.snapshot_unit != "iter"):
+                raise ValueError("AveragingCallback: the training loader has no length, so an "
+                                 "epoch's steps are unknown: give Trainer(max_steps=N) and "
+                                 "unit='iter' (and snapshot_unit='iter')")
+            if self.bn_batches is None and any(has_batch_norm(a.module)
+                                               for a in self.averages.values()):
+                raise ValueError("AveragingCallback: the model has batch norm and the training "
+                                 "loader no length: give bn_batches=N (training batches per BN "
+                                 "pass of an average)")
+            return 1, max_steps
+        per_epoch = math.ceil(int(batches) / accumulate)
+        if per_epoch < 1:
+            raise ValueError("AveragingCallback: the training loader is empty")
+        if max_epochs < 1:
+            if max_steps < 1:
+                raise ValueError("AveragingCallback needs Trainer(max_epochs=N) or "
+                                 "Trainer(max_steps=N): the plan is a function of the budget")
+            if unit == "iter":
+                return 1, max_steps
+            return max(1, max_steps // per_epoch), per_epoch
+        if 0 < max_steps < max_epochs * per_epoch:  # max_steps ends the fit first
+            if unit == "iter":
+                return 1, max_steps
+            return max(1, max_steps // per_epoch), per_epoch
+        return max_epochs, per_epoch
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -138,7 +186,7 @@ class AveragingCallback(pl.Callback):
         if self.plan is None or step <= self.last_step:
             return
         self.last_step = step
-        last_of_epoch = batch_idx + 1 == trainer.num_training_batches
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # never when unsized
         epoch = trainer.current_epoch + 1  # counted from 1, as the framework's plans
         # The epoch's update comes with its last batch: before the validation that ends it.
         if self.plan.due_after_iter(step) or (last_of_epoch and self.plan.due_after_epoch(epoch)):
@@ -186,6 +234,11 @@ class AveragingCallback(pl.Callback):
             for batch in loader:
                 yield trainer.strategy.batch_to_device(batch)
 
+    def _bn_pass(self, trainer: pl.Trainer, loaders: Iterable[Any]) -> Iterable[Any]:
+        """The training batches of one BN pass: all of them, or the first ``bn_batches``."""
+        batches = self._batches(trainer, loaders)
+        return batches if self.bn_batches is None else itertools.islice(batches, self.bn_batches)
+
     def _prepare(self, trainer: pl.Trainer, name: str, average: Average) -> None:
         """Fresh BN statistics once per change of the average (a sample-weighted pass over this
         rank's training batches, then the mean over the ranks). The training loader is the
@@ -195,7 +248,7 @@ class AveragingCallback(pl.Callback):
         if not has_batch_norm(module) or not train \
                 or self._bn_done.get(name) == average.n_averaged:
             return
-        bn_update(self._batches(trainer, train), module, self.input_fn)
+        bn_update(self._bn_pass(trainer, train), module, self.input_fn)
         self._bn_done[name] = average.n_averaged
         if trainer.world_size > 1:
             for buffer in module.buffers():
@@ -219,7 +272,7 @@ class AveragingCallback(pl.Callback):
         train = _loaders(trainer.train_dataloader) or self._train
 
         def bn() -> Iterable[Tensor]:
-            return (self.input_fn(b) for b in self._batches(trainer, train))
+            return (self.input_fn(b) for b in self._bn_pass(trainer, train))
 
         probs = average.bma({"set": inputs}, bn if train else None, self.swag_seed).get("set")
         if probs is None:
@@ -249,7 +302,7 @@ class AveragingCallback(pl.Callback):
                    folder / name)
         self.snapshots.append({"iteration": step, "epoch": epoch, "file": name})
         index = {"unit": self.snapshot_unit, "every": self.snapshot_every, "dtype": "fp32",
-                 "iters_per_epoch": int(trainer.num_training_batches),
+                 "iters_per_epoch": self.plan.iters_per_epoch if self.plan else None,
                  "snapshots": self.snapshots}
         tmp = folder / ".index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1) + "\n")

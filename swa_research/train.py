@@ -25,8 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.versions import require_torch_pair
 
-try:  # before anything below imports torchvision: a mismatched pair is one line, not 68
-    require_torch_pair()
+try:  # the versions, before anything below imports torchvision: a mismatched pair is one line,
+    # not 68; the import itself is checked where a run first needs it (a language model never)
+    require_torch_pair(check_import=False)
 except UserError as _e:
     print(f"error: {_e}", file=sys.stderr)
     sys.exit(2)
@@ -57,6 +58,26 @@ def write_hydra_record(run_dir: Path, task_cfg: DictConfig) -> None:
     atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
 
 
+def check_swa_choice(choice: str, cfg: DictConfig) -> None:
+    """``swa=swag`` (or swag_diag, fge) keeps its method beside the primary through the group's
+    ``swa.also``; an experiment that sets ``swa.also`` replaces that list, which would drop the
+    method without a word (``experiment=lm/char_cpu swa=swag``: its ``[ema]`` instead of
+    ``[swag]``). A one-line UserError instead."""
+    path = Path(__file__).parent / "conf" / "swa" / f"{choice}.yaml"
+    if not choice or not path.is_file():
+        return
+    wanted = [str(m) for m in (OmegaConf.load(path).get("also") or [])]
+    swa = cfg.get("swa") or {}
+    kept = [str(swa.get("method")), *[str(m) for m in (swa.get("also") or [])]]
+    for method in wanted:
+        if method not in kept:
+            also = [*kept[1:], method]
+            raise UserError(f"swa={choice} keeps {method} beside the primary average, but "
+                            f"swa.also={kept[1:]} (set by the experiment or an override) "
+                            f"replaced the group's list, so no {method} would be kept; add it: "
+                            f"swa.also=[{','.join(also)}]")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     _STATE["job_started"] = True
@@ -69,6 +90,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # The sweep folder's name: the same for every job of the sweep, also after a requeue.
         group = Path(hc.sweep.dir).name
     try:
+        check_swa_choice(str(hc.runtime.choices.get("swa", "")), cfg)
         run_dir = Path(hc.runtime.output_dir)
         metrics = train(cfg, run_dir, run_name=job_name(list(hc.overrides.task)),
                         group=group, job_num=int(hc.job.num) if group else 0,
@@ -238,6 +260,13 @@ def main() -> None:
     code = 0
     try:
         hydra_main()
+    except KeyboardInterrupt as e:
+        if full_error:
+            raise
+        # One line, and the shell's code for Ctrl-C; the run's checkpoint and record stay.
+        print(f"{e or 'interrupted'}", file=sys.stderr, flush=True)
+        distributed.teardown()
+        sys.exit(130)
     except Exception as e:
         msg = user_error_message(e)
         if full_error:

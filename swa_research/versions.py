@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from typing import Any
 
 from swa_research.errors import UserError
 
-__all__ = ["matching_torchvision", "pair_problem", "require_torch_pair"]
+__all__ = ["import_torchvision", "matching_torchvision", "pair_problem", "require_torch_pair"]
 
 # torchvision's minor version is torch 2.x's minor + 15 (torch 2.4 - 0.19, 2.11 - 0.26,
 # 2.14 - 0.29), the pairing in torchvision's README table.
@@ -64,9 +65,12 @@ def pair_problem(torch_version: str, torchvision_version: str | None,
     return "; ".join(why) + install
 
 
-def require_torch_pair() -> None:
-    """UserError when torchvision cannot be imported beside the installed torch, or is not its
-    release. A version skew that imports is reported too: it fails later, in a kernel."""
+def require_torch_pair(check_import: bool = True) -> None:
+    """UserError when torchvision is not the installed torch's release (read from the
+    packages' metadata: nothing imported), or with ``check_import`` cannot be imported beside it.
+    A version skew that imports is reported too: it fails later, in a kernel. The command line
+    checks the versions at its start (a language model never imports torchvision: 166 MiB);
+    :func:`import_torchvision` checks the import where it is first needed."""
     import torch
 
     try:
@@ -74,7 +78,7 @@ def require_torch_pair() -> None:
     except importlib.metadata.PackageNotFoundError:
         tv_version = None
     error: BaseException | None = None
-    if tv_version is not None:
+    if tv_version is not None and check_import:
         try:
             import torchvision  # noqa: F401
         except Exception as e:  # noqa: BLE001 - any failure here is the install's
@@ -82,3 +86,14 @@ def require_torch_pair() -> None:
     problem = pair_problem(torch.__version__, tv_version, error)
     if problem is not None:
         raise UserError(problem)
+
+
+def import_torchvision() -> Any:
+    """``torchvision``, imported where a run first needs it (CIFAR, torchvision's models); a
+    failed import is the one-line UserError of :func:`require_torch_pair`, not a traceback."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - said in one line below
+        require_torch_pair()
+        raise
+    return torchvision

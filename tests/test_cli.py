@@ -324,3 +324,17 @@ def test_a_sweep_stops_at_its_first_jobs_data_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "failed"
     assert not (sweep / "report.md").exists() and not list(sweep.glob("*.png"))
+
+
+def test_a_swa_choice_an_experiment_would_drop_is_refused(tmp_path: Path) -> None:
+    """experiment=lm/char_cpu sets swa.also=[ema], which replaces swa=swag's [swag]: one line
+    saying so, instead of a run without SWAG."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc def ghi\n" * 500)
+    r = cli(["experiment=lm/char_cpu", "swa=swag", f"data.root={text}",
+             "optimizer=adamw_schedulefree"], tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: swa=swag keeps swag beside the primary average, but swa.also=['ema'] (set by "
+        "the experiment or an override) replaced the group's list, so no swag would be kept; "
+        "add it: swa.also=[ema,swag]")

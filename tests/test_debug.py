@@ -133,3 +133,62 @@ def test_debug_smoke_under_multirun(tmp_path: Path) -> None:
     names = sorted(json.loads((d / "metrics.json").read_text())["model"]["name"]
                    for d in sweep.iterdir() if (d / "metrics.json").is_file())
     assert names == ["preresnet110", "simplified"]
+
+
+def _checked_budget(overrides: list[str]) -> int:
+    """The checks a run makes once its data is known (the averaging and the schedule fit the
+    budget), and the number of averaging points its plan holds."""
+    from swa_research.averaging import AveragingPlan, check_budget
+    from swa_research.config import iterations_per_epoch
+    from swa_research.tasks import build_task
+    from swa_research.training.optim import check_schedule
+
+    c = load_config(compose_config(overrides))
+    data = build_task(c.task.name).build_data(c, torch.device("cpu"))
+    iters = iterations_per_epoch(len(data.train), c.trainer.batch_size, c.trainer.drop_last)
+    check_budget(c, iters)
+    check_schedule(c.schedule, c.trainer.epochs * iters, "test")
+    return AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, iters).count_updates()
+
+
+METHOD_OPTIONS = sorted(p.stem for p in (Path(__file__).parents[1] / "swa_research" / "conf"
+                                         / "swa").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("method", METHOD_OPTIONS)
+def test_every_debug_option_fits_every_averaging_method(option: str, method: str) -> None:
+    """Each debug preset leaves the averaging at least one point with every swa option (FGE
+    included: its first model comes half a schedule.fge_cycle after the start)."""
+    n = _checked_budget([f"debug={option}", f"swa={method}", "data=synthetic"])
+    assert n >= 1 or method == "none"
+
+
+@pytest.mark.parametrize("method", METHOD_OPTIONS)
+def test_experiment_smoke_fits_every_averaging_method(method: str) -> None:
+    assert _checked_budget(["experiment=smoke", f"swa={method}"]) >= 1 or method == "none"
+
+
+@pytest.mark.parametrize("preset", ["debug=smoke", "experiment=smoke"])
+def test_fge_runs_under_the_smoke_presets(preset: str, tmp_path: Path) -> None:
+    m = train(compose_config([preset, "swa=fge", *CPU]), tmp_path)
+    assert m["status"] == "finished" and m["fge"]["n_averaged"] >= 1
+
+
+def test_a_fge_budget_error_names_the_users_key() -> None:
+    from swa_research.config import UserError
+
+    with pytest.raises(UserError, match=r"^schedule.fge_cycle=8: FGE collects its first model "
+                                        r"half a cycle \(4 epochs\) after the start .* at most "
+                                        r"2 epochs"):
+        _checked_budget(["debug=smoke", "swa=fge", "schedule.fge_cycle=8", "data=synthetic"])
+
+
+def test_best_by_val_without_a_validation_split_is_said(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        m = train(compose_config(["debug=fdr", "data=synthetic", "data.val_fraction=0", *CPU]),
+                  tmp_path)
+    assert m["sgd_best_val"]["epoch"] is None and not (tmp_path / "sgd_best_val.pt").exists()
+    assert "no validation split (data.val_fraction=0): trainer.best_by=val_loss selects no " \
+        "epoch" in caplog.text

@@ -24,9 +24,11 @@ def reference_lr(epoch: int, it: int, ipe: int, start: int, epochs: int, cycle: 
     """dnn-mode-connectivity, written out independently: train.py's learning_rate_schedule with
     --epochs the budget, stopped at its checkpoint of epoch ``start`` (README: checkpoint-160 of
     200), then fge.py's utils.cyclic_learning_rate(epoch, cycle, lr_1, lr_2)(iter / num_iters)
-    for the FGE epochs counted from 0."""
+    for the FGE epochs counted from 0. ``epoch`` counts from 0 here; train.py's loop counts
+    from 1 (``for epoch in range(start_epoch, args.epochs + 1)`` with start_epoch 1), so our
+    epoch e is its epoch e + 1."""
     if epoch < start:
-        alpha = epoch / epochs
+        alpha = (epoch + 1) / epochs
         factor = 1.0 if alpha <= 0.5 else (1.0 - (alpha - 0.5) / 0.4 * 0.99 if alpha <= 0.9
                                            else 0.01)
         return lr_init * factor
@@ -196,6 +198,8 @@ def test_the_fge_presets_are_the_references_recipe(preset: str) -> None:
     for e in range(200):
         want = reference_lr(e, 0, ipe, 160, 200, 2, lr, lr_1, lr_2)
         assert sched(e * ipe) == pytest.approx(want, rel=1e-12), e
+    # train.py's epoch 160 (alpha 0.8), the checkpoint FGE starts from: 1 - 0.3 / 0.4 x 0.99.
+    assert sched(159 * ipe) == pytest.approx(lr * 0.2575, rel=1e-12)
 
 
 def test_an_fge_run_measures_the_fge_cell_against_the_published_figure() -> None:

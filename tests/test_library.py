@@ -26,7 +26,7 @@ from swa_research.averaging import (
     swag_bma,
     update_bn,
 )
-from swa_research.config import UserError, iterations_per_epoch
+from swa_research.config import iterations_per_epoch
 from swa_research.data import Limits, Preprocess, build_data, train_batches
 from swa_research.models import build_model
 from swa_research.training.build import load_config, train
@@ -124,12 +124,86 @@ def test_make_average_builds_every_method_and_checks_its_options() -> None:
         assert avg.method == method and avg.n_averaged == 1
     assert make_average("swag_diag", model).scale == 1.0
     assert make_average("swag", model, scale=0.3).scale == 0.3
-    with pytest.raises(UserError, match="swa.method='polyak'"):
+    # One-line ValueErrors in the library's own argument names (not the config's swa.*).
+    with pytest.raises(ValueError, match=r"^method='polyak': expected one of swa, ema"):
         make_average("polyak", model)
-    with pytest.raises(UserError, match="swa.max_models=1"):
+    with pytest.raises(ValueError, match=r"^max_models=1: must be a whole number of at least 2"):
         make_average("swag", model, max_models=1)
+    with pytest.raises(ValueError, match=r"^decay=1.5: must be in \(0, 1\)$"):
+        make_average("ema", model, decay=1.5)
+    with pytest.raises(ValueError, match=r"^lawa_k=2.5: must be a whole number"):
+        make_average("lawa", model, lawa_k=2.5)
     with pytest.raises(ValueError, match="unit='step'"):
         make_plan(start=1, freq=1, unit="step", epochs=1, iters_per_epoch=1)
+
+
+def test_a_plan_is_whole_and_within_its_budget() -> None:
+    with pytest.raises(ValueError, match=r"^start=1.5: from 1 on, start counts iterations and "
+                                         "must be whole"):
+        make_plan(start=1.5, freq=1, epochs=2, iters_per_epoch=10)
+    with pytest.raises(ValueError, match=r"^start=100: no update within the budget of 20 "
+                                         r"iterations \(epochs=2, iters_per_epoch=10\)"):
+        make_plan(start=100, freq=1, epochs=2, iters_per_epoch=10)
+    with pytest.raises(ValueError, match=r"^start=5: no update within the budget of 2 epochs"):
+        make_plan(start=5, freq=1, unit="epoch", epochs=2, iters_per_epoch=10)
+    with pytest.raises(ValueError, match=r"^freq=2.0: must be a whole number"):
+        make_plan(start=0, freq=2.0, epochs=2, iters_per_epoch=10)  # type: ignore[arg-type]
+    assert make_plan(start=0.5, freq=1, epochs=2, iters_per_epoch=10).count_updates() == 10
+
+
+def test_fge_through_the_library_is_the_frameworks_fge() -> None:
+    """make_plan(collect="middle") collects at each cycle's low point of fge_lr, as the
+    framework's swa=fge (its plan and lr from the same config), which follows
+    dnn-mode-connectivity's fge.py: lr_1 (1 - 2t) + lr_2 2t, then back up."""
+    from swa_research.averaging import AveragingPlan, fge_lr
+    from swa_research.config import ScheduleConfig, SwaConfig
+    from swa_research.training.optim import build_schedule
+
+    ipe, epochs, cycle_epochs = 5, 12, 4
+    lib = make_plan(start=6, freq=1, unit="epoch", epochs=epochs, iters_per_epoch=ipe,
+                    cycle=cycle_epochs * ipe, collect="middle")
+    sched = ScheduleConfig(name="fge", fge_cycle=cycle_epochs, fge_lr_high=0.05)
+    ours = AveragingPlan.from_config(SwaConfig(method="swa", start=6, unit="epoch"), sched,
+                                     epochs, ipe)
+    assert lib.update_points() == ours.update_points() == [40, 60]
+    lr = build_schedule(sched, 0.1, 0.001, ipe, epochs * ipe, ours.start_iter)
+    for i in range(30, epochs * ipe):
+        t = ((i - 30) % 20) / 20  # the reference's cyclic_learning_rate
+        expected = 0.05 * (1 - 2 * t) + 0.001 * 2 * t if t < 0.5 else \
+            0.05 * (2 * t - 1) + 0.001 * (2 - 2 * t)
+        assert fge_lr(i, start=30, cycle=20, lr_high=0.05, lr_low=0.001) == \
+            pytest.approx(expected, abs=1e-15) == lr(i)
+    # The models are collected after the steps at the low lr (iteration 40 = steps 0..39).
+    assert fge_lr(39, start=30, cycle=20, lr_high=0.05, lr_low=0.001) == pytest.approx(
+        0.05 * 0.1 + 0.001 * 0.9)
+    with pytest.raises(ValueError, match=r"^cycle=5: FGE's cycle must be even"):
+        make_plan(start=0, freq=1, epochs=2, iters_per_epoch=10, cycle=5, collect="middle")
+
+
+def test_library_errors_are_one_line() -> None:
+    model = net()
+    swag = make_average("swag", model)
+    with pytest.raises(ValueError, match=r"^swag_bma: the swag average was never updated"):
+        swag_bma(swag, lambda: [])
+    swag.update(model)
+    with pytest.raises(ValueError, match=r"^swag_bma: batches\(\) gave no batch to predict$"):
+        swag_bma(swag, lambda: [])
+    with pytest.raises(TypeError, match=r"^update_bn: the model input read from a batch \(a "
+                                        r"dict\) is a dict, not a tensor; pass input_fn="):
+        update_bn(model, [{"x": torch.randn(4, 4)}])
+    with pytest.raises(ValueError, match=r"^average_states: state 1 does not fit the model: "):
+        average_states(model, [model.state_dict(), {"0.weight": torch.zeros(1)}])
+    ema = make_average("ema", model, decay=0.9)
+    ema.update(model)
+    with pytest.raises(ValueError, match=r"^the state is of a ema average and cannot be loaded "
+                                         "into a swa average$"):
+        make_average("swa", model).load_state_dict(ema.state_dict())
+    with pytest.raises(ValueError, match=r"^the ema state was formed with decay=0.9 \(this "
+                                         r"average's: 0.99\)"):
+        make_average("ema", model, decay=0.99).load_state_dict(ema.state_dict())
+    again = make_average("ema", model, decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.n_averaged == 1
 
 
 def test_update_bn_takes_any_batch_structure_and_predict_scores() -> None:

@@ -32,16 +32,18 @@ def example():  # noqa: ANN201
     return module
 
 
-def fit(callback: AveragingCallback, tmp_path: Path, epochs: int = 4, test: bool = False):  # noqa: ANN201
+def fit(callback: AveragingCallback, tmp_path: Path, epochs: int | None = 4,  # noqa: ANN201
+        test: bool = False, train: object = None, **trainer_args: object):
     from torch.utils.data import DataLoader
 
     ex = example()
     pl.seed_everything(0, verbose=False)
-    train = DataLoader(ex.blobs(512, 1), batch_size=64, shuffle=True)
+    if train is None:
+        train = DataLoader(ex.blobs(512, 1), batch_size=64, shuffle=True)
     val = DataLoader(ex.blobs(256, 2), batch_size=128)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", callbacks=[callback],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+                         enable_model_summary=False, default_root_dir=tmp_path, **trainer_args)
     model = ex.Classifier()
     trainer.fit(model, train, val)
     if test:
@@ -114,6 +116,60 @@ def test_bad_arguments_are_refused_at_once() -> None:
         AveragingCallback(["swa"], unit="step")
     with pytest.raises(ValueError, match="name at least one"):
         AveragingCallback([])
+    with pytest.raises(ValueError, match=r"^start=1.5: from 1 on, start counts epochs and must "
+                                         "be whole"):
+        AveragingCallback(["swa"], start=1.5)
+    with pytest.raises(ValueError, match=r"^lawa: unknown option 'k'; expected some of "):
+        AveragingCallback({"lawa": {"k": 3}})
+    with pytest.raises(ValueError, match=r"^lawa_k=2.5: must be a whole number"):
+        AveragingCallback({"lawa": {"lawa_k": 2.5}})
+    with pytest.raises(ValueError, match=r"^decay=1.5: must be in \(0, 1\)"):
+        AveragingCallback({"ema": {"decay": 1.5}})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_the_plan_counts_optimizer_steps_under_gradient_accumulation(
+        accumulate: int, tmp_path: Path) -> None:
+    """8 batches an epoch, 4 epochs: ceil(8 / k) optimizer steps an epoch (global_step); a
+    fractional start in iterations is that share of the steps, and the updates follow them."""
+    cb = AveragingCallback(["swa"], start=0.5, unit="iter")
+    trainer, _, _ = fit(cb, tmp_path, accumulate_grad_batches=accumulate)
+    steps = 4 * -(-8 // accumulate)
+    assert trainer.global_step == steps
+    assert cb.averages["swa"].n_averaged == steps - round(0.5 * steps)  # n > start, freq 1
+    epochs = AveragingCallback(["swa"], start=0.5, unit="epoch")
+    fit(epochs, tmp_path, accumulate_grad_batches=accumulate)
+    assert epochs.averages["swa"].n_averaged == 3  # epochs 2, 3, 4
+
+
+def test_a_start_beyond_the_budget_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^start=5: no update within the budget of 2 epochs"):
+        fit(AveragingCallback(["swa"], start=5, unit="epoch"), tmp_path, epochs=2)
+
+
+def test_an_unsized_loader_plans_in_steps_from_max_steps(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, IterableDataset
+
+    ex = example()
+    data = ex.blobs(512, 1)
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # noqa: ANN204
+            while True:  # endless, as a language model's token stream
+                yield from (data[i] for i in range(len(data)))
+
+    loader = DataLoader(Stream(), batch_size=64)
+    with pytest.raises(ValueError, match="the training loader has no length"):
+        fit(AveragingCallback(["swa"], start=0.5, unit="epoch"), tmp_path, train=loader,
+            epochs=None, max_steps=20)
+    with pytest.raises(ValueError, match="give bn_batches=N"):
+        fit(AveragingCallback(["swa"], start=0.5, unit="iter"), tmp_path, train=loader,
+            epochs=None, max_steps=20)
+    cb = AveragingCallback(["swa"], start=0.5, unit="iter", bn_batches=4)
+    trainer, model, _ = fit(cb, tmp_path, train=loader, epochs=None, max_steps=20,
+                            limit_val_batches=1, val_check_interval=10)
+    assert trainer.global_step == 20 and cb.averages["swa"].n_averaged == 10
+    assert "swa/val_loss" in trainer.callback_metrics
 
 
 DDP_SCRIPT = textwrap.dedent("""

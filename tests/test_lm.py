@@ -3,6 +3,7 @@ windows that a resume draws again, and a tiny GPT that learns through the whole 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -90,11 +91,52 @@ def test_the_token_file_is_made_once_rebuilt_on_change_and_refused_when_corrupt(
     data = bytearray(path.read_bytes())
     data[0] ^= 1
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="its checksum does not match its record"):
+    with pytest.raises(DataError, match=r"is corrupt \(bytes 0 to [0-9,]+ differ from its "
+                                        r"record's checksum\); delete it"):
         load_tokens(text, "char")
     record.write_text("{not json")
     with pytest.raises(DataError, match="is not a readable token record"):
         load_tokens(text, "char")
+
+
+def test_a_token_file_changed_anywhere_or_beyond_its_vocabulary_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 3 MB prepared token file overwritten in its middle with valid ids (size and
+    modification time kept) is refused before training; so is an id beyond the vocabulary;
+    a record from before full checksums is read with its edges checked and a warning."""
+    import json
+    import os
+
+    from swa_research.data.text import load_prepared, write_ids
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.byte.tokens"
+    write_ids([rng.integers(0, 256, 1_500_000)], "byte", 256, path, {"dataset": "random"})
+    record = path.with_suffix(".json")
+    assert path.stat().st_size == 3_000_000 and json.loads(record.read_text())["max_id"] == 255
+    load_prepared(path, "byte")
+    stat = path.stat()
+    with open(path, "r+b") as f:  # the middle, far from the first and last MiB
+        f.seek(1_500_000)
+        f.write(np.arange(1000, dtype=np.uint16).tobytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match=r"big.byte.tokens is corrupt \(bytes 0 to 3,000,000 "
+                                        r"differ from its record's checksum\)"):
+        load_prepared(path, "byte")
+    # An id beyond the vocabulary (a record that claims a smaller one).
+    write_ids([rng.integers(0, 256, 5000)], "byte", 256, path, {"dataset": "random"})
+    meta = json.loads(record.read_text())
+    record.write_text(json.dumps({**meta, "vocab_size": 200}))
+    with pytest.raises(DataError, match=r"holds id 25[0-9], beyond its vocabulary of 200"):
+        load_prepared(path, "byte")
+    # A record of format 1 (edges only): read, edges checked, said once.
+    from swa_research.data.text import _edge_sha
+
+    old = {k: v for k, v in meta.items() if k not in ("chunk_sha256", "chunk_bytes", "max_id")}
+    record.write_text(json.dumps({**old, "format": 1, "edge_sha256": _edge_sha(path)}))
+    with caplog.at_level("WARNING"):
+        tokens, _ = load_prepared(path, "byte")
+    assert len(tokens) == 5000 and "predates checksums of every byte" in caplog.text
 
 
 def test_byte_tokens_and_a_folder_of_files(tmp_path: Path) -> None:
@@ -364,7 +406,7 @@ def test_lawa_is_the_mean_of_its_latest_k_points_and_resumes() -> None:
     again.update(model)
     for a, b in zip(lawa.module.parameters(), again.module.parameters(), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(UserError, match="swa.lawa_k=0: must be at least 1"):
+    with pytest.raises(ValueError, match=r"^lawa_k=0: must be a whole number of at least 1"):
         make_average("lawa", model, lawa_k=0)
 
 
@@ -480,3 +522,76 @@ def test_the_log_gives_the_global_batch_in_tokens(tmp_path: Path, caplog) -> Non
                               "trainer.grad_accum=4"]), tmp_path / "run")
     assert "each step: 8 samples (256 tokens) in 4 micro-batch(es) of 2 per rank" in \
         caplog.text
+
+
+def test_weights_of_one_character_set_do_not_start_a_run_on_another(tmp_path: Path) -> None:
+    """A lower-case text and its upper-case twin have vocabularies of the same size; weights
+    trained on one refuse to start a run on the other, and start one on the same text."""
+    lower = write_text(tmp_path / "lower.txt", lines=400)
+    upper = tmp_path / "upper.txt"
+    upper.write_text(lower.read_text().upper())
+    short = ["trainer.epochs=1", "data.windows_per_epoch=32", "swa.start=0.5", "swa.freq=1"]
+    train(compose_config([*lm_run(lower), *short]), tmp_path / "a")
+    saved = torch.load(tmp_path / "a" / "sgd_final.pt", weights_only=True)
+    _, tok = load_tokens(lower, "char")
+    assert saved["tokenizer"] == {"name": "char", "vocab_size": tok.vocab_size,
+                                  "chars": tok.chars}
+    init = f"trainer.init_weights={tmp_path / 'a' / 'sgd_final.pt'}"
+    with pytest.raises(UserError, match=r"trainer.init_weights=.*sgd_final.pt: trained on "
+                                        r"another character set of the same size \([0-9]+ of "
+                                        f"{tok.vocab_size} ids stand for other characters"):
+        train(compose_config([*lm_run(upper), *short, init]), tmp_path / "b")
+    m = train(compose_config([*lm_run(lower), *short, init]), tmp_path / "c")
+    assert m["status"] == "finished"
+
+
+def test_without_a_test_split_each_evaluation_reads_the_tokens_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.test_fraction=0: the test columns are the validation ones, evaluated once per
+    model (the SGD model and each average), not twice over the same tokens."""
+    from swa_research.training import evaluator
+
+    calls: list[int] = []
+    real = evaluator.evaluate
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "evaluate", counted)
+    text = write_text(tmp_path / "t.txt", lines=400)
+    m = train(compose_config([*lm_run(text), "trainer.epochs=2", "data.windows_per_epoch=32",
+                              "data.test_fraction=0", "swa.freq=1"]), tmp_path / "run")
+    assert m["sgd"]["test_loss"] == m["sgd"]["val_loss"]
+    assert m["swa"]["test_loss"] == m["swa"]["val_loss"] and m["swa"]["n_averaged"] > 0
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    evaluated = sum(1 + (r["swa_val_loss"] != "") + (r.get("ema_val_loss", "") != "")
+                    for r in rows)
+    assert len(calls) == evaluated  # one pass per model and evaluation
+
+
+def test_non_utf8_bytes_are_counted_and_a_binary_file_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    text = write_text(tmp_path / "t.txt", lines=300)
+    data = text.read_bytes()
+    text.write_bytes(data[:100] + b"\xff\xfe" + data[100:])  # two stray bytes
+    with caplog.at_level("WARNING"):
+        tokens, tok = load_tokens(text, "char")
+    assert "2 byte(s) are not UTF-8 and were read as U+FFFD" in caplog.text
+    assert "\ufffd" in tok.chars and len(tokens) == len(data) + 2 - 0
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    for tokenizer in ("char", "byte"):
+        with pytest.raises(DataError, match=r"b.txt: [0-9,]+ of 10,240 bytes are not UTF-8 "
+                                            r"text \(.*%, more than 0.1%\): a binary file"):
+            load_tokens(binary, tokenizer)
+        assert not token_paths(binary, tokenizer)[0].exists()
+
+
+def test_a_killed_tokenizations_temporary_file_is_removed(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "t.txt", lines=50)
+    tokens, _ = token_paths(text, "char")
+    stale = tokens.with_name(f".{tokens.name}.99999.tmp")
+    stale.write_bytes(b"half written")
+    load_tokens(text, "char")
+    assert not stale.exists() and tokens.is_file()

@@ -104,6 +104,10 @@ def test_the_script_writes_a_data_sets_texts_and_says_in_one_line_when_it_cannot
                          "--out", str(tmp_path / "b.tokens")]) == 2
     assert "--text-column body: the data set's columns are text, id" in capsys.readouterr().err
     assert not (tmp_path / "b.tokens").exists() and not list(tmp_path.glob(".b.tokens*"))
+    assert prepare.main(["--dataset", "text", "--data-files", "/nomatch/*.txt", "--out",
+                         str(tmp_path / "g.tokens")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --data-files '/nomatch/*.txt': no file matches it"
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     assert prepare.main(["--dataset", "x", "--out", str(tmp_path / "n.tokens")]) == 2
     assert "needs the datasets package" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,12 @@ RUN = ["experiment=smoke", *TINY, "data.train_size=256", "model.batch_norm=true"
 TIMING = ("wall_time_s", "images_per_s", "peak_rss_mb", "peak_gpu_mb", "mfu")  # vary run to run
 
 
+def default_sigint() -> None:
+    """Ctrl-C's default in the child: a shell that starts the tests in the background (as
+    .ci/run does) has them ignore SIGINT, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(run_dir: Path, extra: list[str] = (), fault: str | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **fault_env(fault)}
@@ -36,7 +43,7 @@ def launch(run_dir: Path, extra: list[str] = (), fault: str | None = None,
         [sys.executable, "-m", "swa_research.train", *RUN, *extra,
          f"hydra.run.dir={run_dir}"],
         cwd=cwd or run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=300)
+        text=True, timeout=300, preexec_fn=default_sigint)
     r.stderr = r.stdout  # Hydra logs to stdout, errors go to stderr: read them together
     return r
 
@@ -82,6 +89,19 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_identically(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
     assert_same_as(baseline, run_dir)
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) lands inside the 10th step, which is lost: 9 iterations were done."""
+    run_dir = tmp_path / "run"
+    r = launch(run_dir, fault="step@10:INT")
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == (
+        "interrupted at iteration 9; rerun the same command to resume from its last checkpoint")
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = launch(run_dir)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -234,6 +254,17 @@ def test_a_key_added_after_a_checkpoint_compares_as_its_old_behaviour() -> None:
     current["swa"]["also"] = ["ema"]
     assert config_differences(saved, current) == ["swa.also: [] -> ['ema']"]
     assert config_differences(saved, {"trainer": {"epochs": 3}, "swa": {"lr": 0.1}}) == []
+
+
+def test_a_checkpoint_from_before_the_split_seed_compares_with_its_training_seed() -> None:
+    """Before data.split_seed the validation split was drawn with the training seed: a
+    seed-0 run resumes with the default split seed 0, a seed-3 run is told the key to set."""
+    from swa_research.training.checkpoint import config_differences
+
+    for seed, expected in ((0, []), (3, ["data.split_seed: 3 -> 0"])):
+        saved = {"seed": seed, "data": {"val_fraction": 0.1}}
+        current = {"seed": seed, "data": {"val_fraction": 0.1, "split_seed": 0}}
+        assert config_differences(saved, current) == expected
 
 
 def test_a_checkpoint_from_before_the_language_model_and_fge_keys_resumes() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swa_research.averaging import AveragingPlan
-from swa_research.config import ScheduleConfig, SwaConfig, iterations_per_epoch
+from swa_research.config import ScheduleConfig, SwaConfig, UserError, iterations_per_epoch
 from swa_research.training.optim import LRSchedule, build_schedule, build_scheduler
 
 
@@ -395,27 +395,75 @@ def test_warmup_cosine_is_nanogpts_schedule_step_by_step() -> None:
     assert sched(4999) == pytest.approx(1e-4, rel=1e-5)
 
 
+def reference_wsd(n_iterations: int, final_lr_factor: float, n_warmup: int,
+                  fract_decay: float, decay_type: str, init_div_factor: float = 100):
+    """epfml/schedules-and-scaling src/optim/utils.py ``wsd_schedule``, written out
+    independently ("sqrt" is the project's 1-sqrt); the factor of step ``step`` (from 0)."""
+    n_anneal_steps = int(fract_decay * n_iterations)
+    n_hold = n_iterations - n_anneal_steps
+
+    def schedule(step: int) -> float:
+        if step < n_warmup:
+            return (step / n_warmup) + (1 - step / n_warmup) / init_div_factor
+        if step < n_hold:
+            return 1.0
+        if step < n_iterations:
+            frac = (step - n_hold) / n_anneal_steps
+            shape = frac if decay_type == "linear" else math.sqrt(frac)
+            return final_lr_factor + (1 - final_lr_factor) * (1 - shape)
+        return final_lr_factor
+
+    return schedule
+
+
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
-def test_wsd_warms_up_holds_and_cools_down_by_its_formula(shape: str) -> None:
-    total, warmup, cooldown = 1000, 50, 0.2
+@pytest.mark.parametrize(("total", "warmup", "cooldown", "final"),
+                         [(1000, 50, 0.2, 0.0), (997, 13, 0.15, 0.1), (40, 0, 0.33, 0.0)])
+def test_wsd_is_the_references_step_for_step(shape: str, total: int, warmup: int,
+                                             cooldown: float, final: float) -> None:
     cfg = ScheduleConfig(name="wsd", warmup=warmup, cooldown=cooldown, cooldown_shape=shape,
-                         final_ratio=0.0)
+                         final_ratio=final)
     sched = build_schedule(cfg, lr=0.01, swa_lr=0.001, iters_per_epoch=10, total_iters=total,
                            start_iter=None)
-    start = total - round(cooldown * total)  # 800
+    ref = reference_wsd(total, final, warmup, cooldown, "linear" if shape == "linear" else "sqrt")
     for i in range(total):
-        if i < warmup:
-            want = 0.01 * (i + 1) / (warmup + 1)
-        elif i < start:
-            want = 0.01
-        else:
-            t = (i - start + 1) / (total - start)
-            want = 0.01 * ((1 - t) if shape == "linear" else (1 - math.sqrt(t)))
-        assert sched(i) == pytest.approx(want, rel=1e-12, abs=1e-18), i
-    assert sched(total - 1) == 0.0
-    # The 1-sqrt shape drops faster at first, then more slowly than linear.
-    if shape == "1-sqrt":
-        assert sched(start) < 0.01 * (1 - 1 / 200)
+        assert sched(i) == pytest.approx(0.01 * ref(i), rel=1e-12, abs=1e-18), i
+    # The last step still trains; the cooldown's length truncates (0.33 x 40 = 13 steps).
+    assert sched(total - 1) > 0.01 * final
+    if warmup:
+        assert sched(0) == pytest.approx(0.01 / 100)  # init_div_factor
+    if total == 40:
+        assert [i for i in range(total) if sched(i) < 0.01][0] == 40 - 13 + 1
+
+
+def test_a_schedule_that_cannot_happen_in_the_budget_is_refused() -> None:
+    from swa_research.training.optim import check_schedule
+
+    budget = "trainer.epochs=2 x 8 an epoch"
+    with pytest.raises(UserError, match=r"^schedule.warmup=1000: the warm-up is not shorter "
+                                        r"than the run \(16 iterations: trainer.epochs=2 x 8"):
+        check_schedule(ScheduleConfig(name="warmup_cosine", warmup=1000), 16, budget)
+    with pytest.raises(UserError, match=r"^schedule.warmup=130 and schedule.cooldown=0.2: the "
+                                        r"warm-up runs into the cooldown, which starts at "
+                                        "iteration 128 of 160"):
+        check_schedule(ScheduleConfig(name="wsd", warmup=130, cooldown=0.2), 160, budget)
+    with pytest.raises(UserError, match=r"^schedule.cooldown=0.01: 0.01 of 16 iterations is no "
+                                        "step"):
+        check_schedule(ScheduleConfig(name="wsd", warmup=0, cooldown=0.01), 16, budget)
+    check_schedule(ScheduleConfig(name="wsd", warmup=10, cooldown=0), 16, budget)  # no cooldown
+    check_schedule(ScheduleConfig(name="wsd", warmup=8, cooldown=0.5), 16, budget)
+
+
+def test_a_run_with_an_impossible_warmup_stops_before_training(tmp_path) -> None:
+    from conftest import TINY, compose_config
+
+    from swa_research.training.build import train
+
+    with pytest.raises(UserError, match=r"^schedule.warmup=1000: "):
+        train(compose_config([*TINY, "schedule=warmup_cosine", "schedule.warmup=1000"]),
+              tmp_path)
+    assert not (tmp_path / "metrics.json").exists() or "finished" not in \
+        (tmp_path / "metrics.json").read_text()
 
 
 def test_warmup_constant_and_the_scheduler_follow_the_schedule() -> None:
@@ -444,7 +492,7 @@ def test_the_schedule_plot_draws_every_step_or_an_even_stride_with_the_last(tmp_
     assert xs == list(range(1000)) and ys == [sched(i) for i in range(1000)]
     xs, ys = schedule_points(sched, 1000, max_points=300)  # stride 4, the last step added
     assert xs[:3] == [0, 4, 8] and xs[-1] == 999 and len(xs) == 251
-    assert ys == [sched(i) for i in xs] and ys[-1] == 0.0  # the cooldown's end
+    assert ys == [sched(i) for i in xs] and 0 < ys[-1] < ys[-2]  # the cooldown's last step
     assert schedule_points(sched, 0) == ([], [])
     path = plot_schedule(sched, 1000, 50, tmp_path / "lr.png", averaging_start=500)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -694,3 +694,25 @@ def test_the_lm_benchmark_measures_tokens_per_second_and_mfu(tmp_path: Path) -> 
                           "lm", "--shape", "huge", "--device", "cpu"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
     assert bad.returncode == 1 and "--shape huge: expected some of tiny" in bad.stderr
+
+
+def test_the_start_imports_only_what_a_run_uses() -> None:
+    """The command line's module and a language model's config imports no torchvision, W&B,
+    MLflow, TensorBoard, Lightning or plotting (each 20-170 MiB of resident memory), and the
+    config check of a model on the meta device does not pull in torch._dynamo (160 MiB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import swa_research.train\n"
+        "from swa_research.training.build import load_config\n"
+        "load_config({'task': {'name': 'lm'}, 'data': {'name': 'text', 'root': 'x.txt'},\n"
+        "             'model': {'name': 'gpt', 'n_layer': 12, 'n_head': 12, 'n_embd': 768,\n"
+        "                       'block_size': 1024}})\n"
+        "heavy = ('torchvision', 'wandb', 'mlflow', 'tensorboard', 'lightning', 'matplotlib',\n"
+        "         'scipy', 'torch._dynamo')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"

@@ -291,8 +291,9 @@ def test_splits_follow_the_in_memory_validation_split(folder: Path) -> None:
     from swa_research.data import split_train_val
 
     cfg = DataConfig(name="imagefolder", root=str(folder), image_size=24, val_fraction=0.25,
-                     normalize=True, augment="random_resized_crop", in_memory="false")
-    splits = open_image_folder(cfg, seed=4, num_workers=0)
+                     normalize=True, augment="random_resized_crop", in_memory="false",
+                     split_seed=4)
+    splits = open_image_folder(cfg, num_workers=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 9)
     ref_train, ref_val = split_train_val(ImageSet(torch.zeros(24, 1, 1, 1, dtype=torch.uint8),
                                                   torch.arange(24)), 0.25, 4)
@@ -338,7 +339,7 @@ def test_choose_path_streams_when_the_estimate_exceeds_the_limit(folder: Path) -
     no_size = DataConfig(name="imagefolder", root=str(folder), memory_fraction=0.1)
     with pytest.raises(UserError, match=r"^data.image_size is not set and the first training "
                                         r"image .*0000.jpg is 40x30, not square"):
-        open_image_folder(no_size, seed=0, num_workers=0)
+        open_image_folder(no_size, num_workers=0)
 
 
 @pytest.mark.parametrize(("override", "message"), [

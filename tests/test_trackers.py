@@ -72,6 +72,35 @@ def test_mlflow_holds_the_params_metrics_and_status(tmp_path: Path,
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
 
 
+def test_an_unreachable_mlflow_server_costs_at_most_logger_init_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that accepts the connection and never answers, and a closed port: each start
+    waits at most logger.init_timeout (not MLflow's minutes of retries), warns, and the run
+    finishes without MLflow."""
+    import socket
+    import time
+
+    pytest.importorskip("mlflow")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        for i, port in enumerate((silent.getsockname()[1], closed_port)):
+            t0 = time.perf_counter()
+            m = train(compose_config([*RUN, "logger=mlflow", "logger.init_timeout=2",
+                                      f"logger.mlflow_uri=http://127.0.0.1:{port}"]),
+                      tmp_path / str(i))
+            assert m["status"] == "finished"
+            assert time.perf_counter() - t0 < 30
+            assert "MLflow: could not start" in caplog.text
+    finally:
+        silent.close()
+
+
 def test_a_tracker_without_its_package_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
     import importlib.util

@@ -22,7 +22,7 @@ from swa_research.training.build import load_config, train
 from swa_research.training.evaluation import evaluate
 
 TOP_KEYS = {"status", "task", "sgd", "sgd_best_val", "swa", "averages", "calibration", "model",
-            "train", "files"}
+            "train", "files", "split"}
 EVAL_KEYS = {"test_acc", "test_loss", "val_acc", "val_loss"}
 HISTORY_COLUMNS = [
     "epoch", "iteration", "lr", "train_loss", "train_acc",
@@ -109,7 +109,9 @@ def check_run(r: Run) -> None:
     else:
         assert all(v is None for v in m["sgd_best_val"].values())
 
-    assert set(m["swa"]) == EVAL_KEYS | {"n_averaged"}
+    # An EMA records the settings its weights depend on beside its scores.
+    settings = {"decay", "ema_warmup"} if c.swa.method == "ema" else set()
+    assert set(m["swa"]) == EVAL_KEYS | {"n_averaged"} | settings
     assert m["averages"] == (["swa"] if averaging else [])
     assert m["model"]["name"] == c.model["name"]
     if c.trainer.save_checkpoints:

@@ -8,8 +8,9 @@ averages' files), over the runs ordered by validation accuracy (best first):
   k: the mean of their softmax probabilities.
 - ``uniform_soup``: the weights of all runs averaged, BN statistics recomputed (Wortsman et al.
   2022, "Model soups").
-- ``greedy_soup``: runs added in that order while the soup's validation accuracy does not fall
-  (each candidate's BN statistics recomputed); a row per candidate, ``accepted`` 1 or 0.
+- ``greedy_soup``: runs added in that order when the soup's validation accuracy rises (strictly,
+  as model-soups' ``main.py``: a tie keeps the soup as it was; each candidate's BN statistics
+  recomputed); a row per candidate, ``accepted`` 1 or 0.
 - ``single``: each run's own weights, for reference.
 
 An FGE run's ``fge.pt`` holds its ensemble's members: its ``fge`` member is their mean
@@ -48,7 +49,7 @@ from swa_research.averaging import average_states, classification_metrics
 from swa_research.config import UserError, flatten_dict
 from swa_research.fileio import atomic_write_text
 from swa_research.models import load_state
-from swa_research.tracking.runs import find_run_dirs, read_run
+from swa_research.tracking.runs import find_run_dirs, is_run_dir, read_run
 from swa_research.training.build import resolve_device
 from swa_research.training.evaluation import collect_logits
 from swa_research.training.step import autocast
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 CSV_FILE, PLOT_FILE = "ensemble.csv", "ensemble.png"
 COLUMNS = ["combination", "kind", "members", "accepted", "runs", "val_acc", "val_loss",
-           "test_acc", "test_loss", "test_nll", "test_ece"]
+           "test_acc", "test_loss", "test_nll", "test_ece", "note"]
+LEFT_OUT = "left_out"  # a row per run left out of a kind (kind "all": of every kind), and why
 SPLITS = ("val", "test")
 WEIGHT_FILES = {"sgd": "sgd_final.pt"}  # an average's file is <name>.pt
 
@@ -80,19 +82,38 @@ def weight_file(kind: str) -> str:
     return WEIGHT_FILES.get(kind, f"{kind}.pt")
 
 
-def check_runs(run_dirs: Sequence[Path]) -> tuple[list[Path], str | None]:
-    """The finished runs, checked to share a model and data (else a UserError); and the reason
-    soups cannot be formed (no shared initialization), or None."""
+def left_out_reason(record: Any) -> str:
+    """Why a run that is not finished is left out, in a few words."""
+    if record.status == "no metrics.json":
+        return "unfinished: no metrics.json (running, or killed before it ended)"
+    error = f": {record.error}" if record.error else ""
+    return f"status {record.status}{error}"
+
+
+def check_runs(run_dirs: Sequence[Path]
+               ) -> tuple[list[Path], str | None, list[tuple[str, str]]]:
+    """The finished runs, checked to share a model and data (else a UserError); the reason
+    soups cannot be formed (no shared initialization), or None; and the runs left out, each
+    with why."""
     records = [read_run(d) for d in run_dirs]
     finished = [r for r in records if r.finished]
+    left = [(r.run_dir.name, left_out_reason(r)) for r in records if not r.finished]
     if len(finished) < 1:
-        raise UserError("no finished run to combine (metrics.json status finished)")
+        why = "; ".join(f"{n}: {w}" for n, w in left)
+        raise UserError("no finished run to combine (metrics.json status finished)"
+                        + (f" ({why})" if why else ""))
     flat = [flatten_dict(r.config) for r in finished]
+    check_splits(finished, flat)
+    names = [f.get("model.name") for f in flat]
+    for record, name in zip(finished, names, strict=True):
+        if name != names[0]:  # named before its options, which differ with it
+            raise UserError(f"runs of different models cannot be combined: model={names[0]} in "
+                            f"{finished[0].run_dir.name}, model={name} in {record.run_dir.name}")
     for prefix, what in (("model.", "model"), ("data.", "data"), ("task.", "task")):
         keys = sorted({k for f in flat for k in f if k.startswith(prefix)})
         for key in keys:
             values = {repr(f.get(key)) for f in flat}
-            if len(values) > 1 and key not in ("data.root",):
+            if len(values) > 1 and key not in ("data.root", "data.split_seed"):
                 first = next(f for f in flat if repr(f.get(key)) != repr(flat[0].get(key)))
                 raise UserError(
                     f"runs of different {what}s cannot be combined: {key}={flat[0].get(key)} "
@@ -109,7 +130,29 @@ def check_runs(run_dirs: Sequence[Path]) -> tuple[list[Path], str | None]:
                  f"{sorted(seeds, key=str)} and no shared trainer.init_weights or "
                  "model.weights, so their weights are not averaged (the deep ensemble is "
                  "formed)")
-    return [r.run_dir for r in finished], soups
+    return [r.run_dir for r in finished], soups, left
+
+
+def split_seed(flat: dict[str, Any]) -> Any:
+    """The seed a run's validation split was drawn with: ``data.split_seed``, or for a run
+    written before that key, its training seed."""
+    return flat["data.split_seed"] if "data.split_seed" in flat else flat.get("seed")
+
+
+def check_splits(records: Sequence[Any], flat: Sequence[dict[str, Any]]) -> None:
+    """Runs that held out different examples cannot be ranked or souped together: one run's
+    validation images are another's training images."""
+    seeds = [split_seed(f) for f in flat]
+    for record, f, seed in zip(records, flat, seeds, strict=True):
+        if seed != seeds[0]:
+            def what(f: dict[str, Any], seed: Any) -> str:
+                return (f"data.split_seed={seed}" if "data.split_seed" in f
+                        else f"seed={seed} (written before data.split_seed)")
+            raise UserError(
+                f"the runs hold out different validation images ({what(flat[0], seeds[0])} in "
+                f"{records[0].run_dir.name}, {what(f, seed)} in {record.run_dir.name}): one "
+                "run's validation images are another's training images; combine runs of one "
+                "data.split_seed")
 
 
 class Combiner:
@@ -180,9 +223,19 @@ def mean_probs(probs: Sequence[dict[str, Tensor | None]]) -> dict[str, Tensor | 
             for s in SPLITS}
 
 
+def known_kinds(run_dirs: Sequence[Path]) -> list[str]:
+    """The weights the finished runs can have saved: sgd and their averages' names."""
+    names: dict[str, None] = {"sgd": None}
+    for d in run_dirs:
+        metrics = read_run(d).metrics or {}
+        names.update(dict.fromkeys(str(n) for n in metrics.get("averages", []) or []))
+    return list(names)
+
+
 def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
             soups_refused: str | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    computed: list[str] = []
 
     def add(combination: str, kind: str, members: Sequence[Member],
             probs: dict[str, Tensor | None], accepted: int | None = None) -> dict[str, Any]:
@@ -197,6 +250,11 @@ def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
         for d in run_dirs:
             states = combiner.load(d, kind)
             if states is None:
+                note = f"no {weight_file(kind)} (trainer.save_checkpoints=false, an average " \
+                       "never updated, or the file was removed)"
+                rows.append({"combination": LEFT_OUT, "kind": kind, "runs": d.name,
+                             "note": note})
+                print(f"{kind}: left out {d.name}: {note}", flush=True)
                 continue
             where = str(d / weight_file(kind))
             probs = mean_probs([combiner.probs(combiner.module(st, where)) for st in states])
@@ -205,6 +263,7 @@ def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
         if not members:
             log.warning("no run saved %s weights (%s): skipped", kind, weight_file(kind))
             continue
+        computed.append(kind)
         # Best validation accuracy first (the run order where there is no validation set).
         members.sort(key=lambda m: -m.val_acc(combiner.labels))
         t0 = time.perf_counter()
@@ -227,7 +286,8 @@ def combine(combiner: Combiner, run_dirs: Sequence[Path], kinds: Sequence[str],
 
 def greedy_soup(combiner: Combiner, members: Sequence[Member], kind: str, add: Any) -> None:
     """Wortsman et al.'s greedy soup: from the best run, each next run is kept when the soup
-    with it is at least as accurate on validation."""
+    with it is more accurate on validation (``>``, as mlfoundations/model-soups' ``main.py``:
+    a candidate that ties is left out)."""
     if members[0].probs["val"] is None:
         log.warning("the greedy soup needs a validation split (data.val_fraction > 0): skipped")
         return
@@ -236,12 +296,35 @@ def greedy_soup(combiner: Combiner, members: Sequence[Member], kind: str, add: A
     for m in members[1:]:
         probs = combiner.soup_probs([x.state for x in (*soup, m)])
         candidate = combiner.scores(probs)
-        if candidate["val_acc"] >= best:
+        if candidate["val_acc"] > best:
             soup.append(m)
             best = add("greedy_soup", kind, soup, probs, accepted=1)["val_acc"]
         else:
             rows = add("greedy_soup", kind, [*soup, m], probs, accepted=0)
             rows["members"] = len(soup)  # the soup stays as it was
+
+
+def merged(path: Path, rows: Sequence[dict[str, Any]], kinds: Sequence[str]
+           ) -> list[dict[str, Any]]:
+    """The rows of an earlier ensemble.csv of kinds this run of the tool did not compute,
+    then ``rows``: a run for some kinds never removes the others' results."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            earlier = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return list(rows)
+    except (OSError, csv.Error) as e:
+        raise UserError(f"{path} cannot be read ({e}); move it away to write a new one") from None
+    def value(key: str, v: str | None) -> Any:
+        if v in ("", None):
+            return None
+        if key in ("members", "accepted"):
+            return int(v)
+        return float(v) if key.startswith(("val_", "test_")) else v
+
+    kept = [{k: value(k, v) for k, v in r.items() if k in COLUMNS}
+            for r in earlier if r.get("kind") not in kinds and r.get("kind") != "all"]
+    return [*kept, *rows]
 
 
 def rows_of(rows: Sequence[dict[str, Any]], combination: str, kind: str) -> list[dict[str, Any]]:
@@ -268,7 +351,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    kinds = list(dict.fromkeys(r["kind"] for r in rows if r["combination"] != LEFT_OUT))
     for i, kind in enumerate(kinds):
         color = COLORS[i % len(COLORS)]
         ens = rows_of(rows, "ensemble", kind)
@@ -310,16 +393,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.sweep_dir.is_dir():
             raise UserError(f"{args.sweep_dir}: no such folder")
-        run_dirs, refused = check_runs(find_run_dirs([args.sweep_dir]))
+        if is_run_dir(args.sweep_dir):
+            raise UserError(f"{args.sweep_dir} is one run's dir: ensembles combine the runs of "
+                            "a sweep and are written beside them, never into a run; give the "
+                            "sweep dir above it")
+        run_dirs, refused, left = check_runs(find_run_dirs([args.sweep_dir]))
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        known = known_kinds(run_dirs)
+        unknown = [k for k in kinds if k not in known]
+        if unknown or not kinds:
+            raise UserError(f"--kinds {args.kinds}: {', '.join(unknown) or 'none given'} is not "
+                            f"a kind of weights these runs keep; expected some of "
+                            f"{', '.join(known)}")
+        for name, why in left:
+            print(f"left out {name}: {why}", flush=True)
         if refused:
             print(f"note: {refused}", flush=True)
         device = resolve_device(args.device, "--device ")
         combiner = Combiner(run_dirs, device)
-        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
         rows = combine(combiner, run_dirs, kinds, refused)
-        if not rows:
+        if not any(r["combination"] != LEFT_OUT for r in rows):
             raise UserError(f"none of the runs saved weights of {', '.join(kinds)} "
                             "(trainer.save_checkpoints=true writes them)")
+        rows = [*({"combination": LEFT_OUT, "kind": "all", "runs": n, "note": w}
+                  for n, w in left), *rows]
+        rows = merged(args.sweep_dir / CSV_FILE, rows, kinds)
         write_csv(args.sweep_dir / CSV_FILE, rows)
         try:
             plot(rows, args.sweep_dir / PLOT_FILE, args.sweep_dir.name)

@@ -245,10 +245,11 @@ class PosthocRun:
             module = average_states(self.model, states(),
                                     kind="ema" if setting.kind == "ema" else "swa",
                                     decay=setting.decay or 0.0, warmup=bool(setting.warmup))
-        except (RuntimeError, KeyError) as e:
+        except (RuntimeError, KeyError, ValueError) as e:
+            detail = mismatch_detail(e).split("does not fit the model: ", 1)[-1]
             raise UserError(f"{self.run_dir / TRAJECTORY / current[0]['file']} does not fit "
                             f"the model of {self.run_dir}/.hydra/config.yaml (snapshots of "
-                            f"another run?): {mismatch_detail(e)}") from None
+                            f"another run?): {detail}") from None
         return self.with_bn(module)
 
     def with_bn(self, module: nn.Module) -> nn.Module:

@@ -38,13 +38,14 @@ from swa_research.config import SwaConfig, UserError
 
 # The public, versioned surface (docs/library.md).
 PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_states",
-          "bn_update", "classification_metrics", "expected_calibration_error", "make_average",
+          "bn_update", "classification_metrics", "expected_calibration_error", "fge_lr",
+          "make_average",
           "make_plan", "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
 __all__ = ["METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan", "HostCountAveragedModel",
            "SWAGDiag", "WeightAverage", "average_names", "average_states", "bn_update",
            "build_averages", "check_budget", "check_methods", "classification_metrics",
-           "expected_calibration_error", "has_batch_norm", "make_average", "make_plan",
+           "expected_calibration_error", "fge_lr", "has_batch_norm", "make_average", "make_plan",
            "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
 METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
@@ -107,6 +108,7 @@ def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
 # The library functions build on METHODS above (imported last: they look it up at call time).
 from swa_research.averaging.library import (  # noqa: E402
     average_states,
+    fge_lr,
     make_average,
     make_plan,
     predict,

@@ -82,6 +82,32 @@ class Average(ABC):
         metrics.json (e.g. SWAG's sample scale). Default: none."""
         return {}
 
+    def state_settings(self) -> dict[str, Any]:
+        """The settings a saved state was formed with and cannot be continued without (an
+        EMA's decay): :meth:`check_state` refuses a state saved with others. Default: none."""
+        return {}
+
+    def identity(self) -> dict[str, Any]:
+        """What :meth:`state_dict` records of the average besides its tensors, and what
+        :meth:`check_state` compares: its method and :meth:`state_settings`."""
+        return {"method": self.method, **self.state_settings()}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """A ValueError, on one line, when ``state`` was saved by another method or with other
+        :meth:`state_settings` (a state saved before states recorded them is not checked)."""
+        saved = state.get("identity") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return
+        if saved.get("method") != self.method:
+            raise ValueError(f"the state is of a {saved.get('method')} average and cannot be "
+                             f"loaded into a {self.method} average")
+        mine = self.identity()
+        diffs = [f"{k}={saved[k]!r} (this average's: {mine[k]!r})" for k in mine
+                 if k in saved and saved[k] != mine[k]]
+        if diffs:
+            raise ValueError(f"the {self.method} state was formed with {', '.join(diffs)}: "
+                             "continuing it with other settings would mix two averages")
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -174,9 +200,11 @@ class WeightAverage(Average):
 
     def state_dict(self) -> dict[str, Any]:
         """The average (with its n_averaged) and whether its BN statistics are stale."""
-        return {"averaged": self.averaged.state_dict(), "bn_stale": self._bn_stale}
+        return {"averaged": self.averaged.state_dict(), "bn_stale": self._bn_stale,
+                "identity": self.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.averaged.load_state_dict(state["averaged"])
         self._bn_stale = bool(state["bn_stale"])
 

@@ -56,5 +56,12 @@ class EMA(WeightAverage):
 
     def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
         self.check(cfg)
+        self.decay, self.warmup = float(cfg.decay), bool(cfg.ema_warmup)
         super().__init__(model, ema_multi_avg_fn(cfg.decay, cfg.ema_warmup),
                          bn_update=cfg.bn_update)
+
+    def settings(self) -> dict[str, Any]:
+        return {"decay": self.decay, "ema_warmup": self.warmup}
+
+    def state_settings(self) -> dict[str, Any]:
+        return self.settings()

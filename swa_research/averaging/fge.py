@@ -116,9 +116,11 @@ class FGE(Average):
         return {"members": self.members}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"members": self.members, "collected": self.collected}
+        return {"members": self.members, "collected": self.collected,
+                "identity": self.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         device = next(iter(self.net.state_dict().values())).device
         self.members = [{k: v.to(device) for k, v in m.items()} for m in state["members"]]
         self.collected = int(state["collected"])

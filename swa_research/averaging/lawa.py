@@ -92,9 +92,14 @@ class LAWA(Average):
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self._module.state_dict(), "buffer": self.buffer,
-                "updates": self.updates, "bn_stale": self._bn_stale}
+                "updates": self.updates, "bn_stale": self._bn_stale,
+                "identity": self.identity()}
+
+    def state_settings(self) -> dict[str, Any]:
+        return {"k": self.k}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self._module.load_state_dict(state["module"])
         device = next(self._module.parameters()).device
         self.buffer = [[t.to(device) for t in point] for point in state["buffer"]]

@@ -23,6 +23,9 @@ See docs/library.md for the whole surface and its stability promise.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,12 +36,31 @@ from swa_research.averaging.base import Average, HostCountAveragedModel, bn_upda
 from swa_research.averaging.ema import ema_multi_avg_fn
 from swa_research.averaging.plan import AveragingPlan
 from swa_research.averaging.swag import SWAG
-from swa_research.config import ScheduleConfig, SwaConfig, validate_swa
+from swa_research.config import ScheduleConfig, SwaConfig, UserError, validate_swa
 
-__all__ = ["average_states", "make_average", "make_plan", "predict", "snapshot", "swag_bma",
-           "update_bn"]
+__all__ = ["average_states", "check_average_options", "fge_lr", "make_average", "make_plan",
+           "predict", "snapshot", "swag_bma", "update_bn"]
 
 Module = nn.Module | Average
+
+
+# The library's argument for each swa.* key its checks name.
+_ARGUMENTS = {"swa.decay": "decay", "swa.ema_warmup": "ema_warmup", "swa.max_models": "max_models",
+              "swa.swag_scale": "scale", "swa.swag_diag_scale": "scale", "swa.samples": "samples",
+              "swa.swag_device": "device", "swa.lawa_k": "lawa_k", "swa.method": "method"}
+
+
+def _library_error(e: Exception) -> ValueError:
+    """A config check's one-line error, in the library's argument names."""
+    text = str(e)
+    for key, arg in _ARGUMENTS.items():
+        text = text.replace(key, arg)
+    return ValueError(text)
+
+
+def _whole(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be a whole number of at least {minimum}")
 
 
 def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
@@ -49,38 +71,117 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     timm's warm-up with ``ema_warmup``), ``swag`` / ``swag_diag`` (Gaussian posteriors:
     ``max_models`` deviations, sample variance ``scale``, default 0.5 for SWAG and 1.0 for
     SWAG-Diagonal, ``samples`` networks per Bayesian model average, moments on ``device``),
-    ``lawa`` (the mean of the latest ``lawa_k`` points), or any method registered with
+    ``lawa`` (the mean of the latest ``lawa_k`` points), ``fge`` (the ensemble of the points'
+    predictions, up to ``max_models``), or any method registered with
     :func:`~swa_research.averaging.register_method`.
     ``bn_update``: recompute BN statistics before the average is evaluated. A copy of
-    ``model`` is taken now; call ``update(model)`` at each averaging point."""
+    ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
+    a one-line ValueError naming it."""
     from swa_research.averaging import METHODS, check_methods
 
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    for name, value, minimum in (("max_models", max_models, 2), ("samples", samples, 1),
+                                 ("lawa_k", lawa_k, 1)):
+        _whole(name, value, minimum)
+    for name, value in (("decay", decay), ("scale", scale)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            raise ValueError(f"{name}={value!r}: must be a number")
     options: dict[str, Any] = dict(method=method, bn_update=bn_update, decay=decay,
                                    ema_warmup=ema_warmup, max_models=max_models,
                                    samples=samples, swag_device=device, lawa_k=lawa_k)
     if scale is not None:
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)
-    check_methods(cfg)
-    validate_swa(cfg)
-    return METHODS[method](model, cfg)
+    try:
+        check_methods(cfg)
+        validate_swa(cfg)
+        return METHODS[method](model, cfg)
+    except UserError as e:
+        raise _library_error(e) from None
+
+
+def check_average_options(method: str, options: dict[str, Any]) -> None:
+    """``make_average(method, model, **options)``'s arguments checked without a model: a
+    one-line ValueError naming an unknown option or a bad value."""
+    known = [p for p in inspect.signature(make_average).parameters
+             if p not in ("method", "model")]
+    for name in options:
+        if name not in known:
+            raise ValueError(f"{method}: unknown option {name!r}; expected some of "
+                             f"{', '.join(known)}")
+    make_average(method, nn.Linear(1, 1), **options)
+
+
+def check_plan(start: float, freq: int, unit: str, cycle: int | None = None,
+               collect: str = "end") -> None:
+    """:func:`make_plan`'s arguments checked without a budget: a one-line ValueError."""
+    if unit not in ("iter", "epoch"):
+        raise ValueError(f"unit={unit!r}: expected 'iter' or 'epoch'")
+    _whole("freq", freq, 1)
+    if isinstance(start, bool) or not isinstance(start, (int, float)) \
+            or not 0 <= start < math.inf:
+        raise ValueError(f"start={start!r}: must be a number >= 0 (below 1: a fraction of the "
+                         "budget; from 1: a whole number of iterations or epochs)")
+    if start >= 1 and start != int(start):
+        units = "epochs" if unit == "epoch" else "iterations"
+        raise ValueError(f"start={start}: from 1 on, start counts {units} and must be whole "
+                         "(below 1 it is a fraction of the budget)")
+    if collect not in ("end", "middle"):
+        raise ValueError(f"collect={collect!r}: expected 'end' (each cycle's end, cyclical SWA) "
+                         "or 'middle' (each cycle's low point, FGE)")
+    if cycle is not None:
+        _whole("cycle", cycle, 2 if collect == "middle" else 1)
+        if collect == "middle" and cycle % 2:
+            raise ValueError(f"cycle={cycle}: FGE's cycle must be even (a model is collected "
+                             "at its middle)")
+    elif collect == "middle":
+        raise ValueError("collect='middle' needs cycle= (FGE's cycle, in iterations)")
 
 
 def make_plan(*, start: float, freq: int, epochs: int, iters_per_epoch: int,
-              unit: str = "iter", cycle: int | None = None) -> AveragingPlan:
+              unit: str = "iter", cycle: int | None = None,
+              collect: str = "end") -> AveragingPlan:
     """When to update an average: with ``unit="iter"`` after the steps n > start with
     n % freq == 0; with ``unit="epoch"`` after the epochs E >= start with (E - start) % freq
-    == 0 (epochs counted from 1); with ``cycle`` (iterations) at the end of every cycle after
-    the start. A ``start`` below 1.0 is a fraction of the budget (``epochs`` x
-    ``iters_per_epoch`` iterations, or ``epochs``). Ask the plan ``due_after_iter(n)`` /
-    ``due_after_epoch(e)``; ``count_updates()`` and ``update_points()`` describe it."""
-    if unit not in ("iter", "epoch"):
-        raise ValueError(f"unit={unit!r}: expected 'iter' or 'epoch'")
-    if freq < 1 or epochs < 1 or iters_per_epoch < 1 or not start >= 0:
-        raise ValueError("freq, epochs and iters_per_epoch must be >= 1 and start >= 0")
+    == 0 (epochs counted from 1); with ``cycle`` (iterations) once a cycle after the start: at
+    its end (``collect="end"``, cyclical SWA) or at its middle (``collect="middle"``, FGE's
+    low point of :func:`fge_lr`; timgaripov/dnn-mode-connectivity fge.py). A ``start`` below
+    1.0 is a fraction of the budget (``epochs`` x ``iters_per_epoch`` iterations, or
+    ``epochs``); from 1 a whole count. Ask the plan ``due_after_iter(n)`` /
+    ``due_after_epoch(e)``; ``count_updates()`` and ``update_points()`` describe it. A plan
+    with no update in the budget is a ValueError."""
+    check_plan(start, freq, unit, cycle, collect)
+    _whole("epochs", epochs, 1)
+    _whole("iters_per_epoch", iters_per_epoch, 1)
     swa = SwaConfig(method="swa", start=start, freq=freq, unit=unit)
     schedule = ScheduleConfig(name="cyclical" if cycle else "constant", cycle=cycle or 1)
-    return AveragingPlan.from_config(swa, schedule, epochs, iters_per_epoch)
+    plan = AveragingPlan.from_config(swa, schedule, epochs, iters_per_epoch)
+    if collect == "middle":
+        plan = dataclasses.replace(plan, phase=plan.cycle // 2)  # type: ignore[operator]
+    if plan.count_updates() == 0:
+        budget = epochs if unit == "epoch" else epochs * iters_per_epoch
+        what = f"cycle={cycle} with start" if cycle else "start"
+        units = "epochs" if unit == "epoch" else "iterations"
+        raise ValueError(f"{what}={start:g}: no update within the budget of {budget} {units} "
+                         f"(epochs={epochs}, iters_per_epoch={iters_per_epoch}); give the start "
+                         "as a fraction of the budget, e.g. start=0.75")
+    return plan
+
+
+def fge_lr(step: int, *, start: int, cycle: int, lr_high: float, lr_low: float) -> float:
+    """FGE's learning rate at ``step`` (counted from 0) from the averaging start ``start`` on:
+    triangular cycles of ``cycle`` steps, from ``lr_high`` down to ``lr_low`` at mid-cycle
+    (where :func:`make_plan` with ``collect="middle"`` collects a model) and back up
+    (timgaripov/dnn-mode-connectivity ``utils.cyclic_learning_rate``); before ``start`` the
+    lr is your own schedule's (the reference pre-trains with its ``train.py``)."""
+    if step < start:
+        raise ValueError(f"step={step} is before the FGE start {start}: FGE's lr begins there")
+    t = ((step - start) % cycle) / cycle
+    if t < 0.5:
+        return lr_high * (1.0 - 2.0 * t) + lr_low * 2.0 * t
+    return lr_high * (2.0 * t - 1.0) + lr_low * (2.0 - 2.0 * t)
 
 
 def network_of(model: Module) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
@@ -97,7 +198,20 @@ def update_bn(model: Module, batches: Iterable[Any],
     (any batch structure: ``input_fn`` gives the model input, by default the first item of a
     tuple or the batch itself), each batch weighted by its size, as the SWA paper's code."""
     module, _ = network_of(model)
-    bn_update(batches, module, input_fn)
+    bn_update(batches, module, checked_input(input_fn, "update_bn"))
+
+
+def checked_input(input_fn: Callable[[Any], Tensor], where: str) -> Callable[[Any], Tensor]:
+    """``input_fn`` whose result must be a tensor: a batch of another structure (a dict, a
+    language model's record) is a one-line TypeError that says to pass ``input_fn``."""
+    def read(batch: Any) -> Tensor:
+        x = input_fn(batch)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: the model input read from a batch (a "
+                            f"{type(batch).__name__}) is a {type(x).__name__}, not a tensor; "
+                            "pass input_fn= to read it (e.g. input_fn=lambda b: b['x'])")
+        return x
+    return read
 
 
 @torch.no_grad()
@@ -107,6 +221,7 @@ def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Ten
     mode restored after), and the labels when the batches carry them (``label_fn``, default:
     the second item of a tuple)."""
     module, forward = network_of(model)
+    input_fn = checked_input(input_fn, "predict")
     was_training = module.training
     module.eval()
     outs: list[Tensor] = []
@@ -134,9 +249,18 @@ def swag_bma(average: SWAG, batches: Callable[[], Iterable[Any]],
     ``classification_metrics(probs.log(), labels)``."""
     if not isinstance(average, SWAG):
         raise TypeError(f"swag_bma needs a swag or swag_diag average, got {average.method!r}")
+    if average.n_averaged == 0:
+        raise ValueError(f"swag_bma: the {average.method} average was never updated (call "
+                         "update(model) at the averaging points first)")
+    if average.samples < 1:
+        raise ValueError(f"swag_bma: samples={average.samples}: must be at least 1")
+    input_fn = checked_input(input_fn, "swag_bma")
     inputs = {"set": lambda: (input_fn(b) for b in batches())}
     bn = None if bn_batches is None else (lambda: (input_fn(b) for b in bn_batches()))
-    return average.bma(inputs, bn, seed)["set"]
+    probs = average.bma(inputs, bn, seed).get("set")
+    if probs is None:
+        raise ValueError("swag_bma: batches() gave no batch to predict")
+    return probs
 
 
 def snapshot(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -160,8 +284,12 @@ def average_states(model: nn.Module, states: Iterable[dict[str, Tensor]], kind: 
     work = copy.deepcopy(model)
     averaged = HostCountAveragedModel(work, ema_multi_avg_fn(decay, warmup)
                                       if kind == "ema" else None)
-    for state in states:
-        work.load_state_dict(state)
+    for i, state in enumerate(states):
+        try:
+            work.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"average_states: state {i} does not fit the model: "
+                             f"{str(e).strip().splitlines()[-1].strip()}") from None
         averaged.update_parameters(work)
     if averaged.count == 0:
         raise ValueError("no states to average")

@@ -147,13 +147,22 @@ def check_budget(cfg: Config, iters_per_epoch: int) -> None:
     budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
     if not count and plan.start < budget:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
-        what = f"swa.schedule.cycle={plan.cycle}" if plan.cycle is not None else \
+        room = budget - plan.start  # in swa.unit
+        if cfg.schedule.name == "fge":
+            # The user's key counts epochs; the first model comes half a cycle after the start.
+            room_epochs = room if cfg.swa.unit == "epoch" else room // iters_per_epoch
+            raise UserError(
+                f"schedule.fge_cycle={cfg.schedule.fge_cycle}: FGE collects its first model "
+                f"half a cycle ({cfg.schedule.fge_cycle // 2} epochs) after the start "
+                f"({cfg.swa.unit} {plan.start}), beyond the end of the budget "
+                f"(trainer.epochs={cfg.trainer.epochs}); set schedule.fge_cycle to an even "
+                f"number of at most {2 * room_epochs} epochs, or move swa.start earlier")
+        what = f"schedule.cycle={plan.cycle}" if plan.cycle is not None else \
             f"swa.freq={cfg.swa.freq}"
-        what = what.replace("swa.schedule.", "schedule.")
         raise UserError(
             f"{what}: no averaging point between the start ({cfg.swa.unit} {plan.start}) and "
             f"the end of the budget ({budget} {unit}, trainer.epochs={cfg.trainer.epochs}); "
-            f"lower it below {budget - plan.start}")
+            f"lower it below {room}")
     if not count:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
         raise UserError(

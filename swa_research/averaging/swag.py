@@ -287,10 +287,12 @@ class SWAG(Average):
         return {"count": self.count, "mean": self.mean, "sq_mean": self.sq_mean,
                 "deviations": rows, "position": self.position, "filled": self.filled,
                 "max_models": self.max_models,
-                "net_buffers": {k: v for k, v in self.net.named_buffers()}}
+                "net_buffers": {k: v for k, v in self.net.named_buffers()},
+                "identity": self.identity()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         if state["mean"].shape != self.mean.shape:
             raise ValueError(f"{self.method}: the checkpoint's mean holds "
                              f"{state['mean'].numel()} weights, this model "

@@ -101,14 +101,14 @@ def _build_data(cfg: DataConfig, seed: int, device: torch.device, num_workers: i
         in_memory, reason = streaming.choose_path(cfg, device, listing)
         log.info("%s", reason)
         if not in_memory:
-            s = streaming.open_image_folder(cfg, seed, num_workers, listing=listing,
+            s = streaming.open_image_folder(cfg, num_workers, listing=listing,
                                             memory_format=memory_format)
             return DataSplits(s.train, s.val, s.test, s.classes, streamed=True)
     train_full, test, classes = load_datasets(cfg, num_workers, listing)
     if train_full.images.shape[-1] != train_full.images.shape[-2]:
         raise UserError(f"images are {tuple(train_full.images.shape[-2:])}: square images "
                         "are expected; set data.image_size")
-    train, val = split_train_val(train_full, cfg.val_fraction, seed)
+    train, val = split_train_val(train_full, cfg.val_fraction, cfg.split_seed)
     if len(train) == 0:
         raise UserError("the training set is empty after the validation split")
     return DataSplits(train.to(device), None if val is None else val.to(device),

@@ -12,12 +12,13 @@ from swa_research.config import DataConfig, UserError
 from swa_research.data.folders import FolderListing, _imagefolder
 from swa_research.data.memory import ImageSet, synthetic_images
 from swa_research.locks import file_lock, lock_path
+from swa_research.versions import import_torchvision
 
 log = logging.getLogger(__name__)
 
 
 def _cifar(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str]]:
-    import torchvision
+    torchvision = import_torchvision()
 
     cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
     label = "CIFAR-10" if cfg.name == "cifar10" else "CIFAR-100"

@@ -13,7 +13,7 @@ Interface for the trainer
     listing = list_image_folder(cfg.data)                        # lists the folders once
     in_memory, reason = choose_path(cfg.data, device, listing)   # log `reason` as is
     if not in_memory:
-        splits = open_image_folder(cfg.data, seed=cfg.seed, num_workers=cfg.trainer.num_workers,
+        splits = open_image_folder(cfg.data, num_workers=cfg.trainer.num_workers,
                                    listing=listing, memory_format=memory_format(...))
         # splits.train / splits.val (or None) / splits.test: StreamingSet; splits.classes
 
@@ -476,17 +476,18 @@ def set_options(cfg: DataConfig, num_workers: int, listing: FolderListing,
                 prefetch_factor=getattr(cfg, "prefetch_factor", 2), memory_format=memory_format)
 
 
-def open_image_folder(cfg: DataConfig, seed: int, num_workers: int,
+def open_image_folder(cfg: DataConfig, num_workers: int,
                       listing: FolderListing | None = None,
                       memory_format: torch.memory_format = torch.contiguous_format
                       ) -> DataSplits:
-    """The streamed train / validation / test sets, with ``data.split_train_val``'s seeded
-    validation split (the same images as the in-memory path's split)."""
+    """The streamed train / validation / test sets, with the validation split drawn with
+    ``data.split_seed`` (the same images as the in-memory path's split)."""
     listing = listing or list_image_folder(cfg)
     options = set_options(cfg, num_workers, listing, memory_format)
     full = StreamingSet(*listing.train, listing.classes, **options)  # type: ignore[arg-type]
     test = StreamingSet(*listing.test, listing.classes, **options)  # type: ignore[arg-type]
-    train, val = split_train_val(full, cfg.val_fraction, seed)  # type: ignore[arg-type]
+    train, val = split_train_val(full, cfg.val_fraction,  # type: ignore[arg-type]
+                                 cfg.split_seed)
     if len(train) == 0:
         raise UserError("the training set is empty after the validation split")
     return DataSplits(train, val, test, listing.classes, streamed=True)

@@ -3,7 +3,9 @@ them is tokenized once into a token file beside it (``<name>.<tokenizer>.tokens`
 array of uint16/uint32 ids, memory-mapped) with a record of what it was made from
 (``<name>.<tokenizer>.json``: the files' sizes and modification times, the vocabulary). A
 later run reuses it; a changed text rebuilds it; a token file whose size or checksum does not
-match its record is refused with one line (never read as if it were whole).
+match its record is refused with one line (never read as if it were whole). The checksum covers
+every byte (a SHA-256 per 64 MiB chunk, hashed on several threads at every start), and the same
+pass finds the largest id, which must fit the vocabulary.
 
 The tokens are split in order: train, then ``data.val_fraction`` for validation and
 ``data.test_fraction`` for test. Training windows (``block_size`` + 1 tokens: the inputs and
@@ -23,11 +25,13 @@ loaded: it downloads it once, so offline it needs the encoding already in its ca
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,9 @@ from swa_research.locks import file_lock
 log = logging.getLogger(__name__)
 
 TOKENIZERS = ("char", "byte", "gpt2")
-FORMAT = 1
+FORMAT = 2  # 2: a checksum of every chunk and the largest id; 1: the first and last MiB only
 CHUNK = 1 << 22  # characters tokenized at a time
+HASH_CHUNK = 1 << 26  # bytes a checksum covers (64 MiB: a multiple of every id width)
 
 
 @dataclass
@@ -111,15 +116,43 @@ def _fingerprint(root: Path, files: list[Path]) -> list[list[Any]]:
     return [[str(f.relative_to(base)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+# Bytes that are not UTF-8 become U+FFFD; they are counted (one decoding thread at a time:
+# tokenizing holds the token file's lock), said, and beyond a small share refused.
+_REPLACED = [0]
+MAX_REPLACED_SHARE = 0.001
+
+
+def _count_replaced(e: UnicodeError) -> tuple[str, int]:
+    assert isinstance(e, UnicodeDecodeError)
+    _REPLACED[0] += e.end - e.start
+    return "\ufffd", e.end
+
+
+codecs.register_error("swa_research.count_replaced", _count_replaced)
+
+
 def _read(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors="swa_research.count_replaced") as f:
         while chunk := f.read(CHUNK):
             yield chunk
 
 
+def _check_replaced(root: Path, files: list[Path], replaced: int) -> None:
+    """Say how many bytes were not UTF-8; refuse a text that is mostly not text."""
+    total = sum(f.stat().st_size for f in files) or 1
+    if replaced > MAX_REPLACED_SHARE * total:
+        raise DataError(f"data.root={root}: {replaced:,} of {total:,} bytes are not UTF-8 text "
+                        f"({100 * replaced / total:.2f}%, more than "
+                        f"{100 * MAX_REPLACED_SHARE:g}%): a binary file or another encoding? "
+                        "Convert it to UTF-8, or narrow data.pattern")
+    if replaced:
+        log.warning("data.root=%s: %d byte(s) are not UTF-8 and were read as U+FFFD", root,
+                    replaced)
+
+
 def _edge_sha(path: Path) -> str:
-    """A checksum of the token file's first and last MiB and its size: cheap to check at
-    every start, and it catches a truncated or overwritten file."""
+    """The checksum of a format-1 record: the token file's first and last MiB and its size
+    (records written before every byte was checked)."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -129,11 +162,43 @@ def _edge_sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def scan(path: Path, dtype: np.dtype, threads: int | None = None,
+         chunk: int = HASH_CHUNK) -> tuple[list[str], int]:
+    """The SHA-256 of every ``chunk`` bytes of a token file, and its largest id (-1 when
+    empty): every byte read once, the chunks on ``threads`` threads (hashlib and numpy
+    release the GIL). Its cost per GB is in docs/lm.md."""
+    size = path.stat().st_size
+    starts = list(range(0, size, chunk))
+
+    def one(start: int) -> tuple[str, int]:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(chunk)
+        ids = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
+        return hashlib.sha256(data).hexdigest(), int(ids.max()) if ids.size else -1
+
+    workers = threads or min(8, os.cpu_count() or 1)
+    if len(starts) <= 1 or workers <= 1:
+        results = [one(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, starts))
+    return [h for h, _ in results], max((m for _, m in results), default=-1)
+
+
 def token_paths(root: Path, tokenizer: str) -> tuple[Path, Path]:
     """Where the tokens of ``root`` and their record live: beside a file, inside a folder."""
     base = root / f".text.{tokenizer}" if root.is_dir() else root.with_name(
         f"{root.name}.{tokenizer}")
     return base.with_name(base.name + ".tokens"), base.with_name(base.name + ".json")
+
+
+def remove_stale_temporaries(tokens: Path) -> None:
+    """Temporary token files a killed tokenization left (``.<name>.<pid>.tmp``): every writer
+    holds the token file's lock, so under it any that exists is stale."""
+    for tmp in tokens.parent.glob(f".{tokens.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by a tokenization that was killed", tmp)
 
 
 def _write(ids: Iterable[np.ndarray], dtype: np.dtype, tokens: Path) -> int:
@@ -160,24 +225,37 @@ def _write(ids: Iterable[np.ndarray], dtype: np.dtype, tokens: Path) -> int:
 
 
 def _record(tokenizer: Tokenizer, n: int, tokens: Path, **source: Any) -> dict[str, Any]:
+    chunks, max_id = scan(tokens, tokenizer.dtype)
+    if max_id >= tokenizer.vocab_size:
+        raise DataError(f"token file {tokens}: id {max_id} is beyond the vocabulary of "
+                        f"{tokenizer.vocab_size} ({tokenizer.name})")
     return {"format": FORMAT, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "chars": tokenizer.chars, "dtype": tokenizer.dtype.name, "n_tokens": n, **source,
-            "edge_sha256": _edge_sha(tokens)}
+            "chunk_bytes": HASH_CHUNK, "chunk_sha256": chunks, "max_id": max_id}
 
 
 def _build(root: Path, files: list[Path], tokenizer: Tokenizer, tokens: Path, record: Path,
            fingerprint: list[list[Any]]) -> dict[str, Any]:
+    _REPLACED[0] = 0
     if tokenizer.name == "char":
         chars: set[str] = set()
         for f in files:
             for chunk in _read(f):
                 chars.update(chunk)
+        _check_replaced(root, files, _REPLACED[0])  # before anything is written
         tokenizer.chars = "".join(sorted(chars))
         tokenizer.vocab_size = max(1, len(tokenizer.chars))
     log.info("tokenizing %d file(s) under %s (%s) into %s", len(files), root, tokenizer.name,
              tokens)
+    _REPLACED[0] = 0
     n = _write((tokenizer.encode(chunk) for f in files for chunk in _read(f)),
                tokenizer.dtype, tokens)
+    if tokenizer.name != "char":
+        try:
+            _check_replaced(root, files, _REPLACED[0])
+        except DataError:
+            tokens.unlink(missing_ok=True)
+            raise
     meta = _record(tokenizer, n, tokens, files=fingerprint)
     atomic_write_text(record, json.dumps(meta, indent=1))
     return meta
@@ -240,6 +318,7 @@ def _prepare(ids: Iterable[np.ndarray], tok: Tokenizer, tokens: Path,
              source: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     tokens.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(tokens.with_name(tokens.name + ".lock"), f"writing {tokens}"):
+        remove_stale_temporaries(tokens)
         n = _write(ids, tok.dtype, tokens)
         meta = _record(tok, n, tokens, source=source())
         atomic_write_text(tokens.with_suffix(".json"), json.dumps(meta, indent=1))
@@ -254,8 +333,8 @@ def load_prepared(tokens: Path, tokenizer: str) -> tuple[np.memmap, Tokenizer]:
     if meta is None:
         raise DataError(f"data.root={tokens}: no record {record.name} beside it (a token file "
                         "is read with the record scripts/prepare_text.py writes)")
-    if meta.get("format") != FORMAT or meta.get("tokenizer") not in TOKENIZERS:
-        raise DataError(f"{record} is not a token record of format {FORMAT}")
+    if meta.get("format") not in (1, FORMAT) or meta.get("tokenizer") not in TOKENIZERS:
+        raise DataError(f"{record} is not a token record of format 1 or {FORMAT}")
     if meta["tokenizer"] != tokenizer:
         raise UserError(f"data.root={tokens} holds {meta['tokenizer']} tokens: set "
                         f"data.tokenizer={meta['tokenizer']}")
@@ -283,6 +362,7 @@ def load_tokens(root: str | Path, tokenizer: str, pattern: str = "*.txt"
     tok = gpt2_tokenizer() if tokenizer == "gpt2" else Tokenizer(
         tokenizer, 256 if tokenizer == "byte" else 0)
     with file_lock(tokens.with_name(tokens.name + ".lock"), f"tokenizing {root}"):
+        remove_stale_temporaries(tokens)
         meta = _read_record(record)
         if meta is None or meta.get("files") != fingerprint or meta.get("format") != FORMAT \
                 or not tokens.is_file():
@@ -315,13 +395,36 @@ def _read_record(record: Path) -> dict[str, Any] | None:
 
 
 def _check(tokens: Path, meta: dict[str, Any]) -> None:
-    expected = int(meta["n_tokens"]) * np.dtype(meta["dtype"]).itemsize
+    """The token file is the one its record describes, byte for byte, and every id fits the
+    vocabulary: else a one-line DataError, before any step trains on it."""
+    dtype = np.dtype(meta["dtype"])
+    expected = int(meta["n_tokens"]) * dtype.itemsize
     size = tokens.stat().st_size if tokens.is_file() else None
-    if size != expected or _edge_sha(tokens) != meta.get("edge_sha256"):
-        what = (f"{size:,} bytes, its record says {expected:,}" if size != expected
-                else "its checksum does not match its record")
-        raise DataError(f"token file {tokens} is corrupt ({what}); delete it to tokenize "
-                        "the text again")
+    if size != expected:
+        raise DataError(f"token file {tokens} is corrupt ({size:,} bytes, its record says "
+                        f"{expected:,}); delete it to tokenize the text again")
+    step = int(meta.get("chunk_bytes", HASH_CHUNK))
+    chunks, max_id = scan(tokens, dtype, chunk=step)
+    if "chunk_sha256" in meta:
+        bad = [i for i, (a, b) in enumerate(zip(chunks, meta["chunk_sha256"], strict=False))
+               if a != b]
+        if bad or len(chunks) != len(meta["chunk_sha256"]):
+            where = (f"bytes {bad[0] * step:,} to {min(size, (bad[0] + 1) * step):,}"
+                     if bad else "its chunk count")
+            raise DataError(f"token file {tokens} is corrupt ({where} differ from its record's "
+                            "checksum); delete it to tokenize the text again")
+    else:  # a format-1 record: its edges alone were recorded
+        if _edge_sha(tokens) != meta.get("edge_sha256"):
+            raise DataError(f"token file {tokens} is corrupt (its checksum does not match its "
+                            "record); delete it to tokenize the text again")
+        log.warning("%s's record predates checksums of every byte: only its first and last "
+                    "MiB could be checked; write it again (scripts/prepare_text.py) for a full "
+                    "check", tokens)
+    vocab = int(meta["vocab_size"])
+    if max_id >= vocab:
+        raise DataError(f"token file {tokens} holds id {max_id}, beyond its vocabulary of "
+                        f"{vocab} ({meta.get('tokenizer')}): it is corrupt or was written "
+                        "with another tokenizer")
 
 
 class TokenSet:

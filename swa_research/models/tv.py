@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from swa_research.versions import import_torchvision
+
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
 
@@ -36,7 +38,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 def classification_models() -> list[str]:
     """The names ``model.arch`` accepts."""
-    import torchvision
+    torchvision = import_torchvision()
 
     return torchvision.models.list_models(module=torchvision.models)
 
@@ -64,7 +66,7 @@ def _is_file_path(weights: str) -> bool:
 def _torchvision_weights(arch: str, name: str) -> WeightsEnum:
     """The weights enum member ``name`` (``IMAGENET1K_V1`` or ``ResNet50_Weights.IMAGENET1K_V1``)
     of ``arch``; offline."""
-    import torchvision
+    torchvision = import_torchvision()
 
     enum = torchvision.models.get_model_weights(arch)
     choices = [*enum.__members__]
@@ -174,7 +176,7 @@ def _vit_size(arch: str, model_kwargs: dict[str, Any], image_size: int,
 def _get_model(arch: str, **kwargs: Any) -> nn.Module:
     """``torchvision.models.get_model``; on the meta device RegNet's block widths (computed
     with tensors, then read back) are computed on the CPU, the network itself on meta."""
-    import torchvision
+    torchvision = import_torchvision()
 
     if not (_on_meta() and arch.startswith("regnet_")):
         return torchvision.models.get_model(arch, **kwargs)

@@ -75,11 +75,23 @@ def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, ite
     return out
 
 
+def vocabulary_record(data: Any) -> dict[str, Any]:
+    """What a language model's weight files record of its tokens (``{"tokenizer": {name,
+    vocab_size, chars}}``), so that weights never start a run on another vocabulary; empty for
+    data without a tokenizer."""
+    tok = getattr(data, "tokenizer", None)
+    if tok is None:
+        return {}
+    return {"tokenizer": {"name": tok.name, "vocab_size": int(tok.vocab_size),
+                          "chars": tok.chars}}
+
+
 def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iteration: int,
                  best_state: dict[str, torch.Tensor] | None, best: dict[str, Any] | None,
-                 averages: dict[str, Average]) -> list[str]:
+                 averages: dict[str, Average], extra: dict[str, Any] | None = None) -> list[str]:
     """sgd_final.pt, sgd_best_val.pt and one file per average that holds anything, each
-    written atomically; returns their names."""
+    written atomically, each with ``extra`` (:func:`vocabulary_record`); returns their
+    names."""
     blobs = {"sgd_final.pt": {"state_dict": model.state_dict(), "config": config,
                               "iteration": iteration}}
     if best_state is not None:
@@ -91,5 +103,5 @@ def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iterat
                                    "n_averaged": average.n_averaged, "method": average.method,
                                    **average.export()}
     for name, blob in blobs.items():
-        atomic_torch_save(blob, Path(run_dir) / name)
+        atomic_torch_save({**blob, **(extra or {})}, Path(run_dir) / name)
     return list(blobs)

@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.ticker import MaxNLocator
-
 from swa_research.tasks import CLASSIFICATION, row_metrics
 
 PLOT_FILES = ("loss_curves.png", "accuracy.png")
@@ -92,6 +90,8 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                     (m, 1.0, f"SGD vs averaged {m}")))
         for name, m in zip(plot_files(metrics), ["loss", *(m for m in metrics if m != "loss")],
                            strict=True)]
+    from matplotlib.ticker import MaxNLocator
+
     for filename, metric, ylabel, scale, heading in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if metric == "loss":

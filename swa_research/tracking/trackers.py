@@ -12,11 +12,14 @@ and every average). A tracker that fails while logging warns once and stops; the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
 import logging
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,25 @@ class CSVLogger(_Tracker):
                     _numbers(summary_values(metrics)), self.last_iteration)
 
 
+@contextlib.contextmanager
+def bounded_http(timeout: float) -> Iterator[None]:
+    """MLflow's first requests bounded by ``logger.init_timeout``: one try of at most that many
+    seconds (MLflow's defaults, 120 s a request and 7 retries with backoff, held a run's start
+    for minutes against an unreachable server); its defaults come back after."""
+    keys = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class MLflowLogger(_Tracker):
     """An MLflow run per job in experiment ``logger.project`` at ``logger.mlflow_uri`` (default:
     MLFLOW_TRACKING_URI, else MLflow's own ./mlruns): the config as parameters, the metrics
@@ -161,9 +183,10 @@ class MLflowLogger(_Tracker):
         self.averages = list(averages)
         self.last_iteration = 0
         self.client = mlflow.MlflowClient(tracking_uri=cfg.mlflow_uri)
-        experiment = self.client.get_experiment_by_name(cfg.project)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(cfg.project))
+        with bounded_http(cfg.init_timeout):  # an unreachable server: a warning, not a hang
+            experiment = self.client.get_experiment_by_name(cfg.project)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self.client.create_experiment(cfg.project))
         id_file = Path(run_dir) / "mlflow_run_id.txt"
         self.run_id = None
         if id_file.is_file():

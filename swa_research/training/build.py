@@ -56,6 +56,7 @@ from swa_research.training.optim import (
     build_optimizer,
     build_schedule,
     build_scheduler,
+    check_schedule,
 )
 from swa_research.training.preemption import stop_on_signals
 from swa_research.training.snapshots import SnapshotWriter
@@ -155,7 +156,17 @@ def load_run_config(run_dir: Path) -> Config:
     for key in RETIRED_KEYS:
         group, _, leaf = key.partition(".")
         (cfg.get(group) or {}).pop(leaf, None)
-    return load_config(cfg)
+    return load_config(with_legacy_split(cfg))
+
+
+def with_legacy_split(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run written before ``data.split_seed`` existed drew its validation split with its
+    training seed: its config is read with that split seed, so that the tools rebuild the
+    split it held out."""
+    data = cfg.get("data")
+    if isinstance(data, dict) and "split_seed" not in data and "seed" in cfg:
+        data["split_seed"] = cfg["seed"]
+    return cfg
 
 
 def config_dict_of(config: Config) -> dict[str, Any]:
@@ -289,15 +300,21 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         raise
     except UserError as e:
         raise DataError(str(e)) from e
+    if data.val is None and trainer_cfg.best_by.startswith("val_"):
+        log.warning("no validation split (data.val_fraction=%g): trainer.best_by=%s selects no "
+                    "epoch, and sgd_best_val is not written", config.data.val_fraction,
+                    trainer_cfg.best_by)
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
+    check_schedule(config.schedule, trainer_cfg.epochs * iters,
+                   f"trainer.epochs={trainer_cfg.epochs} x {iters} an epoch")
     try:  # reading model.weights (a file, or torchvision's download) fails here, not on meta
         model = build_model(config.model, task.output_size(data), data.image_size).to(
             device, memory_format=fmt)
     except ValueError as e:
         raise UserError(str(e)) from e
     if trainer_cfg.init_weights:
-        load_init_weights(model, trainer_cfg.init_weights)
+        load_init_weights(model, trainer_cfg.init_weights, getattr(data, "tokenizer", None))
     optimizer = build_optimizer(config.optimizer, model)
     plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
@@ -339,10 +356,11 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         grad_clip=config.optimizer.grad_clip)
 
 
-def load_init_weights(model: torch.nn.Module, path: str) -> None:
+def load_init_weights(model: torch.nn.Module, path: str, tokenizer: Any = None) -> None:
     """``trainer.init_weights``: the weights a run starts from (a run's weight file, whose
     ``state_dict`` is taken, or a state dict); a one-line UserError when they cannot be read or
-    do not fit the model."""
+    do not fit the model, or (a language model: ``tokenizer``, the run's) when the file's
+    recorded vocabulary is not the run's."""
     where = f"trainer.init_weights={path}"
     try:
         saved = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
@@ -355,7 +373,32 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise UserError(f"{where}: holds no state dict (tensors by name)")
+    if tokenizer is not None:
+        check_vocabulary(saved.get("tokenizer") if isinstance(saved, dict) else None,
+                         tokenizer, where)
     load_state(model, state, where)
+
+
+def check_vocabulary(saved: Any, tokenizer: Any, where: str) -> None:
+    """Weights trained on one vocabulary do not start a run on another: the same tokenizer,
+    size and (char) characters, else a one-line UserError; a file that records none (a state
+    dict, or written before weight files recorded it) is said once."""
+    if not isinstance(saved, dict):
+        log.warning("%s records no tokenizer (a bare state dict, or written before weight files "
+                    "recorded theirs): that it was trained on this run's %s vocabulary of %d "
+                    "cannot be checked", where, tokenizer.name, tokenizer.vocab_size)
+        return
+    mine = {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size),
+            "chars": tokenizer.chars}
+    if saved.get("name") != mine["name"] or saved.get("vocab_size") != mine["vocab_size"]:
+        raise UserError(f"{where}: trained on {saved.get('name')} tokens (vocabulary "
+                        f"{saved.get('vocab_size')}), this run's are {mine['name']} (vocabulary "
+                        f"{mine['vocab_size']}): its embeddings would mean other tokens")
+    if saved.get("chars", "") != mine["chars"]:
+        diff = sum(a != b for a, b in zip(saved.get("chars", ""), mine["chars"], strict=False))
+        raise UserError(f"{where}: trained on another character set of the same size "
+                        f"({diff} of {mine['vocab_size']} ids stand for other characters than in "
+                        "this run's text): its embeddings would mean other characters")
 
 
 def write_schedule_plot(schedule: LRSchedule, run_dir: Path, averaging_start: int | None,

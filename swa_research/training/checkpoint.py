@@ -222,6 +222,9 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     for key in RETIRED_KEYS:
         a.pop(key, None)
     a.update({k: v for k, v in LEGACY_VALUES.items() if k in b and k not in a})
+    if "data.split_seed" in b and "data.split_seed" not in a and "seed" in a:
+        # Before data.split_seed, the validation split was drawn with the training seed.
+        a["data.split_seed"] = a["seed"]
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):

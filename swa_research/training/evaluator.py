@@ -79,6 +79,17 @@ class Evaluator:
         return evaluate(model, getattr(self.data, split), self.eval_pre,
                         self.cfg.eval_batch_size, self.task)
 
+    def _all_scores(self, model: Any) -> dict[str, Scores]:
+        """Each split's scores; a set that stands for two splits (the validation tokens when a
+        language model holds out no test split) is evaluated once."""
+        out: dict[str, Scores] = {}
+        for split in SPLITS:
+            data = getattr(self.data, split)
+            same = next((s for s in out if data is not None and getattr(self.data, s) is data),
+                        None)
+            out[split] = dict(out[same]) if same is not None else self._scores(model, split)
+        return out
+
     def _columns(self, prefix: str, scores: dict[str, Scores]) -> dict[str, Any]:
         return {f"{prefix}_{split}_{m}": scores[split][m] for split in SPLITS
                 for m in self.metrics}
@@ -90,7 +101,7 @@ class Evaluator:
     def row(self, model: nn.Module, epoch: int, iteration: int, lr: float,
             train: Scores | None, history: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the SGD model and each average; the history row."""
-        sgd = {split: self._scores(model, split) for split in SPLITS}
+        sgd = self._all_scores(model)
         none = dict.fromkeys(self.metrics)
         row: dict[str, Any] = {"epoch": epoch, "iteration": iteration, "lr": lr,
                                **{f"train_{m}": (train or none)[m] for m in self.metrics},
@@ -124,7 +135,7 @@ class Evaluator:
         if probs is None:  # one network: prepared, then evaluated batch by batch
             with forked_rng(self.device):
                 average.prepare_for_eval(self.bn_batches(iteration))
-            return {s: self._scores(average, s) for s in SPLITS}
+            return self._all_scores(average)
         if final and "test" in probs:
             self.final_logits[name] = (log_probs(probs["test"]).cpu(),
                                        self.data.test.labels.cpu())

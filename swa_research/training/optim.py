@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swa_research.averaging import bn_update, has_batch_norm
+from swa_research.averaging import bn_update, fge_lr, has_batch_norm
 from swa_research.config import OptimizerConfig, ScheduleConfig, UserError
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
@@ -140,15 +140,16 @@ class LRSchedule:
     warmup_constant: then ``lr`` to the end (averaging at a constant lr, Hagele et al. 2024).
     fge: Fast Geometric Ensembling (Garipov et al. 2018; timgaripov/dnn-mode-connectivity
       fge.py with utils.cyclic_learning_rate): before the averaging start decay_then_constant's
-      decay over the whole budget to ``final_ratio`` lr (the reference pre-trains with train.py
+      decay over the whole budget to ``final_ratio`` lr, epochs counted from 1 as the
+      reference's train.py (the reference pre-trains with train.py
       over the budget's epochs and starts FGE from its checkpoint at the start, e.g. 160 of 200);
       from it, cycles of ``fge_cycle_iters`` steps with t = ((i - start) mod cycle) / cycle:
       ``fge_lr_high`` (1 - 2t) + ``swa_lr`` 2t for t < 1/2, ``fge_lr_high`` (2t - 1) +
       ``swa_lr`` (2 - 2t) after: down to swa_lr at mid-cycle (where a model is collected) and
       back up.
-    wsd: warm-up, stable at ``lr``, then a cooldown over the last ``cooldown`` fraction of the
-      budget to ``lr_min``: with t the cooldown's progress in (0, 1], lr_min + (lr - lr_min)
-      (1 - t) (``cooldown_shape=linear``) or (1 - sqrt(t)) (``1-sqrt``, Hagele et al.'s best).
+    wsd: epfml/schedules-and-scaling's ``wsd_schedule`` step for step (:func:`wsd_factor`): a
+      warm-up from lr/100, stable at ``lr``, then a cooldown over the last int(``cooldown`` x
+      budget) steps towards ``lr_min`` (linear, or ``1-sqrt``: Hagele et al.'s best).
     """
 
     name: str
@@ -191,35 +192,32 @@ class LRSchedule:
         raise ValueError(f"unknown schedule {self.name!r}")
 
     def _pretraining(self, i: int) -> float:
+        lr_min = self.final_ratio * self.lr
+        if self.name == "wsd":
+            return self.lr * wsd_factor(i, self.total_iters, self.warmup, self.cooldown,
+                                        self.cooldown_shape, self.final_ratio)
         if i < self.warmup:
             return self.lr * (i + 1) / (self.warmup + 1)
-        lr_min = self.final_ratio * self.lr
         if self.name == "warmup_constant":
             return self.lr
-        if self.name == "warmup_cosine":
-            r = min(1.0, (i - self.warmup) / max(1, self.total_iters - self.warmup))
-            return lr_min + 0.5 * (1.0 + math.cos(math.pi * r)) * (self.lr - lr_min)
-        length = round(self.cooldown * self.total_iters)
-        start = self.total_iters - length
-        if length <= 0 or i < start:
-            return self.lr
-        t = min(1.0, (i - start + 1) / length)
-        factor = 1.0 - (math.sqrt(t) if self.cooldown_shape == "1-sqrt" else t)
-        return lr_min + (self.lr - lr_min) * factor
+        r = min(1.0, (i - self.warmup) / max(1, self.total_iters - self.warmup))
+        return lr_min + 0.5 * (1.0 + math.cos(math.pi * r)) * (self.lr - lr_min)
 
     def _fge(self, i: int) -> float:
         start = self.start_iter if self.start_iter is not None else self.total_iters
         if i < start:
+            # dnn-mode-connectivity's train.py, which FGE starts from, counts epochs from 1.
             return self._decay_then_constant(i, horizon_iter=self.total_iters,
-                                             ratio=self.final_ratio)
-        t = ((i - start) % self.fge_cycle_iters) / self.fge_cycle_iters
-        if t < 0.5:
-            return self.fge_lr_high * (1.0 - 2.0 * t) + self.swa_lr * 2.0 * t
-        return self.fge_lr_high * (2.0 * t - 1.0) + self.swa_lr * (2.0 - 2.0 * t)
+                                             ratio=self.final_ratio, first_epoch=1)
+        return fge_lr(i, start=start, cycle=self.fge_cycle_iters, lr_high=self.fge_lr_high,
+                      lr_low=self.swa_lr)
 
     def _decay_then_constant(self, i: int, horizon_iter: int | None = None,
-                             ratio: float | None = None) -> float:
-        epoch = i // self.iters_per_epoch if self.per_epoch else i / self.iters_per_epoch
+                             ratio: float | None = None, first_epoch: int = 0) -> float:
+        # timgaripov/swa's train.py counts epochs from 0; dnn-mode-connectivity's from 1
+        # (``first_epoch``; fractional epochs then end each epoch at its number).
+        epoch = (i // self.iters_per_epoch + first_epoch if self.per_epoch
+                 else (i + first_epoch) / self.iters_per_epoch)
         if horizon_iter is not None and ratio is not None:
             horizon = horizon_iter / self.iters_per_epoch
         elif self.start_iter is not None:
@@ -241,6 +239,54 @@ class LRSchedule:
     def multiplier(self, i: int) -> float:
         """For torch.optim.lr_scheduler.LambdaLR, whose base lr is ``self.lr``."""
         return self(i) / self.lr
+
+
+def wsd_steps(total: int, cooldown: float) -> tuple[int, int]:
+    """The WSD cooldown's length and first step: ``int(cooldown x total)`` steps (truncated),
+    ending with the budget, as epfml/schedules-and-scaling's ``wsd_schedule``."""
+    length = int(cooldown * total)
+    return length, total - length
+
+
+def wsd_factor(i: int, total: int, warmup: int, cooldown: float, shape: str,
+               final: float, init_div: float = 100.0) -> float:
+    """The lr factor of step ``i`` (from 0) of epfml/schedules-and-scaling's ``wsd_schedule``
+    (src/optim/utils.py): the warm-up rises linearly from 1/``init_div`` (its
+    ``init_div_factor``), then 1, then the cooldown over the last ``int(cooldown x total)``
+    steps from 1 towards ``final`` with t = (i - hold) / length in [0, 1): 1 - t (linear) or
+    1 - sqrt(t) (``1-sqrt``); the last step still trains (t < 1)."""
+    length, hold = wsd_steps(total, cooldown)
+    if i < warmup:
+        return i / warmup + (1 - i / warmup) / init_div
+    if i < hold:
+        return 1.0
+    if i >= total:
+        return final
+    t = (i - hold) / length
+    return final + (1.0 - final) * (1.0 - (math.sqrt(t) if shape == "1-sqrt" else t))
+
+
+def check_schedule(cfg: ScheduleConfig, total_iters: int, budget: str) -> None:
+    """A schedule that cannot happen in the budget is refused (UserError naming the keys):
+    a warm-up as long as the run, a WSD cooldown of no step or one that the warm-up reaches.
+    ``budget`` says how the run's ``total_iters`` came about (for the message)."""
+    if cfg.name not in ("warmup_cosine", "warmup_constant", "wsd"):
+        return
+    if cfg.warmup >= total_iters:
+        raise UserError(f"schedule.warmup={cfg.warmup}: the warm-up is not shorter than the "
+                        f"run ({total_iters} iterations: {budget}), so the lr never reaches "
+                        "optimizer.lr; lower schedule.warmup or train longer")
+    if cfg.name != "wsd":
+        return
+    length, hold = wsd_steps(total_iters, cfg.cooldown)
+    if cfg.cooldown > 0 and length == 0:
+        raise UserError(f"schedule.cooldown={cfg.cooldown:g}: {cfg.cooldown:g} of "
+                        f"{total_iters} iterations is no step ({budget}); raise it, or set "
+                        "schedule.cooldown=0 for no cooldown")
+    if cfg.warmup > hold:
+        raise UserError(f"schedule.warmup={cfg.warmup} and schedule.cooldown={cfg.cooldown:g}: "
+                        f"the warm-up runs into the cooldown, which starts at iteration {hold} "
+                        f"of {total_iters} ({budget}); lower either")
 
 
 def build_schedule(cfg: ScheduleConfig, lr: float, swa_lr: float, iters_per_epoch: int,

@@ -101,13 +101,24 @@ class SignalFlag:
         self._previous = {}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: where the run stopped and how to go on, on one line."""
+
+    def __init__(self, iteration: int, resumable: bool) -> None:
+        how = ("rerun the same command to resume from its last checkpoint" if resumable else
+               "trainer.checkpoint_every=0 kept no checkpoint: a rerun starts again")
+        super().__init__(f"interrupted at iteration {iteration}; {how}")
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def outcome(e: BaseException) -> tuple[str, str | None, BaseException | None]:
+def outcome(e: BaseException, iteration: int = 0, resumable: bool = True
+            ) -> tuple[str, str | None, BaseException | None]:
     """How a run that raised ``e`` ended, for metrics.json: its status, the error line, and
-    under DDP the failure of another rank that ``e`` stands for (raise that one instead)."""
+    what to raise instead: under DDP the failure of another rank that ``e`` stands for; for
+    Ctrl-C the one line of :class:`Interrupted` (at ``iteration``)."""
     from swa_research.distributed import as_peer_failure
 
     if isinstance(e, Preempted):
@@ -115,7 +126,8 @@ def outcome(e: BaseException) -> tuple[str, str | None, BaseException | None]:
     if isinstance(e, TrainingDiverged):
         return "diverged", str(e), None
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted", "interrupted by the user", None
+        again = None if isinstance(e, Interrupted) else Interrupted(iteration, resumable)
+        return "interrupted", "interrupted by the user", again
     peer = as_peer_failure(e) if isinstance(e, Exception) else None
     if peer is not None and peer is not e:
         return "failed", str(peer), peer

@@ -18,6 +18,7 @@ class Run(Protocol):
     """What this module reads of the trainer (:class:`swa_research.training.trainer.Trainer`)."""
 
     cfg: Any
+    config_dict: dict[str, Any]
     plan: Any
     data: Any
     ranks: Any
@@ -54,9 +55,19 @@ def run_results(t: Run, status: str, wall: float, error: str | None = None) -> d
                       model=t.model_info, images_seen=t.images_seen,
                       train_time=t.train_time, device=t.device, task=t.task.spec)
     out["train"]["mfu"] = run_mfu(t, t.images_seen / t.train_time) if t.train_time > 0 else None
+    out["split"] = split_record(t.config_dict, t.data)
     if ev.nonfinite:
         out["nonfinite"] = dict(ev.nonfinite)
     return out
+
+
+def split_record(config: dict[str, Any], data: Any) -> dict[str, Any]:
+    """Which examples the run held out: the validation split's seed (``data.split_seed``, the
+    same for every training seed), its share and size. Runs whose records differ held out
+    different examples and are never ranked against each other."""
+    d = config.get("data", {})
+    return {"seed": d.get("split_seed"), "val_fraction": d.get("val_fraction"),
+            "val_size": None if data.val is None else len(data.val)}
 
 
 def log_start(t: Run) -> None:

@@ -23,13 +23,14 @@ from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import describe_write_error
 from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import Loggers
-from swa_research.tracking.outputs import save_weights
+from swa_research.tracking.outputs import save_weights, vocabulary_record
 from swa_research.tracking.progress import Progress, eval_line
 from swa_research.training.checkpoint import remove_finished_checkpoints
 from swa_research.training.evaluator import Evaluator
 from swa_research.training.optim import averaged_iterate, is_schedule_free
 from swa_research.training.preemption import (
     WRITING_RESULTS,
+    Interrupted,
     SignalFlag,
     TrainingDiverged,
     outcome,
@@ -220,9 +221,9 @@ class Trainer:
                     self.model, self.iteration, self.run_dir, plot=self.ranks.is_main)
             status = "finished"
         except BaseException as e:
-            status, error, peer = outcome(e)
+            status, error, peer = outcome(e, self.iteration, self.cfg.checkpoint_every > 0)
             if peer is not None:
-                raise peer from e
+                raise peer from (None if isinstance(peer, Interrupted) else e)
             raise
         finally:
             self.data.close()  # a streamed set's worker processes
@@ -291,7 +292,8 @@ class Trainer:
     def save_weights(self) -> list[str]:
         with self.iterate(bn=True):
             return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,
-                                self.evaluator.best_state, self.evaluator.best, self.averages)
+                                self.evaluator.best_state, self.evaluator.best, self.averages,
+                                vocabulary_record(self.data))
 
     def _log_start(self) -> None:
         log_start(self)
