@@ -161,6 +161,14 @@ class SwaConfig:
 
 
 @dataclass
+class FsdpConfig:
+    # trainer.strategy=fsdp (swa_research.training.fsdp): fully_shard on each module of these
+    # classes, then on the root ([]: the model's blocks; the GPT's Block).
+    wrap: list[str] = field(default_factory=list)
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 50
     batch_size: int = 128
@@ -169,7 +177,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: DDP when a launcher (torchrun, srun) started several processes, else one process.
     # Under DDP batch_size is the global batch, split evenly over the ranks.
-    strategy: str = "auto"  # auto | single | ddp
+    strategy: str = "auto"  # auto | single | ddp | fsdp (asked for; auto never picks it)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     eval_every: int = 1
     # Evaluate before the first step too (history row of epoch 0): the starting point, e.g. the
     # pretrained model that SWA fine-tunes (the SWA paper's ImageNet "SGD" column).
@@ -263,7 +272,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "text"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
-    "trainer.strategy": ("auto", "single", "ddp"),
+    "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
                       "warmup_constant", "wsd", "fge"),

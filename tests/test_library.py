@@ -244,3 +244,41 @@ def test_swag_bma_and_post_hoc_averages_of_snapshots() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     with pytest.raises(TypeError, match="swag_bma needs a swag"):
         swag_bma(swa, lambda: [(x, y)])
+
+
+def test_an_average_never_updated_is_not_scored() -> None:
+    model = net()
+    avg = make_average("swa", model)
+    with pytest.raises(ValueError, match=r"^the swa average was never updated \(call "
+                                         r"update\(model\)"):
+        predict(avg, [torch.randn(4, 4)])
+    with pytest.raises(ValueError, match="never updated"):
+        update_bn(avg, [torch.randn(4, 4)])
+    avg.update(model)
+    assert predict(avg, [torch.randn(4, 4)])[0].shape == (4, 3)
+
+
+def test_a_stale_ema_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The first point's weight at the end, against the product written out: 0.99 over 50
+    updates keeps 0.99^49 = 0.61 of it (said), 0.9 keeps 0.006 (not said)."""
+    from swa_research.averaging.ema import first_point_weight, warmup_decay, warn_stale_ema
+    from swa_research.config import SwaConfig
+
+    assert first_point_weight(0.99, False, 50) == pytest.approx(0.99 ** 49, rel=1e-12)
+    expected = 1.0
+    for n in range(1, 50):
+        expected *= min(0.99, 1 - (1 + n) ** (-2 / 3))
+    assert first_point_weight(0.99, True, 50) == pytest.approx(expected, rel=1e-12)
+    assert warmup_decay(0.99, 1) == pytest.approx(1 - 2 ** (-2 / 3))
+    # The same arithmetic as the EMA itself: the first of 50 points' share of the weights.
+    model = nn.Linear(1, 1, bias=False)
+    ema = make_average("ema", model, decay=0.99)
+    for i in range(50):
+        model.weight.data.fill_(1.0 if i == 0 else 0.0)
+        ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(0.99 ** 49, rel=1e-5)
+    with caplog.at_level("WARNING"):
+        warn_stale_ema(SwaConfig(decay=0.99), 50, ["swa", "ema"])
+        warn_stale_ema(SwaConfig(decay=0.9), 50, ["swa", "ema"])
+        warn_stale_ema(SwaConfig(decay=0.99), 50, ["swa"])
+    assert caplog.text.count("the first point still weighs 0.61 at the end") == 1

@@ -138,7 +138,15 @@ def check_run(r: Run) -> None:
         assert cal["swa"] is None
 
     assert set(m["train"]) == {"epochs", "iterations", "wall_time_s", "images_per_s",
-                               "peak_rss_mb", "peak_gpu_mb", "mfu"}
+                               "peak_rss_mb", "peak_gpu_mb", "mfu", "average_bytes"}
+    # Each average's bytes in this process, whole (no sharding here): its parameters and
+    # buffers, counted independently.
+    for name, sizes in m["train"]["average_bytes"].items():
+        assert sizes["this_rank"] == sizes["whole"] > 0, name
+    if averaging and c.swa.method in ("swa", "ema"):
+        net = r.model_from("swa.pt")
+        assert m["train"]["average_bytes"]["swa"]["whole"] == sum(
+            t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     assert m["train"]["mfu"] is None  # a VGG does not count its FLOPs; a CPU has no peak
     # This process's peak so far: at least what torch and the data take, and not the machine.
     assert 100 < m["train"]["peak_rss_mb"] < 24 * 1024

@@ -100,8 +100,15 @@ def check_methods(cfg: SwaConfig) -> None:
 
 
 def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
-    """The run's averages of ``model``, by output name, primary first."""
+    """The run's averages of ``model``, by output name, primary first; of a model sharded with
+    fully_shard, each sharded beside it (:mod:`.sharded`)."""
+    from swa_research.averaging.sharded import ShardedAverage, is_sharded
+
     check_methods(cfg)
+    if is_sharded(model):
+        return {name: ShardedAverage(model, method, decay=cfg.decay, warmup=cfg.ema_warmup,
+                                     k=cfg.lawa_k)
+                for name, method in average_names(cfg).items()}
     return {name: METHODS[method](model, cfg) for name, method in average_names(cfg).items()}
 
 

@@ -82,6 +82,12 @@ class Average(ABC):
         metrics.json (e.g. SWAG's sample scale). Default: none."""
         return {}
 
+    def nbytes(self) -> int:
+        """This process's memory of the average: its network's parameters and buffers (and a
+        method's own state, where it overrides this)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.module.parameters(), *self.module.buffers()))
+
     def state_settings(self) -> dict[str, Any]:
         """The settings a saved state was formed with and cannot be continued without (an
         EMA's decay): :meth:`check_state` refuses a state saved with others. Default: none."""

@@ -11,6 +11,7 @@ so both give the same weights.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,36 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from swa_research.averaging.base import WeightAverage
 from swa_research.config import SwaConfig, UserError
 
+log = logging.getLogger(__name__)
+
 
 def warmup_decay(decay: float, n: int) -> float:
     """The decay of the update that mixes a point into an average of ``n`` points."""
     return max(0.0, min(decay, 1.0 - (1.0 + n) ** (-2.0 / 3.0)))
+
+
+def first_point_weight(decay: float, warmup: bool, updates: int) -> float:
+    """The weight an EMA of ``updates`` points still gives its first point at the end: the
+    first is copied, then each later update multiplies the old weights by its decay."""
+    weight = 1.0
+    for n in range(1, updates):
+        weight *= warmup_decay(decay, n) if warmup else decay
+    return weight
+
+
+def warn_stale_ema(cfg: SwaConfig, updates: int, methods: list[str]) -> None:
+    """Said once: an EMA whose decay does not fit its number of updates still weighs its first
+    point more than a half at the end (decay 0.99 over 50 updates: 0.61), so what the run
+    reports as "EMA" is mostly a stale early model."""
+    if "ema" not in methods or updates < 1:
+        return
+    weight = first_point_weight(cfg.decay, cfg.ema_warmup, updates)
+    if weight > 0.5:
+        fit = 1 - 1 / max(2, updates // 5)
+        log.warning("swa.decay=%g over this run's %d EMA updates: the first point still weighs "
+                    "%.2f at the end, so the EMA is mostly that early model; lower swa.decay "
+                    "(e.g. %.2f averages about the last fifth of the updates) or set "
+                    "swa.ema_warmup=true", cfg.decay, updates, weight, fit)
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool = False

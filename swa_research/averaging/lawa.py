@@ -98,6 +98,10 @@ class LAWA(Average):
     def state_settings(self) -> dict[str, Any]:
         return {"k": self.k}
 
+    def nbytes(self) -> int:
+        ring = sum(t.numel() * t.element_size() for point in self.buffer for t in point)
+        return super().nbytes() + ring
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         self._module.load_state_dict(state["module"])

@@ -22,11 +22,12 @@ See docs/library.md for the whole surface and its stability promise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -78,6 +79,7 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
     a one-line ValueError naming it."""
     from swa_research.averaging import METHODS, check_methods
+    from swa_research.averaging.sharded import SHARDED_METHODS, ShardedAverage, is_sharded
 
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
@@ -97,6 +99,14 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     try:
         check_methods(cfg)
         validate_swa(cfg)
+    except UserError as e:
+        raise _library_error(e) from None
+    if is_sharded(model):  # FSDP2: averaged shard by shard (averaging/sharded.py)
+        if method not in SHARDED_METHODS:
+            raise ValueError(f"method={method!r}: a model sharded with fully_shard is averaged "
+                             f"with {', '.join(SHARDED_METHODS)} (not yet {method})")
+        return ShardedAverage(model, method, decay=decay, warmup=ema_warmup, k=lawa_k)
+    try:
         return METHODS[method](model, cfg)
     except UserError as e:
         raise _library_error(e) from None
@@ -192,13 +202,28 @@ def network_of(model: Module) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
     return model, model
 
 
+@contextlib.contextmanager
+def as_network(model: Module) -> Iterator[tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+    """:func:`network_of` for a whole pass: a sharded average (FSDP2) is swapped into its
+    model for the pass and out after. An average never updated holds no average: refused."""
+    if isinstance(model, Average) and model.n_averaged == 0:
+        raise ValueError(f"the {model.method} average was never updated (call update(model) "
+                         "at the averaging points first): it holds the weights it was made "
+                         "from, not an average")
+    if getattr(model, "sharded", False):
+        with model.swapped() as net:  # type: ignore[union-attr]
+            yield net, net
+    else:
+        yield network_of(model)
+
+
 def update_bn(model: Module, batches: Iterable[Any],
               input_fn: Callable[[Any], Tensor] = first_item) -> None:
     """Recompute the BN statistics of a network or an average over one pass of ``batches``
     (any batch structure: ``input_fn`` gives the model input, by default the first item of a
     tuple or the batch itself), each batch weighted by its size, as the SWA paper's code."""
-    module, _ = network_of(model)
-    bn_update(batches, module, checked_input(input_fn, "update_bn"))
+    with as_network(model) as (module, _):
+        bn_update(batches, module, checked_input(input_fn, "update_bn"))
 
 
 def checked_input(input_fn: Callable[[Any], Tensor], where: str) -> Callable[[Any], Tensor]:
@@ -220,21 +245,21 @@ def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Ten
     """Logits (float32, CPU) of a network or an average over ``batches`` in eval mode (its
     mode restored after), and the labels when the batches carry them (``label_fn``, default:
     the second item of a tuple)."""
-    module, forward = network_of(model)
     input_fn = checked_input(input_fn, "predict")
-    was_training = module.training
-    module.eval()
     outs: list[Tensor] = []
     labels: list[Tensor] = []
-    try:
-        for batch in batches:
-            outs.append(forward(input_fn(batch)).float().cpu())
-            if label_fn is not None:
-                labels.append(label_fn(batch).cpu())
-            elif isinstance(batch, (tuple, list)) and len(batch) > 1:
-                labels.append(batch[1].cpu())
-    finally:
-        module.train(was_training)
+    with as_network(model) as (module, forward):
+        was_training = module.training
+        module.eval()
+        try:
+            for batch in batches:
+                outs.append(forward(input_fn(batch)).float().cpu())
+                if label_fn is not None:
+                    labels.append(label_fn(batch).cpu())
+                elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+                    labels.append(batch[1].cpu())
+        finally:
+            module.train(was_training)
     if not outs:  # an empty set
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(outs), (torch.cat(labels) if labels else None)

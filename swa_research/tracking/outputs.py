@@ -88,20 +88,32 @@ def vocabulary_record(data: Any) -> dict[str, Any]:
 
 def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iteration: int,
                  best_state: dict[str, torch.Tensor] | None, best: dict[str, Any] | None,
-                 averages: dict[str, Average], extra: dict[str, Any] | None = None) -> list[str]:
+                 averages: dict[str, Average], extra: dict[str, Any] | None = None,
+                 write: bool = True) -> list[str]:
     """sgd_final.pt, sgd_best_val.pt and one file per average that holds anything, each
     written atomically, each with ``extra`` (:func:`vocabulary_record`); returns their
-    names."""
-    blobs = {"sgd_final.pt": {"state_dict": model.state_dict(), "config": config,
+    names. The weights are whole: a model sharded with FSDP and its averages are gathered one
+    tensor at a time, with every rank taking part (``write``: this rank writes the files)."""
+    blobs = {"sgd_final.pt": {"state_dict": whole(model.state_dict()), "config": config,
                               "iteration": iteration}}
     if best_state is not None:
-        blobs["sgd_best_val.pt"] = {"state_dict": best_state, "config": config,
+        blobs["sgd_best_val.pt"] = {"state_dict": whole(best_state), "config": config,
                                     "epoch": best["epoch"] if best else None}
     for name, average in averages.items():
         if average.n_averaged > 0:
-            blobs[f"{name}.pt"] = {"state_dict": average.module.state_dict(), "config": config,
+            state = (average.full_state_dict() if getattr(average, "sharded", False)  # type: ignore[attr-defined]
+                     else average.module.state_dict())
+            blobs[f"{name}.pt"] = {"state_dict": state, "config": config,
                                    "n_averaged": average.n_averaged, "method": average.method,
                                    **average.export()}
-    for name, blob in blobs.items():
-        atomic_torch_save({**blob, **(extra or {})}, Path(run_dir) / name)
+    if write:
+        for name, blob in blobs.items():
+            atomic_torch_save({**blob, **(extra or {})}, Path(run_dir) / name)
     return list(blobs)
+
+
+def whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every sharded tensor (a DTensor of FSDP) gathered whole, in turn and
+    to the CPU; other tensors as they are."""
+    return {k: (v.full_tensor().detach().cpu() if hasattr(v, "full_tensor") else v)
+            for k, v in state.items()}

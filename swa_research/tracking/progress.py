@@ -48,14 +48,15 @@ def start_lines(name: str | None, parameters: int, epochs: int, iters: int, devi
             f"train, {val or 0} val, {test} test samples)")
 
 
-def batch_lines(batch_size: int, grad_accum: int, ranks: int, block: int | None
-                ) -> list[str]:
-    """The lines that say how a step's batch is made: across DDP ranks, and (a language
-    model's windows of ``block`` tokens, or trainer.grad_accum) in micro-batches."""
+def batch_lines(batch_size: int, grad_accum: int, ranks: int, block: int | None,
+                strategy: str = "DDP") -> list[str]:
+    """The lines that say how a step's batch is made: across the ranks (``strategy``: DDP,
+    FSDP), and (a language model's windows of ``block`` tokens, or trainer.grad_accum) in
+    micro-batches."""
     lines = []
     if ranks > 1:
-        lines.append(f"DDP: {ranks} ranks, global batch {batch_size} ({batch_size // ranks} per "
-                     "rank)")
+        lines.append(f"{strategy}: {ranks} ranks, global batch {batch_size} "
+                     f"({batch_size // ranks} per rank)")
     if block or grad_accum > 1:
         tokens = f" ({batch_size * block:,} tokens)" if block else ""
         lines.append(f"each step: {batch_size} samples{tokens} in {grad_accum} micro-batch(es) "

@@ -26,6 +26,7 @@ from swa_research.averaging import (
     check_budget,
     check_methods,
 )
+from swa_research.averaging.ema import warn_stale_ema
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Preprocess
 from swa_research.distributed import agree, world
@@ -51,6 +52,7 @@ from swa_research.training.checkpoint import (
     find_resume_checkpoint,
 )
 from swa_research.training.evaluator import check_best_by
+from swa_research.training.fsdp import check_fsdp, shard_model
 from swa_research.training.optim import (
     LRSchedule,
     build_optimizer,
@@ -103,10 +105,11 @@ def check_strategy(config: Config) -> None:
     if strategy == "single" and w.size > 1:
         raise UserError(f"trainer.strategy=single, but this process is {w.describe()}: use "
                         "trainer.strategy=auto or ddp, or start one process")
-    if strategy == "ddp" and not w.distributed:
-        raise UserError("trainer.strategy=ddp needs several processes started by torchrun "
-                        "or srun, and this is one: torchrun --nproc-per-node N -m "
+    if strategy in ("ddp", "fsdp") and not w.distributed:
+        raise UserError(f"trainer.strategy={strategy} needs several processes started by "
+                        "torchrun or srun, and this is one: torchrun --nproc-per-node N -m "
                         "swa_research.train ... (docs/distributed.md)")
+    check_fsdp(config)
     if w.size > 1 and config.trainer.batch_size % w.size:
         raise UserError(f"trainer.batch_size={config.trainer.batch_size}: the global batch "
                         f"must split evenly over the {w.size} ranks")
@@ -315,13 +318,19 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         raise UserError(str(e)) from e
     if trainer_cfg.init_weights:
         load_init_weights(model, trainer_cfg.init_weights, getattr(data, "tokenizer", None))
+    if trainer_cfg.strategy == "fsdp":  # before the optimizer and the averages: they take
+        # the sharded parameters (each average sharded beside the model)
+        train_model = shard_model(model, config.model.get("name"), trainer_cfg.fsdp.wrap,
+                                  trainer_cfg.fsdp.reshard_after_forward, device)
     optimizer = build_optimizer(config.optimizer, model)
     plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
                               trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
     averages = build_averages(model, config.swa)
     check_task_methods(task, averages)
-    train_model = wrap_for_ddp(model, config, device)
+    warn_stale_ema(config.swa, plan.count_updates(), [a.method for a in averages.values()])
+    if trainer_cfg.strategy != "fsdp":
+        train_model = wrap_for_ddp(model, config, device)
     if world().rank > 0:
         # The weights are rank 0's; dropout on this rank's shard draws from a stream of its own.
         torch.manual_seed(config.seed * 1_000_003 + world().rank)

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,16 @@ def remove_finished_checkpoints(run_dir: Path, keep_latest: bool) -> None:
             (Path(run_dir) / name).unlink(missing_ok=True)
         except OSError as e:
             log.warning("could not remove %s: %s", Path(run_dir) / name, e.strerror or e)
+    # A sharded run's (FSDP) shard folders: all, or all but the kept checkpoint's.
+    keep = set()
+    if keep_latest and (Path(run_dir) / LATEST).is_file():
+        try:
+            keep.add((load_checkpoint(Path(run_dir) / LATEST).get("shards") or {}).get("dir"))
+        except CorruptCheckpoint:
+            pass
+    for folder in Path(run_dir).glob(".shards.it*"):
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.averaging import Average, predict
-from swa_research.averaging.library import network_of
+from swa_research.averaging.library import as_network
 from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions, re-exported
     N_BINS,
     ReliabilityBins,
@@ -37,6 +37,7 @@ from swa_research.averaging.metrics import (  # noqa: F401 - the pure functions,
     negative_log_likelihood,
     reliability_bins,
 )
+from swa_research.averaging.sharded import is_sharded
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.distributed import all_reduce_sum_, world
 from swa_research.tasks import Task, build_task
@@ -63,22 +64,26 @@ def evaluate(model: Evaluated, data: Any, preprocess: Preprocess, batch_size: in
     task = _task(task)
     if data is None or len(data) == 0:
         return dict.fromkeys(task.spec.metrics)
-    module, forward = network_of(model)
-    was_training = module.training
-    module.eval()
     w = world()
     sums = torch.zeros(len(task.spec.metrics), device=preprocess.device, dtype=torch.float64)
     count = 0
-    try:
-        for x, y in task.eval_batches(data, batch_size, preprocess,
-                                      shard=(w.rank, w.size) if w.distributed else None):
-            sums += task.eval_sums(forward(x), y)
-            count += task.count(y)
-    finally:
-        module.train(was_training)
+    with as_network(model) as (module, forward):
+        # Under FSDP each forward is a collective: every rank runs the whole set (the same
+        # batches), so no sums are added over the ranks.
+        split = w.distributed and not is_sharded(module)
+        was_training = module.training
+        module.eval()
+        try:
+            for x, y in task.eval_batches(data, batch_size, preprocess,
+                                          shard=(w.rank, w.size) if split else None):
+                sums += task.eval_sums(forward(x), y)
+                count += task.count(y)
+        finally:
+            module.train(was_training)
     total = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64,
                                           device=sums.device)])
-    all_reduce_sum_([total])
+    if split:
+        all_reduce_sum_([total])
     *values, n = total.tolist()
     return task.summarize(values, n)
 

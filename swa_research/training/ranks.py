@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from swa_research.averaging.sharded import is_sharded
 from swa_research.data import Shard
 from swa_research.distributed import (
     all_reduce_sum_,
@@ -85,8 +86,8 @@ class Ranks:
         average's network averaged over the ranks (each rank's are of its shard), then the
         weights and every average compared across the ranks by checksum: they must be
         identical, and an error says so if not."""
-        if not self.distributed:
-            return
+        if not self.distributed or is_sharded(model):
+            return  # under FSDP each rank holds other shards: no BN, nothing to compare
         for module in networks_of(model, averages).values():
             average_buffers_(module)
         check_identical({"the SGD model": list(model.state_dict().values()),
@@ -113,7 +114,8 @@ class Ranks:
 def networks_of(model: nn.Module, averages: Mapping[str, Any]) -> dict[str, nn.Module]:
     """The model and each average's network, by a key (the buffers that differ across ranks
     live in these)."""
-    return {"model": model, **{f"average:{name}": a.module for name, a in averages.items()}}
+    return {"model": model, **{f"average:{name}": a.module for name, a in averages.items()
+                                if not getattr(a, "sharded", False)}}
 
 
 def buffers_of(networks: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:

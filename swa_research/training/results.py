@@ -56,6 +56,10 @@ def run_results(t: Run, status: str, wall: float, error: str | None = None) -> d
                       train_time=t.train_time, device=t.device, task=t.task.spec)
     out["train"]["mfu"] = run_mfu(t, t.images_seen / t.train_time) if t.train_time > 0 else None
     out["split"] = split_record(t.config_dict, t.data)
+    # Each average's bytes on this process (under FSDP its shards: rank 0's) and whole.
+    out["train"]["average_bytes"] = {
+        name: {"this_rank": a.nbytes(), "whole": getattr(a, "whole_nbytes", a.nbytes)()}
+        for name, a in t.averages.items()}
     if ev.nonfinite:
         out["nonfinite"] = dict(ev.nonfinite)
     return out
@@ -80,5 +84,6 @@ def log_start(t: Run) -> None:
         log.info("resumed at iteration %d (epoch %d)", t.iteration,
                  t.start_epoch - (t.partial is None))
     for line in batch_lines(t.cfg.batch_size, t.cfg.grad_accum, world_size(t),
-                            getattr(d.train, "block_size", None)):
+                            getattr(d.train, "block_size", None),
+                            "FSDP" if t.cfg.strategy == "fsdp" else "DDP"):
         log.info("%s", line)

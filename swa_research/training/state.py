@@ -14,8 +14,23 @@ import torch
 from torch import nn
 
 from swa_research.averaging import PRIMARY
-from swa_research.tracking.runs import LATEST
-from swa_research.training.checkpoint import rng_state, save_checkpoint, set_rng_state
+from swa_research.averaging.sharded import is_sharded
+from swa_research.errors import UserError
+from swa_research.tracking.runs import LATEST, PREVIOUS
+from swa_research.training.checkpoint import (
+    CorruptCheckpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from swa_research.training.fsdp import (
+    load_shards,
+    remove_unreferenced_shards,
+    save_shards,
+    shard_entries,
+    shards_dir,
+)
 from swa_research.training.preemption import REQUEUE_EXIT_CODE, Preempted
 from swa_research.training.ranks import buffers_of, load_buffers, networks_of
 
@@ -77,13 +92,37 @@ def trainer_state(t: Trainer, epoch: int, partial: dict[str, Any] | None, wall: 
 def write_checkpoint(t: Trainer, epoch: int, partial: dict[str, Any] | None = None,
                      wall: float = 0.0) -> Path:
     """Every rank takes part (the state gathers the ranks' own parts); rank 0 writes, and the
-    others wait for it, so that no rank exits before the checkpoint is on disk."""
+    others wait for it, so that no rank exits before the checkpoint is on disk. Under FSDP the
+    sharded parts are written first, each rank its shards (:mod:`.fsdp`), and checkpoint.pt
+    names their folder."""
+    sharded = is_sharded(t.model)
+    if sharded:
+        folder = shards_dir(t.run_dir, t.iteration)
+        save_shards(t, folder)
+        t.ranks.barrier()  # every rank's shards on disk before checkpoint.pt names them
     state = trainer_state(t, epoch, partial, wall)
+    if sharded:
+        state.update(shard_entries(t, folder))
     path = t.run_dir / LATEST
     if t.ranks.is_main:
         path = save_checkpoint(t.run_dir, state)
+        if sharded:
+            remove_unreferenced_shards(t.run_dir, named_shards(t.run_dir))
     t.ranks.barrier()
     return path
+
+
+def named_shards(run_dir: Path) -> set[str]:
+    """The shard folders the run dir's checkpoints name."""
+    names = set()
+    for name in (LATEST, PREVIOUS):
+        try:
+            state = load_checkpoint(Path(run_dir) / name)
+        except (FileNotFoundError, CorruptCheckpoint):
+            continue
+        if state.get("shards"):
+            names.add(state["shards"]["dir"])
+    return names
 
 
 def preempt(t: Trainer, epoch: int, partial: dict[str, Any] | None, wall: float = 0.0) -> None:
@@ -127,15 +166,24 @@ def _rank_entry(entry: Any) -> tuple[torch.Tensor, int]:
 
 def load_trainer_state(t: Trainer, state: dict[str, Any]) -> None:
     """Continue ``t`` from a checkpoint's contents."""
-    t.model.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
+    if bool(state.get("shards")) != is_sharded(t.model):
+        raise UserError("cannot resume: the checkpoint was written " + (
+            "under trainer.strategy=fsdp; resume it with trainer.strategy=fsdp" if
+            state.get("shards") else "without FSDP; resume it with the strategy it was "
+            "written with (trainer.strategy=ddp or single)"))
+    if state.get("shards"):  # written under FSDP: on any number of ranks
+        load_shards(t, t.run_dir, state)
+        state = {**state, "best_state": t.evaluator.best_state, "averages": {}}
+    else:
+        t.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         t.step.scaler.load_state_dict(state["scaler"])
     saved = state.get("averages")
     if saved is None:  # a checkpoint of format 2 from before named averages: one, "swa"
         saved = {} if state.get("averager") is None else {PRIMARY: state["averager"]}
-    if set(saved) != set(t.averages) and any(saved.values()):
+    if saved and set(saved) != set(t.averages) and any(saved.values()):
         raise KeyError(f"the checkpoint holds the averages {sorted(saved)}, this run "
                        f"keeps {sorted(t.averages)}")
     for name, average in t.averages.items():

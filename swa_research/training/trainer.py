@@ -233,15 +233,15 @@ class Trainer:
         # metrics.json is the commit point, written last: a run dir that says "finished" holds
         # every file it lists. A crash before it leaves a run that a rerun completes from its
         # checkpoint.
-        if not self.ranks.is_main:  # rank 0 writes the run's files
-            return self.metrics("finished", wall)
-        try:
+        try:  # every rank: under FSDP each takes part in gathering the weights rank 0 writes
             files = self.save_weights() if self.cfg.save_checkpoints else []
         except OSError as e:
             msg = f"{describe_write_error(e, e.filename or self.run_dir)}; the run's checkpoint " \
                   "is kept: rerun the same command to complete the run"
             self.loggers.finish(self.metrics("failed", wall, msg))
             raise UserError(msg) from e
+        if not self.ranks.is_main:  # rank 0 writes the run's files
+            return self.metrics("finished", wall)
         metrics = self.metrics("finished", wall)
         metrics["files"] = files
         self.loggers.finish(metrics)
@@ -293,7 +293,7 @@ class Trainer:
         with self.iterate(bn=True):
             return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,
                                 self.evaluator.best_state, self.evaluator.best, self.averages,
-                                vocabulary_record(self.data))
+                                vocabulary_record(self.data), write=self.ranks.is_main)
 
     def _log_start(self) -> None:
         log_start(self)

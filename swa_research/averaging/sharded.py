@@ -1,0 +1,220 @@
+"""Averages of a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Averaging is elementwise, so each rank averages its own shard of every parameter: the average
+is held as DTensors with the parameters' own placements (``p.detach().clone()`` of a sharded
+parameter is a local copy), updated with the same multi-tensor functions as the unsharded
+averages on the local shards, with no collective per update and 1/N of the memory on each of
+N ranks. ``torch.distributed.checkpoint`` saves such a state with each rank writing its shards,
+and :meth:`ShardedAverage.full_state_dict` gathers the whole weights one tensor at a time.
+
+FSDP2 cannot deepcopy a sharded module, so a sharded average has no network of its own: it is
+evaluated through the model, ``with average.swapped(): ...`` putting its weights into the
+model's shards for the block (the model resharded first) and the model's own back after, bit
+for bit. The library's ``predict`` and ``update_bn`` do that themselves.
+
+Methods: ``swa`` (equal), ``ema`` (with timm's warm-up), ``lawa`` (the ring of the latest k
+points, sharded). BN is refused: FSDP does not shard buffers, and a sharded model with batch
+norm is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import get_swa_multi_avg_fn
+
+from swa_research.averaging.base import Average, has_batch_norm
+
+SHARDED_METHODS = ("swa", "ema", "lawa")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DTensors (a model passed through ``fully_shard``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # fully_shard needs a process group; DTensor's import is not paid
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP module of ``model`` back to its sharded parameters (after a forward with
+    ``reshard_after_forward=False`` the unsharded ones would hide a swap)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+class ShardedAverage(Average):
+    """An average of a ``fully_shard``'ed model's parameters, shard by shard (see the module
+    docstring). ``kind``: ``swa``, ``ema`` (``decay``, ``warmup``) or ``lawa`` (``k``)."""
+
+    sharded = True
+
+    def __init__(self, model: nn.Module, kind: str, *, decay: float = 0.999,
+                 warmup: bool = False, k: int = 5) -> None:
+        from swa_research.averaging.ema import ema_multi_avg_fn
+
+        if kind not in SHARDED_METHODS:
+            raise ValueError(f"method={kind!r}: averages of a sharded model are "
+                             f"{', '.join(SHARDED_METHODS)}")
+        if has_batch_norm(model):
+            raise ValueError("a model with batch norm cannot be averaged sharded: FSDP does not "
+                             "shard its statistics (use DDP for BN models)")
+        self.method, self.model = kind, model
+        self.decay, self.warmup, self.k = float(decay), bool(warmup), int(k)
+        self.weights: dict[str, Tensor] = {n: p.detach().clone()
+                                           for n, p in model.named_parameters()}
+        self.fn: Callable[..., None] = (ema_multi_avg_fn(decay, warmup) if kind == "ema"
+                                        else get_swa_multi_avg_fn())
+        self.ring: list[list[Tensor]] = []  # lawa: the latest k points, sharded as the weights
+        self.count = 0
+
+    # -- what an Average is -----------------------------------------------------------------
+    @property
+    def n_averaged(self) -> int:
+        """The points in the average (LAWA: in its ring, at most k), as the unsharded ones."""
+        return len(self.ring) if self.method == "lawa" else self.count
+
+    @property
+    def module(self) -> nn.Module:
+        raise ValueError("a sharded average has no network of its own (FSDP cannot copy a "
+                         "sharded model): evaluate it with `with average.swapped(): ...`, "
+                         "save it with full_state_dict() or state_dict()")
+
+    def _locals(self) -> list[Tensor]:
+        return [_local(w) for w in self.weights.values()]
+
+    def _model_locals(self, model: nn.Module) -> list[Tensor]:
+        reshard(model)  # the sharded parameters registered, not the unsharded ones
+        params = dict(model.named_parameters())
+        if params.keys() != self.weights.keys():
+            raise ValueError("update: the model's parameters are not the ones this average was "
+                             "made of")
+        return [_local(params[n]).detach() for n in self.weights]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        mine, theirs = self._locals(), self._model_locals(model)
+        if self.method == "lawa":
+            if len(self.ring) == self.k:  # reuse the oldest point's storage
+                self.ring.append(self.ring.pop(0))
+            else:
+                self.ring.append([w.detach().clone() for w in self.weights.values()])
+            torch._foreach_copy_([_local(t) for t in self.ring[-1]], theirs)
+            torch._foreach_copy_(mine, [_local(t) for t in self.ring[0]])
+            for point in self.ring[1:]:
+                torch._foreach_add_(mine, [_local(t) for t in point])
+            torch._foreach_div_(mine, float(len(self.ring)))
+        elif self.count == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            self.fn(mine, theirs, self.count)
+        self.count += 1
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """The model (by default the one the average was made of) holding the average's
+        weights for the block; its own come back after, bit for bit."""
+        model = self.model if model is None else model
+        # Resharded first: after a forward an FSDP module may hold its unsharded parameters
+        # (registered in place of the sharded ones), which a reshard frees.
+        reshard(model)
+        with torch.no_grad():
+            kept = [_local(p).detach().clone() for p in model.parameters()]
+            torch._foreach_copy_([_local(p) for p in model.parameters()], self._locals())
+        try:
+            yield model
+        finally:
+            reshard(model)
+            with torch.no_grad():
+                torch._foreach_copy_([_local(p) for p in model.parameters()], kept)
+
+    def predict(self, x: Tensor) -> Tensor:
+        with self.swapped() as model:
+            return model(x)
+
+    def nbytes(self) -> int:
+        """This rank's memory of the average: its shards (and LAWA's ring of them)."""
+        local = sum(t.numel() * t.element_size() for t in self._locals())
+        return local * (1 + len(self.ring))
+
+    def whole_nbytes(self) -> int:
+        """The bytes the average would take unsharded (every rank's shards together)."""
+        whole = sum(w.numel() * w.element_size() for w in self.weights.values())
+        return whole * (1 + len(self.ring))
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole averaged network's state dict on the CPU, in the model's layout (tied
+        weights under each of their names, the model's buffers: no BN, so they are fixed),
+        gathered one tensor at a time (every rank takes part)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            name = names.get(id(value))
+            t = self.weights[name] if name is not None else value
+            out[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+        return out
+
+    # -- settings and state ----------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        if self.method == "ema":
+            return {"decay": self.decay, "ema_warmup": self.warmup}
+        return {"k": self.k, "updates": self.count} if self.method == "lawa" else {}
+
+    def state_settings(self) -> dict[str, Any]:
+        return {"decay": self.decay, "ema_warmup": self.warmup} if self.method == "ema" else \
+            ({"k": self.k} if self.method == "lawa" else {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged weights and LAWA's ring as DTensors (``torch.distributed.checkpoint``
+        writes each rank's shards and can load them on another number of ranks), the count and
+        :meth:`identity`."""
+        return {"weights": dict(self.weights), "count": self.count,
+                "ring": [list(p) for p in self.ring], "identity": self.identity()}
+
+    def tensors(self, ring: int | None = None) -> dict[str, Any]:
+        """The average's DTensors by name (weights, LAWA's ring points): what a sharded
+        checkpoint writes rank by rank, and, with ``ring`` points made ready, what it loads
+        into."""
+        if ring is not None:
+            self.ring = [[w.detach().clone() for w in self.weights.values()]
+                         for _ in range(ring)]
+        names = list(self.weights)
+        return {"weights": self.weights,
+                "ring": {str(i): dict(zip(names, point, strict=True))
+                         for i, point in enumerate(self.ring)}}
+
+    def meta(self) -> dict[str, Any]:
+        """What :meth:`tensors` does not hold: the count, the ring's length, the identity."""
+        return {"count": self.count, "ring": len(self.ring), "identity": self.identity()}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        self.check_state(meta)
+        self.count = int(meta["count"])
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        weights = state["weights"]
+        if set(weights) != set(self.weights):
+            raise ValueError("the state's weights are not this model's parameters")
+        for n, w in self.weights.items():
+            w.copy_(weights[n])
+        self.count = int(state["count"])
+        self.ring = []
+        for point in state.get("ring", []):
+            mine = [w.detach().clone() for w in self.weights.values()]
+            for t, saved in zip(mine, point, strict=True):
+                t.copy_(saved)
+            self.ring.append(mine)

@@ -1,0 +1,284 @@
+"""Averages of a model sharded with FSDP2 (swa_research/averaging/sharded.py): each rank's shard
+averaged locally, equal to the unsharded average; evaluated through the model with its own
+weights restored bit for bit; examples/fsdp_loop.py on two CPU processes against one."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from swa_research.averaging import make_average, predict, update_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fsdp_loop.py"
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[None]:
+    """A process group of one (gloo) in this process: fully_shard works on it."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(),
+                         nn.Linear(12, 3))
+
+
+def sharded(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for i in (0, 2, 4):
+        fully_shard(model[i])
+    return fully_shard(model)
+
+
+def steps(model: nn.Module, n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(n):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize(("method", "options"), [("swa", {}), ("ema", {"decay": 0.8}),
+                                                 ("ema", {"decay": 0.9, "ema_warmup": True}),
+                                                 ("lawa", {"lawa_k": 3})])
+def test_a_sharded_average_equals_the_unsharded_one(one_rank: None, method: str,
+                                                    options: dict) -> None:
+    plain, shard = net(), sharded(net())
+    ref, avg = make_average(method, plain, **options), make_average(method, shard, **options)
+    assert getattr(avg, "sharded", False) and not getattr(ref, "sharded", False)
+    for i in range(5):
+        steps(plain, 3, seed=i)
+        steps(shard, 3, seed=i)
+        ref.update(plain)
+        avg.update(shard)
+    full = avg.full_state_dict()
+    for name, p in ref.module.named_parameters():
+        torch.testing.assert_close(full[name], p.detach(), rtol=0, atol=1e-6)
+    assert avg.n_averaged == ref.n_averaged == (3 if method == "lawa" else 5)
+    assert avg.nbytes() == ref.nbytes() - sum(b.numel() * b.element_size()
+                                              for b in ref.module.buffers())
+    # Evaluated through the model: the average's predictions, the model's weights kept.
+    before = {n: p.to_local().clone() for n, p in shard.named_parameters()}
+    x = torch.randn(32, 6)
+    logits, _ = predict(avg, [(x, torch.zeros(32, dtype=torch.int64))])
+    torch.testing.assert_close(logits, predict(ref, [x])[0], rtol=0, atol=1e-5)
+    for n, p in shard.named_parameters():
+        assert torch.equal(p.to_local(), before[n])
+    # Its state goes back into a fresh average of the same model.
+    again = make_average(method, shard, **options)
+    again.load_state_dict(copy.copy(avg.state_dict()))
+    assert again.n_averaged == avg.n_averaged
+    for name, t in again.full_state_dict().items():
+        assert torch.equal(t, full[name])
+    if method == "lawa":  # the ring continues: the next point drops the oldest
+        steps(plain, 1, seed=9)
+        steps(shard, 1, seed=9)
+        ref.update(plain)
+        again.update(shard)
+        for name, p in ref.module.named_parameters():
+            torch.testing.assert_close(again.full_state_dict()[name], p.detach(), rtol=0,
+                                       atol=1e-6)
+
+
+def test_what_a_sharded_average_refuses(one_rank: None) -> None:
+    model = sharded(net())
+    with pytest.raises(ValueError, match=r"^method='swag': a model sharded with fully_shard is "
+                                         "averaged with swa, ema, lawa"):
+        make_average("swag", model)
+    avg = make_average("swa", model)
+    with pytest.raises(ValueError, match="has no network of its own"):
+        _ = avg.module
+    with pytest.raises(ValueError, match=r"^the state is of a swa average and cannot be loaded "
+                                         "into a ema average"):
+        make_average("ema", model).load_state_dict(avg.state_dict())
+    avg.update(model)
+    update_bn(avg, [torch.randn(4, 6)])  # no BN: nothing to do, the weights untouched
+    from torch.distributed.fsdp import fully_shard
+
+    bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    fully_shard(bn)
+    with pytest.raises(ValueError, match="a model with batch norm cannot be averaged sharded"):
+        make_average("swa", bn)
+
+
+@pytest.mark.slow
+def test_the_fsdp_example_on_two_processes_equals_one_unsharded(tmp_path: Path) -> None:
+    """Two ranks with every average sharded against one process without FSDP: the same SGD
+    and averaged weights within 1e-5; each rank holds about half of an average's bytes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", str(EXAMPLE), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(EXAMPLE), "--no-shard", "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = torch.load(tmp_path / "two", weights_only=True)["weights"]
+    b = torch.load(tmp_path / "one", weights_only=True)["weights"]
+    assert set(a) == set(b) == {"sgd", "ema", "swa", "lawa"}
+    for kind in a:
+        for name in b[kind]:
+            torch.testing.assert_close(a[kind][name], b[kind][name], rtol=0, atol=1e-5)
+    assert not torch.equal(a["ema"]["0.weight"], a["sgd"]["0.weight"])
+    whole = torch.load(str(tmp_path / "one") + ".rank0.bytes", weights_only=True)
+    ranks = [torch.load(str(tmp_path / "two") + f".rank{r}.bytes", weights_only=True)
+             for r in (0, 1)]
+    for kind, n in whole.items():
+        assert ranks[0][kind] + ranks[1][kind] == n
+        assert max(r[kind] for r in ranks) <= 0.51 * n
+    assert "ema   test accuracy" in two.stdout
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """trainer.strategy=fsdp with torchrun on 2 ranks against one process, a GPT without
+    dropout on a text that it learns: the SGD model, SWA, EMA and LAWA within 1e-5 (whole
+    weight files, gathered tensor by tensor), the same validation and test losses, and each
+    average's bytes on a rank about half of the whole."""
+    import json
+
+    from test_lm import lm_run, write_text
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    args = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema,lawa]", "swa.lawa_k=2"]
+    one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "swa_research.train", *args,
+                          "trainer.strategy=fsdp", f"hydra.run.dir={tmp_path / 'two'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["sgd"]["val_loss"] < 0.7 * 2.83  # it learned (ln 17 = 2.83)
+    for name in ("sgd", "swa", "ema", "lawa"):
+        for key in ("val_loss", "test_loss"):
+            assert m2[name][key] == pytest.approx(m1[name][key], abs=1e-5), (name, key)
+    for name in ("sgd_final.pt", "sgd_best_val.pt", "swa.pt", "ema.pt", "lawa.pt"):
+        a = torch.load(tmp_path / "one" / name, weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "two" / name, weights_only=True)["state_dict"]
+        assert set(a) == set(b) and all(type(t) is torch.Tensor for t in b.values())
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst < 1e-5, (name, worst)
+    for name, sizes in m2["train"]["average_bytes"].items():
+        assert 0.45 * sizes["whole"] <= sizes["this_rank"] <= 0.55 * sizes["whole"], name
+    assert "FSDP: 2 ranks, global batch 32" in (tmp_path / "two" / "train.log").read_text()
+
+
+def test_fsdp_is_refused_where_it_is_not_built_yet() -> None:
+    from conftest import compose_config
+
+    from swa_research.config import UserError
+    from swa_research.training.build import load_config
+    from swa_research.training.fsdp import check_fsdp
+
+    c = load_config(compose_config(["trainer.strategy=fsdp", "swa=swag",
+                                    "trainer.snapshot_every=1"]))
+    with pytest.raises(UserError, match=r"^trainer.strategy=fsdp: not supported yet with "
+                                        r"trainer.snapshot_every=1 \(sharded snapshots are not "
+                                        r"built yet\); swa averages swag"):
+        check_fsdp(c)
+    check_fsdp(load_config(compose_config(["trainer.strategy=fsdp", "swa.also=[ema,lawa]"])))
+
+
+def test_shard_model_wraps_the_blocks_and_refuses_batch_norm(one_rank: None) -> None:
+    from swa_research.averaging.sharded import is_sharded
+    from swa_research.config import UserError
+    from swa_research.models import build_model, resolve_model_config
+    from swa_research.training.fsdp import shard_model
+
+    cpu = torch.device("cpu")
+    gpt = build_model(resolve_model_config({"name": "gpt", "n_layer": 2, "n_head": 2,
+                                            "n_embd": 16, "block_size": 8}), 11, 8)
+    shard_model(gpt, "gpt", [], True, cpu)
+    assert is_sharded(gpt) and type(gpt.h[0]).__name__.startswith("FSDP")
+    with pytest.raises(UserError, match=r"^trainer.fsdp.wrap=\['Nope'\]: no module of "
+                                        r"model=mlp is of these classes; name the blocks"):
+        shard_model(net(), "mlp", ["Nope"], True, cpu)
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UserError, match=r"^trainer.strategy=fsdp: model=vgg11 has batch norm"):
+        shard_model(bn, "vgg11", ["Linear"], True, cpu)
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_bit_exact_from_its_sharded_checkpoint(tmp_path: Path) -> None:
+    """Under trainer.strategy=fsdp the sharded parts of a checkpoint are written with
+    torch.distributed.checkpoint, each rank its shards. SIGKILL of both ranks mid-epoch, of
+    rank 0 while it writes checkpoint.pt (after the shards), and of rank 1 alone: each rerun
+    resumes and ends with the uninterrupted run's weights and metrics bit for bit; no shard
+    folder is left; a resume under another strategy is refused in one line."""
+    import json
+
+    from conftest import fault_env
+    from test_lm import lm_run, write_text
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1")
+    args = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema,lawa]", "swa.lawa_k=2",
+            "trainer.deterministic=true", "trainer.strategy=fsdp"]
+
+    def torchrun(run_dir: Path, fault: str | None = None, rank: str | None = None,
+                 extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        env = {**base, **fault_env(fault)}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        if rank is not None:
+            env["SWA_RESEARCH_FAULT_RANK"] = rank
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", "2", "-m", "swa_research.train", *args,
+                               *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    whole = torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for label, fault, rank in (("mid_epoch", "step@15", None),
+                               ("writing", "checkpoint_write@2", "0"),
+                               ("one_rank", "step@13", "1")):
+        run_dir = tmp_path / label
+        killed = torchrun(run_dir, fault, rank)
+        assert killed.returncode != 0, label
+        if label == "mid_epoch":
+            refused = torchrun(run_dir, extra=("trainer.strategy=ddp",))
+            assert refused.returncode != 0  # torchrun's own status for a child's 2
+            assert "cannot resume: the checkpoint was written under trainer.strategy=fsdp" \
+                in refused.stderr
+        resumed = torchrun(run_dir)
+        assert resumed.returncode == 0, (label, resumed.stderr[-3000:])
+        a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole",
+                                                                        run_dir))
+        for name in ("sgd", "swa", "ema", "lawa"):
+            assert a[name] == b[name], (label, name)
+        for name in ("sgd_final.pt", "sgd_best_val.pt", "swa.pt", "ema.pt", "lawa.pt"):
+            wa = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+            wb = torch.load(run_dir / name, weights_only=True)["state_dict"]
+            assert all(torch.equal(wa[k], wb[k]) for k in wa), (label, name)
+        assert not list(run_dir.glob(".shards.*")), label
