@@ -130,9 +130,12 @@ class ScheduleConfig:
 @dataclass
 class SwaConfig:
     method: str = "swa"  # a name in the averaging registry (swa, ema), or none
-    # Further averages kept beside the primary one on the same plan, each under its method's
-    # name (swa.also=[ema]: ema_* columns next to the swa_* ones).
-    also: list[str] = field(default_factory=list)
+    # Further averages kept beside the primary one on the same plan: methods, each kept under
+    # its method's name (swa.also=[ema]: ema_* columns next to the swa_* ones), or averages
+    # named with a method and options of their own, e.g. several EMAs at once:
+    # swa.also=[{name:ema_fast,method:ema,decay:0.99},{name:ema_slow,method:ema,decay:0.999}]
+    # (an option not given is the swa.* key's).
+    also: list[Any] = field(default_factory=list)
     lr: float = 5e-4
     start: float = 4000  # in `unit`; below 1.0 a fraction of the budget
     freq: int = 50

@@ -31,7 +31,9 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused += [f"data.{k}" for k in ("augment", "normalize", "subset")]
     if not data.get("normalize") or name == "text":
         unused += ["data.mean", "data.std"]
-    methods = set() if swa.get("method") == "none" else {swa.get("method"), *swa.get("also", [])}
+    further = [e.get("method", e.get("name")) if isinstance(e, dict) else e
+               for e in swa.get("also") or []]
+    methods = set() if swa.get("method") == "none" else {swa.get("method"), *further}
     if swa.get("method") == "none":
         unused += [f"swa.{k}" for k in swa if k != "method"]
     else:

@@ -75,8 +75,11 @@ def _loaders(loaders: Any) -> list[Any]:
 class AveragingCallback(pl.Callback):
     """Averages of the module's weights, evaluated beside it; see the module docstring.
 
-    ``methods``: method names (``["swa", "ema"]``), or names mapped to their options
-    (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords).
+    ``methods``: method names (``["swa", "ema"]``), or averages by name mapped to their options
+    (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords),
+    with ``method`` where the name is not the method: several EMAs at once,
+    ``{"ema_fast": {"method": "ema", "decay": 0.99}, "ema_slow": {"method": "ema",
+    "decay": 0.999}}``; the logged metrics use the names (``ema_slow/val_loss``).
     ``start``, ``freq``, ``unit``, ``cycle``: the plan (:func:`~swa_research.averaging.make_plan`),
     in optimizer steps (``trainer.global_step``: with ``accumulate_grad_batches=k`` an epoch of
     n batches is ceil(n / k) steps) and epochs; the budget is the trainer's ``max_steps`` or
@@ -101,8 +104,15 @@ class AveragingCallback(pl.Callback):
         self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
         if not self.options:
             raise ValueError("methods: name at least one averaging method")
-        for method, opts in self.options.items():  # checked now, not at fit
-            check_average_options(method, dict(opts))
+        for name in self.options:  # checked now, not at fit
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"{name!r} cannot name an average (it names the logged "
+                                 "metrics: swa/val_loss)")
+            method, rest = self._method(name)
+            try:
+                check_average_options(method, rest)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         self.plan_args = dict(start=start, freq=freq, unit=unit, cycle=cycle)
         check_plan(start, freq, unit, cycle)
         if snapshot_unit not in ("iter", "epoch") or snapshot_every < 0:
@@ -127,11 +137,18 @@ class AveragingCallback(pl.Callback):
 
     # -- building --------------------------------------------------------------------------
 
+    def _method(self, name: str) -> tuple[str, dict[str, Any]]:
+        """An average's method (its ``method`` option, else its name) and other options."""
+        opts = dict(self.options[name] or {})
+        return str(opts.pop("method", name)), opts
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the strategy moved the module to its device: the averages live there too.
         if not self.averages:
-            self.averages = {name: make_average(name, pl_module, **opts)
-                             for name, opts in self.options.items()}
+            self.averages = {}
+            for name in self.options:
+                method, opts = self._method(name)
+                self.averages[name] = make_average(method, pl_module, **opts)
         if self._pending is not None:  # a checkpoint's state, loaded before the averages
             self._restore(self._pending)
             self._pending = None

@@ -68,7 +68,9 @@ def check_swa_choice(choice: str, cfg: DictConfig) -> None:
         return
     wanted = [str(m) for m in (OmegaConf.load(path).get("also") or [])]
     swa = cfg.get("swa") or {}
-    kept = [str(swa.get("method")), *[str(m) for m in (swa.get("also") or [])]]
+    further = [str(e.get("method", e.get("name"))) if hasattr(e, "get") else str(e)
+               for e in swa.get("also") or []]
+    kept = [str(swa.get("method")), *further]
     for method in wanted:
         if method not in kept:
             also = [*kept[1:], method]

@@ -4,6 +4,7 @@ update."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -288,10 +289,11 @@ def test_further_averages_need_their_own_names() -> None:
 
 
 @pytest.mark.parametrize(("also", "message"), [
-    ("[ema,ema]", "swa.also=['ema', 'ema']: ema is listed more than once; each further "
-                  "average is kept once, under its method's name (e.g. swa.also=[ema])"),
-    ("[swa]", "swa.also=['swa']: 'swa' names the primary average (swa.method=swa); list only "
-              "further methods, e.g. swa.method=swa swa.also=[ema]"),
+    ("[ema,ema]", "swa.also: two averages are named 'ema'; to keep several averages of one "
+                  "method, name them: swa.also=[{name:ema_a,method:ema},{name:ema_b,"
+                  "method:ema,...}]"),
+    ("[swa]", "swa.also: 'swa' names the primary average (swa.method=swa); name only further "
+              "averages, e.g. swa.method=swa swa.also=[ema]"),
 ])
 def test_a_repeated_or_primary_further_average_names_the_cause(also: str, message: str) -> None:
     from conftest import compose_config
@@ -334,3 +336,46 @@ def test_a_non_finite_average_is_loud_and_recorded(monkeypatch: pytest.MonkeyPat
     assert "NON-FINITE results: blowup (val_loss nan at epoch" in run_summary(tmp_path, m)
     fine = train(compose_config([*TINY, "swa.freq=1"]), tmp_path / "fine")
     assert "nonfinite" not in fine
+
+
+def test_named_averages_of_one_method_each_keep_their_own_options(tmp_path) -> None:  # noqa: ANN001
+    """swa.also=[{name:..,method:ema,decay:..}, ...]: two EMAs in one run, each under its name
+    in metrics.json, history.csv and its weight file, each equal to the EMA of a run that kept
+    only that one (same seed: the averages do not change the training)."""
+    import csv
+
+    from conftest import TINY, compose_config
+
+    from swa_research.training.build import train
+
+    named = "swa.also=[{name:ema_fast,method:ema,decay:0.5},{name:ema_slow,method:ema,decay:0.9}]"
+    m = train(compose_config([*TINY, "trainer.epochs=3", named]), tmp_path / "named")
+    one = train(compose_config([*TINY, "trainer.epochs=3", "swa.also=[ema]", "swa.decay=0.9"]),
+                tmp_path / "one")
+    assert m["averages"] == ["swa", "ema_fast", "ema_slow"]
+    assert (m["ema_fast"]["decay"], m["ema_slow"]["decay"]) == (0.5, 0.9)
+    assert m["ema_slow"]["test_loss"] == one["ema"]["test_loss"]
+    assert m["ema_fast"]["test_loss"] != m["ema_slow"]["test_loss"]
+    a = torch.load(tmp_path / "named" / "ema_slow.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "ema.pt", weights_only=True)
+    assert a["method"] == "ema" and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
+                                        for k in b["state_dict"])
+    header = next(csv.reader((tmp_path / "named" / "history.csv").open()))
+    assert {"ema_fast_test_loss", "ema_slow_test_loss"} <= set(header)
+
+
+def test_named_average_errors_name_the_average() -> None:
+    from conftest import TINY, compose_config
+
+    from swa_research.training.build import load_config
+
+    cases = {
+        "swa.also=[ema,ema]": "swa.also: two averages are named 'ema'; to keep several",
+        "swa.also=[{name:e,method:ema,decya:0.9}]": "swa.also (e): decya is not an option",
+        "swa.also=[{name:e,method:ema,decay:1.5}]": "swa.also (e): decay=1.5: must be in",
+        "swa.also=[{name:Bad,method:ema}]": "swa.also: 'Bad' cannot name an average",
+        "swa.also=[{name:x,method:nope}]": "swa.also (x): 'nope' is not an averaging method",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UserError, match="^" + re.escape(message)):
+            load_config(compose_config([*TINY, override]))

@@ -262,7 +262,6 @@ def test_a_stale_ema_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     """The first point's weight at the end, against the product written out: 0.99 over 50
     updates keeps 0.99^49 = 0.61 of it (said), 0.9 keeps 0.006 (not said)."""
     from swa_research.averaging.ema import first_point_weight, warmup_decay, warn_stale_ema
-    from swa_research.config import SwaConfig
 
     assert first_point_weight(0.99, False, 50) == pytest.approx(0.99 ** 49, rel=1e-12)
     expected = 1.0
@@ -278,7 +277,7 @@ def test_a_stale_ema_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
         ema.update(model)
     assert ema.module.weight.item() == pytest.approx(0.99 ** 49, rel=1e-5)
     with caplog.at_level("WARNING"):
-        warn_stale_ema(SwaConfig(decay=0.99), 50, ["swa", "ema"])
-        warn_stale_ema(SwaConfig(decay=0.9), 50, ["swa", "ema"])
-        warn_stale_ema(SwaConfig(decay=0.99), 50, ["swa"])
-    assert caplog.text.count("the first point still weighs 0.61 at the end") == 1
+        warn_stale_ema("swa.decay", 0.99, False, 50)
+        warn_stale_ema("swa.decay", 0.9, False, 50)
+    assert caplog.text.count("swa.decay=0.99 over this run's 50 EMA updates: the first point "
+                             "still weighs 0.61 at the end") == 1

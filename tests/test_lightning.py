@@ -121,10 +121,33 @@ def test_bad_arguments_are_refused_at_once() -> None:
         AveragingCallback(["swa"], start=1.5)
     with pytest.raises(ValueError, match=r"^lawa: unknown option 'k'; expected some of "):
         AveragingCallback({"lawa": {"k": 3}})
-    with pytest.raises(ValueError, match=r"^lawa_k=2.5: must be a whole number"):
+    with pytest.raises(ValueError, match=r"^lawa: lawa_k=2.5: must be a whole number"):
         AveragingCallback({"lawa": {"lawa_k": 2.5}})
-    with pytest.raises(ValueError, match=r"^decay=1.5: must be in \(0, 1\)"):
-        AveragingCallback({"ema": {"decay": 1.5}})
+    with pytest.raises(ValueError, match=r"^ema_slow: decay=1.5: must be in \(0, 1\)"):
+        AveragingCallback({"ema_slow": {"method": "ema", "decay": 1.5}})
+    with pytest.raises(ValueError, match=r"^ema_slow: method='emma': expected one of"):
+        AveragingCallback({"ema_slow": {"method": "emma"}})
+
+
+def test_two_averages_of_one_method_by_name(tmp_path: Path) -> None:
+    """Two EMAs of other decays, each named, logged and kept under its name, each equal to an
+    EMA of that decay formed by hand over the same points (the snapshots of every epoch)."""
+    cb = AveragingCallback({"ema_fast": {"method": "ema", "decay": 0.5},
+                            "ema_slow": {"method": "ema", "decay": 0.9}}, start=0.5,
+                           unit="epoch", snapshot_every=1)
+    trainer, model, _ = fit(cb, tmp_path)
+    assert {"ema_fast/val_loss", "ema_slow/val_loss"} <= set(trainer.callback_metrics)
+    index = json.loads((tmp_path / "trajectory" / "index.json").read_text())
+    states = [torch.load(tmp_path / "trajectory" / s["file"], weights_only=True)["state_dict"]
+              for s in index["snapshots"][1:]]  # epochs 2, 3, 4: the plan's points
+    for name, decay in (("ema_fast", 0.5), ("ema_slow", 0.9)):
+        assert cb.averages[name].method == "ema" and cb.averages[name].n_averaged == 3
+        expected = average_states(model, states, kind="ema", decay=decay)
+        for a, b in zip(expected.parameters(), cb.averages[name].module.parameters(),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(cb.averages["ema_fast"].module.net[0].weight,
+                           cb.averages["ema_slow"].module.net[0].weight)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2, 4])

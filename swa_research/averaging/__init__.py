@@ -17,7 +17,10 @@ under its method's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -34,7 +37,7 @@ from swa_research.averaging.lawa import LAWA
 from swa_research.averaging.plan import AveragingPlan, check_budget
 from swa_research.averaging.swa import SWA
 from swa_research.averaging.swag import SWAG, SWAGDiag
-from swa_research.config import SwaConfig, UserError
+from swa_research.config import SwaConfig, UserError, validate_swa
 
 # The public, versioned surface (docs/library.md).
 PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_states",
@@ -42,9 +45,11 @@ PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_st
           "make_average",
           "make_plan", "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
-__all__ = ["METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan", "HostCountAveragedModel",
+__all__ = ["AVERAGE_OPTIONS", "METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan",
+           "HostCountAveragedModel",
            "SWAGDiag", "WeightAverage", "average_names", "average_states", "bn_update",
-           "build_averages", "check_budget", "check_methods", "classification_metrics",
+           "average_config", "build_averages", "check_budget", "check_methods",
+           "further_averages", "classification_metrics",
            "expected_calibration_error", "fge_lr", "has_batch_norm", "make_average", "make_plan",
            "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
@@ -65,38 +70,91 @@ def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average])
     METHODS[name] = build
 
 
+# What a named average (swa.also={NAME: {method: M, ...}}) may set for itself: SwaConfig's
+# keys that shape one average; the others (lr, start, freq, unit) are the run's plan.
+AVERAGE_OPTIONS = ("decay", "ema_warmup", "bn_update", "max_models", "swag_scale",
+                   "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def further_averages(cfg: SwaConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``swa.also`` as name -> (method, options), in order: a method's name is kept under that
+    name; a mapping ``{name: N, method: M, <options>}`` under N (``method`` defaults to the
+    name, ``name`` to the method). Two entries of one name: a UserError."""
+    also = cfg.also if cfg.also is not None else []
+    if not isinstance(also, (list, tuple)):
+        raise UserError(f"swa.also={also}: a list of methods ([ema]) or of named averages "
+                        "([{name:ema_fast,method:ema,decay:0.99}])")
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for entry in also:
+        if isinstance(entry, Mapping):
+            spec = dict(entry)
+            method = str(spec.pop("method", spec.get("name", "")))
+            name = str(spec.pop("name", method))
+        else:
+            name = method = str(entry)
+            spec = {}
+        if name in out:
+            raise UserError(f"swa.also: two averages are named {name!r}; to keep several "
+                            f"averages of one method, name them: swa.also=[{{name:{name}_a,"
+                            f"method:{method}}},{{name:{name}_b,method:{method},...}}]")
+        out[name] = (method, spec)
+    return out
+
+
 def average_names(cfg: SwaConfig) -> dict[str, str]:
     """The run's averages: output name -> method name (empty when swa.method=none)."""
     if cfg.method == "none":
         return {}
-    return {PRIMARY: cfg.method, **{m: m for m in cfg.also}}
+    return {PRIMARY: cfg.method, **{n: m for n, (m, _) in further_averages(cfg).items()}}
+
+
+def average_config(cfg: SwaConfig, name: str) -> SwaConfig:
+    """The config one average is built from: the run's, with its method and its own
+    options (a named average of ``swa.also``)."""
+    if name == PRIMARY:
+        return cfg
+    method, options = further_averages(cfg)[name]
+    unknown = sorted(set(options) - set(AVERAGE_OPTIONS))
+    if unknown:
+        raise UserError(f"swa.also ({name}): {unknown[0]} is not an option of an average; "
+                        f"expected name, method or some of {', '.join(AVERAGE_OPTIONS)}")
+    return dataclasses.replace(cfg, method=method, also=[], **options)
 
 
 def check_methods(cfg: SwaConfig) -> None:
     """swa.method and swa.also name registered methods, no two averages share a name, and each
-    method's own options are valid (a method's optional ``check(cfg)``)."""
+    average's own options are valid (a method's optional ``check(cfg)``)."""
     known = ", ".join([*METHODS, "none"])
     if cfg.method != "none" and cfg.method not in METHODS:
         raise UserError(f"swa.method={cfg.method!r}: expected one of {known}")
-    for m in cfg.also:
+    further = further_averages(cfg)
+    for name, (m, options) in further.items():
         if m not in METHODS:
-            raise UserError(f"swa.also: {m!r} is not an averaging method; expected "
+            where = f"swa.also ({name})" if options or name != m else "swa.also"
+            raise UserError(f"{where}: {m!r} is not an averaging method; expected "
                             f"{', '.join(METHODS)}")
-    if cfg.also and cfg.method == "none":
+        if not _NAME.fullmatch(name):
+            raise UserError(f"swa.also: {name!r} cannot name an average (lower-case letters, "
+                            "digits and _, from a letter: it names files and columns)")
+    if further and cfg.method == "none":
         raise UserError("swa.also needs a primary average: swa.method=none averages nothing")
-    repeated = sorted({m for m in cfg.also if list(cfg.also).count(m) > 1})
-    if repeated:
-        raise UserError(f"swa.also={list(cfg.also)}: {', '.join(repeated)} is listed more "
-                        "than once; each further average is kept once, under its method's "
-                        f"name (e.g. swa.also=[{repeated[0]}])")
-    if PRIMARY in cfg.also:
-        raise UserError(f"swa.also={list(cfg.also)}: '{PRIMARY}' names the primary average "
-                        f"(swa.method={cfg.method}); list only further methods, e.g. "
+    if PRIMARY in further:
+        raise UserError(f"swa.also: '{PRIMARY}' names the primary average "
+                        f"(swa.method={cfg.method}); name only further averages, e.g. "
                         "swa.method=swa swa.also=[ema]")
-    for method in set(average_names(cfg).values()):
+    for name, method in average_names(cfg).items():
+        one = average_config(cfg, name)
         check = getattr(METHODS[method], "check", None)
-        if check is not None:
-            check(cfg)
+        try:
+            if name != PRIMARY:
+                validate_swa(one)
+            if check is not None:
+                check(one)
+        except UserError as e:
+            if name == PRIMARY or not further[name][1]:
+                raise
+            raise UserError(f"swa.also ({name}): {str(e).removeprefix('swa.')}") from None
 
 
 def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
@@ -105,11 +163,12 @@ def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
     from swa_research.averaging.sharded import ShardedAverage, is_sharded
 
     check_methods(cfg)
+    configs = {name: average_config(cfg, name) for name in average_names(cfg)}
     if is_sharded(model):
-        return {name: ShardedAverage(model, method, decay=cfg.decay, warmup=cfg.ema_warmup,
-                                     k=cfg.lawa_k)
-                for name, method in average_names(cfg).items()}
-    return {name: METHODS[method](model, cfg) for name, method in average_names(cfg).items()}
+        return {name: ShardedAverage(model, c.method, decay=c.decay, warmup=c.ema_warmup,
+                                     k=c.lawa_k)
+                for name, c in configs.items()}
+    return {name: METHODS[c.method](model, c) for name, c in configs.items()}
 
 
 # The library functions build on METHODS above (imported last: they look it up at call time).

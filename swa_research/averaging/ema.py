@@ -39,19 +39,20 @@ def first_point_weight(decay: float, warmup: bool, updates: int) -> float:
     return weight
 
 
-def warn_stale_ema(cfg: SwaConfig, updates: int, methods: list[str]) -> None:
-    """Said once: an EMA whose decay does not fit its number of updates still weighs its first
-    point more than a half at the end (decay 0.99 over 50 updates: 0.61), so what the run
-    reports as "EMA" is mostly a stale early model."""
-    if "ema" not in methods or updates < 1:
+def warn_stale_ema(key: str, decay: float, warmup: bool, updates: int) -> None:
+    """Said once per EMA (``key``: its decay's key, ``swa.decay`` or a named average's): an
+    EMA whose decay does not fit its number of updates still weighs its first point more than
+    a half at the end (decay 0.99 over 50 updates: 0.61), so what the run reports as its EMA is
+    mostly a stale early model."""
+    if updates < 1:
         return
-    weight = first_point_weight(cfg.decay, cfg.ema_warmup, updates)
+    weight = first_point_weight(decay, warmup, updates)
     if weight > 0.5:
         fit = 1 - 1 / max(2, updates // 5)
-        log.warning("swa.decay=%g over this run's %d EMA updates: the first point still weighs "
-                    "%.2f at the end, so the EMA is mostly that early model; lower swa.decay "
-                    "(e.g. %.2f averages about the last fifth of the updates) or set "
-                    "swa.ema_warmup=true", cfg.decay, updates, weight, fit)
+        log.warning("%s=%g over this run's %d EMA updates: the first point still weighs %.2f at "
+                    "the end, so the EMA is mostly that early model; lower the decay (e.g. "
+                    "%.2f averages about the last fifth of the updates) or set ema_warmup",
+                    key, decay, updates, weight, fit)
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool = False

@@ -119,8 +119,7 @@ def check_average_options(method: str, options: dict[str, Any]) -> None:
              if p not in ("method", "model")]
     for name in options:
         if name not in known:
-            raise ValueError(f"{method}: unknown option {name!r}; expected some of "
-                             f"{', '.join(known)}")
+            raise ValueError(f"unknown option {name!r}; expected some of {', '.join(known)}")
     make_average(method, nn.Linear(1, 1), **options)
 
 

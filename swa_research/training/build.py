@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from swa_research.averaging import (
+    PRIMARY,
     Average,
     AveragingPlan,
+    average_config,
     build_averages,
     check_budget,
     check_methods,
@@ -328,7 +330,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
                               trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
     averages = build_averages(model, config.swa)
     check_task_methods(task, averages)
-    warn_stale_ema(config.swa, plan.count_updates(), [a.method for a in averages.values()])
+    for name in (n for n, a in averages.items() if a.method == "ema"):
+        c = average_config(config.swa, name)
+        warn_stale_ema("swa.decay" if name == PRIMARY else f"swa.also ({name}): decay",
+                       c.decay, c.ema_warmup, plan.count_updates())
     if trainer_cfg.strategy != "fsdp":
         train_model = wrap_for_ddp(model, config, device)
     if world().rank > 0:
