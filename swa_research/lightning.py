@@ -75,6 +75,10 @@ def _loaders(loaders: Any) -> list[Any]:
 class AveragingCallback(pl.Callback):
     """Averages of the module's weights, evaluated beside it; see the module docstring.
 
+    ``validate_with=NAME``: the module validates with that average's weights (Lightning's
+    ``WeightAveraging``; off by default: the module's own metrics stay the SGD iterate's);
+    ``copy_at_end=NAME``: the module ends ``fit`` holding that average's weights
+    (``WeightAveraging`` and ``StochasticWeightAveraging``; off by default).
     ``methods``: method names (``["swa", "ema"]``), or averages by name mapped to their options
     (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords),
     with ``method`` where the name is not the method: several EMAs at once,
@@ -98,8 +102,8 @@ class AveragingCallback(pl.Callback):
                  target_fn: Callable[[Any], Tensor] = second_item,
                  metrics_fn: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
                  swag_seed: int = 0, snapshot_every: int = 0, snapshot_unit: str = "epoch",
-                 snapshot_dir: str | Path | None = None, bn_batches: int | None = None
-                 ) -> None:
+                 snapshot_dir: str | Path | None = None, bn_batches: int | None = None,
+                 validate_with: str | None = None, copy_at_end: str | None = None) -> None:
         super().__init__()
         self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
         if not self.options:
@@ -121,6 +125,12 @@ class AveragingCallback(pl.Callback):
                                        or not isinstance(bn_batches, int) or bn_batches < 1):
             raise ValueError(f"bn_batches={bn_batches!r}: a whole number >= 1, or None")
         self.bn_batches = bn_batches
+        for key, name in (("validate_with", validate_with), ("copy_at_end", copy_at_end)):
+            if name is not None and name not in self.options:
+                raise ValueError(f"{key}={name!r}: not one of this callback's averages "
+                                 f"({', '.join(self.options)})")
+        self.validate_with, self.copy_at_end = validate_with, copy_at_end
+        self._kept: dict[str, Tensor] | None = None  # the module's weights while swapped
         self.evaluate = evaluate
         self.input_fn, self.target_fn = input_fn, target_fn
         self.metrics_fn = metrics_fn or classification_metrics
@@ -217,8 +227,31 @@ class AveragingCallback(pl.Callback):
 
     # -- evaluation ------------------------------------------------------------------------
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                                  ) -> None:
+        """``validate_with``: the module validates with that average's weights (fresh BN
+        statistics), as Lightning's ``WeightAveraging``; its own come back after."""
+        name = self.validate_with
+        if name is None or trainer.sanity_checking or self.averages[name].n_averaged == 0:
+            return
+        self._prepare(trainer, name, self.averages[name])
+        self._kept = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        pl_module.load_state_dict(self.averages[name].module.state_dict())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``copy_at_end``: the module keeps that average's weights (fresh BN statistics) after
+        ``fit``, as ``WeightAveraging`` and ``StochasticWeightAveraging`` do."""
+        name = self.copy_at_end
+        if name is None or self.averages[name].n_averaged == 0:
+            return
+        self._prepare(trainer, name, self.averages[name])
+        pl_module.load_state_dict(self.averages[name].module.state_dict())
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule
                                 ) -> None:
+        if self._kept is not None:  # the module's own weights back (validate_with)
+            pl_module.load_state_dict(self._kept)
+            self._kept = None
         if not self.evaluate or trainer.sanity_checking:
             return
         self._score(trainer, pl_module, "val", _loaders(trainer.val_dataloaders))

@@ -236,3 +236,24 @@ def test_two_ddp_processes_keep_equal_averages(tmp_path: Path) -> None:
     # The same averages, BN statistics (averaged over the ranks) and scores on both ranks.
     assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2], lines
     assert "n=2" in lines[0]
+
+
+def test_validate_with_and_copy_at_end_mirror_lightnings_weight_averaging(
+        tmp_path: Path) -> None:
+    """validate_with=swa: the module's own validation metrics are the average's (as the
+    callback scores it beside, on the same set); copy_at_end=swa: the module ends fit with the
+    average's weights. Neither by default: the module keeps its SGD weights and metrics."""
+    cb = AveragingCallback(["swa"], start=0.5, validate_with="swa", copy_at_end="swa")
+    trainer, model, _ = fit(cb, tmp_path)
+    m = trainer.callback_metrics
+    assert float(m["sgd/val_loss"]) == pytest.approx(float(m["swa/val_loss"]), rel=1e-5)
+    for a, b in zip(model.parameters(), cb.averages["swa"].module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    plain = AveragingCallback(["swa"], start=0.5)
+    trainer, model, _ = fit(plain, tmp_path / "plain")
+    assert float(trainer.callback_metrics["sgd/val_loss"]) != pytest.approx(
+        float(trainer.callback_metrics["swa/val_loss"]), rel=1e-5)
+    assert not torch.equal(model.net[0].weight, plain.averages["swa"].module.net[0].weight)
+    with pytest.raises(ValueError, match=r"^validate_with='ema': not one of this callback's "
+                                         "averages"):
+        AveragingCallback(["swa"], validate_with="ema")
