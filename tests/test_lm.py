@@ -636,3 +636,22 @@ def test_sample_draws_repeatable_text_from_the_sgd_model_or_an_average(
     assert "--prompt: 'Z€' not in the run's vocabulary" in capsys.readouterr().err
     assert main([str(run), "--weights", "nope"]) == 2
     assert "this run kept sgd, ema, swa" in capsys.readouterr().err
+
+
+def test_the_debug_limits_shorten_a_language_model_run(tmp_path: Path) -> None:
+    """debug=fdr: one training batch and one evaluation batch of each split, as for images
+    (the windows of an epoch and of the held-out splits cut to the limits)."""
+    text = write_text(tmp_path / "t.txt", lines=400)
+    # The preset and a small model; the debug group's own budget and plan (nothing overrides
+    # them on this command line).
+    run = ["experiment=lm/char_cpu", f"data.root={text}", "model.n_layer=1", "model.n_head=2",
+           "model.n_embd=16", "model.block_size=16", "trainer.device=cpu",
+           "trainer.progress=none"]
+    m = train(compose_config([*run, "debug=fdr"]), tmp_path / "fdr")
+    assert m["status"] == "finished" and m["train"]["iterations"] == 1
+    assert m["swa"]["n_averaged"] == 1
+    m = train(compose_config([*run, "debug=limit"]), tmp_path / "limit")
+    assert m["train"]["iterations"] == 3 * 10  # 3 epochs of limit_train_batches=10
+    with pytest.raises(UserError, match=r"^trainer.overfit_batches \(debug=overfit\) fits "
+                                        "fixed images"):
+        train(compose_config([*run, "debug=overfit"]), tmp_path / "overfit")

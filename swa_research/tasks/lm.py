@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from swa_research.data import DataSplits
+from swa_research.data import DataSplits, Limits
 from swa_research.data.text import Tokenizer, TokenSet, load_tokens
 from swa_research.errors import DataError, UserError
 from swa_research.models import model_task
@@ -51,6 +51,10 @@ class LanguageModel(Task):
     def check(self, config: Any) -> None:
         if config.data.name != "text":
             raise UserError(f"task=lm trains on text: set data=text (not data={config.data.name})")
+        if config.trainer.overfit_batches:
+            raise UserError("trainer.overfit_batches (debug=overfit) fits fixed images; a "
+                            "language model's windows are drawn afresh every epoch: use "
+                            "debug=fdr or debug=limit")
         if model_task(config.model) != "lm":
             raise UserError(f"task=lm needs a language model (model=gpt), not "
                             f"model={config.model.get('name')}")
@@ -89,6 +93,11 @@ class LanguageModel(Task):
         n = len(tokens)
         train_end, test_start = split_bounds(n, d.val_fraction, d.test_fraction)
         windows = d.windows_per_epoch or max(1, (train_end - 1) // block)
+        # A shortened run (the debug group's trainer.limit_*_batches): that many batches' worth
+        # of windows an epoch, and of each held-out split.
+        limits = Limits.of(config)
+        if limits.train_images:
+            windows = min(windows, limits.train_images)
 
         def held_out(lo: int, hi: int) -> TokenSet | None:
             if hi - lo < block + 1:
@@ -96,6 +105,8 @@ class LanguageModel(Task):
             count = (hi - lo - 1) // block
             if d.eval_tokens:
                 count = max(1, min(count, d.eval_tokens // block))
+            if limits.eval_images:
+                count = min(count, limits.eval_images)
             return TokenSet(tokens, lo, hi, block, count, device)
 
         train = TokenSet(tokens, 0, train_end, block, windows, device)
