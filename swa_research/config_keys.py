@@ -31,9 +31,8 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused += [f"data.{k}" for k in ("augment", "normalize", "subset")]
     if not data.get("normalize") or name == "text":
         unused += ["data.mean", "data.std"]
-    further = [e.get("method", e.get("name")) if isinstance(e, dict) else e
-               for e in swa.get("also") or []]
-    methods = set() if swa.get("method") == "none" else {swa.get("method"), *further}
+    methods = set() if swa.get("method") == "none" else {swa.get("method"),
+                                                          *also_methods(swa.get("also"))}
     if swa.get("method") == "none":
         unused += [f"swa.{k}" for k in swa if k != "method"]
     else:
@@ -68,3 +67,10 @@ def unused_keys(config: dict[str, Any]) -> list[str]:
         unused += ["optimizer.weight_lr_power", "optimizer.r"]
     present = flatten_dict(config)
     return [k for k in dict.fromkeys(unused) if k in present]
+
+
+def also_methods(also: Any) -> list[str]:
+    """The methods of ``swa.also``'s entries (a method's name, or a named average's mapping
+    whose ``method`` defaults to its ``name``), from a plain or an OmegaConf config."""
+    return [str(e.get("method", e.get("name"))) if hasattr(e, "get") else str(e)
+            for e in also or []]

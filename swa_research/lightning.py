@@ -192,18 +192,13 @@ class AveragingCallback(pl.Callback):
         per_epoch = math.ceil(int(batches) / accumulate)
         if per_epoch < 1:
             raise ValueError("AveragingCallback: the training loader is empty")
-        if max_epochs < 1:
-            if max_steps < 1:
-                raise ValueError("AveragingCallback needs Trainer(max_epochs=N) or "
-                                 "Trainer(max_steps=N): the plan is a function of the budget")
-            if unit == "iter":
-                return 1, max_steps
-            return max(1, max_steps // per_epoch), per_epoch
-        if 0 < max_steps < max_epochs * per_epoch:  # max_steps ends the fit first
-            if unit == "iter":
-                return 1, max_steps
-            return max(1, max_steps // per_epoch), per_epoch
-        return max_epochs, per_epoch
+        if max_epochs < 1 and max_steps < 1:
+            raise ValueError("AveragingCallback needs Trainer(max_epochs=N) or "
+                             "Trainer(max_steps=N): the plan is a function of the budget")
+        if max_epochs >= 1 and not 0 < max_steps < max_epochs * per_epoch:
+            return max_epochs, per_epoch
+        # max_steps ends the fit (first)
+        return (1, max_steps) if unit == "iter" else (max(1, max_steps // per_epoch), per_epoch)
 
     # -- updates ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from swa_research.config_keys import also_methods
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.versions import require_torch_pair
 
@@ -68,9 +69,7 @@ def check_swa_choice(choice: str, cfg: DictConfig) -> None:
         return
     wanted = [str(m) for m in (OmegaConf.load(path).get("also") or [])]
     swa = cfg.get("swa") or {}
-    further = [str(e.get("method", e.get("name"))) if hasattr(e, "get") else str(e)
-               for e in swa.get("also") or []]
-    kept = [str(swa.get("method")), *further]
+    kept = [str(swa.get("method")), *also_methods(swa.get("also"))]
     for method in wanted:
         if method not in kept:
             also = [*kept[1:], method]

@@ -45,6 +45,12 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def whole_tensor(t: Tensor) -> Tensor:
+    """A tensor whole on the CPU: a sharded one (a DTensor) gathered from every rank (each
+    rank must call it), any other as it is."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
 def reshard(model: nn.Module) -> None:
     """Every FSDP module of ``model`` back to its sharded parameters (after a forward with
     ``reshard_after_forward=False`` the unsharded ones would hide a swap)."""
@@ -162,8 +168,7 @@ class ShardedAverage(Average):
         out = {}
         for key, value in self.model.state_dict(keep_vars=True).items():
             name = names.get(id(value))
-            t = self.weights[name] if name is not None else value
-            out[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+            out[key] = whole_tensor(self.weights[name] if name is not None else value)
         return out
 
     # -- settings and state ----------------------------------------------------------------
@@ -173,15 +178,12 @@ class ShardedAverage(Average):
         return {"k": self.k, "updates": self.count} if self.method == "lawa" else {}
 
     def state_settings(self) -> dict[str, Any]:
-        return {"decay": self.decay, "ema_warmup": self.warmup} if self.method == "ema" else \
-            ({"k": self.k} if self.method == "lawa" else {})
+        return {k: v for k, v in self.settings().items() if k != "updates"}
 
     def state_dict(self) -> dict[str, Any]:
-        """The averaged weights and LAWA's ring as DTensors (``torch.distributed.checkpoint``
-        writes each rank's shards and can load them on another number of ranks), the count and
-        :meth:`identity`."""
-        return {"weights": dict(self.weights), "count": self.count,
-                "ring": [list(p) for p in self.ring], "identity": self.identity()}
+        """:meth:`tensors` (DTensors: ``torch.distributed.checkpoint`` writes each rank's
+        shards and can load them on another number of ranks) and :meth:`meta`."""
+        return {"tensors": self.tensors(), **self.meta()}
 
     def tensors(self, ring: int | None = None) -> dict[str, Any]:
         """The average's DTensors by name (weights, LAWA's ring points): what a sharded
@@ -206,15 +208,13 @@ class ShardedAverage(Average):
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
-        weights = state["weights"]
-        if set(weights) != set(self.weights):
+        saved = state["tensors"]
+        if set(saved["weights"]) != set(self.weights):
             raise ValueError("the state's weights are not this model's parameters")
-        for n, w in self.weights.items():
-            w.copy_(weights[n])
+        mine = self.tensors(int(state["ring"]))  # the ring's points made ready
+        pairs = [(mine["weights"], saved["weights"]),
+                 *((mine["ring"][i], saved["ring"][i]) for i in mine["ring"])]
+        for ours, theirs in pairs:
+            for n, t in ours.items():
+                t.copy_(theirs[n])
         self.count = int(state["count"])
-        self.ring = []
-        for point in state.get("ring", []):
-            mine = [w.detach().clone() for w in self.weights.values()]
-            for t, saved in zip(mine, point, strict=True):
-                t.copy_(saved)
-            self.ring.append(mine)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from swa_research.averaging import Average
+from swa_research.averaging.sharded import whole_tensor
 from swa_research.fileio import atomic_torch_save
 from swa_research.tasks import CLASSIFICATION, TaskMetrics
 
@@ -115,5 +116,4 @@ def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iterat
 def whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every sharded tensor (a DTensor of FSDP) gathered whole, in turn and
     to the CPU; other tensors as they are."""
-    return {k: (v.full_tensor().detach().cpu() if hasattr(v, "full_tensor") else v)
-            for k, v in state.items()}
+    return {k: whole_tensor(v) if hasattr(v, "full_tensor") else v for k, v in state.items()}

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from swa_research.averaging import has_batch_norm
 from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded
 from swa_research.errors import UserError
 
-__all__ = ["check_fsdp", "full_state_dict", "is_sharded", "shard_model"]
+__all__ = ["check_fsdp", "is_sharded", "shard_model"]
 
 # The blocks fully_shard wraps by default, by the model registry's name.
 DEFAULT_WRAP = {"gpt": ["Block"]}
@@ -84,19 +84,6 @@ def shard_model(model: nn.Module, model_name: str | None, wrap: list[str],
         fully_shard(unit, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     return model
-
-
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The whole state dict on the CPU, each sharded tensor gathered in turn (every rank takes
-    part); of an unsharded model its state dict as it is."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            for k, v in model.state_dict().items()}
-
-
-def full_states(states: dict[str, Tensor]) -> dict[str, Tensor]:
-    """:func:`full_state_dict` of a state already taken (the best validation epoch's)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            for k, v in states.items()}
 
 
 SHARDS_PREFIX = ".shards.it"

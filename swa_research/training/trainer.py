@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from swa_research.averaging import Average, AveragingPlan
+from swa_research.averaging.sharded import is_sharded
 from swa_research.config import TrainerConfig, UserError
 from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import describe_write_error
@@ -64,8 +65,7 @@ class Trainer:
     log_every: int = 50
     bn_batch_size: int | None = None  # the average's BN pass; None: cfg.batch_size
     snapshots: SnapshotWriter | None = None  # trainer.snapshot_every: the trajectory
-    # What the step runs: the model, or under DDP its DistributedDataParallel wrapper (the
-    # averages, evaluation, checkpoints and saved weights use ``model`` itself).
+    # What the step runs: the model or its DDP wrapper (the rest uses ``model`` itself).
     train_model: nn.Module | None = None
     device: torch.device | None = None  # None: the in-memory training set's device
     task: Task = field(default_factory=lambda: build_task("classification"))
@@ -230,11 +230,11 @@ class Trainer:
             wall = self.wall_before + time.perf_counter() - start
             if status != "finished":
                 self.loggers.finish(self.metrics(status, wall, error))
-        # metrics.json is the commit point, written last: a run dir that says "finished" holds
-        # every file it lists. A crash before it leaves a run that a rerun completes from its
-        # checkpoint.
-        try:  # every rank: under FSDP each takes part in gathering the weights rank 0 writes
-            files = self.save_weights() if self.cfg.save_checkpoints else []
+        # metrics.json is the commit point, written last: a "finished" run holds every file it
+        # lists; a crash before it leaves a run that a rerun completes from its checkpoint.
+        writes = self.cfg.save_checkpoints and (self.ranks.is_main or is_sharded(self.model))
+        try:  # rank 0 writes; under FSDP every rank takes part in gathering the weights
+            files = self.save_weights() if writes else []
         except OSError as e:
             msg = f"{describe_write_error(e, e.filename or self.run_dir)}; the run's checkpoint " \
                   "is kept: rerun the same command to complete the run"
