@@ -17,10 +17,11 @@ makes the others stop with an error (:class:`PeerFailed`) instead of waiting for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -147,6 +148,23 @@ def setup() -> World:
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     _WORLD = found
     return found
+
+
+@contextlib.contextmanager
+def group_of_one() -> Iterator[None]:
+    """A process group of this process alone for the block (gloo over an in-memory store; the
+    CUDA tensors' NCCL beside it when there is a GPU): what ``fully_shard`` needs to shard a
+    model over one rank (``trainer.strategy=fsdp`` in one process, e.g. resuming a sharded
+    checkpoint written by several). Nothing happens when a group exists already."""
+    if dist.is_initialized():
+        yield
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def teardown() -> None:

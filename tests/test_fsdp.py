@@ -282,3 +282,54 @@ def test_a_killed_fsdp_run_resumes_bit_exact_from_its_sharded_checkpoint(tmp_pat
             wb = torch.load(run_dir / name, weights_only=True)["state_dict"]
             assert all(torch.equal(wa[k], wb[k]) for k in wa), (label, name)
         assert not list(run_dir.glob(".shards.*")), label
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path) -> None:
+    """A 2-rank FSDP run killed mid-epoch resumes in one process (FSDP over one rank:
+    torch.distributed.checkpoint reshards the model, the optimizer and every average), and a
+    one-process FSDP run resumes on 2 ranks: both end within 1e-5 of the uninterrupted 2-rank
+    run, weights and metrics (the ranks' reductions differ in order, so not bit for bit)."""
+    import json
+
+    from conftest import fault_env
+    from test_lm import lm_run, write_text
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1")
+    args = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema,lawa]", "swa.lawa_k=2",
+            "trainer.strategy=fsdp"]
+
+    def run(run_dir: Path, ranks: int, fault: str | None = None
+            ) -> subprocess.CompletedProcess:
+        env = {**base, **fault_env(fault)}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                  str(ranks)] if ranks > 1 else []
+        return subprocess.run([sys.executable, *launch, "-m", "swa_research.train", *args,
+                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    whole = run(tmp_path / "whole", 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    for label, first, then in (("two_then_one", 2, 1), ("one_then_two", 1, 2)):
+        run_dir = tmp_path / label
+        killed = run(run_dir, first, "step@15")
+        assert killed.returncode != 0, label
+        assert list(run_dir.glob(".shards.it*")), label  # the epoch-1 checkpoint's shards
+        resumed = run(run_dir, then)
+        assert resumed.returncode == 0, (label, resumed.stderr[-3000:])
+        assert "resuming from" in (run_dir / "train.log").read_text(), label
+        b = json.loads((run_dir / "metrics.json").read_text())
+        for name in ("sgd", "swa", "ema", "lawa"):
+            for key in ("val_loss", "test_loss"):
+                assert b[name][key] == pytest.approx(a[name][key], abs=1e-5), (label, name, key)
+            assert b[name].get("n_averaged") == a[name].get("n_averaged"), (label, name)
+        for name in ("sgd_final.pt", "swa.pt", "ema.pt", "lawa.pt"):
+            wa = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+            wb = torch.load(run_dir / name, weights_only=True)["state_dict"]
+            worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+            assert worst < 1e-5, (label, name, worst)

@@ -31,7 +31,7 @@ from swa_research.averaging import (
 from swa_research.averaging.ema import warn_stale_ema
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Preprocess
-from swa_research.distributed import agree, world
+from swa_research.distributed import agree, group_of_one, world
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
@@ -107,7 +107,7 @@ def check_strategy(config: Config) -> None:
     if strategy == "single" and w.size > 1:
         raise UserError(f"trainer.strategy=single, but this process is {w.describe()}: use "
                         "trainer.strategy=auto or ddp, or start one process")
-    if strategy in ("ddp", "fsdp") and not w.distributed:
+    if strategy == "ddp" and not w.distributed:
         raise UserError(f"trainer.strategy={strategy} needs several processes started by "
                         "torchrun or srun, and this is one: torchrun --nproc-per-node N -m "
                         "swa_research.train ... (docs/distributed.md)")
@@ -259,24 +259,11 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
         log.info("using GPU %d of %d", claim.index, torch.cuda.device_count())
     own_resume = resume is not None and resume[1].parent.resolve() == run_dir.resolve()
     try:
-        try:
-            trainer = build_trainer(config, config_dict, run_dir, device, run_name, group,
-                                    resuming=own_resume)
-            if resume is not None:
-                try:
-                    trainer.load_state(resume[0])
-                except (RuntimeError, KeyError, ValueError) as e:
-                    raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
-                                    f"({one_line(e)[:300]})") from e
-                log.info("resuming from %s", resume[1])
-        except Exception as e:
-            agree(e, "building the run")
-            raise
-        agree(None, "building the run")
-        metrics = trainer.fit()
-        if world().is_main:
-            log.info("%s", run_summary(run_dir, metrics))
-        return metrics
+        with ExitStack() as alone:
+            if trainer_cfg.strategy == "fsdp" and not world().distributed:
+                alone.enter_context(group_of_one())  # FSDP over one rank
+            return _build_and_fit(config, config_dict, run_dir, device, run_name, group,
+                                  resume, own_resume)
     except UserError as e:
         if fresh and world().is_main and not (run_dir / "metrics.json").is_file():
             write_failure(run_dir, str(e))
@@ -284,6 +271,31 @@ def _train_locked(cfg: DictConfig | Config | dict[str, Any], run_dir: Path,
     finally:
         if claim is not None:
             claim.release()
+
+
+def _build_and_fit(config: Config, config_dict: dict[str, Any], run_dir: Path,
+                   device: torch.device, run_name: str | None, group: str | None,
+                   resume: tuple[dict[str, Any], Path] | None, own_resume: bool
+                   ) -> dict[str, Any]:
+    """The trainer built (and its checkpoint loaded) on every rank, then trained."""
+    try:
+        trainer = build_trainer(config, config_dict, run_dir, device, run_name, group,
+                                resuming=own_resume)
+        if resume is not None:
+            try:
+                trainer.load_state(resume[0])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise UserError(f"checkpoint {resume[1]} does not fit this model/run "
+                                f"({one_line(e)[:300]})") from e
+            log.info("resuming from %s", resume[1])
+    except Exception as e:
+        agree(e, "building the run")
+        raise
+    agree(None, "building the run")
+    metrics = trainer.fit()
+    if world().is_main:
+        log.info("%s", run_summary(run_dir, metrics))
+    return metrics
 
 
 def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,

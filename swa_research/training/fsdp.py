@@ -13,8 +13,8 @@ epoch's weights) are written with ``torch.distributed.checkpoint``, each rank it
 into ``.shards.itNNNNNNNN/`` beside ``checkpoint.pt``, which rank 0 then writes as always (the
 commit point) naming that folder; folders no checkpoint names are removed after. A kill at any
 point leaves the previous checkpoint and its folder whole. A resume loads the shards on any
-number of ranks (``torch.distributed.checkpoint`` reshards them), and a DDP or one-process
-checkpoint's whole state dicts into a sharded run.
+number of ranks (``torch.distributed.checkpoint`` reshards them), one included: in one process
+the run shards over a process group of one (:func:`swa_research.distributed.group_of_one`).
 
 What is not built yet, refused in one line before training: sharded snapshots, SWAG and FGE
 beside a sharded model, schedule-free AdamW. Evaluation runs every rank over the whole set
