@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -88,3 +89,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_sharded_state(folder: str | Path, key: str = "state_dict") -> dict[str, torch.Tensor]:
+    """The whole state dict that ``torch.distributed.checkpoint`` wrote under ``key`` into
+    ``folder`` (each rank its shards: a sharded snapshot, a sharded final weight folder), read
+    in this one process without ``torch.distributed``, every tensor whole on the CPU. An
+    OSError or ValueError when the folder is not such a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    try:
+        meta = reader.read_metadata()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated or foreign .metadata file
+        raise ValueError(f"{folder}: not a torch.distributed.checkpoint folder ({e})") from e
+    prefix = key + "."
+    out = {name[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+           for name, m in meta.state_dict_metadata.items()
+           if name.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not out:
+        raise ValueError(f"{folder}: holds no tensors under {key!r}")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({key: out}, storage_reader=reader, no_dist=True)
+    return out

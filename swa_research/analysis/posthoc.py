@@ -45,7 +45,7 @@ from torch import nn
 from swa_research.averaging import average_states, bn_update, has_batch_norm
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
 from swa_research.data import DataSplits, Preprocess
-from swa_research.fileio import atomic_write_text
+from swa_research.fileio import atomic_write_text, load_sharded_state
 from swa_research.models import build_model, mismatch_detail
 from swa_research.tasks import CLASSIFICATION, Task, TaskMetrics, build_task
 from swa_research.tracking.plots import pyplot, save_figure
@@ -221,7 +221,10 @@ class PosthocRun:
             return self._cache[name]
         path = self.run_dir / TRAJECTORY / name
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            if path.is_dir():  # a sharded snapshot (trainer.strategy=fsdp), read whole
+                state = load_sharded_state(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         except FileNotFoundError:
             raise UserError(f"{path} is listed in {TRAJECTORY}/{INDEX} but missing") from None
         except Exception as e:

@@ -332,7 +332,8 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         raise UserError(str(e)) from e
     if trainer_cfg.init_weights:
         load_init_weights(model, trainer_cfg.init_weights, getattr(data, "tokenizer", None))
-    if trainer_cfg.strategy == "fsdp":  # before the optimizer and the averages: they take
+    sharded = trainer_cfg.strategy == "fsdp"
+    if sharded:  # before the optimizer and the averages: they take
         # the sharded parameters (each average sharded beside the model)
         train_model = shard_model(model, config.model.get("name"), trainer_cfg.fsdp.wrap,
                                   trainer_cfg.fsdp.reshard_after_forward, device)
@@ -376,8 +377,9 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         cfg=trainer_cfg, seed=config.seed, run_dir=run_dir, loggers=Loggers(loggers),
         config_dict=config_dict, log_every=config.logger.log_every,
         bn_batch_size=config.swa.bn_batch_size,
-        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters)
-        if trainer_cfg.snapshot_every and world().is_main else None,
+        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters, sharded=sharded,
+                                 main=world().is_main)
+        if trainer_cfg.snapshot_every and (world().is_main or sharded) else None,
         train_model=train_model, device=device, task=task,
         grad_clip=config.optimizer.grad_clip)
 

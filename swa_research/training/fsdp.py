@@ -16,7 +16,7 @@ point leaves the previous checkpoint and its folder whole. A resume loads the sh
 number of ranks (``torch.distributed.checkpoint`` reshards them), one included: in one process
 the run shards over a process group of one (:func:`swa_research.distributed.group_of_one`).
 
-What is not built yet, refused in one line before training: sharded snapshots, SWAG and FGE
+What is not built yet, refused in one line before training: SWAG and FGE
 beside a sharded model, schedule-free AdamW. Evaluation runs every rank over the whole set
 (each forward is a collective, so the ranks must run the same number of batches); the final
 weights are gathered one tensor at a time and written whole by rank 0.
@@ -47,9 +47,6 @@ def check_fsdp(config: Any) -> None:
     if t.strategy != "fsdp":
         return
     refused = []
-    if t.snapshot_every:
-        refused.append(f"trainer.snapshot_every={t.snapshot_every} (sharded snapshots are "
-                       "not built yet)")
     from swa_research.averaging import average_names
 
     methods = sorted(set(average_names(config.swa).values()) - set(SHARDED_METHODS))

@@ -5,6 +5,10 @@ n % every == 0, or after the E-th epoch with E % every == 0) the training model'
 (parameters and buffers: BN statistics) is written to ``RUN_DIR/trajectory/itNNNNNN.pt``
 (``{"state_dict", "iteration", "epoch"}``, on the CPU, in fp32 or bf16; integer buffers stay
 integers), atomically, and ``trajectory/index.json`` is rewritten atomically after each one.
+Under ``trainer.strategy=fsdp`` a snapshot is the folder ``trajectory/itNNNNNN/`` that
+``torch.distributed.checkpoint`` writes, each rank its shards of ``{"state_dict": ...}``
+(written as ``.itNNNNNN.tmp`` and renamed by rank 0 once complete);
+:func:`swa_research.fileio.load_sharded_state` reads it whole in one process.
 
 A snapshot is taken before the checkpoint of the same position is written, so on resume from a
 checkpoint at iteration c every snapshot up to c is on disk; :meth:`SnapshotWriter.prepare`
@@ -33,12 +37,12 @@ log = logging.getLogger(__name__)
 
 TRAJECTORY = "trajectory"
 INDEX = "index.json"
-FILE_RE = re.compile(r"^it(\d+)\.pt$")
+FILE_RE = re.compile(r"^it(\d+)(\.pt)?$")  # a file, or a sharded snapshot's folder
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def snapshot_file(iteration: int) -> str:
-    return f"it{iteration:06d}.pt"
+def snapshot_file(iteration: int, sharded: bool = False) -> str:
+    return f"it{iteration:06d}" + ("" if sharded else ".pt")
 
 
 def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int) -> range:
@@ -118,10 +122,22 @@ def check_index(index: Any, path: Path) -> None:
                             f"{TRAJECTORY}/; only files in {TRAJECTORY}/ are read")
 
 
+def remove(path: Path) -> None:
+    """A snapshot file or a sharded snapshot's folder, gone (nothing when absent)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class SnapshotWriter:
     """Takes the run's snapshots and keeps ``trajectory/index.json`` in step with them."""
 
-    def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int) -> None:
+    def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int,
+                 sharded: bool = False, main: bool = True) -> None:
+        # sharded: every rank takes part in each snapshot (its shards); main: this rank
+        # writes the index and tidies the folder (rank 0).
+        self.sharded, self.main = sharded, main
         self.dir = Path(run_dir) / TRAJECTORY
         self.unit, self.every = cfg.snapshot_unit, cfg.snapshot_every
         self.dtype_name = cfg.snapshot_dtype
@@ -143,6 +159,8 @@ class SnapshotWriter:
         """Before training (``iteration``: where it starts, 0 or a checkpoint's): log the plan
         and its disk cost, refuse one that does not fit the free space, and rebuild the index
         from the snapshots on disk up to ``iteration`` (later ones are removed)."""
+        if not self.main:
+            return
         per = bytes_per_snapshot(model, self.dtype)
         todo = self.points[bisect.bisect_right(self.points, iteration):]
         parent = self.dir
@@ -160,16 +178,16 @@ class SnapshotWriter:
                 "trainer.snapshot_dtype=bf16, or into another output dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob(".*.tmp"):  # a write that a kill interrupted
-            tmp.unlink(missing_ok=True)
+            remove(tmp)
         wanted = set(self.points[:bisect.bisect_right(self.points, iteration)])
         on_disk: dict[int, Path] = {}
-        for path in self.dir.glob("it*.pt"):
+        for path in self.dir.glob("it*"):
             m = FILE_RE.match(path.name)
             if m:
                 on_disk[int(m.group(1))] = path
         for n, path in sorted(on_disk.items()):
             if n not in wanted:  # after the checkpoint (taken again), or not in this plan
-                path.unlink()
+                remove(path)
         missing = sorted(wanted - set(on_disk))
         if missing:
             log.warning("%d snapshot(s) up to iteration %d are missing from %s (first: "
@@ -182,11 +200,15 @@ class SnapshotWriter:
 
     def save(self, model: nn.Module, iteration: int) -> None:
         entry = self._entry(iteration)
-        state = {"state_dict": snapshot_state(model, self.dtype), "iteration": iteration,
-                 "epoch": entry["epoch"]}
         path = self.dir / entry["file"]
         try:
-            atomic_torch_save(state, path)
+            if self.sharded:
+                self._save_shards(model, path)
+            else:
+                atomic_torch_save({"state_dict": snapshot_state(model, self.dtype),
+                                   "iteration": iteration, "epoch": entry["epoch"]}, path)
+            if not self.main:
+                return
             self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
             self._write_index()
         except OSError as e:  # as a failed checkpoint write: one line, nothing kept half-written
@@ -198,9 +220,23 @@ class SnapshotWriter:
                 + "the last checkpoint are kept: free space (or snapshot less often) and rerun "
                 "the same command to resume") from e
 
+    def _save_shards(self, model: nn.Module, path: Path) -> None:
+        """Every rank writes its shards (DTensors in the snapshot's dtype) into a hidden
+        folder, which rank 0 renames to ``path`` once ``torch.distributed.checkpoint`` has
+        written its metadata (the save's last step, after every rank's shards)."""
+        import torch.distributed.checkpoint as dcp
+
+        state = {k: v.detach().to(self.dtype) if v.is_floating_point() else v.detach()
+                 for k, v in model.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        dcp.save({"state_dict": state}, checkpoint_id=str(tmp))
+        if self.main:
+            remove(path)  # one a kill left after the checkpoint (prepare removes those too)
+            tmp.rename(path)
+
     def _entry(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "epoch": self.epoch_of(iteration),
-                "file": snapshot_file(iteration)}
+                "file": snapshot_file(iteration, self.sharded)}
 
     def _write_index(self) -> None:
         index = {"unit": self.unit, "every": self.every, "dtype": self.dtype_name,
