@@ -7,6 +7,8 @@ on the same data, for VGG "simplified" and VGG16.
     python scripts/benchmark.py --ranks 1,2,4,8 --model wrn28x10   # DDP scaling (torchrun)
     python scripts/benchmark.py --task lm --device cuda --compile  # GPT tokens/s and MFU
                                                                    # (scripts/lm_benchmark.py)
+    python scripts/benchmark.py --strategy fsdp --ranks 2  # an average beside a sharded GPT
+                                                           # (scripts/fsdp_benchmark.py)
 
 The seed's loop is written out below as the notebook ran it: a torchvision DataLoader with
 ``ToTensor()`` over a torchvision-style data set (one PIL image at a time, in the main
@@ -623,7 +625,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = argparse.ArgumentParser(add_help=False)
     task.add_argument("--task", choices=("classification", "lm"), default="classification")
+    task.add_argument("--strategy", choices=("fsdp",), default=None)
     known, rest = task.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.strategy == "fsdp":  # FSDP against DDP on torchrun: its own options
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from fsdp_benchmark import main as fsdp_main
+
+        return fsdp_main(rest)
     if known.task == "lm":  # language models: scripts/lm_benchmark.py, its own options
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from lm_benchmark import main as lm_main

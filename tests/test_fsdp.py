@@ -174,7 +174,8 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", "-m", "swa_research.train", *args,
-                          "trainer.strategy=fsdp", f"hydra.run.dir={tmp_path / 'two'}"],
+                          "trainer.strategy=fsdp", "trainer.snapshot_every=5",
+                          "trainer.snapshot_unit=iter", f"hydra.run.dir={tmp_path / 'two'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -191,6 +192,18 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     for name, sizes in m2["train"]["average_bytes"].items():
         assert 0.45 * sizes["whole"] <= sizes["this_rank"] <= 0.55 * sizes["whole"], name
     assert "FSDP: 2 ranks, global batch 32" in (tmp_path / "two" / "train.log").read_text()
+    # The snapshots both ranks wrote, read whole in this process: the post-hoc SWA over the
+    # online SWA's points (iterations 15 and 20) is the online one.
+    from swa_research.analysis.posthoc import PosthocRun, Setting
+
+    ph = PosthocRun(tmp_path / "two", torch.device("cpu"))
+    shards = sorted((tmp_path / "two" / "trajectory" / "it000020").glob("*.distcp"))
+    assert len(shards) == 2, shards  # one file of shards per rank
+    module = ph.average(Setting("swa", start=15, freq=5, window=0),
+                        [e for e in ph.index["snapshots"] if e["iteration"] >= 15])
+    online = torch.load(tmp_path / "two" / "swa.pt", weights_only=True)["state_dict"]
+    for k, v in module.state_dict().items():
+        assert (v - online[k]).abs().max().item() <= 1e-6, k
 
 
 def test_fsdp_is_refused_where_it_is_not_built_yet() -> None:
@@ -201,10 +214,10 @@ def test_fsdp_is_refused_where_it_is_not_built_yet() -> None:
     from swa_research.training.fsdp import check_fsdp
 
     c = load_config(compose_config(["trainer.strategy=fsdp", "swa=swag",
-                                    "trainer.snapshot_every=1"]))
+                                    "optimizer=adamw_schedulefree"]))
     with pytest.raises(UserError, match=r"^trainer.strategy=fsdp: not supported yet with "
-                                        r"trainer.snapshot_every=1 \(sharded snapshots are not "
-                                        r"built yet\); swa averages swag"):
+                                        r"swa averages swag \(a sharded model is averaged with "
+                                        r"swa, ema, lawa\); optimizer=adamw_schedulefree$"):
         check_fsdp(c)
     check_fsdp(load_config(compose_config(["trainer.strategy=fsdp", "swa.also=[ema,lawa]"])))
 
@@ -333,3 +346,89 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path)
             wb = torch.load(run_dir / name, weights_only=True)["state_dict"]
             worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
             assert worst < 1e-5, (label, name, worst)
+
+
+def test_sharded_snapshots_are_read_whole_by_posthoc(tmp_path: Path) -> None:
+    """Under trainer.strategy=fsdp (here over one rank) each snapshot is a
+    torch.distributed.checkpoint folder; python -m swa_research.posthoc reads it whole in one
+    process: the post-hoc SWA over the online SWA's points is the online swa.pt within 1e-6,
+    and its row scores what metrics.json scores. A resume's prepare removes the folders after
+    its checkpoint and the half-written ones."""
+    import csv
+    import json
+
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+    from test_lm import lm_run, write_text
+
+    from swa_research.analysis.posthoc import PosthocRun, Setting, main
+    from swa_research.config import TrainerConfig
+    from swa_research.fileio import load_sharded_state
+    from swa_research.training.build import train
+    from swa_research.training.snapshots import SnapshotWriter
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    run_dir = tmp_path / "run"
+    cfg = compose_config([*lm_run(text), "trainer.epochs=2", "trainer.strategy=fsdp",
+                          "trainer.snapshot_every=5", "trainer.snapshot_unit=iter"])
+    train(cfg, run_dir)
+    assert not dist.is_initialized()  # the group of one is gone with the run
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    index = json.loads((run_dir / "trajectory" / "index.json").read_text())
+    assert [e["file"] for e in index["snapshots"]] == [f"it{i:06d}" for i in (5, 10, 15, 20)]
+    assert (run_dir / "trajectory" / "it000020" / ".metadata").is_file()
+    final = torch.load(run_dir / "sgd_final.pt", weights_only=True)["state_dict"]
+    last = load_sharded_state(run_dir / "trajectory" / "it000020")
+    assert set(last) == set(final) and all(torch.equal(last[k], final[k]) for k in final)
+    online = torch.load(run_dir / "swa.pt", weights_only=True)
+    assert online["n_averaged"] == 2  # after iterations 15 and 20
+    ph = PosthocRun(run_dir, torch.device("cpu"))
+    module = ph.average(Setting("swa", start=15, freq=5, window=0),
+                        [e for e in ph.index["snapshots"] if e["iteration"] >= 15])
+    for k, v in module.state_dict().items():
+        assert (v - online["state_dict"][k]).abs().max().item() <= 1e-6, k
+    assert main([str(run_dir), "--swa-start", "15", "--device", "cpu"]) == 0
+    with open(run_dir / "posthoc.csv", newline="") as f:
+        row, = (r for r in csv.DictReader(f) if r["kind"] == "swa")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert float(row["test_loss"]) == pytest.approx(metrics["swa"]["test_loss"], abs=1e-6)
+
+    trainer_cfg = TrainerConfig(epochs=2, snapshot_every=5, snapshot_unit="iter")
+    (run_dir / "trajectory" / ".it000025.tmp").mkdir()  # a write a kill interrupted
+    writer = SnapshotWriter(run_dir, trainer_cfg, 10, sharded=True)
+    writer.prepare(nn.Linear(2, 2), 10)  # resuming from the checkpoint at iteration 10
+    kept = sorted(p.name for p in (run_dir / "trajectory").iterdir())
+    assert kept == ["index.json", "it000005", "it000010"]
+
+
+def test_the_memory_table_is_the_shapes_bytes_over_the_ranks(tmp_path: Path) -> None:
+    """scripts/fsdp_memory.py: GPT-2 small without biases, its vocabulary padded to 50,304
+    (nanoGPT's train_gpt2 shape): 124,373,760 parameters, counted here by hand, at 4 bytes,
+    1/8 of them a rank on 8 ranks; AdamW twice that; offloaded averages leave the GPU column;
+    a run's measured share is printed."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("fsdp_memory", ROOT / "scripts" /
+                                                  "fsdp_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fsdp_memory"] = mod  # its dataclass looks its module up
+    spec.loader.exec_module(mod)
+    small = mod.count("gpt2-small")
+    d, layers = 768, 12  # token and position embeddings, the blocks, the final LayerNorm
+    assert small.parameters == 50304 * d + 1024 * d + layers * (12 * d * d + 2 * d) + d
+    assert small.block == 12 * 768 * 768 + 2 * 768  # attention, MLP, two LayerNorm weights
+    r = mod.per_rank(small, 8, averages=2, lawa_k=0, offload=False)
+    assert r["weights"] == r["gradients"] == small.parameters * 4 / 8
+    assert r["adamw"] == 2 * r["weights"] and r["averages"] == 2 * r["weights"]
+    off = mod.per_rank(small, 8, averages=2, lawa_k=3, offload=True)
+    assert off["averages"] == 0 and off["host"] == 5 * r["weights"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"train": {"average_bytes": {
+        "swa": {"this_rank": 50, "whole": 100}}}}))
+    assert "swa: 50 of 100 bytes (0.500 of the whole)" in mod.measured(run)
+    assert mod.main(["--models", "gpt2-small", "--ranks", "8"]) == 0
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "gpt5"])

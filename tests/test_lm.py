@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, fault_env
+from conftest import CONF_DIR, compose_config, fault_env
 from omegaconf import OmegaConf
 
 from swa_research.analysis.posthoc import main as posthoc_main
@@ -411,7 +411,7 @@ def test_lawa_is_the_mean_of_its_latest_k_points_and_resumes() -> None:
 
 
 @pytest.mark.parametrize("preset", ["char_cpu", "shakespeare_char", "schedules_cpu", "lawa_cpu",
-                                    "gpt2_owt"])
+                                    "gpt2_owt", "gpt2_xl_fsdp"])
 def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> None:
     from swa_research.config import validate
     from swa_research.training.build import load_config
@@ -440,6 +440,22 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
         assert (t.batch_size * m["block_size"], iters * t.epochs, iters) == (
             491_520, 600_000, 1000)
         assert t.batch_size // t.grad_accum == 12 and config.data.eval_tokens == 200 * 12 * 1024
+    if preset == "gpt2_xl_fsdp":  # its header's budget and GPU hours, from the shapes
+        m, s, t, w = config.model, config.schedule, config.trainer, config.swa
+        assert (m["n_layer"], m["n_head"], m["n_embd"], t.strategy) == (48, 25, 1600, "fsdp")
+        assert (s.name, s.cooldown, s.cooldown_shape) == ("wsd", 0.2, "1-sqrt")
+        assert (w.method, list(w.also), w.lawa_k) == ("ema", ["lawa"], 6)
+        steps = config.data.windows_per_epoch // t.batch_size * t.epochs
+        tokens = steps * t.batch_size * m["block_size"]
+        assert (steps, tokens) == (60_000, 31_457_280_000)
+        with torch.device("meta"):
+            model = build_model(resolve_model_config(dict(m)), 50304)
+        n = sum(p.numel() for p in model.parameters())
+        assert 1.55e9 < n < 1.57e9
+        flops = (6 * n + 12 * m["n_layer"] * m["block_size"] * m["n_embd"]) * tokens
+        hours = flops / (0.4 * 989e12) / 3600
+        header = (CONF_DIR / "experiment" / "lm" / "gpt2_xl_fsdp.yaml").read_text()
+        assert f"~{round(hours, -1):.0f} H100-hours" in header.replace("\n# ", " "), hours
     if preset == "schedules_cpu":
         assert config.schedule.name == "warmup_constant"
     if preset == "lawa_cpu":

@@ -716,3 +716,39 @@ def test_the_start_imports_only_what_a_run_uses() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_fsdp_benchmark_times_a_sharded_and_a_whole_average(tmp_path: Path) -> None:
+    """scripts/benchmark.py --strategy fsdp on 2 CPU processes: the trainer under FSDP and
+    under DDP, its step and one EMA update timed; under FSDP the average on a rank is half of
+    the whole model's bytes (the tiny GPT's parameters at 4 bytes, counted here), under DDP
+    all of it."""
+    out = tmp_path / "fsdp.json"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "benchmark.py"), "--strategy", "fsdp",
+         "--ranks", "2", "--shape", "tiny", "--steps", "2", "--rounds", "1", "--warmup", "1",
+         "--avg-calls", "2", "--json", str(out)], capture_output=True, text=True,
+        timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert set(rows) == {"fsdp", "ddp"} and set(result["columns"]) <= set(rows["fsdp"])
+    from swa_research.models import build_model, resolve_model_config
+    gpt = build_model(resolve_model_config({"name": "gpt", "n_layer": 2, "n_head": 2,
+                                            "n_embd": 64, "block_size": 64}), 256)
+    whole = sum(p.numel() for p in gpt.parameters()) * 4
+    assert sum(rows["fsdp"]["avg_bytes_ranks"]) == whole
+    assert rows["fsdp"]["avg_share"] == pytest.approx(0.5, abs=0.01)
+    assert rows["ddp"]["avg_bytes_ranks"] == [whole, whole] and rows["ddp"]["avg_share"] == 1
+    for r in rows.values():
+        assert r["ms_per_step"] > 0 and r["avg_update_ms"] > 0
+        assert r["avg_overhead_pct"] == pytest.approx(
+            100 * r["avg_update_ms"] / r["ms_per_step"], rel=0.02)
+    assert "fsdp | 2 | tiny | fp32 |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "benchmark.py"),
+                          "--strategy", "fsdp", "--ranks", "1"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 1 and "--ranks 1: DDP needs at least 2 processes" in bad.stderr
