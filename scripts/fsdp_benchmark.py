@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_benchmark import SHAPES, compose, token_file  # noqa: E402
-from timing import cpu_model, sync, time_queued  # noqa: E402
+from timing import cpu_model, emit, sync, time_queued  # noqa: E402
 
 from swa_research.errors import UserError  # noqa: E402
 from swa_research.fileio import atomic_write_text  # noqa: E402
@@ -204,12 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "warmup": args.warmup, "method": args.method,
                         "avg_calls": args.avg_calls},
               "columns": COLUMNS, "rows": rows}
-    print(f"{name} ({args.device}), {args.ranks} ranks, median of {args.rounds} epochs of "
-          f"{args.steps} steps; one {args.method} update of the whole model")
-    print(format_table(rows))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, f"{name} ({args.device}), {args.ranks} ranks, median of {args.rounds} "
+                f"epochs of {args.steps} steps; one {args.method} update of the whole model",
+                format_table(rows), args.json)
 
 
 if __name__ == "__main__":

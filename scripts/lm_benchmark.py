@@ -24,7 +24,6 @@ them under "rows"):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -39,12 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import cpu_model, matmul_peak_tflops, sync, time_queued  # noqa: E402
+from timing import cpu_model, emit, matmul_peak_tflops, sync, time_queued  # noqa: E402
 
 from swa_research.averaging import make_average  # noqa: E402
 from swa_research.data.text import write_ids  # noqa: E402
 from swa_research.errors import UserError  # noqa: E402
-from swa_research.fileio import atomic_write_text  # noqa: E402
 from swa_research.training.build import (  # noqa: E402
     build_trainer,
     config_dict_of,
@@ -201,11 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "peak_tflops": peak_tflops(device, args.peak_tflops)},
               "matmul_peak_tflops": {k: round(v, 4) for k, v in matmul.items()},
               "columns": COLUMNS, "rows": rows}
-    print(f"{name} ({device}), median of {args.rounds} chunks of {args.steps} steps")
-    print(format_table(rows))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, f"{name} ({device}), median of {args.rounds} chunks of {args.steps} steps",
+                format_table(rows), args.json)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,17 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
         seconds = time_calls(lambda: torch.mm(a, b), device, calls=5, best=True)  # noqa: B023
         best = max(best, 2 * size**3 / seconds / 1e12)
     return best
+
+
+def emit(result: dict, header: str, table: str, json_path: str | None) -> dict:
+    """Print a benchmark's header line and table, write its result as JSON (atomically) when
+    asked, and return it."""
+    import json
+
+    from swa_research.fileio import atomic_write_text
+
+    print(header)
+    print(table)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    return result
