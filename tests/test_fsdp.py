@@ -103,9 +103,9 @@ def test_a_sharded_average_equals_the_unsharded_one(one_rank: None, method: str,
 
 def test_what_a_sharded_average_refuses(one_rank: None) -> None:
     model = sharded(net())
-    with pytest.raises(ValueError, match=r"^method='swag': a model sharded with fully_shard is "
-                                         "averaged with swa, ema, lawa"):
-        make_average("swag", model)
+    with pytest.raises(ValueError, match=r"^method='fge': a model sharded with fully_shard is "
+                                         "averaged with swa, ema, lawa, swag, swag_diag"):
+        make_average("fge", model)
     avg = make_average("swa", model)
     with pytest.raises(ValueError, match="has no network of its own"):
         _ = avg.module
@@ -213,13 +213,15 @@ def test_fsdp_is_refused_where_it_is_not_built_yet() -> None:
     from swa_research.training.build import load_config
     from swa_research.training.fsdp import check_fsdp
 
-    c = load_config(compose_config(["trainer.strategy=fsdp", "swa=swag",
+    c = load_config(compose_config(["trainer.strategy=fsdp", "swa=fge", "schedule=fge",
                                     "optimizer=adamw_schedulefree"]))
     with pytest.raises(UserError, match=r"^trainer.strategy=fsdp: not supported yet with "
-                                        r"swa averages swag \(a sharded model is averaged with "
-                                        r"swa, ema, lawa\); optimizer=adamw_schedulefree$"):
+                                        r"swa averages fge \(a sharded model is averaged with "
+                                        r"swa, ema, lawa, swag, swag_diag\); "
+                                        r"optimizer=adamw_schedulefree$"):
         check_fsdp(c)
-    check_fsdp(load_config(compose_config(["trainer.strategy=fsdp", "swa.also=[ema,lawa]"])))
+    check_fsdp(load_config(compose_config(["trainer.strategy=fsdp",
+                                           "swa.also=[ema,lawa,swag,swag_diag]"])))
 
 
 def test_shard_model_wraps_the_blocks_and_refuses_batch_norm(one_rank: None) -> None:
@@ -239,6 +241,10 @@ def test_shard_model_wraps_the_blocks_and_refuses_batch_norm(one_rank: None) -> 
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     with pytest.raises(UserError, match=r"^trainer.strategy=fsdp: model=vgg11 has batch norm"):
         shard_model(bn, "vgg11", ["Linear"], True, cpu)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3)).to(memory_format=torch.channels_last)
+    with pytest.raises(UserError, match=r"FSDP shards contiguous parameters only.*set "
+                                        r"trainer.channels_last=false$"):
+        shard_model(conv, "vgg11", ["Conv2d"], True, cpu)
 
 
 @pytest.mark.slow
@@ -432,3 +438,90 @@ def test_the_memory_table_is_the_shapes_bytes_over_the_ranks(tmp_path: Path) -> 
     assert mod.main(["--models", "gpt2-small", "--ranks", "8"]) == 0
     with pytest.raises(SystemExit):
         mod.main(["--models", "gpt5"])
+
+
+@pytest.mark.slow
+def test_sharded_swag_equals_one_process(tmp_path: Path) -> None:
+    """SWAG and SWAG-Diagonal of a fully_shard'ed MLP on 2 ranks (one layer split unevenly)
+    against the same averages of the model whole, fed the same 7 points
+    (tests/sharded_swag_worker.py): each rank's slice of a sample is the one-process sample's
+    for the same seed, the Bayesian model average through the sharded model is one process's,
+    the model's own weights come back bit for bit, swag.pt's state dict and posterior gathered
+    whole are one process's, a torch.distributed.checkpoint round trip resumes exactly, and a
+    rank holds about half of the moments."""
+    import json
+
+    out = tmp_path / "worst.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(ROOT / "tests" / "sharded_swag_worker.py"),
+                           str(out), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(out.read_text())
+    for method in ("swag", "swag_diag"):
+        for key in ("sample", "bma", "state_dict", "export", "resumed"):
+            assert worst[f"{method}.{key}"] <= 1e-6, (method, key, worst)
+        assert worst[f"{method}.restored"] == 0.0
+        assert 0.45 <= worst[f"{method}.bytes_share"] <= 0.55
+
+
+@pytest.mark.slow
+def test_trainer_swag_under_fsdp_equals_one_process_and_resumes(tmp_path: Path) -> None:
+    """trainer.strategy=fsdp with SWAG and SWAG-Diagonal beside SWA, a BN-free image model on
+    2 ranks, against one process: the SGD model, SWA and both Bayesian model averages within
+    1e-5 (the samples are the same numbers), swag.pt's weights and posterior gathered whole;
+    killed mid-run and rerun, the 2-rank run resumes from its sharded checkpoint to the same
+    numbers."""
+    import json
+
+    from conftest import TINY, fault_env
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1")
+    args = [*TINY, "model=vgg11", "model.width=0.125", "model.batch_norm=false",
+            "model.dropout=0", "optimizer=sgd", "optimizer.momentum=0.9", "optimizer.lr=0.01",
+            "swa.lr=0.01", "data.augment=none", "trainer.epochs=3", "swa=swag",
+            "swa.also=[swag,swag_diag]", "swa.start=1", "swa.freq=1", "swa.samples=3",
+            "trainer.channels_last=false", "trainer.deterministic=true"]
+
+    def run(run_dir: Path, ranks: int, fault: str | None = None
+            ) -> subprocess.CompletedProcess:
+        env = {**base, **fault_env(fault)}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        launch = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+                  if ranks > 1 else [])
+        extra = ["trainer.strategy=fsdp", "trainer.fsdp.wrap=[Conv2d]"] if ranks > 1 else []
+        return subprocess.run([sys.executable, *launch, "-m", "swa_research.train", *args,
+                               *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    one = run(tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for name in ("sgd", "swa", "swag", "swag_diag"):
+        assert m2[name]["n_averaged" if name != "sgd" else "test_acc"] == \
+            m1[name]["n_averaged" if name != "sgd" else "test_acc"], name
+        for key in ("val_loss", "test_loss"):
+            assert m2[name][key] == pytest.approx(m1[name][key], abs=1e-5), (name, key)
+    a = torch.load(tmp_path / "one" / "swag.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "swag.pt", weights_only=True)
+    for k in a["state_dict"]:
+        assert (a["state_dict"][k] - b["state_dict"][k]).abs().max().item() < 1e-5, k
+    for k in ("mean", "sq_mean", "deviations"):
+        assert a["swag"][k].shape == b["swag"][k].shape
+        assert (a["swag"][k] - b["swag"][k]).abs().max().item() < 1e-5, k
+    killed = run(tmp_path / "killed", 2, "step@7")  # in epoch 3 of 3 steps each
+    assert killed.returncode != 0
+    resumed = run(tmp_path / "killed", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in (tmp_path / "killed" / "train.log").read_text()
+    m3 = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    for name in ("sgd", "swa", "swag", "swag_diag"):
+        assert m3[name] == m2[name], name

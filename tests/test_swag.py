@@ -79,11 +79,13 @@ def test_moments_and_deviations_equal_numpy(steps: int) -> None:
 
 
 def formula_sample(avg: SWAG, seed: int) -> torch.Tensor:
-    """The reference's sample_fullrank written out: z1 over the weights, then z2 over the
-    stored deviations (oldest first); the low-rank part divided by sqrt(max_models - 1)."""
+    """The reference's sample_fullrank written out: z1 over the weights (drawn parameter by
+    parameter), then z2 over the stored deviations (oldest first); the low-rank part divided
+    by sqrt(max_models - 1)."""
     g = torch.Generator().manual_seed(seed)
     var = torch.clamp(avg.sq_mean - avg.mean ** 2, VAR_CLAMP)
-    rand = var.sqrt() * torch.randn(avg.numel, generator=g)
+    z1 = torch.cat([torch.randn(p.numel(), generator=g) for p in avg.module.parameters()])
+    rand = var.sqrt() * z1
     if avg.low_rank:
         d = avg.deviations()
         z2 = torch.randn(d.shape[0], generator=g)
@@ -93,7 +95,7 @@ def formula_sample(avg: SWAG, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(("method", "steps"), [("swag", 7), ("swag", 3), ("swag_diag", 7)])
 def test_a_sample_is_the_reference_formula(method: str, steps: int) -> None:
-    model = nn.Linear(3, 2)
+    model = nn.Sequential(nn.Linear(3, 24), nn.Linear(24, 2))  # 96 + 50 weights: > 16 each
     avg = make_swag(model, method, max_models=5, swag_scale=0.5)
     feed(avg, model, trajectory(model, steps))
     got = avg.sample(torch.Generator().manual_seed(3))

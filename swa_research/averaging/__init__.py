@@ -160,14 +160,12 @@ def check_methods(cfg: SwaConfig) -> None:
 def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
     """The run's averages of ``model``, by output name, primary first; of a model sharded with
     fully_shard, each sharded beside it (:mod:`.sharded`)."""
-    from swa_research.averaging.sharded import ShardedAverage, is_sharded
+    from swa_research.averaging.sharded import is_sharded, sharded_average
 
     check_methods(cfg)
     configs = {name: average_config(cfg, name) for name in average_names(cfg)}
     if is_sharded(model):
-        return {name: ShardedAverage(model, c.method, decay=c.decay, warmup=c.ema_warmup,
-                                     k=c.lawa_k)
-                for name, c in configs.items()}
+        return {name: sharded_average(model, c) for name, c in configs.items()}
     return {name: METHODS[c.method](model, c) for name, c in configs.items()}
 
 

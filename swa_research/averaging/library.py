@@ -79,7 +79,7 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
     a one-line ValueError naming it."""
     from swa_research.averaging import METHODS, check_methods
-    from swa_research.averaging.sharded import SHARDED_METHODS, ShardedAverage, is_sharded
+    from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded, sharded_average
 
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
@@ -105,7 +105,10 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
         if method not in SHARDED_METHODS:
             raise ValueError(f"method={method!r}: a model sharded with fully_shard is averaged "
                              f"with {', '.join(SHARDED_METHODS)} (not yet {method})")
-        return ShardedAverage(model, method, decay=decay, warmup=ema_warmup, k=lawa_k)
+        try:
+            return sharded_average(model, cfg)
+        except UserError as e:
+            raise _library_error(e) from None
     try:
         return METHODS[method](model, cfg)
     except UserError as e:

@@ -13,8 +13,8 @@ model's shards for the block (the model resharded first) and the model's own bac
 for bit. The library's ``predict`` and ``update_bn`` do that themselves.
 
 Methods: ``swa`` (equal), ``ema`` (with timm's warm-up), ``lawa`` (the ring of the latest k
-points, sharded). BN is refused: FSDP does not shard buffers, and a sharded model with batch
-norm is not supported.
+points, sharded); SWAG and SWAG-Diagonal in :mod:`.sharded_swag`. BN is refused: FSDP does
+not shard buffers, and a sharded model with batch norm is not supported.
 """
 
 from __future__ import annotations
@@ -29,7 +29,19 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from swa_research.averaging.base import Average, has_batch_norm
 
-SHARDED_METHODS = ("swa", "ema", "lawa")
+WEIGHT_METHODS = ("swa", "ema", "lawa")  # ShardedAverage's; SWAG's: .sharded_swag
+SHARDED_METHODS = (*WEIGHT_METHODS, "swag", "swag_diag")
+
+
+def sharded_average(model: nn.Module, cfg: Any) -> Average:
+    """An average of a ``fully_shard``'ed model by ``cfg.method`` (a SwaConfig's), sharded as
+    the model: :class:`ShardedAverage` or :class:`~.sharded_swag.ShardedSWAG`."""
+    if cfg.method in ("swag", "swag_diag"):
+        from swa_research.averaging.sharded_swag import ShardedSWAG
+
+        return ShardedSWAG(model, cfg)
+    return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
+                          k=cfg.lawa_k)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -71,9 +83,9 @@ class ShardedAverage(Average):
                  warmup: bool = False, k: int = 5) -> None:
         from swa_research.averaging.ema import ema_multi_avg_fn
 
-        if kind not in SHARDED_METHODS:
-            raise ValueError(f"method={kind!r}: averages of a sharded model are "
-                             f"{', '.join(SHARDED_METHODS)}")
+        if kind not in WEIGHT_METHODS:
+            raise ValueError(f"method={kind!r}: a ShardedAverage is one of "
+                             f"{', '.join(WEIGHT_METHODS)}")
         if has_batch_norm(model):
             raise ValueError("a model with batch norm cannot be averaged sharded: FSDP does not "
                              "shard its statistics (use DDP for BN models)")

@@ -17,6 +17,9 @@ A sample follows ``SWAG.sample_fullrank`` of the same file:
 
 with D the k x P matrix of stored deviations, oldest first, and K the buffer's capacity (the
 reference divides by ``max_num_models - 1`` also while fewer than K deviations are stored).
+z1 is drawn parameter by parameter (one ``randn`` per parameter, in ``parameters()`` order, where
+the reference draws one vector): the same distribution, and the same numbers for a model sharded
+with FSDP, whose ranks each keep their slice of every parameter's draw (:mod:`.sharded_swag`).
 ``swag_diag`` draws ``mean + sqrt(scale) * sqrt(var) * z1`` only (``cov=False``). Each method
 has its own scale, as in the reference's uncertainty experiments
 (``experiments/uncertainty/README.md``): 0.5 for SWAG (``swa.swag_scale``; the paper's 1/2 of
@@ -132,7 +135,8 @@ class SWAG(Average):
         self.net = copy.deepcopy(model)
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.numel = sum(p.numel() for p in model.parameters())
+        self.sizes = [p.numel() for p in model.parameters()]
+        self.numel = sum(self.sizes)
         check_memory(self.method, self.numel, self.max_models if self.low_rank else 0,
                      self.device)
         self.count = 0
@@ -169,7 +173,7 @@ class SWAG(Average):
     def update(self, model: nn.Module) -> None:
         """``SWAG.collect_model``: first and second moments, then the deviation from the
         updated mean into the ring buffer."""
-        w = flat_parameters(model, self.device)
+        w = self._flat(model)
         n = float(self.count)
         # As written there: mean * n / (n + 1) + w / (n + 1), evaluated left to right.
         self.mean.mul_(n).div_(n + 1.0).add_(w / (n + 1.0))
@@ -179,11 +183,33 @@ class SWAG(Average):
             self.position = (self.position + 1) % self.max_models
             self.filled = min(self.filled + 1, self.max_models)
         self.count += 1
-        # The saved network (swag.pt's state dict): the mean, with the model's buffers (BN
-        # statistics) at this point, as the SWA average copies them.
+        self._keep_mean(model)
+
+    def _keep_mean(self, model: nn.Module) -> None:
+        """The saved network (swag.pt's state dict): the mean, with the model's buffers (BN
+        statistics) at this point, as the SWA average copies them."""
         load_flat(self.net, self.mean)
         for mine, theirs in zip(self.net.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)
+
+    def _flat(self, model: nn.Module) -> Tensor:
+        """The model's weights as the moments' vector (here: all of them)."""
+        return flat_parameters(model, self.device)
+
+    def _z1(self, generator: torch.Generator) -> Tensor:
+        """The diagonal part's standard normal draws: parameter by parameter, in
+        ``parameters()`` order, so that a sharded SWAG (each rank its slice of every
+        parameter's draw) samples the same weights for the same seed."""
+        return torch.cat([torch.randn(n, generator=generator, device=self.device)
+                          for n in self.sizes])
+
+    def _network(self) -> nn.Module:
+        """The network a sample is evaluated in (:meth:`bma`)."""
+        return self.net
+
+    def _put(self, flat: Tensor) -> None:
+        """A weight vector of the moments' layout into :meth:`_network`."""
+        load_flat(self.net, flat)
 
     def variance(self) -> Tensor:
         """The diagonal variance, clamped as the reference does: clamp(sq_mean - mean^2)."""
@@ -199,11 +225,11 @@ class SWAG(Average):
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> Tensor:
         """One weight vector drawn as ``SWAG.sample_fullrank(scale, cov)`` draws it: z1 over
-        the P weights first, then z2 over the k stored deviations."""
+        the P weights first (:meth:`_z1`), then z2 over the k stored deviations."""
         if self.count == 0:
             raise RuntimeError(f"{self.method}: nothing to sample before the first update")
         var = self.variance()
-        rand = var.sqrt() * torch.randn(self.numel, generator=generator, device=self.device)
+        rand = var.sqrt() * self._z1(generator)
         if self.buffer is not None and self.filled:
             z2 = torch.randn(self.filled, generator=generator, device=self.device)
             # Row j of the chronological D is buffer row (position + j) % k: D^T z2 equals
@@ -230,18 +256,19 @@ class SWAG(Average):
         order; ``labels`` (optional) only serve the progress line."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sums: dict[str, Tensor] = {}
-        buffers = [b.clone() for b in self.net.buffers()]
-        was_training = self.net.training
+        net = self._network()
+        buffers = [b.clone() for b in net.buffers()]
+        was_training = net.training
         try:
             for i in range(self.samples):
                 t0 = time.perf_counter()
-                load_flat(self.net, self.sample(generator))
+                self._put(self.sample(generator))
                 if self.bn_update and bn_batches is not None:
-                    bn_update(bn_batches(), self.net)
-                self.net.eval()
+                    bn_update(bn_batches(), net)
+                net.eval()
                 accs = []
                 for name, inputs in sets.items():
-                    parts = [torch.softmax(self.net(x).float(), dim=1).double()
+                    parts = [torch.softmax(net(x).float(), dim=1).double()
                              for x in inputs()]
                     if not parts:
                         continue
@@ -255,10 +282,10 @@ class SWAG(Average):
                          i + 1, self.samples, "BN recomputed" if self.bn_update else "no BN",
                          time.perf_counter() - t0, ", ".join(accs) or "-")
         finally:
-            load_flat(self.net, self.mean)
-            for mine, kept in zip(self.net.buffers(), buffers, strict=True):
+            self._put(self.mean)
+            for mine, kept in zip(net.buffers(), buffers, strict=True):
                 mine.copy_(kept)
-            self.net.train(was_training)
+            net.train(was_training)
         return {name: s / self.samples for name, s in sums.items()}
 
     def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,

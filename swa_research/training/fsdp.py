@@ -16,8 +16,8 @@ point leaves the previous checkpoint and its folder whole. A resume loads the sh
 number of ranks (``torch.distributed.checkpoint`` reshards them), one included: in one process
 the run shards over a process group of one (:func:`swa_research.distributed.group_of_one`).
 
-What is not built yet, refused in one line before training: SWAG and FGE
-beside a sharded model, schedule-free AdamW. Evaluation runs every rank over the whole set
+What is not built yet, refused in one line before training: FGE beside a sharded model,
+schedule-free AdamW. Evaluation runs every rank over the whole set
 (each forward is a collective, so the ranks must run the same number of batches); the final
 weights are gathered one tensor at a time and written whole by rank 0.
 """
@@ -68,6 +68,10 @@ def shard_model(model: nn.Module, model_name: str | None, wrap: list[str],
     if has_batch_norm(model):
         raise UserError(f"trainer.strategy=fsdp: model={model_name} has batch norm, whose "
                         "statistics FSDP does not shard; use trainer.strategy=ddp")
+    if any(not p.is_contiguous() for p in model.parameters()):
+        raise UserError("trainer.strategy=fsdp: FSDP shards contiguous parameters only, and "
+                        f"model={model_name}'s are in channels-last memory; set "
+                        "trainer.channels_last=false")
     classes = list(wrap) or DEFAULT_WRAP.get(str(model_name), [])
     units = [m for m in model.modules() if type(m).__name__ in classes and m is not model]
     if not units:

@@ -56,6 +56,8 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module | Iterable[torch.nn.P
     # on a CPU), and with fp16's GradScaler no host read of its inf check.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                  for p in params)
+    if cfg.name == "sgd" and any(hasattr(p, "device_mesh") for p in params):
+        fused = False  # FSDP's DTensors: torch has no sharding rule for the fused SGD kernel
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,

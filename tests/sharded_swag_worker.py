@@ -1,0 +1,105 @@
+"""One rank of tests/test_fsdp.py::test_sharded_swag_equals_one_process (run under torchrun):
+a SWAG of a fully_shard'ed model against a SWAG of the same model whole, fed the same points.
+Rank 0 writes the largest differences found to the JSON file named by argv[1].
+
+The points are whole state dicts drawn from one seed on every rank; the sharded model gets its
+slice of each through torch's own distribute_tensor (not the code under test)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+
+from swa_research.averaging import make_average, swag_bma
+
+
+def local_of(whole: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    out, folder = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.manual_seed(0)
+    # Rows of 12, 12 and 3: the last splits unevenly (2 and 1) over two ranks.
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(),
+                          nn.Linear(12, 3))
+    whole = copy.deepcopy(model)
+    for i in (0, 2, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    g = torch.Generator().manual_seed(1)
+    points = [{k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in
+               whole.state_dict().items()} for _ in range(7)]
+    x = torch.randn(40, 6, generator=g)
+    worst: dict[str, float] = {}
+
+    def note(key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        assert a.shape == b.shape, (key, a.shape, b.shape)
+        if not a.numel():
+            worst.setdefault(key, 0.0)
+            return
+        worst[key] = max(worst.get(key, 0.0), (a.float() - b.float()).abs().max().item())
+
+    for method in ("swag", "swag_diag"):
+        sharded = make_average(method, model, max_models=5, samples=4)
+        one = make_average(method, whole, max_models=5, samples=4)
+        for point in points:
+            whole.load_state_dict(point)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.to_local().copy_(local_of(point[name], p))
+            sharded.update(model)
+            one.update(whole)
+        kept = [p.to_local().clone() for p in model.parameters()]
+        # A sample: each rank's slice of the one-process sample, parameter by parameter.
+        mine = sharded.sample(torch.Generator().manual_seed(3))
+        theirs = one.sample(torch.Generator().manual_seed(3))
+        pieces = torch.split(theirs, [p.numel() for p in whole.parameters()])
+        expect = torch.cat([local_of(piece.view_as(p), q).reshape(-1) for piece, p, q in
+                            zip(pieces, whole.parameters(), model.parameters(), strict=True)])
+        note(f"{method}.sample", mine, expect)
+        # The Bayesian model average through the sharded model, against one process's.
+        got = swag_bma(sharded, lambda: [x], seed=5)
+        want = swag_bma(one, lambda: [x], seed=5)
+        note(f"{method}.bma", got, want)
+        worst[f"{method}.restored"] = max((a - p.to_local()).abs().max().item()
+                                          for a, p in zip(kept, model.parameters(),
+                                                          strict=True))
+        # The whole files: swag.pt's state dict and posterior.
+        full = sharded.full_state_dict()
+        ref = one.module.state_dict()
+        note(f"{method}.state_dict", torch.cat([full[k].reshape(-1) for k in ref]),
+             torch.cat([ref[k].reshape(-1) for k in ref]))
+        a, b = sharded.export()["swag"], one.export()["swag"]
+        for key in ("mean", "sq_mean", "deviations"):
+            assert a[key].shape == b[key].shape, (method, key, a[key].shape, b[key].shape)
+            note(f"{method}.export", a[key], b[key])
+        worst[f"{method}.bytes_share"] = sharded.nbytes() / sharded.whole_nbytes()
+        # A sharded checkpoint's round trip (torch.distributed.checkpoint), then one more point.
+        path = folder / method
+        dcp.save({"t": sharded.tensors()}, checkpoint_id=str(path))
+        meta = sharded.meta()
+        again = make_average(method, model, max_models=5, samples=4)
+        again.load_meta(meta)
+        dcp.load({"t": again.tensors(meta["ring"])}, checkpoint_id=str(path))
+        for avg in (sharded, again):
+            avg.update(model)
+        note(f"{method}.resumed", again.sample(torch.Generator().manual_seed(9)),
+             sharded.sample(torch.Generator().manual_seed(9)))
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(worst))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
