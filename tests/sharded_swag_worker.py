@@ -1,5 +1,6 @@
 """One rank of tests/test_fsdp.py::test_sharded_swag_equals_one_process (run under torchrun):
-a SWAG of a fully_shard'ed model against a SWAG of the same model whole, fed the same points.
+SWAG, SWAG-Diagonal and FGE of a fully_shard'ed model against the same averages of the model
+whole, fed the same points.
 Rank 0 writes the largest differences found to the JSON file named by argv[1].
 
 The points are whole state dicts drawn from one seed on every rank; the sharded model gets its
@@ -11,6 +12,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,9 +52,8 @@ def main() -> None:
             return
         worst[key] = max(worst.get(key, 0.0), (a.float() - b.float()).abs().max().item())
 
-    for method in ("swag", "swag_diag"):
-        sharded = make_average(method, model, max_models=5, samples=4)
-        one = make_average(method, whole, max_models=5, samples=4)
+    def feed(sharded: Any, one: Any) -> None:
+        """Every point into both averages: whole into one, each rank's slice into the other."""
         for point in points:
             whole.load_state_dict(point)
             with torch.no_grad():
@@ -60,6 +61,11 @@ def main() -> None:
                     p.to_local().copy_(local_of(point[name], p))
             sharded.update(model)
             one.update(whole)
+
+    for method in ("swag", "swag_diag"):
+        sharded = make_average(method, model, max_models=5, samples=4)
+        one = make_average(method, whole, max_models=5, samples=4)
+        feed(sharded, one)
         kept = [p.to_local().clone() for p in model.parameters()]
         # A sample: each rank's slice of the one-process sample, parameter by parameter.
         mine = sharded.sample(torch.Generator().manual_seed(3))
@@ -96,6 +102,29 @@ def main() -> None:
             avg.update(model)
         note(f"{method}.resumed", again.sample(torch.Generator().manual_seed(9)),
              sharded.sample(torch.Generator().manual_seed(9)))
+    # FGE: the members sharded, the ensemble through the model.
+    fge = make_average("fge", model, max_models=3)
+    one = make_average("fge", whole, max_models=3)
+    feed(fge, one)
+    kept = [p.to_local().clone() for p in model.parameters()]
+    note("fge.probs", fge.ensemble_probs("x", lambda: [x], len(x)),
+         one.ensemble_probs("x", lambda: [x], len(x)))
+    note("fge.predict", fge.predict(x), one.predict(x))
+    worst["fge.restored"] = max((a - p.to_local()).abs().max().item()
+                                for a, p in zip(kept, model.parameters(), strict=True))
+    mine, theirs = fge.export()["members"], one.export()["members"]
+    assert len(mine) == len(theirs) == 3
+    for a, b in zip(mine, theirs, strict=True):
+        note("fge.members", torch.cat([a[k].reshape(-1) for k in b]),
+             torch.cat([b[k].reshape(-1) for k in b]))
+    worst["fge.bytes_share"] = fge.nbytes() / fge.whole_nbytes()
+    dcp.save({"t": fge.tensors()}, checkpoint_id=str(folder / "fge"))
+    meta = fge.meta()
+    again = make_average("fge", model, max_models=3)
+    again.load_meta(meta)
+    dcp.load({"t": again.tensors(meta["ring"])}, checkpoint_id=str(folder / "fge"))
+    note("fge.resumed", again.ensemble_probs("x", lambda: [x], len(x)),
+         one.ensemble_probs("x", lambda: [x], len(x)))
     if dist.get_rank() == 0:
         out.write_text(json.dumps(worst))
     dist.destroy_process_group()

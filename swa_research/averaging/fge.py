@@ -72,8 +72,12 @@ class FGE(Average):
             self.members.pop(0)
             self._sums.clear()  # the oldest left: sum again from the members kept
         self.members.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        self.net.load_state_dict(self.members[-1])
+        self._show(self.members[-1])
         self.collected += 1
+
+    def _show(self, member: dict[str, Tensor]) -> None:
+        """The working network holding ``member`` (the latest, between evaluations)."""
+        self.net.load_state_dict(member)
 
     def _member_probs(self, member: dict[str, Tensor], batches: Iterable[Tensor]) -> Tensor:
         self.net.load_state_dict(member)
@@ -93,7 +97,7 @@ class FGE(Average):
             probs = self._member_probs(member, batches())
             total = probs if total is None else total + probs
         self._sums[name] = (len(self.members), total, size)
-        self.net.load_state_dict(self.members[-1])
+        self._show(self.members[-1])
         return total / len(self.members)
 
     def collect_probs(self, sets: dict[str, Any], preprocess: Any, batch_size: int,
@@ -109,7 +113,7 @@ class FGE(Average):
     def predict(self, x: Tensor) -> Tensor:
         """The log of the members' mean probabilities of a batch (scored as logits)."""
         probs = sum(self._member_probs(m, [x]) for m in self.members) / len(self.members)
-        self.net.load_state_dict(self.members[-1])
+        self._show(self.members[-1])
         return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
     def export(self) -> dict[str, Any]:
@@ -126,4 +130,4 @@ class FGE(Average):
         self.collected = int(state["collected"])
         self._sums.clear()
         if self.members:
-            self.net.load_state_dict(self.members[-1])
+            self._show(self.members[-1])

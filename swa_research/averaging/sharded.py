@@ -30,7 +30,7 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 from swa_research.averaging.base import Average, has_batch_norm
 
 WEIGHT_METHODS = ("swa", "ema", "lawa")  # ShardedAverage's; SWAG's: .sharded_swag
-SHARDED_METHODS = (*WEIGHT_METHODS, "swag", "swag_diag")
+SHARDED_METHODS = (*WEIGHT_METHODS, "swag", "swag_diag", "fge")
 
 
 def sharded_average(model: nn.Module, cfg: Any) -> Average:
@@ -40,6 +40,10 @@ def sharded_average(model: nn.Module, cfg: Any) -> Average:
         from swa_research.averaging.sharded_swag import ShardedSWAG
 
         return ShardedSWAG(model, cfg)
+    if cfg.method == "fge":
+        from swa_research.averaging.sharded_fge import ShardedFGE
+
+        return ShardedFGE(model, cfg)
     return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
                           k=cfg.lawa_k)
 
@@ -71,6 +75,22 @@ def reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+@contextlib.contextmanager
+def kept_weights(model: nn.Module) -> Iterator[None]:
+    """``model``'s own weights (its local shards) put back bit for bit after the block, which
+    may write others into them; resharded before and after (after a forward an FSDP module
+    may hold its unsharded parameters, registered in place of the sharded ones)."""
+    reshard(model)
+    with torch.no_grad():
+        kept = [_local(p).detach().clone() for p in model.parameters()]
+    try:
+        yield
+    finally:
+        reshard(model)
+        with torch.no_grad():
+            torch._foreach_copy_([_local(p) for p in model.parameters()], kept)
 
 
 class ShardedAverage(Average):
@@ -145,18 +165,10 @@ class ShardedAverage(Average):
         """The model (by default the one the average was made of) holding the average's
         weights for the block; its own come back after, bit for bit."""
         model = self.model if model is None else model
-        # Resharded first: after a forward an FSDP module may hold its unsharded parameters
-        # (registered in place of the sharded ones), which a reshard frees.
-        reshard(model)
-        with torch.no_grad():
-            kept = [_local(p).detach().clone() for p in model.parameters()]
-            torch._foreach_copy_([_local(p) for p in model.parameters()], self._locals())
-        try:
-            yield model
-        finally:
-            reshard(model)
+        with kept_weights(model):
             with torch.no_grad():
-                torch._foreach_copy_([_local(p) for p in model.parameters()], kept)
+                torch._foreach_copy_([_local(p) for p in model.parameters()], self._locals())
+            yield model
 
     def predict(self, x: Tensor) -> Tensor:
         with self.swapped() as model:

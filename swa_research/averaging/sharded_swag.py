@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.averaging.base import has_batch_norm
-from swa_research.averaging.sharded import _local, reshard, whole_tensor
+from swa_research.averaging.sharded import _local, kept_weights, reshard, whole_tensor
 from swa_research.averaging.swag import SWAG, check_memory, resolve_swag_device
 from swa_research.config import SwaConfig
 
@@ -122,21 +122,8 @@ class ShardedSWAG(SWAG):
             local = _local(p)
             local.copy_(piece.view_as(local))
 
-    @contextlib.contextmanager
-    def _kept(self) -> Iterator[None]:
-        """The model's own weights put back bit for bit after the block."""
-        params = self._params(self.model)
-        with torch.no_grad():
-            kept = [_local(p).detach().clone() for p in params]
-        try:
-            yield
-        finally:
-            params = self._params(self.model)
-            with torch.no_grad():
-                torch._foreach_copy_([_local(p) for p in params], kept)
-
     def bma(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        with self._kept():
+        with kept_weights(self.model):
             return super().bma(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -144,7 +131,7 @@ class ShardedSWAG(SWAG):
         """The model holding the mean for the block; its own weights come back after."""
         if model is not None and model is not self.model:
             raise ValueError("a sharded SWAG swaps into the model it was made of")
-        with self._kept():
+        with kept_weights(self.model):
             self._put(self.mean)
             yield self.model
 

@@ -16,10 +16,10 @@ point leaves the previous checkpoint and its folder whole. A resume loads the sh
 number of ranks (``torch.distributed.checkpoint`` reshards them), one included: in one process
 the run shards over a process group of one (:func:`swa_research.distributed.group_of_one`).
 
-What is not built yet, refused in one line before training: FGE beside a sharded model,
-schedule-free AdamW. Evaluation runs every rank over the whole set
-(each forward is a collective, so the ranks must run the same number of batches); the final
-weights are gathered one tensor at a time and written whole by rank 0.
+Every averaging method is sharded. Not built yet, refused in one line before training:
+schedule-free AdamW. Evaluation runs every rank over the whole set (each forward is a
+collective, so the ranks must run the same number of batches); the final weights are
+gathered one tensor at a time and written whole by rank 0.
 """
 
 from __future__ import annotations
