@@ -22,7 +22,10 @@ Where it goes beyond Lightning's callbacks (read in lightning 2.6's ``callbacks/
   batches before each evaluation (the SWA paper's ``bn_update``; under DDP each rank passes its
   shard and the statistics are averaged over the ranks); SWAG is scored at test by Bayesian model
   averaging (``NAME/test_*``); weight snapshots for post-hoc averages (``snapshot_every``);
-  the averages are in the callback's checkpoint state, so a resumed fit continues them.
+  the averages are in the callback's checkpoint state, so a resumed fit continues them;
+  under ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model`` every average is
+  sharded like the module (no collective per update, 1/N of its memory a rank), which neither
+  of Lightning's callbacks supports.
 
 Batches are ``(input, target)`` by default; ``input_fn`` and ``target_fn`` read any other
 structure. The metrics are classification's (``classification_metrics``); pass ``metrics_fn``
@@ -31,6 +34,7 @@ for another task (it takes the set's outputs and targets and returns named float
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -54,12 +58,56 @@ from swa_research.averaging import (
 )
 from swa_research.averaging.base import bn_update, first_item, has_batch_norm
 from swa_research.averaging.library import check_average_options, check_plan
+from swa_research.averaging.sharded import copy_into_model, whole_tensor
 
 __all__ = ["AveragingCallback"]
 
 
 def second_item(batch: Any) -> Tensor:
     return batch[1]
+
+
+def _sharded(average: Average) -> bool:
+    """Whether ``average`` is of a module sharded with FSDP2 (no network of its own)."""
+    return bool(getattr(average, "sharded", False))
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """A nested dict of tensors by slash-joined key."""
+    out: dict[str, Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _whole_state(average: Any) -> dict[str, Any]:
+    """A sharded average's checkpoint state with its tensors whole on the CPU, gathered one at
+    a time (every rank takes part): Lightning's strategies pickle the callbacks' states from
+    rank 0 alone, so each rank's shards cannot travel in them as they are."""
+    whole = {k: whole_tensor(t) for k, t in _leaves(average.tensors()).items()}
+    return {"whole": whole, **average.meta()}
+
+
+@torch.no_grad()
+def _load_whole_state(average: Any, state: dict[str, Any]) -> None:
+    """:func:`_whole_state`'s state into a sharded average: each rank takes its slice of each
+    whole tensor (``distribute_tensor`` without communication), on any number of ranks."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if "whole" not in state:
+        raise ValueError(f"the checkpoint's {average.method} average was saved unsharded; "
+                         "resume it without FSDP")
+    average.load_meta(state)
+    mine = _leaves(average.tensors(int(state["ring"])))
+    if set(mine) != set(state["whole"]):
+        raise ValueError(f"the checkpoint's {average.method} average does not fit this model")
+    for key, t in mine.items():
+        piece = distribute_tensor(state["whole"][key].to(t.device, t.dtype), t.device_mesh,
+                                  t.placements, src_data_rank=None)
+        t.to_local().copy_(piece.to_local())
 
 
 def _loaders(loaders: Any) -> list[Any]:
@@ -131,6 +179,7 @@ class AveragingCallback(pl.Callback):
                                  f"({', '.join(self.options)})")
         self.validate_with, self.copy_at_end = validate_with, copy_at_end
         self._kept: dict[str, Tensor] | None = None  # the module's weights while swapped
+        self._swap: contextlib.ExitStack | None = None  # a sharded average's swap, likewise
         self.evaluate = evaluate
         self.input_fn, self.target_fn = input_fn, target_fn
         self.metrics_fn = metrics_fn or classification_metrics
@@ -153,6 +202,12 @@ class AveragingCallback(pl.Callback):
         return str(opts.pop("method", name)), opts
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):  # its flat parameters are no DTensors
+            raise ValueError("AveragingCallback: Lightning's FSDPStrategy (FSDP1) is not "
+                             "supported; use ModelParallelStrategy with fully_shard in the "
+                             "module's configure_model (FSDP2)")
         # After the strategy moved the module to its device: the averages live there too.
         if not self.averages:
             self.averages = {}
@@ -183,7 +238,7 @@ class AveragingCallback(pl.Callback):
                 raise ValueError("AveragingCallback: the training loader has no length, so an "
                                  "epoch's steps are unknown: give Trainer(max_steps=N) and "
                                  "unit='iter' (and snapshot_unit='iter')")
-            if self.bn_batches is None and any(has_batch_norm(a.module)
+            if self.bn_batches is None and any(not _sharded(a) and has_batch_norm(a.module)
                                                for a in self.averages.values()):
                 raise ValueError("AveragingCallback: the model has batch norm and the training "
                                  "loader no length: give bn_batches=N (training batches per BN "
@@ -229,15 +284,23 @@ class AveragingCallback(pl.Callback):
         name = self.validate_with
         if name is None or trainer.sanity_checking or self.averages[name].n_averaged == 0:
             return
-        self._prepare(trainer, name, self.averages[name])
+        average = self.averages[name]
+        if _sharded(average):  # FSDP: the average's shards swapped into the module's
+            self._swap = contextlib.ExitStack()
+            self._swap.enter_context(average.swapped())  # type: ignore[attr-defined]
+            return
+        self._prepare(trainer, name, average)
         self._kept = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        pl_module.load_state_dict(self.averages[name].module.state_dict())
+        pl_module.load_state_dict(average.module.state_dict())
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``copy_at_end``: the module keeps that average's weights (fresh BN statistics) after
         ``fit``, as ``WeightAveraging`` and ``StochasticWeightAveraging`` do."""
         name = self.copy_at_end
         if name is None or self.averages[name].n_averaged == 0:
+            return
+        if _sharded(self.averages[name]):
+            copy_into_model(self.averages[name])
             return
         self._prepare(trainer, name, self.averages[name])
         pl_module.load_state_dict(self.averages[name].module.state_dict())
@@ -247,6 +310,9 @@ class AveragingCallback(pl.Callback):
         if self._kept is not None:  # the module's own weights back (validate_with)
             pl_module.load_state_dict(self._kept)
             self._kept = None
+        if self._swap is not None:  # the same, of a sharded average
+            self._swap.close()
+            self._swap = None
         if not self.evaluate or trainer.sanity_checking:
             return
         self._score(trainer, pl_module, "val", _loaders(trainer.val_dataloaders))
@@ -265,6 +331,8 @@ class AveragingCallback(pl.Callback):
                 if split != "test":
                     continue  # SWAG's BMA costs samples x (a BN pass + the set): at test only
                 outputs, targets = self._swag_outputs(trainer, average, loaders)
+            elif _sharded(average):  # through the sharded module (no BN under FSDP)
+                outputs, targets = self._outputs(trainer, average, loaders)
             else:
                 self._prepare(trainer, name, average)
                 outputs, targets = self._outputs(trainer, average.module, loaders)
@@ -300,8 +368,8 @@ class AveragingCallback(pl.Callback):
                 if buffer.is_floating_point():
                     buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
-    def _outputs(self, trainer: pl.Trainer, module: torch.nn.Module, loaders: list[Any]
-                 ) -> tuple[Tensor | None, Tensor | None]:
+    def _outputs(self, trainer: pl.Trainer, module: torch.nn.Module | Average,
+                 loaders: list[Any]) -> tuple[Tensor | None, Tensor | None]:
         outputs, targets = predict(module, self._batches(trainer, loaders), self.input_fn,
                                    self.target_fn)
         if not len(outputs) or targets is None:
@@ -354,7 +422,8 @@ class AveragingCallback(pl.Callback):
         tmp.replace(folder / "index.json")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"averages": {n: a.state_dict() for n, a in self.averages.items()},
+        return {"averages": {n: _whole_state(a) if _sharded(a) else a.state_dict()
+                             for n, a in self.averages.items()},
                 "last_step": self.last_step, "snapshots": list(self.snapshots)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -369,6 +438,9 @@ class AveragingCallback(pl.Callback):
             raise ValueError(f"the checkpoint holds the averages {sorted(saved)}, this "
                              f"callback keeps {sorted(self.averages)}")
         for name, average in self.averages.items():
-            average.load_state_dict(saved[name])
+            if _sharded(average):
+                _load_whole_state(average, saved[name])
+            else:
+                average.load_state_dict(saved[name])
         self.last_step = int(state.get("last_step", 0))
         self.snapshots = list(state.get("snapshots", []))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -257,3 +258,51 @@ def test_validate_with_and_copy_at_end_mirror_lightnings_weight_averaging(
     with pytest.raises(ValueError, match=r"^validate_with='ema': not one of this callback's "
                                          "averages"):
         AveragingCallback(["swa"], validate_with="ema")
+
+
+@pytest.mark.slow
+def test_the_callback_under_fsdp_equals_ddp_and_resumes(tmp_path: Path) -> None:
+    """AveragingCallback under Lightning's ModelParallelStrategy (fully_shard in
+    configure_model) on two CPU processes against the same fit under DDP
+    (tests/lightning_fsdp_run.py): SWA, EMA and SWAG sharded like the module, each rank holding
+    half of each; the averages' whole weights and every logged score (SWAG's Bayesian model
+    average at test included) equal to DDP's within 1e-6; a fit stopped after 2 epochs and
+    resumed from its sharded checkpoint to 3 ends with the uninterrupted run's averages."""
+    import json
+
+    script = ROOT / "tests" / "lightning_fsdp_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    records = {}
+    for mode in ("ddp", "fsdp", "fsdp_resume"):
+        out = tmp_path / f"{mode}.json"
+        r = subprocess.run([sys.executable, str(script), mode, str(out), str(tmp_path / mode)],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert r.returncode == 0, (mode, r.stderr[-3000:])
+        records[mode] = json.loads(out.read_text())
+    ddp = records["ddp"]
+    assert ddp["metrics"]["swa/test_acc"] > 0.6  # it learned
+    for mode in ("fsdp", "fsdp_resume"):
+        rec = records[mode]
+        assert set(rec["metrics"]) == set(ddp["metrics"]), mode
+        for key, value in ddp["metrics"].items():
+            assert rec["metrics"][key] == pytest.approx(value, abs=1e-6), (mode, key)
+        for name in ("swa", "ema", "swag"):
+            assert rec[name]["n"] == ddp[name]["n"] == 3, (mode, name)
+            assert rec[name]["share"] == pytest.approx(0.5, abs=0.02)
+            for key, values in ddp[name]["weights"].items():
+                worst = max(abs(a - b) for a, b in zip(values, rec[name]["weights"][key],
+                                                       strict=True))
+                assert worst <= 1e-6, (mode, name, key, worst)
+    assert (tmp_path / "fsdp_resume" / "ckpt" / "last.ckpt" / "meta.pt").is_file()
+
+
+def test_lightnings_fsdp1_strategy_is_refused_in_one_line() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = AveragingCallback(["swa"])
+    with pytest.raises(ValueError, match=r"^AveragingCallback: Lightning's FSDPStrategy \(FSDP1\) "
+                                         r"is not supported; use ModelParallelStrategy"):
+        cb.on_fit_start(SimpleNamespace(strategy=FSDPStrategy()), None)

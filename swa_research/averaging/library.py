@@ -212,9 +212,11 @@ def as_network(model: Module) -> Iterator[tuple[nn.Module, Callable[[Tensor], Te
         raise ValueError(f"the {model.method} average was never updated (call update(model) "
                          "at the averaging points first): it holds the weights it was made "
                          "from, not an average")
-    if getattr(model, "sharded", False):
+    if getattr(model, "sharded", False) and hasattr(model, "swapped"):
         with model.swapped() as net:  # type: ignore[union-attr]
             yield net, net
+    elif getattr(model, "sharded", False):  # an ensemble (FGE): each member through the model
+        yield model.model, model.predict  # type: ignore[union-attr]
     else:
         yield network_of(model)
 

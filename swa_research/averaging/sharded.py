@@ -93,6 +93,16 @@ def kept_weights(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_([_local(p) for p in model.parameters()], kept)
 
 
+def copy_into_model(average: Any) -> None:
+    """The model a sharded average was made of keeps the average's weights (its mean, for
+    SWAG): what a callback's ``copy_at_end`` does."""
+    with average.swapped() as model:
+        held = [_local(p).detach().clone() for p in model.parameters()]
+    reshard(model)
+    with torch.no_grad():
+        torch._foreach_copy_([_local(p) for p in model.parameters()], held)
+
+
 class ShardedAverage(Average):
     """An average of a ``fully_shard``'ed model's parameters, shard by shard (see the module
     docstring). ``kind``: ``swa``, ``ema`` (``decay``, ``warmup``) or ``lawa`` (``k``)."""
