@@ -204,7 +204,7 @@ class AveragingCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if isinstance(trainer.strategy, FSDPStrategy):  # its flat parameters are no DTensors
+        if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):  # flat params, no DTensors
             raise ValueError("AveragingCallback: Lightning's FSDPStrategy (FSDP1) is not "
                              "supported; use ModelParallelStrategy with fully_shard in the "
                              "module's configure_model (FSDP2)")
