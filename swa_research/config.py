@@ -169,6 +169,9 @@ class FsdpConfig:
     # classes, then on the root ([]: the model's blocks; the GPT's Block).
     wrap: list[str] = field(default_factory=list)
     reshard_after_forward: bool = True
+    # The final weight files: whole (sgd_final.pt, gathered one tensor at a time) or dcp
+    # (sgd_final.dcp/, each rank writing its shards: for models too large for one file).
+    final_format: str = "whole"
 
 
 @dataclass
@@ -276,6 +279,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic", "text"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
+    "trainer.fsdp.final_format": ("whole", "dcp"),
     "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
                       "warmup_constant", "wsd", "fge"),

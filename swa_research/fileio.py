@@ -116,3 +116,34 @@ def load_sharded_state(folder: str | Path, key: str = "state_dict") -> dict[str,
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({key: out}, storage_reader=reader, no_dist=True)
     return out
+
+
+DCP_SUFFIX = ".dcp"  # trainer.fsdp.final_format=dcp: sgd_final.dcp/ in place of sgd_final.pt
+DCP_INFO = "info.pt"  # what such a folder holds besides its sharded state dict
+
+
+def weights_location(path: str | Path) -> Path | None:
+    """Where the weights ``path`` names are: the file, or the folder ``torch.distributed.
+    checkpoint`` wrote in its place (``X.dcp`` for ``X.pt``, or ``path`` itself a folder);
+    None when neither is there."""
+    path = Path(path)
+    for candidate in (path, path.with_suffix(DCP_SUFFIX)):
+        if candidate.is_file() or (candidate / ".metadata").is_file():
+            return candidate
+    return None
+
+
+def read_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A weights file's contents (``{"state_dict": ..., "config": ..., ...}``), from a ``.pt``
+    file or from a sharded folder (:func:`weights_location`), whose state dict is read whole
+    in this process. FileNotFoundError when neither is there."""
+    found = weights_location(path)
+    if found is None:
+        raise FileNotFoundError(2, "no such weights file or folder", str(path))
+    if found.is_file():
+        return torch.load(found, map_location=map_location, weights_only=True)
+    info = torch.load(found / DCP_INFO, map_location="cpu", weights_only=True)
+    state = load_sharded_state(found)
+    if map_location not in (None, "cpu"):
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return {**info, "state_dict": state}

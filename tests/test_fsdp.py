@@ -532,3 +532,57 @@ def test_trainer_swag_and_fge_under_fsdp_equal_one_process_and_resume(tmp_path: 
     m3 = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for name in ("sgd", "swa", "fge", "swag", "swag_diag"):
         assert m3[name] == m2[name], name
+
+
+def test_final_weights_as_sharded_folders(tmp_path: Path) -> None:
+    """trainer.fsdp.final_format=dcp (here FSDP over one rank): every weight file is a
+    torch.distributed.checkpoint folder NAME.dcp with info.pt, listed in metrics.json; read
+    whole in one process it equals what the whole format writes (a second run, same seed), and
+    the readers take it: trainer.init_weights, the ensemble tool's loader, a finished run's
+    check. Without FSDP the key is refused in one line."""
+    import json
+
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+    from test_lm import lm_run, write_text
+
+    from swa_research.analysis.ensemble import Combiner
+    from swa_research.config import UserError
+    from swa_research.fileio import read_weights, weights_location
+    from swa_research.training.build import load_config, load_init_weights, train
+    from swa_research.training.fsdp import check_fsdp
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    base = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema]", "trainer.strategy=fsdp"]
+    runs = {}
+    for fmt in ("dcp", "whole"):
+        cfg = compose_config([*base, f"trainer.fsdp.final_format={fmt}"])
+        runs[fmt] = tmp_path / fmt
+        train(cfg, runs[fmt])
+        (runs[fmt] / ".hydra").mkdir()
+        OmegaConf.save(cfg, runs[fmt] / ".hydra" / "config.yaml")
+    names = ["sgd_final", "sgd_best_val", "swa", "ema"]
+    metrics = json.loads((runs["dcp"] / "metrics.json").read_text())
+    assert metrics["files"] == [f"{n}.dcp" for n in names]
+    for n in names:
+        folder = runs["dcp"] / f"{n}.dcp"
+        assert (folder / ".metadata").is_file() and (folder / "info.pt").is_file()
+        assert weights_location(runs["dcp"] / f"{n}.pt") == folder
+        a, b = read_weights(runs["dcp"] / f"{n}.pt"), read_weights(runs["whole"] / f"{n}.pt")
+        assert set(a) == set(b) and a.get("n_averaged") == b.get("n_averaged")
+        assert set(a["state_dict"]) == set(b["state_dict"])
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    with pytest.raises(UserError, match="already holds a finished run"):
+        train(compose_config([*base, "trainer.fsdp.final_format=dcp"]), runs["dcp"])
+    combiner = Combiner([runs["dcp"]], torch.device("cpu"))
+    state, = combiner.load(runs["dcp"], "swa")
+    swa = read_weights(runs["whole"] / "swa.pt")["state_dict"]
+    assert all(torch.equal(state[k], swa[k]) for k in swa)
+    model = copy.deepcopy(combiner.base.model)
+    load_init_weights(model, str(runs["dcp"] / "ema.dcp"))
+    ema = read_weights(runs["whole"] / "ema.pt")["state_dict"]
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match=r"^trainer.fsdp.final_format=dcp writes a sharded "
+                                        r"model's weights rank by rank: it needs "
+                                        r"trainer.strategy=fsdp$"):
+        check_fsdp(load_config(compose_config(["trainer.fsdp.final_format=dcp"])))

@@ -47,7 +47,7 @@ from swa_research.analysis.report_wandb import log_ensemble
 from swa_research.analysis.runset import load_run
 from swa_research.averaging import average_states, classification_metrics
 from swa_research.config import UserError, flatten_dict
-from swa_research.fileio import atomic_write_text
+from swa_research.fileio import atomic_write_text, read_weights, weights_location
 from swa_research.models import load_state
 from swa_research.tracking.runs import find_run_dirs, is_run_dir, read_run
 from swa_research.training.build import resolve_device
@@ -170,11 +170,11 @@ class Combiner:
 
     def load(self, run_dir: Path, kind: str) -> list[dict[str, Tensor]] | None:
         """The run's weights of ``kind``: one state, or an ensemble's members (``fge.pt``)."""
-        path = run_dir / weight_file(kind)
-        if not path.is_file():
+        path = weights_location(run_dir / weight_file(kind))  # X.pt, or the sharded X.dcp
+        if path is None:
             return None
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = read_weights(path)
         except Exception as e:
             raise UserError(f"{path} cannot be read ({type(e).__name__}); rerun that run to "
                             "write it again") from None

@@ -44,7 +44,7 @@ from swa_research.data import (
     Preprocess,
     bn_pass_batches,
 )
-from swa_research.fileio import atomic_write_text
+from swa_research.fileio import atomic_write_text, read_weights, weights_location
 from swa_research.models import build_model
 from swa_research.tasks import build_task
 from swa_research.tracking.plots import pyplot, save_figure
@@ -70,12 +70,12 @@ class LoadedRun:
 
 
 def _load_weights(path: Path, device: torch.device) -> dict[str, Any]:
-    if not path.is_file():
+    if weights_location(path) is None:
         hint = (" (the run had no average: swa=none, or averaging never started)"
                 if path.name == "swa.pt" else "")
         raise UserError(f"{path} not found{hint}; flatness needs sgd_final.pt and swa.pt "
                         "(trainer.save_checkpoints=true)")
-    return torch.load(path, map_location=device, weights_only=True)
+    return read_weights(path, map_location=device)
 
 
 def load_run(run_dir: str | Path, device: torch.device, num_workers: int = 0) -> LoadedRun:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.errors import UserError
+from swa_research.fileio import read_weights, weights_location
 
 
 @torch.no_grad()
@@ -104,14 +105,14 @@ def sample(args: argparse.Namespace) -> str:
         raise UserError(f"{args.run_dir} trained task={config.task.name}: sampling is for "
                         "language models (task=lm)")
     name = "sgd_final.pt" if args.weights == "sgd" else f"{args.weights}.pt"
-    path = args.run_dir / name
-    if not path.is_file():
+    path = weights_location(args.run_dir / name) or args.run_dir / name
+    if not path.exists():
         kept = sorted(p.stem for p in args.run_dir.glob("*.pt") if p.stem not in
                       ("checkpoint", "checkpoint.prev", "sgd_final", "sgd_best_val"))
         raise UserError(f"--weights {args.weights}: {path} not found; this run kept sgd"
                         + "".join(f", {k}" for k in kept))
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_weights(path)
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
     tok = tokenizer_of(saved, config)

@@ -93,6 +93,14 @@ def kept_weights(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_([_local(p) for p in model.parameters()], kept)
 
 
+def in_layout(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``model``'s state dict with its parameters replaced by ``weights`` (by parameter name;
+    a tied weight under each of its names), its buffers as they are."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {key: weights[names[id(v)]] if id(v) in names else v
+            for key, v in model.state_dict(keep_vars=True).items()}
+
+
 def copy_into_model(average: Any) -> None:
     """The model a sharded average was made of keeps the average's weights (its mean, for
     SWAG): what a callback's ``copy_at_end`` does."""
@@ -198,12 +206,13 @@ class ShardedAverage(Average):
         """The whole averaged network's state dict on the CPU, in the model's layout (tied
         weights under each of their names, the model's buffers: no BN, so they are fixed),
         gathered one tensor at a time (every rank takes part)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        out = {}
-        for key, value in self.model.state_dict(keep_vars=True).items():
-            name = names.get(id(value))
-            out[key] = whole_tensor(self.weights[name] if name is not None else value)
-        return out
+        return {k: whole_tensor(v) for k, v in self.sharded_state_dict().items()}
+
+    def sharded_state_dict(self) -> dict[str, Tensor]:
+        """The averaged network's state dict in the model's layout, its parameters the
+        average's DTensors (nothing gathered): what ``torch.distributed.checkpoint`` writes
+        rank by rank."""
+        return in_layout(self.model, self.weights)
 
     # -- settings and state ----------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

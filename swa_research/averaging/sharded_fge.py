@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from swa_research.averaging.base import has_batch_norm
 from swa_research.averaging.fge import FGE
-from swa_research.averaging.sharded import _local, kept_weights, reshard, whole_tensor
+from swa_research.averaging.sharded import (
+    _local,
+    in_layout,
+    kept_weights,
+    reshard,
+    whole_tensor,
+)
 from swa_research.averaging.swag import available_bytes
 from swa_research.config import SwaConfig, UserError
 
@@ -82,9 +88,11 @@ class ShardedFGE(FGE):
 
     def _whole(self, member: dict[str, Tensor]) -> dict[str, Tensor]:
         """A member as the model's whole state dict on the CPU (every rank takes part)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {key: whole_tensor(member[names[id(v)]] if id(v) in names else v)
-                for key, v in self.model.state_dict(keep_vars=True).items()}
+        return {k: whole_tensor(v) for k, v in in_layout(self.model, member).items()}
+
+    def sharded_state_dict(self) -> dict[str, Tensor]:
+        """The latest member's state dict with DTensors (nothing gathered)."""
+        return in_layout(self.model, self.members[-1])
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The latest member, whole: what fge.pt's state_dict holds."""

@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.averaging.base import has_batch_norm
-from swa_research.averaging.sharded import _local, kept_weights, reshard, whole_tensor
+from swa_research.averaging.sharded import (
+    _local,
+    in_layout,
+    kept_weights,
+    reshard,
+    whole_tensor,
+)
 from swa_research.averaging.swag import SWAG, check_memory, resolve_swag_device
 from swa_research.config import SwaConfig
 
@@ -168,10 +174,11 @@ class ShardedSWAG(SWAG):
     def full_state_dict(self) -> dict[str, Tensor]:
         """The mean network's whole state dict on the CPU (what swag.pt's state_dict holds),
         gathered one tensor at a time."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        mean = self._dtensors(self.mean)
-        return {key: whole_tensor(mean[names[id(v)]] if id(v) in names else v)
-                for key, v in self.model.state_dict(keep_vars=True).items()}
+        return {k: whole_tensor(v) for k, v in self.sharded_state_dict().items()}
+
+    def sharded_state_dict(self) -> dict[str, Tensor]:
+        """The mean network's state dict with DTensors (nothing gathered)."""
+        return in_layout(self.model, self._dtensors(self.mean))
 
     def deviations(self) -> Tensor:
         if self.buffer is None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from swa_research.averaging import Average
 from swa_research.averaging.sharded import whole_tensor
-from swa_research.fileio import atomic_torch_save
+from swa_research.distributed import barrier
+from swa_research.fileio import DCP_INFO, DCP_SUFFIX, atomic_torch_save
 from swa_research.tasks import CLASSIFICATION, TaskMetrics
 
 
@@ -90,27 +91,61 @@ def vocabulary_record(data: Any) -> dict[str, Any]:
 def save_weights(run_dir: Path, config: dict[str, Any], model: nn.Module, iteration: int,
                  best_state: dict[str, torch.Tensor] | None, best: dict[str, Any] | None,
                  averages: dict[str, Average], extra: dict[str, Any] | None = None,
-                 write: bool = True) -> list[str]:
+                 write: bool = True, sharded_format: bool = False) -> list[str]:
     """sgd_final.pt, sgd_best_val.pt and one file per average that holds anything, each
     written atomically, each with ``extra`` (:func:`vocabulary_record`); returns their
     names. The weights are whole: a model sharded with FSDP and its averages are gathered one
-    tensor at a time, with every rank taking part (``write``: this rank writes the files)."""
-    blobs = {"sgd_final.pt": {"state_dict": whole(model.state_dict()), "config": config,
+    tensor at a time, with every rank taking part (``write``: this rank writes the files).
+    ``sharded_format`` (FSDP's ``trainer.fsdp.final_format=dcp``): each is instead a folder
+    ``NAME.dcp`` that ``torch.distributed.checkpoint`` writes rank by rank (no rank gathers
+    anything), with ``info.pt`` beside the shards (:func:`swa_research.fileio.read_weights`
+    reads both kinds)."""
+    def state_of(average: Average) -> dict[str, torch.Tensor]:
+        if not getattr(average, "sharded", False):
+            return average.module.state_dict()
+        return (average.sharded_state_dict() if sharded_format  # type: ignore[attr-defined]
+                else average.full_state_dict())  # type: ignore[attr-defined]
+
+    keep = (lambda s: s) if sharded_format else whole
+    blobs = {"sgd_final.pt": {"state_dict": keep(model.state_dict()), "config": config,
                               "iteration": iteration}}
     if best_state is not None:
-        blobs["sgd_best_val.pt"] = {"state_dict": whole(best_state), "config": config,
+        blobs["sgd_best_val.pt"] = {"state_dict": keep(best_state), "config": config,
                                     "epoch": best["epoch"] if best else None}
     for name, average in averages.items():
         if average.n_averaged > 0:
-            state = (average.full_state_dict() if getattr(average, "sharded", False)  # type: ignore[attr-defined]
-                     else average.module.state_dict())
-            blobs[f"{name}.pt"] = {"state_dict": state, "config": config,
+            blobs[f"{name}.pt"] = {"state_dict": state_of(average), "config": config,
                                    "n_averaged": average.n_averaged, "method": average.method,
-                                   **average.export()}
+                                   **({} if sharded_format else average.export())}
+    if sharded_format:
+        return [save_sharded(run_dir / name, {**blob, **(extra or {})}, write)
+                for name, blob in blobs.items()]
     if write:
         for name, blob in blobs.items():
             atomic_torch_save({**blob, **(extra or {})}, Path(run_dir) / name)
     return list(blobs)
+
+
+def save_sharded(path: Path, blob: dict[str, Any], write: bool) -> str:
+    """``blob`` as the folder ``path`` with the suffix ``.dcp``: its state dict written by
+    every rank (its shards), the rest in ``info.pt`` by the writing rank, which then renames
+    the finished folder into place. Returns the folder's name."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(path).with_suffix(DCP_SUFFIX)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if write and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()  # no rank writes into a folder that the writing rank is still removing
+    dcp.save({"state_dict": blob["state_dict"]}, checkpoint_id=str(tmp))
+    if write:
+        atomic_torch_save({k: v for k, v in blob.items() if k != "state_dict"}, tmp / DCP_INFO)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    return folder.name
 
 
 def whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

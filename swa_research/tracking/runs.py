@@ -130,7 +130,7 @@ def check_finished_run(run_dir: Path, status: str, metrics: dict[str, Any] | Non
         return False
     # metrics.json lists the files written before it; an older metrics.json did not.
     expected = metrics.get("files", ["sgd_final.pt"])
-    if all((run_dir / n).is_file() for n in expected):
+    if all((run_dir / n).exists() for n in expected):  # a .dcp weights folder, or a file
         # A kill between metrics.json (the commit point) and the removal of the training
         # checkpoints leaves them behind for good: remove what the finished run would have
         # (its own trainer.keep_checkpoint, not the rerun's), and say so.

@@ -33,7 +33,7 @@ from swa_research.config import Config, iterations_per_epoch, to_config, validat
 from swa_research.data import Preprocess
 from swa_research.distributed import agree, group_of_one, world
 from swa_research.errors import DataError, UserError, one_line
-from swa_research.fileio import probe_writable, remove_stale_temporaries
+from swa_research.fileio import probe_writable, read_weights, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
 from swa_research.models import build_model, load_state, resolve_model_config
 from swa_research.tasks import Task, build_task
@@ -391,7 +391,7 @@ def load_init_weights(model: torch.nn.Module, path: str, tokenizer: Any = None) 
     recorded vocabulary is not the run's."""
     where = f"trainer.init_weights={path}"
     try:
-        saved = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+        saved = read_weights(Path(path).expanduser())  # a .pt file or a sharded .dcp folder
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
     except Exception as e:

@@ -45,6 +45,9 @@ def check_fsdp(config: Any) -> None:
     """What ``trainer.strategy=fsdp`` does not support yet, refused before anything is built."""
     t = config.trainer
     if t.strategy != "fsdp":
+        if t.fsdp.final_format != "whole":
+            raise UserError(f"trainer.fsdp.final_format={t.fsdp.final_format} writes a sharded "
+                            "model's weights rank by rank: it needs trainer.strategy=fsdp")
         return
     refused = []
     from swa_research.averaging import average_names

@@ -293,7 +293,8 @@ class Trainer:
         with self.iterate(bn=True):
             return save_weights(self.run_dir, self.config_dict, self.model, self.iteration,
                                 self.evaluator.best_state, self.evaluator.best, self.averages,
-                                vocabulary_record(self.data), write=self.ranks.is_main)
+                                vocabulary_record(self.data), write=self.ranks.is_main,
+                                sharded_format=self.cfg.fsdp.final_format == "dcp")
 
     def _log_start(self) -> None:
         log_start(self)
