@@ -505,7 +505,8 @@ def test_the_mfu_is_the_models_flops_at_the_throughput_over_the_peak(tmp_path: P
     with caplog.at_level(logging.INFO, logger="swa_research.training.trainer"):
         m = train(compose_config([*lm_run(text), "trainer.epochs=1", "trainer.peak_tflops=0.5"]),
                   tmp_path / "run")
-    tokens_per_s = m["train"]["images_per_s"]
+    tokens_per_s = m["train"]["tokens_per_s"]
+    assert "images_per_s" not in m["train"]
     flops = m["model"]["flops_per_unit"]
     assert m["train"]["mfu"] == pytest.approx(flops * tokens_per_s / 0.5e12, rel=1e-3)
     line = next(r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage())
@@ -671,3 +672,37 @@ def test_the_debug_limits_shorten_a_language_model_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"^trainer.overfit_batches \(debug=overfit\) fits "
                                         "fixed images"):
         train(compose_config([*run, "debug=overfit"]), tmp_path / "overfit")
+
+
+def test_a_language_model_sweep_says_tokens_and_loss_not_images_and_accuracy(
+        tmp_path: Path) -> None:
+    """metrics.json names the throughput by the task's unit (train.tokens_per_s), the sweep
+    report draws the headline's curves as report_loss.png (not report_accuracy.png), has no
+    calibration columns nor "ECE in %" (a language model has none), and a long run name wraps
+    in the plots' titles instead of widening them."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from swa_research.analysis.report import write_report
+    from swa_research.tracking.plots import TITLE_WIDTH, wrapped
+
+    text = write_text(tmp_path / "t.txt", lines=400)
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        cfg = compose_config([*lm_run(text), "trainer.epochs=1", "swa.start=0", f"seed={seed}"])
+        train(cfg, sweep / str(seed))
+        (sweep / str(seed) / ".hydra").mkdir()
+        OmegaConf.save(cfg, sweep / str(seed) / ".hydra" / "config.yaml")
+    m = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert m["train"]["tokens_per_s"] > 0 and "images_per_s" not in m["train"]
+    report = write_report(sweep, use_wandb=False)
+    assert (sweep / "report_loss.png").is_file() and (sweep / "report_swa_gain.png").is_file()
+    assert not (sweep / "report_accuracy.png").exists()
+    assert "ECE" not in report.markdown and " in %" not in report.markdown
+    header = (sweep / "report.csv").read_text().splitlines()[0]
+    assert "_ece" not in header and "_nll" not in header and "swa_test_loss_mean" in header
+    name = ",".join(f"model.n_layer={i},optimizer.lr=0.00{i}" for i in range(8))
+    lines = wrapped(f"Loss {name}").splitlines()
+    assert len(lines) > 3 and max(len(line) for line in lines) <= TITLE_WIDTH
+    assert "".join(lines).replace(" ", "") == f"Loss{name}"

@@ -59,7 +59,17 @@ from swa_research.tracking.runs import find_run_dirs, is_run_dir
 
 log = logging.getLogger(__name__)
 
-REPORT_FILES = ("report.md", "report.csv", "report_swa_gain.png", "report_accuracy.png")
+def curves_file(spec: TaskMetrics) -> str:
+    """The file of the headline metric's curves: ``report_accuracy.png`` for classification,
+    ``report_loss.png`` for a language model, ``report_<metric>.png`` otherwise."""
+    return f"report_{'accuracy' if spec.headline == 'acc' else spec.headline}.png"
+
+
+def percent_note(spec: TaskMetrics, columns: Sequence[Metric]) -> str:
+    """``; acc and ECE in %``: which of the table's values are percentages (none: empty)."""
+    shown = sorted(spec.percent) + (["ECE"] if any(c[0].endswith("_ece") for c in columns)
+                                    else [])
+    return f"; {' and '.join(shown)} in %" if shown else ""
 PAPER_CSV = "report_paper.csv"  # only when runs measure cells of the SWA paper's table
 Metric = tuple[str, tuple[str, ...], str]  # (column, path in metrics.json, label)
 
@@ -68,11 +78,12 @@ def _label(spec: TaskMetrics, m: str) -> str:
     return f"{m} %" if m in spec.percent else m
 
 
-def metric_columns(averages: Sequence[str] = (), spec: TaskMetrics = CLASSIFICATION
-                   ) -> list[Metric]:
+def metric_columns(averages: Sequence[str] = (), spec: TaskMetrics = CLASSIFICATION,
+                   calibrated: bool = True) -> list[Metric]:
     """The report's columns for the runs' task: the final SGD, best-val SGD and SWA test
     values of the headline metric (accuracy for classification), then of the other metrics,
-    the calibration, then the same per further average (``swa.also``) by name."""
+    the calibration (``calibrated``: the runs' metrics.json hold one; a language model's do
+    not), then the same per further average (``swa.also``) by name."""
     ordered = [spec.headline, *(m for m in spec.metrics if m != spec.headline)]
     out: list[Metric] = []
     for m in ordered:
@@ -80,17 +91,19 @@ def metric_columns(averages: Sequence[str] = (), spec: TaskMetrics = CLASSIFICAT
                 (f"sgd_best_val_test_{m}", ("sgd_best_val", f"test_{m}"),
                  f"SGD best-val {_label(spec, m)}"),
                 (f"swa_test_{m}", ("swa", f"test_{m}"), f"SWA {_label(spec, m)}")]
-    out += [("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
-            ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
-            ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
-            ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL")]
+    if calibrated:
+        out += [("sgd_ece", ("calibration", "sgd", "ece"), "SGD ECE %"),
+                ("swa_ece", ("calibration", "swa", "ece"), "SWA ECE %"),
+                ("sgd_nll", ("calibration", "sgd", "nll"), "SGD NLL"),
+                ("swa_nll", ("calibration", "swa", "nll"), "SWA NLL")]
     for name in averages:
         if name != "swa":
             label = name.upper()
             out += [(f"{name}_test_{m}", (name, f"test_{m}"), f"{label} {_label(spec, m)}")
                     for m in ordered]
-            out += [(f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
-                    (f"{name}_nll", ("calibration", name, "nll"), f"{label} NLL")]
+            if calibrated:
+                out += [(f"{name}_ece", ("calibration", name, "ece"), f"{label} ECE %"),
+                        (f"{name}_nll", ("calibration", name, "nll"), f"{label} NLL")]
     return out
 
 
@@ -224,7 +237,8 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
     for run in runs:
         averages += [n for n in (run.metrics or {}).get("averages") or [] if n not in averages]
     spec = runs_task(runs)
-    columns = metric_columns(averages, spec)
+    calibrated = any((run.metrics or {}).get("calibration") for run in runs)
+    columns = metric_columns(averages, spec, calibrated)
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         values = {k: run.value(k) for k in keys}
@@ -370,7 +384,7 @@ def format_markdown(report: Report) -> str:
         f"{len(report.runs) - n_ok} failed) in {len(report.rows)} configuration(s).",
         "",
         "Mean ± sample standard deviation over seeds of the finished runs' test metrics "
-        f"(task {spec.name}; {' and '.join([*sorted(spec.percent), 'ECE'])} in %). SWA gain: "
+        f"(task {spec.name}{percent_note(spec, report.columns)}). SWA gain: "
         f"{spec.gain_text()}, paired by run, mean with a 95% t interval over seeds. Failed runs "
         "are not averaged.",
         "",
@@ -438,7 +452,7 @@ def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
                           for c in report.paper])
         atomic_write_text(out / PAPER_CSV, buf.getvalue())
         report.files.append(out / PAPER_CSV)
-    for name, plot in (("report_swa_gain.png", plot_gain), ("report_accuracy.png",
+    for name, plot in (("report_swa_gain.png", plot_gain), (curves_file(report.spec),
                                                            plot_accuracy)):
         try:
             report.files.append(plot(report, out / name))

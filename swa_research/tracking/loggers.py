@@ -88,7 +88,7 @@ def eval_values(row: dict[str, Any], averages: list[str] | tuple[str, ...]) -> d
         for key in eval_keys(metrics):
             if row.get(f"{model}_{key}") is not None:
                 data[f"{model}/{key}"] = row[f"{model}_{key}"]
-    for key in ("images_per_s", "mfu"):
+    for key in [k for k in row if k.endswith("_per_s")] + ["mfu"]:  # images_per_s, ...
         if row.get(key) is not None:
             data[f"epoch/{key}"] = row[key]
     return data

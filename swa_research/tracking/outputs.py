@@ -67,7 +67,8 @@ def run_metrics(status: str, wall: float, error: str | None, *, epochs: int, ite
         "epochs": epochs,
         "iterations": iterations,
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(images_seen / train_time, 1) if train_time > 0 else None,
+        # Named by the task's unit: images_per_s, tokens_per_s.
+        f"{task.unit}_per_s": round(images_seen / train_time, 1) if train_time > 0 else None,
         # Of this process (a resumed run: since the resume).
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": None if gpu is None else round(gpu, 1),

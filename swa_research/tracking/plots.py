@@ -14,6 +14,17 @@ from swa_research.tasks import CLASSIFICATION, row_metrics
 PLOT_FILES = ("loss_curves.png", "accuracy.png")
 
 
+
+TITLE_WIDTH = 60  # characters a title line holds: a sweep job's name (its overrides) is long
+
+
+def wrapped(title: str) -> str:
+    """``title`` on lines of at most :data:`TITLE_WIDTH` characters (at spaces, or inside a
+    long override string), so that a long run name makes the figure taller, never wider."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title.strip(), TITLE_WIDTH)) or title.strip()
+
 def read_history(path: str | Path) -> list[dict[str, float | None]]:
     rows: list[dict[str, float | None]] = []
     with open(path, newline="", encoding="utf-8") as f:
@@ -105,7 +116,7 @@ def plot_history(rows: Sequence[dict[str, Any]], out_dir: str | Path,
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{heading} {title}".strip())
+        ax.set_title(wrapped(f"{heading} {title}"))
         ax.grid(alpha=0.3)
         ax.legend()
         written.append(save_figure(fig, out / filename))
@@ -147,7 +158,7 @@ def plot_schedule(lr: Callable[[int], float], total: int, iters_per_epoch: int,
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    ax.set_title(f"Learning rate {title}".strip())
+    ax.set_title(wrapped(f"Learning rate {title}"))
     return save_figure(fig, path)
 
 
@@ -178,6 +189,6 @@ def plot_reliability(bins: dict[str, Any], path: str | Path, title: str = "") ->
         bottom.set_xlabel("confidence")
         bottom.set_ylabel("share")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(wrapped(title))
     fig.tight_layout()
     return save_figure(fig, path)

@@ -30,8 +30,9 @@ def eval_line(row: dict[str, Any], spec: TaskMetrics, averages: Sequence[str], e
             msg += (f" | {name} val {scores(f'{name}_val')} test {scores(f'{name}_test')} "
                     f"(n={row[f'{name}_n_averaged']})")
     msg += f" | {seconds:.1f}s"
-    if row.get("images_per_s"):  # training throughput so far, in the task's unit
-        msg += f", {row['images_per_s']:,.0f} {spec.unit}/s"
+    per_s = row.get(f"{spec.unit}_per_s")  # training throughput so far, in the task's unit
+    if per_s:
+        msg += f", {per_s:,.0f} {spec.unit}/s"
         if row.get("mfu") is not None:  # a model that counts its FLOPs, on a known peak
             msg += f", MFU {100 * row['mfu']:.1f}%"
     if loader_wait is not None:

@@ -269,8 +269,8 @@ class Trainer:
         row = self.evaluate_all(epoch, train)
         self.history.append(dict(row))
         if epoch > 0:  # throughput goes to the trackers only: the files stay reproducible
-            row["images_per_s"] = self.images_seen / max(self.train_time, 1e-9)
-            row["mfu"] = run_mfu(self, row["images_per_s"])
+            per_s = self.images_seen / max(self.train_time, 1e-9)  # images/s, tokens/s
+            row[f"{self.task.spec.unit}_per_s"], row["mfu"] = per_s, run_mfu(self, per_s)
         self.loggers.log_eval(row)
         log.info("%s", eval_line(row, self.task.spec, list(self.averages), self.cfg.epochs,
                                  time.perf_counter() - t0, self.loader_wait))
