@@ -28,8 +28,11 @@ Where it goes beyond Lightning's callbacks (read in lightning 2.6's ``callbacks/
   of Lightning's callbacks supports.
 
 Batches are ``(input, target)`` by default; ``input_fn`` and ``target_fn`` read any other
-structure. The metrics are classification's (``classification_metrics``); pass ``metrics_fn``
-for another task (it takes the set's outputs and targets and returns named floats).
+structure. The metrics follow what the module's outputs are: logits [N, C] with labels [N] get
+classification's (loss, acc, nll, ece), next-token logits [N, T, V] with targets [N, T] a
+language model's (loss, ppl); pass ``metrics_fn`` for another task (it takes the set's outputs
+and targets and returns named floats), e.g. ``metrics_fn=lambda out, y: {"mae": float((out -
+y).abs().mean())}``.
 """
 
 from __future__ import annotations
@@ -44,13 +47,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from swa_research.averaging import (
     SWAG,
     Average,
     AveragingPlan,
-    classification_metrics,
     make_average,
     make_plan,
     predict,
@@ -58,6 +61,7 @@ from swa_research.averaging import (
 )
 from swa_research.averaging.base import bn_update, first_item, has_batch_norm
 from swa_research.averaging.library import check_average_options, check_plan
+from swa_research.averaging.metrics import task_metrics
 from swa_research.averaging.sharded import copy_into_model, whole_tensor
 
 __all__ = ["AveragingCallback"]
@@ -65,6 +69,15 @@ __all__ = ["AveragingCallback"]
 
 def second_item(batch: Any) -> Tensor:
     return batch[1]
+
+
+def token_metrics(losses: Tensor, targets: Tensor) -> dict[str, float]:
+    """A language model's ``loss`` (mean per token, targets of -1 not counted) and ``ppl``
+    from the per-token losses of a whole set: what :func:`~swa_research.averaging.
+    language_model_metrics` gives from its logits."""
+    kept = losses[targets != -1].double()
+    loss = kept.mean()
+    return {"loss": float(loss), "ppl": float(loss.exp())}
 
 
 def _sharded(average: Average) -> bool:
@@ -180,9 +193,10 @@ class AveragingCallback(pl.Callback):
         self.validate_with, self.copy_at_end = validate_with, copy_at_end
         self._kept: dict[str, Tensor] | None = None  # the module's weights while swapped
         self._swap: contextlib.ExitStack | None = None  # a sharded average's swap, likewise
+        self._token_losses = False  # the outputs being scored are a language model's losses
         self.evaluate = evaluate
         self.input_fn, self.target_fn = input_fn, target_fn
-        self.metrics_fn = metrics_fn or classification_metrics
+        self.metrics_fn = metrics_fn or task_metrics
         self.swag_seed = swag_seed
         self.snapshot_every, self.snapshot_unit = snapshot_every, snapshot_unit
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
@@ -338,7 +352,10 @@ class AveragingCallback(pl.Callback):
                 outputs, targets = self._outputs(trainer, average.module, loaders)
             if outputs is None:
                 continue
-            for key, value in self.metrics_fn(outputs, targets).items():
+            metrics = (token_metrics(outputs, targets) if self._token_losses
+                       else self.metrics_fn(outputs, targets))
+            self._token_losses = False
+            for key, value in metrics.items():
                 pl_module.log(f"{name}/{split}_{key}", float(value), sync_dist=False,
                               rank_zero_only=False)
 
@@ -370,12 +387,24 @@ class AveragingCallback(pl.Callback):
 
     def _outputs(self, trainer: pl.Trainer, module: torch.nn.Module | Average,
                  loaders: list[Any]) -> tuple[Tensor | None, Tensor | None]:
+        self._token_losses = False
+        reduce = self._per_token if self.metrics_fn is task_metrics else None
         outputs, targets = predict(module, self._batches(trainer, loaders), self.input_fn,
-                                   self.target_fn)
+                                   self.target_fn, output_fn=reduce)
         if not len(outputs) or targets is None:
             return None, None
         device = trainer.strategy.root_device  # NCCL gathers device tensors
         return self._gather(trainer, outputs.to(device), targets.to(device))
+
+    def _per_token(self, logits: Tensor, batch: Any) -> Tensor:
+        """A language model's logits [B, T, V] kept as their per-token losses [B, T] (a whole
+        set's logits would not fit in memory); a classifier's as they are."""
+        if logits.ndim != 3:
+            return logits
+        self._token_losses = True
+        targets = self.target_fn(batch)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device),
+                               ignore_index=-1, reduction="none").view(targets.shape)
 
     def _swag_outputs(self, trainer: pl.Trainer, average: SWAG, loaders: list[Any]
                       ) -> tuple[Tensor | None, Tensor | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,7 +19,13 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from swa_research.averaging import average_states, bn_update, make_average  # noqa: E402
+from swa_research.averaging import (  # noqa: E402
+    average_states,
+    bn_update,
+    make_average,
+    predict,
+    swag_bma,
+)
 from swa_research.lightning import AveragingCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,3 +313,67 @@ def test_lightnings_fsdp1_strategy_is_refused_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"^AveragingCallback: Lightning's FSDPStrategy \(FSDP1\) "
                                          r"is not supported; use ModelParallelStrategy"):
         cb.on_fit_start(SimpleNamespace(strategy=FSDPStrategy()), None)
+
+
+class TinyLM(pl.LightningModule):
+    """A next-token model: embeddings, a linear layer, logits [B, T, V]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(11, 16)
+        self.out = torch.nn.Linear(16, 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten(),
+                                                 ignore_index=-1)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def sequences(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    """Counting mod 11 from random starts: each token's successor is learnable."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 11, (n, 1), generator=g)
+    tokens = (starts + torch.arange(9)) % 11
+    y = tokens[:, 1:].clone()
+    y[:, -1] = -1  # a padded target: not counted
+    return torch.utils.data.TensorDataset(tokens[:, :-1], y)
+
+
+def test_a_language_models_averages_are_scored_by_loss_and_perplexity(tmp_path: Path) -> None:
+    """With no metrics_fn the callback reads the module's outputs: next-token logits [B, T, V]
+    with targets [B, T] are scored as a language model (loss per token, targets of -1 not
+    counted, and perplexity), equal to language_model_metrics on the average's logits computed
+    here; SWAG's Bayesian model average, a classifier's, refuses such logits in one line."""
+    from torch.utils.data import DataLoader
+
+    from swa_research.averaging import language_model_metrics
+
+    cb = AveragingCallback(["swa"], start=0.5)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", callbacks=[cb], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    val = DataLoader(sequences(40, 2), batch_size=16)
+    trainer.fit(TinyLM(), DataLoader(sequences(256, 1), batch_size=32), val)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert set(logged) == {"swa/val_loss", "swa/val_ppl"}
+    logits, targets = predict(cb.averages["swa"], val)
+    want = language_model_metrics(logits, targets)
+    assert logged["swa/val_loss"] == pytest.approx(want["loss"], abs=1e-5)
+    assert logged["swa/val_ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert want["loss"] < 0.5 * math.log(11)  # it learned the successor
+    swag = make_average("swag", TinyLM(), samples=2)
+    swag.update(TinyLM())
+    with pytest.raises(ValueError, match=r"^swag: the Bayesian model average takes a "
+                                         r"classifier's logits \[N, C\]; the model gave "
+                                         r"\(16, 8, 11\)"):
+        swag_bma(swag, lambda: [x for x, _ in val])

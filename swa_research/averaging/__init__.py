@@ -42,7 +42,7 @@ from swa_research.config import SwaConfig, UserError, validate_swa
 # The public, versioned surface (docs/library.md).
 PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_states",
           "bn_update", "classification_metrics", "expected_calibration_error", "fge_lr",
-          "make_average",
+          "language_model_metrics", "make_average",
           "make_plan", "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
 __all__ = ["AVERAGE_OPTIONS", "METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan",
@@ -50,7 +50,8 @@ __all__ = ["AVERAGE_OPTIONS", "METHODS", "PRIMARY", "SWAG", "Average", "Averagin
            "SWAGDiag", "WeightAverage", "average_names", "average_states", "bn_update",
            "average_config", "build_averages", "check_budget", "check_methods",
            "further_averages", "classification_metrics",
-           "expected_calibration_error", "fge_lr", "has_batch_norm", "make_average", "make_plan",
+           "expected_calibration_error", "fge_lr", "has_batch_norm", "language_model_metrics",
+           "make_average", "make_plan",
            "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
 METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
@@ -183,4 +184,5 @@ from swa_research.averaging.library import (  # noqa: E402
 from swa_research.averaging.metrics import (  # noqa: E402
     classification_metrics,
     expected_calibration_error,
+    language_model_metrics,
 )

@@ -245,10 +245,14 @@ def checked_input(input_fn: Callable[[Any], Tensor], where: str) -> Callable[[An
 
 @torch.no_grad()
 def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Tensor] = first_item,
-            label_fn: Callable[[Any], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+            label_fn: Callable[[Any], Tensor] | None = None,
+            output_fn: Callable[[Tensor, Any], Tensor] | None = None
+            ) -> tuple[Tensor, Tensor | None]:
     """Logits (float32, CPU) of a network or an average over ``batches`` in eval mode (its
     mode restored after), and the labels when the batches carry them (``label_fn``, default:
-    the second item of a tuple)."""
+    the second item of a tuple). ``output_fn(logits, batch)``, when given, reduces each
+    batch's logits before they are kept (a language model's to per-token losses: a whole
+    set's logits would not fit)."""
     input_fn = checked_input(input_fn, "predict")
     outs: list[Tensor] = []
     labels: list[Tensor] = []
@@ -257,7 +261,8 @@ def predict(model: Module, batches: Iterable[Any], input_fn: Callable[[Any], Ten
         module.eval()
         try:
             for batch in batches:
-                outs.append(forward(input_fn(batch)).float().cpu())
+                out = forward(input_fn(batch)).float()
+                outs.append((out if output_fn is None else output_fn(out, batch)).cpu())
                 if label_fn is not None:
                     labels.append(label_fn(batch).cpu())
                 elif isinstance(batch, (tuple, list)) and len(batch) > 1:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["N_BINS", "ReliabilityBins", "calibration_summary", "classification_metrics",
-           "confidence_and_correct", "expected_calibration_error", "negative_log_likelihood",
-           "reliability_bins"]
+           "confidence_and_correct", "expected_calibration_error", "language_model_metrics",
+           "negative_log_likelihood", "reliability_bins", "task_metrics"]
 
 N_BINS = 15
 
@@ -101,3 +101,29 @@ def classification_metrics(logits: Tensor, labels: Tensor, n_bins: int = N_BINS
     cal, _ = calibration_summary(logits, labels, n_bins)
     return {"loss": float(F.cross_entropy(logits, labels)),
             "acc": float((logits.argmax(1) == labels).double().mean()), **cal}
+
+
+def language_model_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    """``loss`` (the mean cross-entropy per token, float32 as training computes it) and
+    ``ppl`` (its exponential) of a whole set's next-token logits [N, T, V] and targets [N, T]
+    (targets of -1 are not counted, as ``F.cross_entropy``'s ignore_index=-1 in nanoGPT)."""
+    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [N, T, V] and targets [N, T], got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
+    loss = float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+    return {"loss": loss, "ppl": float(torch.tensor(loss, dtype=torch.float64).exp())}
+
+
+def task_metrics(outputs: Tensor, targets: Tensor) -> dict[str, float]:
+    """The metrics the outputs' shape says: logits [N, C] with labels [N] are a
+    classifier's (:func:`classification_metrics`), logits [N, T, V] with targets [N, T] a
+    language model's (:func:`language_model_metrics`); any other shape is a ValueError that
+    says to pass a metrics function."""
+    if outputs.ndim == 2 and targets.shape == outputs.shape[:1]:
+        return classification_metrics(outputs, targets)
+    if outputs.ndim == 3 and targets.shape == outputs.shape[:2]:
+        return language_model_metrics(outputs, targets)
+    raise ValueError(f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} are "
+                     "neither a classifier's ([N, C], [N]) nor a language model's ([N, T, V], "
+                     "[N, T]): pass metrics_fn=your_function(outputs, targets) -> dict")

@@ -116,6 +116,15 @@ def check_memory(method: str, numel: int, rows: int, device: torch.device,
                                       "(swa.swag_device=cpu)" if device.type != "cpu" else ""))
 
 
+def class_logits(out: Tensor, method: str) -> Tensor:
+    """A classifier's logits [N, C] as float32; any other shape (a language model's [N, T, V])
+    is refused: the Bayesian model average averages class probabilities per example."""
+    if out.ndim != 2:
+        raise ValueError(f"{method}: the Bayesian model average takes a classifier's logits "
+                         f"[N, C]; the model gave {tuple(out.shape)}")
+    return out.float()
+
+
 class SWAG(Average):
     """SWAG with the low-rank plus diagonal covariance (``swa.also=[swag]``); see the module
     docstring for the reference lines followed."""
@@ -268,7 +277,7 @@ class SWAG(Average):
                 net.eval()
                 accs = []
                 for name, inputs in sets.items():
-                    parts = [torch.softmax(net(x).float(), dim=1).double()
+                    parts = [torch.softmax(class_logits(net(x), self.method), dim=1).double()
                              for x in inputs()]
                     if not parts:
                         continue
