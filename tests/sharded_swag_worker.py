@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 
+from swa_research import distributed
 from swa_research.averaging import make_average, swag_bma
 
 
@@ -29,7 +30,7 @@ def local_of(whole: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    distributed.setup()  # the project's world (rank, size) over torchrun's process group
     out, folder = Path(sys.argv[1]), Path(sys.argv[2])
     torch.manual_seed(0)
     # Rows of 12, 12 and 3: the last splits unevenly (2 and 1) over two ranks.
@@ -125,9 +126,28 @@ def main() -> None:
     dcp.load({"t": again.tensors(meta["ring"])}, checkpoint_id=str(folder / "fge"))
     note("fge.resumed", again.ensemble_probs("x", lambda: [x], len(x)),
          one.ensemble_probs("x", lambda: [x], len(x)))
+    # The trainer's evaluation split over the ranks under FSDP: 37 images in slices of 18 and
+    # 19; in batches of 5 both ranks run 4, in batches of 6 one runs 3 and repeats one
+    # (uncounted) to match the other's 4. Both against one process over the whole set.
+    from swa_research.data import ImageSet, Preprocess
+    from swa_research.training.evaluation import evaluate
+
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (37, 1, 2, 3), dtype=torch.uint8, generator=g)
+    data = ImageSet(images, torch.randint(0, 3, (37,), generator=g))
+    pre = Preprocess(False, [0.0], [1.0], torch.device("cpu"))
+    flat = nn.Flatten()
+    shard_net, whole_net = nn.Sequential(flat, model), nn.Sequential(flat, whole)
+    for bs in (5, 6):
+        got = evaluate(shard_net, data, pre, bs)
+        distributed._WORLD, kept_world = distributed.World(), distributed._WORLD
+        want = evaluate(whole_net, data, pre, bs)  # one process: the whole set
+        distributed._WORLD = kept_world
+        for key in ("loss", "acc"):
+            worst[f"eval.{key}.{bs}"] = abs(got[key] - want[key])
     if dist.get_rank() == 0:
         out.write_text(json.dumps(worst))
-    dist.destroy_process_group()
+    distributed.teardown()
 
 
 if __name__ == "__main__":

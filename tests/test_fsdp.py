@@ -465,6 +465,8 @@ def test_sharded_swag_equals_one_process(tmp_path: Path) -> None:
             assert worst[f"{method}.{key}"] <= 1e-6, (method, key, worst)
     for key in ("probs", "predict", "members", "resumed"):
         assert worst[f"fge.{key}"] <= 1e-6, (key, worst)
+    for key in ("eval.loss.5", "eval.acc.5", "eval.loss.6", "eval.acc.6"):  # split, padded
+        assert worst[key] <= 1e-6, (key, worst)
     for method in ("swag", "swag_diag", "fge"):
         assert worst[f"{method}.restored"] == 0.0
         assert 0.45 <= worst[f"{method}.bytes_share"] <= 0.55

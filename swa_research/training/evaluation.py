@@ -59,8 +59,8 @@ def evaluate(model: Evaluated, data: Any, preprocess: Preprocess, batch_size: in
              task: Task | None = None) -> Scores:
     """The task's metrics (loss first; classification: loss and accuracy) over the whole set,
     in eval mode (restored after). Sums stay on the device: one host read at the end. Under DDP
-    each rank evaluates its slice of the set and the sums are added over the ranks: every rank
-    gets the whole set's result."""
+    and FSDP each rank evaluates its slice of the set and the sums are added over the ranks:
+    every rank gets the whole set's result."""
     task = _task(task)
     if data is None or len(data) == 0:
         return dict.fromkeys(task.spec.metrics)
@@ -68,16 +68,26 @@ def evaluate(model: Evaluated, data: Any, preprocess: Preprocess, batch_size: in
     sums = torch.zeros(len(task.spec.metrics), device=preprocess.device, dtype=torch.float64)
     count = 0
     with as_network(model) as (module, forward):
-        # Under FSDP each forward is a collective: every rank runs the whole set (the same
-        # batches), so no sums are added over the ranks.
-        split = w.distributed and not is_sharded(module)
+        sharded = is_sharded(module)
+        # Each rank evaluates its contiguous slice. Under FSDP each forward is a collective,
+        # so every rank runs as many: the most any slice needs (slices differ by at most one
+        # item), the short ones repeating a batch whose outputs are not counted; a set smaller
+        # than the ranks is run whole on every rank instead.
+        split = w.distributed and (not sharded or len(data) >= w.size)
         was_training = module.training
         module.eval()
         try:
+            done, last = 0, None
             for x, y in task.eval_batches(data, batch_size, preprocess,
                                           shard=(w.rank, w.size) if split else None):
                 sums += task.eval_sums(forward(x), y)
                 count += task.count(y)
+                done, last = done + 1, x
+            if split and sharded:
+                per = (len(data) + w.size - 1) // w.size  # the largest slice: ceil(n / N)
+                most = (per + batch_size - 1) // batch_size
+                for _ in range(most - done):
+                    forward(last)
         finally:
             module.train(was_training)
     total = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64,

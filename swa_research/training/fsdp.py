@@ -17,8 +17,8 @@ number of ranks (``torch.distributed.checkpoint`` reshards them), one included: 
 the run shards over a process group of one (:func:`swa_research.distributed.group_of_one`).
 
 Every averaging method is sharded. Not built yet, refused in one line before training:
-schedule-free AdamW. Evaluation runs every rank over the whole set (each forward is a
-collective, so the ranks must run the same number of batches); the final weights are
+schedule-free AdamW. Evaluation is split over the ranks as under DDP (each forward being a
+collective, a rank whose slice is shorter repeats a batch, uncounted); the final weights are
 gathered one tensor at a time and written whole by rank 0.
 """
 
