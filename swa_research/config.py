@@ -161,6 +161,8 @@ class SwaConfig:
     ema_warmup: bool = False
     # lawa: the mean of the latest lawa_k points of the plan (taken every swa.freq units).
     lawa_k: int = 5
+    # trainer.strategy=fsdp: cpu keeps swa, ema and lawa averages in (pinned) host memory.
+    offload: str = "none"
 
 
 @dataclass
@@ -280,6 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "trainer.fsdp.final_format": ("whole", "dcp"),
+    "swa.offload": ("none", "cpu"),
     "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
                       "warmup_constant", "wsd", "fge"),

@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -588,3 +589,95 @@ def test_final_weights_as_sharded_folders(tmp_path: Path) -> None:
                                         r"model's weights rank by rank: it needs "
                                         r"trainer.strategy=fsdp$"):
         check_fsdp(load_config(compose_config(["trainer.fsdp.final_format=dcp"])))
+
+
+@pytest.mark.parametrize(("method", "options"), [("swa", {}), ("ema", {"decay": 0.8}),
+                                                 ("lawa", {"lawa_k": 3})])
+def test_an_offloaded_average_equals_the_one_beside_the_model(one_rank: None, method: str,
+                                                              options: dict) -> None:
+    """offload=True: the average in host memory, each point staged and averaged in at the next
+    update or read; after every update and at the end it equals the average kept beside the
+    model, also read in the middle of the run (a swap, a sharded checkpoint's round trip)."""
+    import torch.distributed.checkpoint as dcp
+
+    from swa_research.averaging import predict
+
+    model = sharded(net())
+    near = make_average(method, model, **options)
+    far = make_average(method, model, offload=True, **options)
+    assert far.settings().get("offload") == "cpu" and "offload" not in far.state_settings()
+    x = torch.randn(5, 6)
+    for i in range(7):
+        steps(model, 2, seed=i)
+        near.update(model)
+        far.update(model)
+        assert far.n_averaged == near.n_averaged
+        if i == 3:  # read in the middle: the staged point is averaged in first
+            a, _ = predict(near, [x])
+            b, _ = predict(far, [x])
+            assert torch.equal(a, b)
+    a, b = near.full_state_dict(), far.full_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(_local_of(w).device.type == "cpu" for w in far.weights.values())
+    state = far.tensors()
+    meta = far.meta()
+    again = make_average(method, model, offload=True, **options)
+    again.load_meta(meta)
+    with tempfile.TemporaryDirectory() as d:
+        dcp.save({"a": state}, checkpoint_id=d)
+        dcp.load({"a": again.tensors(meta["ring"])}, checkpoint_id=d)
+    for avg in (near, again):
+        avg.update(model)
+    a, b = near.full_state_dict(), again.full_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def test_offload_is_refused_where_it_does_not_apply(one_rank: None) -> None:
+    from conftest import compose_config
+
+    from swa_research.config import UserError
+    from swa_research.training.build import load_config
+    from swa_research.training.fsdp import check_fsdp
+
+    with pytest.raises(UserError, match=r"^swa.offload=cpu \(averages swa\): host memory "
+                                        r"holds a sharded model's averages; it needs "
+                                        r"trainer.strategy=fsdp$"):
+        check_fsdp(load_config(compose_config(["swa.offload=cpu"])))
+    with pytest.raises(UserError, match=r"swa.offload=cpu for swag \(host memory takes swa, "
+                                        r"ema and lawa averages\)"):
+        check_fsdp(load_config(compose_config(["trainer.strategy=fsdp", "swa=swag",
+                                               "swa.offload=cpu"])))
+    with pytest.raises(ValueError, match=r"^offload=True keeps a sharded model's average"):
+        make_average("ema", net(), offload=True)
+    with pytest.raises(ValueError, match=r"^offload: swag's state is not kept in host memory"):
+        make_average("swag", sharded(net()), offload=True)
+
+
+def test_a_run_with_offloaded_averages_equals_one_without(tmp_path: Path) -> None:
+    """swa.offload=cpu under trainer.strategy=fsdp (one rank here): SWA, EMA and LAWA held in
+    host memory give the run's numbers and weight files bit for bit, and say so in
+    metrics.json."""
+    import json
+
+    from conftest import compose_config
+    from test_lm import lm_run, write_text
+
+    from swa_research.training.build import train
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    base = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema,lawa]", "swa.lawa_k=2",
+            "trainer.strategy=fsdp"]
+    for name, extra in (("near", []), ("far", ["swa.offload=cpu"])):
+        train(compose_config([*base, *extra]), tmp_path / name)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("near", "far"))
+    for name in ("sgd", "swa", "ema", "lawa"):
+        assert {k: v for k, v in b[name].items() if k != "offload"} == a[name], name
+    assert b["swa"]["offload"] == "cpu" and "offload" not in a["swa"]
+    for name in ("swa.pt", "ema.pt", "lawa.pt"):
+        wa = torch.load(tmp_path / "near" / name, weights_only=True)["state_dict"]
+        wb = torch.load(tmp_path / "far" / name, weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

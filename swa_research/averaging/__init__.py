@@ -74,7 +74,8 @@ def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average])
 # What a named average (swa.also={NAME: {method: M, ...}}) may set for itself: SwaConfig's
 # keys that shape one average; the others (lr, start, freq, unit) are the run's plan.
 AVERAGE_OPTIONS = ("decay", "ema_warmup", "bn_update", "max_models", "swag_scale",
-                   "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k")
+                   "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k",
+                   "offload")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 

@@ -67,7 +67,7 @@ def _whole(name: str, value: Any, minimum: int) -> None:
 def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
                  decay: float = 0.999, ema_warmup: bool = False, max_models: int = 20,
                  scale: float | None = None, samples: int = 30, device: str = "auto",
-                 lawa_k: int = 5) -> Average:
+                 lawa_k: int = 5, offload: bool = False) -> Average:
     """An average of ``model``'s weights by method name: ``swa`` (equal), ``ema`` (``decay``,
     timm's warm-up with ``ema_warmup``), ``swag`` / ``swag_diag`` (Gaussian posteriors:
     ``max_models`` deviations, sample variance ``scale``, default 0.5 for SWAG and 1.0 for
@@ -75,6 +75,8 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     ``lawa`` (the mean of the latest ``lawa_k`` points), ``fge`` (the ensemble of the points'
     predictions, up to ``max_models``), or any method registered with
     :func:`~swa_research.averaging.register_method`.
+    ``offload`` (a model sharded with ``fully_shard``; ``swa``, ``ema``, ``lawa``): keep
+    the average in pinned host memory, each update's copy made without waiting.
     ``bn_update``: recompute BN statistics before the average is evaluated. A copy of
     ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
     a one-line ValueError naming it."""
@@ -92,7 +94,8 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
             raise ValueError(f"{name}={value!r}: must be a number")
     options: dict[str, Any] = dict(method=method, bn_update=bn_update, decay=decay,
                                    ema_warmup=ema_warmup, max_models=max_models,
-                                   samples=samples, swag_device=device, lawa_k=lawa_k)
+                                   samples=samples, swag_device=device, lawa_k=lawa_k,
+                                   offload="cpu" if offload else "none")
     if scale is not None:
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)
@@ -109,6 +112,9 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
             return sharded_average(model, cfg)
         except UserError as e:
             raise _library_error(e) from None
+    if offload:
+        raise ValueError("offload=True keeps a sharded model's average in host memory: pass "
+                         "a model passed through fully_shard")
     try:
         return METHODS[method](model, cfg)
     except UserError as e:

@@ -36,6 +36,9 @@ SHARDED_METHODS = (*WEIGHT_METHODS, "swag", "swag_diag", "fge")
 def sharded_average(model: nn.Module, cfg: Any) -> Average:
     """An average of a ``fully_shard``'ed model by ``cfg.method`` (a SwaConfig's), sharded as
     the model: :class:`ShardedAverage` or :class:`~.sharded_swag.ShardedSWAG`."""
+    if getattr(cfg, "offload", "none") == "cpu" and cfg.method not in WEIGHT_METHODS:
+        raise ValueError(f"offload: {cfg.method}'s state is not kept in host memory yet "
+                         f"(offload takes {', '.join(WEIGHT_METHODS)})")
     if cfg.method in ("swag", "swag_diag"):
         from swa_research.averaging.sharded_swag import ShardedSWAG
 
@@ -45,7 +48,7 @@ def sharded_average(model: nn.Module, cfg: Any) -> Average:
 
         return ShardedFGE(model, cfg)
     return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
-                          k=cfg.lawa_k)
+                          k=cfg.lawa_k, offload=getattr(cfg, "offload", "none") == "cpu")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -118,7 +121,7 @@ class ShardedAverage(Average):
     sharded = True
 
     def __init__(self, model: nn.Module, kind: str, *, decay: float = 0.999,
-                 warmup: bool = False, k: int = 5) -> None:
+                 warmup: bool = False, k: int = 5, offload: bool = False) -> None:
         from swa_research.averaging.ema import ema_multi_avg_fn
 
         if kind not in WEIGHT_METHODS:
@@ -129,8 +132,15 @@ class ShardedAverage(Average):
                              "shard its statistics (use DDP for BN models)")
         self.method, self.model = kind, model
         self.decay, self.warmup, self.k = float(decay), bool(warmup), int(k)
-        self.weights: dict[str, Tensor] = {n: p.detach().clone()
-                                           for n, p in model.named_parameters()}
+        # offload: the average (and LAWA's ring) in host memory, pinned where there is a GPU;
+        # each update copies this rank's shards into a pinned buffer without waiting, and the
+        # arithmetic on the host happens at the next update or read (:meth:`_flush`).
+        self.offload = bool(offload)
+        self.weights: dict[str, Tensor] = {n: self._held(p) for n, p in
+                                           model.named_parameters()}
+        self._staged: list[Tensor] | None = None  # the point copied, not yet averaged in
+        self._event: Any = None  # the staged copy's completion (CUDA), else None
+        self._buffer: list[Tensor] | None = None
         self.fn: Callable[..., None] = (ema_multi_avg_fn(decay, warmup) if kind == "ema"
                                         else get_swa_multi_avg_fn())
         self.ring: list[list[Tensor]] = []  # lawa: the latest k points, sharded as the weights
@@ -140,7 +150,9 @@ class ShardedAverage(Average):
     @property
     def n_averaged(self) -> int:
         """The points in the average (LAWA: in its ring, at most k), as the unsharded ones."""
-        return len(self.ring) if self.method == "lawa" else self.count
+        if self.method != "lawa":
+            return self.count
+        return min(self.k, len(self.ring) + (self._staged is not None))  # (one staged)
 
     @property
     def module(self) -> nn.Module:
@@ -148,8 +160,33 @@ class ShardedAverage(Average):
                          "sharded model): evaluate it with `with average.swapped(): ...`, "
                          "save it with full_state_dict() or state_dict()")
 
+    def _held(self, p: Tensor) -> Tensor:
+        """A copy of parameter ``p`` where the average keeps it: beside ``p``, or (offload) in
+        host memory, as a DTensor of ``p``'s placements."""
+        if not self.offload:
+            return p.detach().clone()
+        from torch.distributed.tensor import DTensor
+
+        local = _local(p).detach().to("cpu", copy=True)
+        if torch.cuda.is_available():
+            local = local.pin_memory()
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
     def _locals(self) -> list[Tensor]:
+        self._flush()
         return [_local(w) for w in self.weights.values()]
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """The staged point averaged in (offload): after its copy has completed."""
+        if self._staged is None:
+            return
+        if self._event is not None:
+            self._event.synchronize()
+        staged, self._staged, self._event = self._staged, None, None
+        with torch.inference_mode(False):  # a read inside an evaluation: normal tensors
+            self._average_in(staged, self.count - 1)
 
     def _model_locals(self, model: nn.Module) -> list[Tensor]:
         reshard(model)  # the sharded parameters registered, not the unsharded ones
@@ -161,7 +198,26 @@ class ShardedAverage(Average):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        mine, theirs = self._locals(), self._model_locals(model)
+        theirs = self._model_locals(model)
+        if not self.offload:
+            self._average_in(theirs, self.count)
+            self.count += 1
+            return
+        self._flush()  # the previous point, whose copy has long completed
+        if self._buffer is None:  # one pinned buffer, reused
+            self._buffer = [torch.empty_like(_local(w), pin_memory=torch.cuda.is_available())
+                            for w in self.weights.values()]
+        staging = self._buffer
+        torch._foreach_copy_(staging, theirs, non_blocking=True)
+        if theirs and theirs[0].is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._staged = staging
+        self.count += 1
+
+    def _average_in(self, theirs: list[Tensor], count: int) -> None:
+        """The point ``theirs`` (local shards) into the average, which holds ``count``."""
+        mine = [_local(w) for w in self.weights.values()]
         if self.method == "lawa":
             if len(self.ring) == self.k:  # reuse the oldest point's storage
                 self.ring.append(self.ring.pop(0))
@@ -172,11 +228,10 @@ class ShardedAverage(Average):
             for point in self.ring[1:]:
                 torch._foreach_add_(mine, [_local(t) for t in point])
             torch._foreach_div_(mine, float(len(self.ring)))
-        elif self.count == 0:
+        elif count == 0:
             torch._foreach_copy_(mine, theirs)
         else:
-            self.fn(mine, theirs, self.count)
-        self.count += 1
+            self.fn(mine, theirs, count)
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
@@ -184,7 +239,7 @@ class ShardedAverage(Average):
         weights for the block; its own come back after, bit for bit."""
         model = self.model if model is None else model
         with kept_weights(model):
-            with torch.no_grad():
+            with torch.no_grad():  # (offload: from host memory)
                 torch._foreach_copy_([_local(p) for p in model.parameters()], self._locals())
             yield model
 
@@ -212,16 +267,22 @@ class ShardedAverage(Average):
         """The averaged network's state dict in the model's layout, its parameters the
         average's DTensors (nothing gathered): what ``torch.distributed.checkpoint`` writes
         rank by rank."""
+        self._flush()
         return in_layout(self.model, self.weights)
 
     # -- settings and state ----------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
+        if self.offload:
+            return {**self._settings(), "offload": "cpu"}
+        return self._settings()
+
+    def _settings(self) -> dict[str, Any]:
         if self.method == "ema":
             return {"decay": self.decay, "ema_warmup": self.warmup}
         return {"k": self.k, "updates": self.count} if self.method == "lawa" else {}
 
     def state_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.settings().items() if k != "updates"}
+        return {k: v for k, v in self.settings().items() if k not in ("updates", "offload")}
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`tensors` (DTensors: ``torch.distributed.checkpoint`` writes each rank's
@@ -232,6 +293,7 @@ class ShardedAverage(Average):
         """The average's DTensors by name (weights, LAWA's ring points): what a sharded
         checkpoint writes rank by rank, and, with ``ring`` points made ready, what it loads
         into."""
+        self._flush()
         if ring is not None:
             self.ring = [[w.detach().clone() for w in self.weights.values()]
                          for _ in range(ring)]
@@ -246,11 +308,13 @@ class ShardedAverage(Average):
 
     def load_meta(self, meta: dict[str, Any]) -> None:
         self.check_state(meta)
+        self._staged = self._event = None  # a point staged before the load is not kept
         self.count = int(meta["count"])
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
+        self._staged = self._event = None  # a point staged before the load is not kept
         saved = state["tensors"]
         if set(saved["weights"]) != set(self.weights):
             raise ValueError("the state's weights are not this model's parameters")

@@ -44,15 +44,25 @@ DEFAULT_WRAP = {"gpt": ["Block"]}
 def check_fsdp(config: Any) -> None:
     """What ``trainer.strategy=fsdp`` does not support yet, refused before anything is built."""
     t = config.trainer
+    from swa_research.averaging import average_config, average_names
+
+    offloaded = [n for n in average_names(config.swa)
+                 if average_config(config.swa, n).offload == "cpu"]
     if t.strategy != "fsdp":
+        if offloaded:
+            raise UserError(f"swa.offload=cpu (averages {', '.join(offloaded)}): host memory "
+                            "holds a sharded model's averages; it needs trainer.strategy=fsdp")
         if t.fsdp.final_format != "whole":
             raise UserError(f"trainer.fsdp.final_format={t.fsdp.final_format} writes a sharded "
                             "model's weights rank by rank: it needs trainer.strategy=fsdp")
         return
     refused = []
-    from swa_research.averaging import average_names
-
     methods = sorted(set(average_names(config.swa).values()) - set(SHARDED_METHODS))
+    heavy = sorted({average_names(config.swa)[n] for n in offloaded}
+                   - {"swa", "ema", "lawa"})
+    if heavy:
+        refused.append(f"swa.offload=cpu for {', '.join(heavy)} (host memory takes swa, ema "
+                       "and lawa averages)")
     if methods:
         refused.append(f"swa averages {', '.join(methods)} (a sharded model is averaged with "
                        f"{', '.join(SHARDED_METHODS)})")
