@@ -155,10 +155,10 @@ def test_the_fsdp_example_on_two_processes_equals_one_unsharded(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    """trainer.strategy=fsdp with torchrun on 2 ranks against one process, a GPT without
-    dropout on a text that it learns: the SGD model, SWA, EMA and LAWA within 1e-5 (whole
-    weight files, gathered tensor by tensor), the same validation and test losses, and each
-    average's bytes on a rank about half of the whole."""
+    """trainer.strategy=fsdp with torchrun on 2 ranks against DDP on 2 ranks and one process,
+    a GPT without dropout on a text that it learns, 50 steps: the SGD model, SWA, EMA and LAWA
+    within 1e-5 (whole weight files, gathered tensor by tensor), the same validation and test
+    losses, and each average's bytes on a rank about half of the whole."""
     import json
 
     from test_lm import lm_run, write_text
@@ -168,7 +168,7 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    args = [*lm_run(text), "trainer.epochs=2", "swa.also=[ema,lawa]", "swa.lawa_k=2"]
+    args = [*lm_run(text), "trainer.epochs=5", "swa.also=[ema,lawa]", "swa.lawa_k=2"]
     one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
                           f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -179,30 +179,41 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
                           "trainer.snapshot_unit=iter", f"hydra.run.dir={tmp_path / 'two'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]
-    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "swa_research.train", *args,
+                          "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    m1, m2, m3 = (json.loads((tmp_path / d / "metrics.json").read_text())
+                  for d in ("one", "two", "ddp"))
+    assert m1["train"]["iterations"] == 50
     assert m1["sgd"]["val_loss"] < 0.7 * 2.83  # it learned (ln 17 = 2.83)
-    for name in ("sgd", "swa", "ema", "lawa"):
-        for key in ("val_loss", "test_loss"):
-            assert m2[name][key] == pytest.approx(m1[name][key], abs=1e-5), (name, key)
+    for other in (m2, m3):
+        for name in ("sgd", "swa", "ema", "lawa"):
+            for key in ("val_loss", "test_loss"):
+                assert other[name][key] == pytest.approx(m1[name][key], abs=1e-5), (name, key)
     for name in ("sgd_final.pt", "sgd_best_val.pt", "swa.pt", "ema.pt", "lawa.pt"):
         a = torch.load(tmp_path / "one" / name, weights_only=True)["state_dict"]
-        b = torch.load(tmp_path / "two" / name, weights_only=True)["state_dict"]
-        assert set(a) == set(b) and all(type(t) is torch.Tensor for t in b.values())
-        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-        assert worst < 1e-5, (name, worst)
+        for run in ("two", "ddp"):
+            b = torch.load(tmp_path / run / name, weights_only=True)["state_dict"]
+            assert set(a) == set(b) and all(type(t) is torch.Tensor for t in b.values())
+            worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+            assert worst < 1e-5, (run, name, worst)
     for name, sizes in m2["train"]["average_bytes"].items():
         assert 0.45 * sizes["whole"] <= sizes["this_rank"] <= 0.55 * sizes["whole"], name
     assert "FSDP: 2 ranks, global batch 32" in (tmp_path / "two" / "train.log").read_text()
     # The snapshots both ranks wrote, read whole in this process: the post-hoc SWA over the
-    # online SWA's points (iterations 15 and 20) is the online one.
+    # online SWA's points is the online one.
     from swa_research.analysis.posthoc import PosthocRun, Setting
 
     ph = PosthocRun(tmp_path / "two", torch.device("cpu"))
-    shards = sorted((tmp_path / "two" / "trajectory" / "it000020").glob("*.distcp"))
+    shards = sorted((tmp_path / "two" / "trajectory" / "it000050").glob("*.distcp"))
     assert len(shards) == 2, shards  # one file of shards per rank
-    module = ph.average(Setting("swa", start=15, freq=5, window=0),
-                        [e for e in ph.index["snapshots"] if e["iteration"] >= 15])
-    online = torch.load(tmp_path / "two" / "swa.pt", weights_only=True)["state_dict"]
+    online = torch.load(tmp_path / "two" / "swa.pt", weights_only=True)
+    points = [e for e in ph.index["snapshots"] if e["iteration"] > 25]  # swa.start=0.5
+    assert len(points) == online["n_averaged"] == m2["swa"]["n_averaged"]
+    module = ph.average(Setting("swa", start=30, freq=5, window=0), points)
+    online = online["state_dict"]
     for k, v in module.state_dict().items():
         assert (v - online[k]).abs().max().item() <= 1e-6, k
 
