@@ -14,6 +14,25 @@ from typing import IO, Any
 import torch
 
 
+def user_cache_dir() -> Path:
+    """The user's cache folder for this project: ``$SWA_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/swa_research``, else ``~/.cache/swa_research``."""
+    base = os.environ.get("SWA_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swa_research"
+    return Path(base).expanduser()
+
+
+def own_writable(folder: Path) -> bool:
+    """Whether ``folder`` is writable and this user's: where files may be written beside a
+    user's data (never into a system folder that root happens to be able to write)."""
+    try:
+        owner = folder.stat().st_uid
+    except OSError:
+        return False
+    mine = owner == os.getuid() if hasattr(os, "getuid") else True
+    return mine and os.access(folder, os.W_OK)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

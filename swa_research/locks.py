@@ -42,7 +42,10 @@ def lock_path(folder: str | Path, name: str) -> Path:
 @contextmanager
 def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
     """Exclusive lock on ``path`` for the duration of the block (released if the process
-    dies). Says so when it has to wait."""
+    dies). Says so when it has to wait. The lock file is removed as the block ends (while
+    still held), so none stays beside the user's data; a process that was waiting on it then
+    holds a lock of its own, and finds the work the block guarded done (the guarded work is
+    checked under the lock and written by atomic renames)."""
     lock = _flock(path)
     try:
         held = lock.acquire(blocking=False)
@@ -50,7 +53,10 @@ def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
         log.info("waiting for another process %s (lock %s)", what, path)
         held = lock.acquire()
     with held:
-        yield
+        try:
+            yield
+        finally:
+            Path(path).unlink(missing_ok=True)
 
 
 class GpuClaim:

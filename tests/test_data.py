@@ -105,6 +105,7 @@ def test_cifar_matches_torchvision(tmp_path: Path, no_md5: None, name: str) -> N
     train, test, classes = load_datasets(DataConfig(name=name, root=str(tmp_path),
                                                     download=False))
     assert classes == names
+    assert not list(tmp_path.rglob("*.lock"))  # the data set's lock does not stay behind
     for ours, rows, labels, is_train in ((train, train_rows, train_labels, True),
                                          (test, test_rows, test_labels, False)):
         assert ours.images.dtype == torch.uint8 and ours.labels.dtype == torch.int64

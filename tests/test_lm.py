@@ -706,3 +706,39 @@ def test_a_language_model_sweep_says_tokens_and_loss_not_images_and_accuracy(
     lines = wrapped(f"Loss {name}").splitlines()
     assert len(lines) > 3 and max(len(line) for line in lines) <= TITLE_WIDTH
     assert "".join(lines).replace(" ", "") == f"Loss{name}"
+
+
+def test_token_files_go_to_the_cache_when_the_text_is_not_the_users(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside a text the user owns and can write, the token file and its record are written
+    there; a text folder of another owner (a system folder such as the standard library's)
+    gets them in the user's cache instead, with the same contents; no lock file stays
+    behind in either place."""
+    import os
+
+    from swa_research.data.text import load_tokens
+
+    monkeypatch.setenv("SWA_CACHE_DIR", str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write_text(mine / "a.txt", lines=200)
+    ids_mine, _ = load_tokens(mine, "char")
+    assert sorted(p.name for p in mine.iterdir()) == [".text.char.json", ".text.char.tokens",
+                                                      "a.txt"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    write_text(theirs / "a.txt", lines=200)
+    if os.getuid() == 0:  # root: make the folder another user's
+        os.chown(theirs, 12345, 12345)
+    else:
+        theirs.chmod(0o555)
+    try:
+        ids_theirs, _ = load_tokens(theirs, "char")
+    finally:
+        theirs.chmod(0o755)
+    assert sorted(p.name for p in theirs.iterdir()) == ["a.txt"]
+    cached = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
+    assert len(cached) == 2 and all(n.startswith("theirs-") for n in cached), cached
+    assert [n.rsplit(".", 1)[1] for n in cached] == ["json", "tokens"]
+    assert np.array_equal(np.asarray(ids_mine), np.asarray(ids_theirs))
+    assert not list(tmp_path.rglob("*.lock"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import Tensor
 from swa_research.config import DataConfig, UserError
 from swa_research.data.memory import ImageSet
 from swa_research.data.transforms import ImageTransform, decode_image, infer_image_size
-from swa_research.fileio import atomic_torch_save
+from swa_research.fileio import atomic_torch_save, user_cache_dir
 from swa_research.locks import file_lock, lock_path
 
 log = logging.getLogger(__name__)
@@ -75,10 +74,8 @@ def cache_dirs(root: Path) -> list[Path]:
     then (for a data set on read-only storage) a folder keyed by the root's path in
     ``$SWA_CACHE_DIR``, else ``$XDG_CACHE_HOME/swa_research``, else
     ``~/.cache/swa_research``."""
-    base = os.environ.get("SWA_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swa_research"
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / ".swa_cache", Path(base).expanduser() / f"{root.name}-{key}"]
+    return [root / ".swa_cache", user_cache_dir() / f"{root.name}-{key}"]
 
 
 def _load_folder_split(root: Path, split: str, files: list[Path], labels: list[int],

@@ -43,7 +43,7 @@ from torch import Tensor
 from swa_research.config import UserError
 from swa_research.data.transforms import image_seeds
 from swa_research.errors import DataError
-from swa_research.fileio import atomic_write_text
+from swa_research.fileio import atomic_write_text, own_writable, user_cache_dir
 from swa_research.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,20 @@ def scan(path: Path, dtype: np.dtype, threads: int | None = None,
 
 
 def token_paths(root: Path, tokenizer: str) -> tuple[Path, Path]:
-    """Where the tokens of ``root`` and their record live: beside a file, inside a folder."""
-    base = root / f".text.{tokenizer}" if root.is_dir() else root.with_name(
-        f"{root.name}.{tokenizer}")
+    """Where the tokens of ``root`` and their record live: beside a file, inside a folder,
+    when that folder is writable and the user's own; otherwise (a system folder such as the
+    Python standard library's, a shared read-only data set) in the user's cache
+    (``$SWA_CACHE_DIR``, ``$XDG_CACHE_HOME/swa_research`` or ``~/.cache/swa_research``,
+    ``tokens/``), under a name keyed by the text's path."""
+    folder = root if root.is_dir() else root.parent
+    if own_writable(folder):
+        base = root / f".text.{tokenizer}" if root.is_dir() else root.with_name(
+            f"{root.name}.{tokenizer}")
+    else:
+        key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+        cache = user_cache_dir() / "tokens"
+        cache.mkdir(parents=True, exist_ok=True)
+        base = cache / f"{root.name}-{key}.{tokenizer}"
     return base.with_name(base.name + ".tokens"), base.with_name(base.name + ".json")
 
 
