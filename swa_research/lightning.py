@@ -140,6 +140,8 @@ class AveragingCallback(pl.Callback):
     ``WeightAveraging``; off by default: the module's own metrics stay the SGD iterate's);
     ``copy_at_end=NAME``: the module ends ``fit`` holding that average's weights
     (``WeightAveraging`` and ``StochasticWeightAveraging``; off by default).
+    ``checkpoint_with=NAME``: checkpoints hold that average as their ``state_dict`` (the module's
+    own under ``current_model_state``, which a resume restores), as ``WeightAveraging``.
     ``methods``: method names (``["swa", "ema"]``), or averages by name mapped to their options
     (``{"ema": {"decay": 0.99}}``; :func:`~swa_research.averaging.make_average`'s keywords),
     with ``method`` where the name is not the method: several EMAs at once,
@@ -164,7 +166,8 @@ class AveragingCallback(pl.Callback):
                  metrics_fn: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
                  swag_seed: int = 0, snapshot_every: int = 0, snapshot_unit: str = "epoch",
                  snapshot_dir: str | Path | None = None, bn_batches: int | None = None,
-                 validate_with: str | None = None, copy_at_end: str | None = None) -> None:
+                 validate_with: str | None = None, copy_at_end: str | None = None,
+                 checkpoint_with: str | None = None) -> None:
         super().__init__()
         self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
         if not self.options:
@@ -186,11 +189,13 @@ class AveragingCallback(pl.Callback):
                                        or not isinstance(bn_batches, int) or bn_batches < 1):
             raise ValueError(f"bn_batches={bn_batches!r}: a whole number >= 1, or None")
         self.bn_batches = bn_batches
-        for key, name in (("validate_with", validate_with), ("copy_at_end", copy_at_end)):
+        for key, name in (("validate_with", validate_with), ("copy_at_end", copy_at_end),
+                          ("checkpoint_with", checkpoint_with)):
             if name is not None and name not in self.options:
                 raise ValueError(f"{key}={name!r}: not one of this callback's averages "
                                  f"({', '.join(self.options)})")
         self.validate_with, self.copy_at_end = validate_with, copy_at_end
+        self.checkpoint_with = checkpoint_with
         self._kept: dict[str, Tensor] | None = None  # the module's weights while swapped
         self._swap: contextlib.ExitStack | None = None  # a sharded average's swap, likewise
         self._token_losses = False  # the outputs being scored are a language model's losses
@@ -449,6 +454,30 @@ class AveragingCallback(pl.Callback):
         tmp = folder / ".index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1) + "\n")
         tmp.replace(folder / "index.json")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """``checkpoint_with``: the checkpoint's ``state_dict`` is that average's (fresh BN
+        statistics), the module's own under ``current_model_state``, as ``WeightAveraging``
+        saves them: the file then loads as the averaged model."""
+        name = self.checkpoint_with
+        if name is None or self.averages[name].n_averaged == 0:
+            return
+        average = self.averages[name]
+        if _sharded(average):
+            raise ValueError("checkpoint_with: a sharded average's weights are in the "
+                             "callback's state; Lightning's sharded state_dict holds the module")
+        self._prepare(trainer, name, average)
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v.detach().clone()
+                                    for k, v in average.module.state_dict().items()}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A ``checkpoint_with`` checkpoint resumes the module's own weights (Lightning has
+        just loaded the average's from ``state_dict``)."""
+        if "current_model_state" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"averages": {n: _whole_state(a) if _sharded(a) else a.state_dict()

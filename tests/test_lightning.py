@@ -377,3 +377,35 @@ def test_a_language_models_averages_are_scored_by_loss_and_perplexity(tmp_path: 
                                          r"classifier's logits \[N, C\]; the model gave "
                                          r"\(16, 8, 11\)"):
         swag_bma(swag, lambda: [x for x, _ in val])
+
+
+def test_checkpoint_with_saves_the_average_as_the_state_dict_and_resumes_the_module(
+        tmp_path: Path) -> None:
+    """checkpoint_with=swa (Lightning's WeightAveraging's checkpoints): the file's state_dict
+    is the average's, BN statistics recomputed, so it loads as the averaged model; the module's
+    own weights are under current_model_state, and a fit resumed from the file continues from
+    them, not from the average."""
+    from torch.utils.data import DataLoader
+
+    cb = AveragingCallback(["swa"], start=0.5, checkpoint_with="swa")
+    trainer, model, train = fit(cb, tmp_path)
+    path = tmp_path / "avg.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    avg = cb.averages["swa"].module.state_dict()
+    assert set(saved["state_dict"]) == set(avg)
+    assert all(torch.equal(saved["state_dict"][k], avg[k]) for k in avg)
+    own = model.state_dict()
+    assert all(torch.equal(saved["current_model_state"][k], own[k]) for k in own)
+    assert not torch.equal(own["net.0.weight"], avg["net.0.weight"])
+    bn = cb.averages["swa"].module.net[1].running_mean
+    assert not torch.equal(bn, own["net.1.running_mean"])  # recomputed for the average
+    ex = example()
+    again = ex.Classifier()
+    resumed = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[AveragingCallback(["swa"], start=0.5,
+                                                      checkpoint_with="swa")])
+    resumed.fit(again, train, DataLoader(ex.blobs(256, 2), batch_size=128), ckpt_path=path)
+    assert all(torch.equal(v, own[k]) for k, v in again.state_dict().items())
