@@ -161,6 +161,8 @@ class SwaConfig:
     ema_warmup: bool = False
     # lawa: the mean of the latest lawa_k points of the plan (taken every swa.freq units).
     lawa_k: int = 5
+    # power_ema: EDM2's power-function EMA of this relative width (0.05 and 0.10: EDM2's pair).
+    sigma_rel: float = 0.10
     # trainer.strategy=fsdp: cpu keeps swa, ema and lawa averages in (pinned) host memory.
     offload: str = "none"
 

@@ -95,7 +95,7 @@ def test_ema_differs_from_swa() -> None:
 
 def test_unknown_method_rejected() -> None:
     with pytest.raises(UserError, match="swa.method='polyak': expected one of swa, ema, swag, "
-                                        "swag_diag, lawa, fge, none"):
+                                        "swag_diag, lawa, fge, power_ema, none"):
         make_average(nn.Linear(2, 2), "polyak")
     with pytest.raises(UserError, match=r"swa.decay=1.5: must be in \(0, 1\)"):
         make_average(nn.Linear(2, 2), "ema", decay=1.5)

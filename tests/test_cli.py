@@ -52,7 +52,7 @@ ERROR_CASES: list[tuple[str, list[str], list[str]]] = [
     ("foreign_model_option", ["model=vgg16", "+model.depth=3"],
      ["model.depth: not an option of model vgg16", "batch_norm, dropout, width"]),
     ("unknown_method", ["swa.method=polyak"],
-     ["swa.method='polyak'", "swag_diag, lawa, fge, none"]),
+     ["swa.method='polyak'", "swag_diag, lawa, fge, power_ema, none"]),
     ("zero_batch", ["trainer.batch_size=0"], ["trainer.batch_size", "positive"]),
     ("start_beyond_budget", ["experiment=smoke", "swa.start=100000"],
      ["swa.start=100000", "budget", "trainer.epochs"]),

@@ -62,7 +62,8 @@ def steps(model: nn.Module, n: int, seed: int) -> None:
 
 @pytest.mark.parametrize(("method", "options"), [("swa", {}), ("ema", {"decay": 0.8}),
                                                  ("ema", {"decay": 0.9, "ema_warmup": True}),
-                                                 ("lawa", {"lawa_k": 3})])
+                                                 ("lawa", {"lawa_k": 3}),
+                                                 ("power_ema", {"sigma_rel": 0.05})])
 def test_a_sharded_average_equals_the_unsharded_one(one_rank: None, method: str,
                                                     options: dict) -> None:
     plain, shard = net(), sharded(net())
@@ -659,7 +660,7 @@ def test_offload_is_refused_where_it_does_not_apply(one_rank: None) -> None:
                                         r"trainer.strategy=fsdp$"):
         check_fsdp(load_config(compose_config(["swa.offload=cpu"])))
     with pytest.raises(UserError, match=r"swa.offload=cpu for swag \(host memory takes swa, "
-                                        r"ema and lawa averages\)"):
+                                        r"ema, lawa, power_ema averages\)"):
         check_fsdp(load_config(compose_config(["trainer.strategy=fsdp", "swa=swag",
                                                "swa.offload=cpu"])))
     with pytest.raises(ValueError, match=r"^offload=True keeps a sharded model's average"):

@@ -35,6 +35,10 @@ from swa_research.averaging.ema import EMA
 from swa_research.averaging.fge import FGE
 from swa_research.averaging.lawa import LAWA
 from swa_research.averaging.plan import AveragingPlan, check_budget
+from swa_research.averaging.power_ema import PowerEMA
+from swa_research.averaging.sharded import WEIGHT_METHODS, ShardedAverage
+from swa_research.averaging.sharded_fge import ShardedFGE
+from swa_research.averaging.sharded_swag import ShardedSWAG
 from swa_research.averaging.swa import SWA
 from swa_research.averaging.swag import SWAG, SWAGDiag
 from swa_research.config import SwaConfig, UserError, validate_swa
@@ -61,6 +65,7 @@ METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
     "swag_diag": SWAGDiag,
     "lawa": LAWA,
     "fge": FGE,
+    "power_ema": PowerEMA,
 }
 
 PRIMARY = "swa"  # the primary average's name in every output, whatever its method
@@ -75,7 +80,7 @@ def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average])
 # keys that shape one average; the others (lr, start, freq, unit) are the run's plan.
 AVERAGE_OPTIONS = ("decay", "ema_warmup", "bn_update", "max_models", "swag_scale",
                    "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k",
-                   "offload")
+                   "offload", "sigma_rel")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -159,10 +164,26 @@ def check_methods(cfg: SwaConfig) -> None:
             raise UserError(f"swa.also ({name}): {str(e).removeprefix('swa.')}") from None
 
 
+def sharded_average(model: nn.Module, cfg: Any) -> Average:
+    """An average of a ``fully_shard``'ed model by ``cfg.method`` (a SwaConfig's), sharded as
+    the model: :class:`~.sharded.ShardedAverage` (swa, ema, lawa, power_ema),
+    :class:`~.sharded_swag.ShardedSWAG` or :class:`~.sharded_fge.ShardedFGE`."""
+    if getattr(cfg, "offload", "none") == "cpu" and cfg.method not in WEIGHT_METHODS:
+        raise ValueError(f"offload: {cfg.method}'s state is not kept in host memory yet "
+                         f"(offload takes {', '.join(WEIGHT_METHODS)})")
+    if cfg.method in ("swag", "swag_diag"):
+        return ShardedSWAG(model, cfg)
+    if cfg.method == "fge":
+        return ShardedFGE(model, cfg)
+    return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
+                          k=cfg.lawa_k, offload=getattr(cfg, "offload", "none") == "cpu",
+                          sigma_rel=getattr(cfg, "sigma_rel", 0.10))
+
+
 def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
     """The run's averages of ``model``, by output name, primary first; of a model sharded with
     fully_shard, each sharded beside it (:mod:`.sharded`)."""
-    from swa_research.averaging.sharded import is_sharded, sharded_average
+    from swa_research.averaging.sharded import is_sharded
 
     check_methods(cfg)
     configs = {name: average_config(cfg, name) for name in average_names(cfg)}

@@ -61,10 +61,17 @@ def ema_multi_avg_fn(decay: float, warmup: bool = False
     ``warmup`` its decay follows :func:`warmup_decay` of the number of points averaged."""
     if not warmup:
         return get_ema_multi_avg_fn(decay)
+    return decayed_multi_avg_fn(lambda n: warmup_decay(decay, n))
+
+
+def decayed_multi_avg_fn(decay_of: Callable[[int], float]
+                         ) -> Callable[[list[Tensor], list[Tensor], Any], None]:
+    """The multi-tensor update avg <- d * avg + (1 - d) * cur whose decay d is
+    ``decay_of(n)`` for an average of n points (a warmed-up EMA's, a power EMA's)."""
 
     @torch.no_grad()
     def update(avg: list[Tensor], cur: list[Tensor], n_averaged: Any) -> None:
-        d = warmup_decay(decay, int(n_averaged))
+        d = decay_of(int(n_averaged))
         if torch.is_floating_point(avg[0]):
             torch._foreach_lerp_(avg, cur, 1.0 - d)
         else:

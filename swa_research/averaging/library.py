@@ -67,12 +67,13 @@ def _whole(name: str, value: Any, minimum: int) -> None:
 def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
                  decay: float = 0.999, ema_warmup: bool = False, max_models: int = 20,
                  scale: float | None = None, samples: int = 30, device: str = "auto",
-                 lawa_k: int = 5, offload: bool = False) -> Average:
+                 lawa_k: int = 5, offload: bool = False, sigma_rel: float = 0.10) -> Average:
     """An average of ``model``'s weights by method name: ``swa`` (equal), ``ema`` (``decay``,
     timm's warm-up with ``ema_warmup``), ``swag`` / ``swag_diag`` (Gaussian posteriors:
     ``max_models`` deviations, sample variance ``scale``, default 0.5 for SWAG and 1.0 for
     SWAG-Diagonal, ``samples`` networks per Bayesian model average, moments on ``device``),
-    ``lawa`` (the mean of the latest ``lawa_k`` points), ``fge`` (the ensemble of the points'
+    ``lawa`` (the mean of the latest ``lawa_k`` points), ``power_ema`` (EDM2's power-function
+    EMA of relative width ``sigma_rel``), ``fge`` (the ensemble of the points'
     predictions, up to ``max_models``), or any method registered with
     :func:`~swa_research.averaging.register_method`.
     ``offload`` (a model sharded with ``fully_shard``; ``swa``, ``ema``, ``lawa``): keep
@@ -80,8 +81,8 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     ``bn_update``: recompute BN statistics before the average is evaluated. A copy of
     ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
     a one-line ValueError naming it."""
-    from swa_research.averaging import METHODS, check_methods
-    from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded, sharded_average
+    from swa_research.averaging import METHODS, check_methods, sharded_average
+    from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded
 
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
@@ -95,7 +96,8 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     options: dict[str, Any] = dict(method=method, bn_update=bn_update, decay=decay,
                                    ema_warmup=ema_warmup, max_models=max_models,
                                    samples=samples, swag_device=device, lawa_k=lawa_k,
-                                   offload="cpu" if offload else "none")
+                                   offload="cpu" if offload else "none",
+                                   sigma_rel=sigma_rel)
     if scale is not None:
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)

@@ -29,26 +29,8 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from swa_research.averaging.base import Average, has_batch_norm
 
-WEIGHT_METHODS = ("swa", "ema", "lawa")  # ShardedAverage's; SWAG's: .sharded_swag
+WEIGHT_METHODS = ("swa", "ema", "lawa", "power_ema")  # ShardedAverage's; SWAG's: .sharded_swag
 SHARDED_METHODS = (*WEIGHT_METHODS, "swag", "swag_diag", "fge")
-
-
-def sharded_average(model: nn.Module, cfg: Any) -> Average:
-    """An average of a ``fully_shard``'ed model by ``cfg.method`` (a SwaConfig's), sharded as
-    the model: :class:`ShardedAverage` or :class:`~.sharded_swag.ShardedSWAG`."""
-    if getattr(cfg, "offload", "none") == "cpu" and cfg.method not in WEIGHT_METHODS:
-        raise ValueError(f"offload: {cfg.method}'s state is not kept in host memory yet "
-                         f"(offload takes {', '.join(WEIGHT_METHODS)})")
-    if cfg.method in ("swag", "swag_diag"):
-        from swa_research.averaging.sharded_swag import ShardedSWAG
-
-        return ShardedSWAG(model, cfg)
-    if cfg.method == "fge":
-        from swa_research.averaging.sharded_fge import ShardedFGE
-
-        return ShardedFGE(model, cfg)
-    return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
-                          k=cfg.lawa_k, offload=getattr(cfg, "offload", "none") == "cpu")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -121,7 +103,8 @@ class ShardedAverage(Average):
     sharded = True
 
     def __init__(self, model: nn.Module, kind: str, *, decay: float = 0.999,
-                 warmup: bool = False, k: int = 5, offload: bool = False) -> None:
+                 warmup: bool = False, k: int = 5, offload: bool = False,
+                 sigma_rel: float = 0.10) -> None:
         from swa_research.averaging.ema import ema_multi_avg_fn
 
         if kind not in WEIGHT_METHODS:
@@ -141,8 +124,13 @@ class ShardedAverage(Average):
         self._staged: list[Tensor] | None = None  # the point copied, not yet averaged in
         self._event: Any = None  # the staged copy's completion (CUDA), else None
         self._buffer: list[Tensor] | None = None
-        self.fn: Callable[..., None] = (ema_multi_avg_fn(decay, warmup) if kind == "ema"
-                                        else get_swa_multi_avg_fn())
+        from swa_research.averaging.power_ema import power_multi_avg_fn, sigma_rel_to_gamma
+
+        self.sigma_rel = float(sigma_rel)
+        self.fn: Callable[..., None] = (
+            ema_multi_avg_fn(decay, warmup) if kind == "ema"
+            else power_multi_avg_fn(sigma_rel_to_gamma(sigma_rel)) if kind == "power_ema"
+            else get_swa_multi_avg_fn())
         self.ring: list[list[Tensor]] = []  # lawa: the latest k points, sharded as the weights
         self.count = 0
 
@@ -277,6 +265,8 @@ class ShardedAverage(Average):
         return self._settings()
 
     def _settings(self) -> dict[str, Any]:
+        if self.method == "power_ema":
+            return {"sigma_rel": self.sigma_rel}
         if self.method == "ema":
             return {"decay": self.decay, "ema_warmup": self.warmup}
         return {"k": self.k, "updates": self.count} if self.method == "lawa" else {}

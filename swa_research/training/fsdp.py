@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from swa_research.averaging import has_batch_norm
-from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded
+from swa_research.averaging.sharded import SHARDED_METHODS, WEIGHT_METHODS, is_sharded
 from swa_research.errors import UserError
 
 __all__ = ["check_fsdp", "is_sharded", "shard_model"]
@@ -58,11 +58,10 @@ def check_fsdp(config: Any) -> None:
         return
     refused = []
     methods = sorted(set(average_names(config.swa).values()) - set(SHARDED_METHODS))
-    heavy = sorted({average_names(config.swa)[n] for n in offloaded}
-                   - {"swa", "ema", "lawa"})
+    heavy = sorted({average_names(config.swa)[n] for n in offloaded} - set(WEIGHT_METHODS))
     if heavy:
-        refused.append(f"swa.offload=cpu for {', '.join(heavy)} (host memory takes swa, ema "
-                       "and lawa averages)")
+        refused.append(f"swa.offload=cpu for {', '.join(heavy)} (host memory takes "
+                       f"{', '.join(WEIGHT_METHODS)} averages)")
     if methods:
         refused.append(f"swa averages {', '.join(methods)} (a sharded model is averaged with "
                        f"{', '.join(SHARDED_METHODS)})")
