@@ -159,6 +159,10 @@ class SwaConfig:
     # ema: warm the decay up as decay_t = min(decay, 1 - (1 + n) ** (-2/3)), n the points already
     # averaged (timm's ModelEmaV3 warmup); docs/posthoc.md.
     ema_warmup: bool = False
+    # ema: the BN running statistics recomputed over training batches before each evaluation
+    # (recompute, the SWA paper's bn_update), or averaged like the weights (average: timm's
+    # ModelEmaV3, Lightning's WeightAveraging).
+    ema_buffers: str = "recompute"
     # lawa: the mean of the latest lawa_k points of the plan (taken every swa.freq units).
     lawa_k: int = 5
     # power_ema: EDM2's power-function EMA of this relative width (0.05 and 0.10: EDM2's pair).
@@ -285,6 +289,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "trainer.fsdp.final_format": ("whole", "dcp"),
     "swa.offload": ("none", "cpu"),
+    "swa.ema_buffers": ("recompute", "average"),
     "optimizer.name": ("sgd", "adam", "adamw", "adamw_schedulefree"),
     "schedule.name": ("constant", "decay_then_constant", "cyclical", "warmup_cosine",
                       "warmup_constant", "wsd", "fge"),

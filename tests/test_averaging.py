@@ -379,3 +379,42 @@ def test_named_average_errors_name_the_average() -> None:
     for override, message in cases.items():
         with pytest.raises(UserError, match="^" + re.escape(message)):
             load_config(compose_config([*TINY, override]))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_an_ema_can_average_the_bn_statistics_as_timm(warmup: bool) -> None:
+    """ema_buffers="average" (timm's ModelEmaV3, Lightning's WeightAveraging): the BN running
+    statistics are mixed like the weights, the first point copied, the batch counter copied;
+    no BN pass then; computed here from the models' own buffers. The default recomputes them."""
+    from swa_research.averaging import make_average as library_average
+    from swa_research.averaging.ema import warmup_decay
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    avg = library_average("ema", model, decay=0.8, ema_warmup=warmup, ema_buffers="average")
+    plain = library_average("ema", model, decay=0.8, ema_warmup=warmup)
+    want_mean, want_var = None, None
+    for n in range(6):
+        model.train()
+        model(torch.randn(16, 3) * (n + 1) + n)  # moves the running statistics
+        avg.update(model)
+        plain.update(model)
+        bn = model[1]
+        if want_mean is None:
+            want_mean, want_var = bn.running_mean.clone(), bn.running_var.clone()
+        else:
+            d = warmup_decay(0.8, n) if warmup else 0.8
+            want_mean = d * want_mean + (1 - d) * bn.running_mean
+            want_var = d * want_var + (1 - d) * bn.running_var
+    mine = avg.module[1]
+    torch.testing.assert_close(mine.running_mean, want_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mine.running_var, want_var, rtol=0, atol=1e-6)
+    assert int(mine.num_batches_tracked) == int(model[1].num_batches_tracked) == 6
+    assert avg.settings()["ema_buffers"] == "average" and "ema_buffers" not in plain.settings()
+    assert not avg.prepare_for_eval([torch.randn(8, 3)])  # averaged: no BN pass
+    assert torch.equal(plain.module[1].running_mean, model[1].running_mean)  # copied
+    assert plain.prepare_for_eval([torch.randn(8, 3)])  # ... and recomputed
+    for a, b in zip(avg.module.parameters(), plain.module.parameters(), strict=True):
+        assert torch.equal(a, b)  # the weights are the same EMA either way
+    with pytest.raises(ValueError, match="ema_buffers=sometimes: expected recompute or average"):
+        library_average("ema", model, ema_buffers="sometimes")

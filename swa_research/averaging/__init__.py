@@ -80,7 +80,7 @@ def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average])
 # keys that shape one average; the others (lr, start, freq, unit) are the run's plan.
 AVERAGE_OPTIONS = ("decay", "ema_warmup", "bn_update", "max_models", "swag_scale",
                    "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k",
-                   "offload", "sigma_rel")
+                   "offload", "sigma_rel", "ema_buffers")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 

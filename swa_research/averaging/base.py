@@ -133,11 +133,14 @@ class HostCountAveragedModel(AveragedModel):
     """
 
     def __init__(self, model: nn.Module,
-                 multi_avg_fn: Callable[[list[Tensor], list[Tensor], Any], None] | None = None
-                 ) -> None:
+                 multi_avg_fn: Callable[[list[Tensor], list[Tensor], Any], None] | None = None,
+                 average_buffers: bool = False) -> None:
         # None: the equal average (kept None, as upstream does, so that the module pickles).
         super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
         self.count = 0
+        # average_buffers: floating-point buffers (BN running statistics) mixed in with the
+        # same function as the parameters, integer ones copied (timm's ModelEmaV3).
+        self.average_buffers = average_buffers
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -152,7 +155,10 @@ class HostCountAveragedModel(AveragedModel):
             else:
                 (self.multi_avg_fn or _SWA)(mine, theirs, self.count)
         for mine, theirs in _grouped(self.module.buffers(), model.buffers()):
-            torch._foreach_copy_(mine, theirs)
+            if self.average_buffers and self.count and mine[0].is_floating_point():
+                (self.multi_avg_fn or _SWA)(mine, theirs, self.count)
+            else:
+                torch._foreach_copy_(mine, theirs)
         self.count += 1
         self.n_averaged.fill_(self.count)
 
@@ -176,13 +182,16 @@ class WeightAverage(Average):
     differ only in the multi-tensor function that mixes a new point in (``multi_avg_fn``).
 
     The BN statistics of an averaged network are not the average of the model's: they are
-    recomputed with :func:`bn_update` before the average is evaluated, once per change.
+    recomputed with :func:`bn_update` before the average is evaluated, once per change; with
+    ``average_buffers`` (an EMA's ``ema_buffers="average"``) they are averaged like the
+    weights instead, as timm's ``ModelEmaV3`` and Lightning's ``WeightAveraging`` do.
     """
 
     def __init__(self, model: nn.Module, multi_avg_fn: Callable[..., None] | None = None,
-                 bn_update: bool = True) -> None:
-        self.averaged = HostCountAveragedModel(model, multi_avg_fn)
-        self.bn_update = bn_update and has_batch_norm(model)
+                 bn_update: bool = True, average_buffers: bool = False) -> None:
+        self.averaged = HostCountAveragedModel(model, multi_avg_fn, average_buffers)
+        # Averaged buffers are the average's statistics: not recomputed.
+        self.bn_update = bn_update and has_batch_norm(model) and not average_buffers
         self._bn_stale = False
 
     @property

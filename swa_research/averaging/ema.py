@@ -88,15 +88,21 @@ class EMA(WeightAverage):
     def check(cfg: SwaConfig) -> None:
         if not 0.0 < cfg.decay < 1.0:
             raise UserError(f"swa.decay={cfg.decay}: must be in (0, 1)")
+        if cfg.ema_buffers not in ("recompute", "average"):
+            raise UserError(f"swa.ema_buffers={cfg.ema_buffers}: expected recompute or average")
 
     def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
         self.check(cfg)
         self.decay, self.warmup = float(cfg.decay), bool(cfg.ema_warmup)
+        self.buffers = cfg.ema_buffers
         super().__init__(model, ema_multi_avg_fn(cfg.decay, cfg.ema_warmup),
-                         bn_update=cfg.bn_update)
+                         bn_update=cfg.bn_update, average_buffers=cfg.ema_buffers == "average")
 
     def settings(self) -> dict[str, Any]:
-        return {"decay": self.decay, "ema_warmup": self.warmup}
+        out: dict[str, Any] = {"decay": self.decay, "ema_warmup": self.warmup}
+        if self.buffers == "average":
+            out["ema_buffers"] = "average"
+        return out
 
     def state_settings(self) -> dict[str, Any]:
         return self.settings()

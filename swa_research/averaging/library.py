@@ -67,7 +67,8 @@ def _whole(name: str, value: Any, minimum: int) -> None:
 def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
                  decay: float = 0.999, ema_warmup: bool = False, max_models: int = 20,
                  scale: float | None = None, samples: int = 30, device: str = "auto",
-                 lawa_k: int = 5, offload: bool = False, sigma_rel: float = 0.10) -> Average:
+                 lawa_k: int = 5, offload: bool = False, sigma_rel: float = 0.10,
+                 ema_buffers: str = "recompute") -> Average:
     """An average of ``model``'s weights by method name: ``swa`` (equal), ``ema`` (``decay``,
     timm's warm-up with ``ema_warmup``), ``swag`` / ``swag_diag`` (Gaussian posteriors:
     ``max_models`` deviations, sample variance ``scale``, default 0.5 for SWAG and 1.0 for
@@ -78,9 +79,10 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     :func:`~swa_research.averaging.register_method`.
     ``offload`` (a model sharded with ``fully_shard``; ``swa``, ``ema``, ``lawa``): keep
     the average in pinned host memory, each update's copy made without waiting.
-    ``bn_update``: recompute BN statistics before the average is evaluated. A copy of
-    ``model`` is taken now; call ``update(model)`` at each averaging point. A bad argument is
-    a one-line ValueError naming it."""
+    ``bn_update``: recompute BN statistics before the average is evaluated; an EMA's
+    ``ema_buffers="average"`` averages them like the weights instead (timm's ``ModelEmaV3``).
+    A copy of ``model`` is taken now; call ``update(model)`` at each averaging point. A bad
+    argument is a one-line ValueError naming it."""
     from swa_research.averaging import METHODS, check_methods, sharded_average
     from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded
 
@@ -97,7 +99,7 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
                                    ema_warmup=ema_warmup, max_models=max_models,
                                    samples=samples, swag_device=device, lawa_k=lawa_k,
                                    offload="cpu" if offload else "none",
-                                   sigma_rel=sigma_rel)
+                                   sigma_rel=sigma_rel, ema_buffers=ema_buffers)
     if scale is not None:
         options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
     cfg = SwaConfig(**options)
