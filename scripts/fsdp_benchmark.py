@@ -27,12 +27,10 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_benchmark import SHAPES, compose, token_file  # noqa: E402
-from timing import cpu_model, emit, sync, time_queued  # noqa: E402
+from lm_benchmark import SHAPES, build_lm_trainer, epoch_seconds  # noqa: E402
+from timing import cpu_model, emit, machine, time_queued  # noqa: E402
 
 from swa_research.errors import UserError  # noqa: E402
 from swa_research.fileio import atomic_write_text  # noqa: E402
@@ -94,34 +92,15 @@ def worker(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, world: Any) -> dict[str, float]:
     """This rank's step time, one update's time and the average's bytes."""
     from swa_research.averaging import make_average
-    from swa_research.training.build import build_trainer, config_dict_of, load_config
 
     cuda = args.device == "cuda"
     device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
-    n_layer, n_head, n_embd, block, vocab = SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as folder:
-        tokens = token_file(Path(folder), vocab, max(1 << 20, 4 * args.batch_size * (block + 1)))
-        overrides = [
-            "experiment=lm/char_cpu", f"data.root={tokens}",
-            f"data.tokenizer={'byte' if vocab <= 256 else 'gpt2'}",
-            f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
-            f"model.block_size={block}", "model.dropout=0.0",
-            f"data.windows_per_epoch={args.steps * args.batch_size}",
-            "data.val_fraction=0.01", "data.test_fraction=0.01", "swa.method=none",
-            "swa.also=[]", f"trainer.batch_size={args.batch_size}",
-            f"trainer.strategy={args.worker_strategy}", f"trainer.device={device}",
-            f"trainer.precision={args.precision}", f"trainer.epochs={args.warmup + args.rounds}",
-            "trainer.progress=none", "logger.backend=none"]
-        config = load_config(compose(overrides))
-        run_dir = Path(folder) / "run"
-        trainer = build_trainer(config, config_dict_of(config), run_dir, device)
-        seconds = []
-        for epoch in range(1, args.warmup + args.rounds + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            trainer.train_epoch(epoch)
-            if epoch > args.warmup:
-                seconds.append(time.perf_counter() - t0)
+        trainer = build_lm_trainer(
+            Path(folder), args.shape, args.precision, device, args.batch_size, args.steps,
+            args.warmup + args.rounds,
+            ["model.dropout=0.0", f"trainer.strategy={args.worker_strategy}"])
+        seconds = epoch_seconds(trainer, device, args.warmup, args.rounds)
         model = trainer.model
         average = make_average(args.method, model, decay=0.999)
         update_s = time_queued(lambda: average.update(model), device, args.avg_calls)
@@ -198,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "visible")
     rows = [run_strategy(args, s) for s in strategies]
     name = torch.cuda.get_device_name(0) if cuda else cpu_model()
-    result = {"machine": {"device": args.device, "device_name": name, "cpu": cpu_model(),
-                          "torch": torch.__version__, "python": platform.python_version()},
+    result = {"machine": machine(args.device, name),
               "setup": {"ranks": args.ranks, "steps": args.steps, "rounds": args.rounds,
                         "warmup": args.warmup, "method": args.method,
                         "avg_calls": args.avg_calls},

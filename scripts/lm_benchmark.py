@@ -24,7 +24,6 @@ them under "rows"):
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import cpu_model, emit, matmul_peak_tflops, sync, time_queued  # noqa: E402
+from timing import cpu_model, emit, machine, matmul_peak_tflops, sync, time_queued  # noqa: E402
 
 from swa_research.averaging import make_average  # noqa: E402
 from swa_research.data.text import write_ids  # noqa: E402
@@ -90,37 +89,55 @@ def token_file(folder: Path, vocab: int, n: int) -> Path:
     return path
 
 
-def measure(args: argparse.Namespace, shape: str, precision: str, device: torch.device,
-            folder: Path, matmul_peaks: dict[str, float]) -> dict[str, Any]:
+def build_lm_trainer(folder: Path, shape: str, precision: str, device: torch.device,
+                     batch_size: int, steps: int, epochs: int, extra: list[str]) -> Any:
+    """The trainer ``swa_research.training.build`` makes from ``experiment=lm/char_cpu`` with
+    the shape asked, on a file of random token ids, epochs of ``steps`` steps of
+    ``batch_size`` windows, no average; ``extra``: further overrides."""
     n_layer, n_head, n_embd, block, vocab = SHAPES[shape]
-    tokens = token_file(folder, vocab, max(1 << 20, 4 * args.batch_size * (block + 1)))
+    tokens = token_file(folder, vocab, max(1 << 20, 4 * batch_size * (block + 1)))
     overrides = [
         "experiment=lm/char_cpu", f"data.root={tokens}",
         f"data.tokenizer={'byte' if vocab <= 256 else 'gpt2'}",
         f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
         f"model.block_size={block}", f"model.vocab_multiple={64 if shape == 'gpt2' else 1}",
-        f"data.windows_per_epoch={args.steps * args.batch_size}",
+        f"data.windows_per_epoch={steps * batch_size}",
         "data.val_fraction=0.01", "data.test_fraction=0.01", "swa.method=none", "swa.also=[]",
-        f"trainer.batch_size={args.batch_size}", f"trainer.grad_accum={args.grad_accum}",
-        f"trainer.device={device}", f"trainer.precision={precision}",
-        f"trainer.epochs={args.warmup + args.rounds}", "trainer.progress=none",
-        f"trainer.compile={args.compile is not None}",
-        f"trainer.compile_mode={args.compile or 'default'}", "logger.backend=none"]
+        f"trainer.batch_size={batch_size}", f"trainer.device={device}",
+        f"trainer.precision={precision}", f"trainer.epochs={epochs}", "trainer.progress=none",
+        "logger.backend=none", *extra]
     config = load_config(compose(overrides))
     run_dir = folder / f"{shape}-{precision}"
     run_dir.mkdir()
-    trainer = build_trainer(config, config_dict_of(config), run_dir, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rates = []
-    per_step = args.batch_size * block
-    for epoch in range(1, args.warmup + args.rounds + 1):
+    return build_trainer(config, config_dict_of(config), run_dir, device)
+
+
+def epoch_seconds(trainer: Any, device: torch.device, warmup: int, rounds: int
+                  ) -> list[float]:
+    """The seconds of each of ``rounds`` epochs after ``warmup`` untimed ones."""
+    seconds = []
+    for epoch in range(1, warmup + rounds + 1):
         sync(device)
         t0 = time.perf_counter()
         trainer.train_epoch(epoch)  # ends by reading its sums: the device has finished
-        seconds = time.perf_counter() - t0
-        if epoch > args.warmup:
-            rates.append(args.steps * per_step / seconds)
+        if epoch > warmup:
+            seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def measure(args: argparse.Namespace, shape: str, precision: str, device: torch.device,
+            folder: Path, matmul_peaks: dict[str, float]) -> dict[str, Any]:
+    block = SHAPES[shape][3]
+    trainer = build_lm_trainer(
+        folder, shape, precision, device, args.batch_size, args.steps,
+        args.warmup + args.rounds,
+        [f"trainer.grad_accum={args.grad_accum}", f"trainer.compile={args.compile is not None}",
+         f"trainer.compile_mode={args.compile or 'default'}"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_step = args.batch_size * block
+    rates = [args.steps * per_step / t
+             for t in epoch_seconds(trainer, device, args.warmup, args.rounds)]
     rate = statistics.median(rates)
     flops = trainer.model.flops_per_token() * rate / 1e12
     ema = make_average("ema", trainer.model, decay=0.999)
@@ -192,9 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = [measure(args, s, p, device, Path(folder), matmul)
                 for s in shapes for p in precisions]
     name = torch.cuda.get_device_name(device) if cuda else cpu_model()
-    result = {"machine": {"device": str(device), "device_name": name, "cpu": cpu_model(),
-                          "torch": torch.__version__, "python": platform.python_version(),
-                          "torch_threads": torch.get_num_threads()},
+    result = {"machine": machine(str(device), name, torch_threads=torch.get_num_threads()),
               "setup": {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                         "peak_tflops": peak_tflops(device, args.peak_tflops)},
               "matmul_peak_tflops": {k: round(v, 4) for k, v in matmul.items()},

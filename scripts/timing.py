@@ -66,6 +66,12 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
     return best
 
 
+def machine(device: str, name: str, **extra: object) -> dict:
+    """A benchmark result's "machine": the device, its name, the CPU, torch and Python."""
+    return {"device": device, "device_name": name, "cpu": cpu_model(),
+            "torch": torch.__version__, "python": platform.python_version(), **extra}
+
+
 def emit(result: dict, header: str, table: str, json_path: str | None) -> dict:
     """Print a benchmark's header line and table, write its result as JSON (atomically) when
     asked, and return it."""
