@@ -104,7 +104,8 @@ def build_lm_trainer(folder: Path, shape: str, precision: str, device: torch.dev
         f"data.windows_per_epoch={steps * batch_size}",
         "data.val_fraction=0.01", "data.test_fraction=0.01", "swa.method=none", "swa.also=[]",
         f"trainer.batch_size={batch_size}", f"trainer.device={device}",
-        f"trainer.precision={precision}", f"trainer.epochs={epochs}", "trainer.progress=none",
+        f"trainer.precision={precision}", f"trainer.epochs={epochs}", "trainer.max_steps=0",
+        "trainer.eval_every_steps=0", "trainer.checkpoint_every_steps=0", "trainer.progress=none",
         "logger.backend=none", *extra]
     config = load_config(compose(overrides))
     run_dir = folder / f"{shape}-{precision}"

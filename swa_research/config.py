@@ -185,6 +185,10 @@ class FsdpConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 50
+    # The budget in steps (nanoGPT's max_iters): > 0 ends the run after this many optimizer
+    # steps, inside an epoch if need be, and trainer.epochs is not read; fractions of the budget
+    # (swa.start=0.75, schedule.cooldown) are of these steps. 0: trainer.epochs decides.
+    max_steps: int = 0
     batch_size: int = 128
     eval_batch_size: int = 1000
     drop_last: bool = True
@@ -194,6 +198,9 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | single | ddp | fsdp (asked for; auto never picks it)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     eval_every: int = 1
+    # Evaluate every N optimizer steps (nanoGPT's eval_interval), inside epochs, and after the
+    # last; > 0 replaces eval_every. 0: by epochs.
+    eval_every_steps: int = 0
     # Evaluate before the first step too (history row of epoch 0): the starting point, e.g. the
     # pretrained model that SWA fine-tunes (the SWA paper's ImageNet "SGD" column).
     eval_at_start: bool = False
@@ -204,6 +211,9 @@ class TrainerConfig:
     progress: str = "auto"  # auto | bar | line | none
     save_checkpoints: bool = True  # sgd_final.pt, sgd_best_val.pt, swa.pt at the end
     checkpoint_every: int = 1  # epochs between training checkpoints (0: none, no resume)
+    # Steps between training checkpoints, written inside epochs (a resume continues from the
+    # step); > 0 replaces checkpoint_every. 0: by epochs.
+    checkpoint_every_steps: int = 0
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     resume_override: bool = False  # resume even when the config differs from the checkpoint's
     deterministic: bool = False  # deterministic algorithms: bit-exact resume on CPU
@@ -234,7 +244,7 @@ class TrainerConfig:
     # swa_research.analysis.posthoc): every snapshot_every snapshot_units (0: none) into
     # trajectory/.
     snapshot_every: int = 0
-    snapshot_unit: str = "epoch"  # iter | epoch
+    snapshot_unit: str = "epoch"  # iter (optimizer steps) | epoch
     snapshot_dtype: str = "fp32"  # fp32 | bf16 (integer buffers stay integer)
 
 
@@ -374,10 +384,12 @@ def validate(cfg: Config) -> None:
                 "trainer.overfit_batches"):
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be >= 0 (0: off)")
-    if cfg.trainer.checkpoint_every < 0:
-        raise UserError(f"trainer.checkpoint_every={cfg.trainer.checkpoint_every}: must be >= 0")
+    for key in ("trainer.checkpoint_every", "trainer.max_steps", "trainer.eval_every_steps",
+                "trainer.checkpoint_every_steps"):
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}={_get(cfg, key)}: must be >= 0 (0: off)")
     t = cfg.trainer
-    if t.snapshot_every > t.epochs and t.snapshot_unit == "epoch":
+    if t.snapshot_every > t.epochs and t.snapshot_unit == "epoch" and not t.max_steps:
         raise UserError(f"trainer.snapshot_every={t.snapshot_every}: every "
                         f"{t.snapshot_every} epochs takes no snapshot in a budget of {t.epochs} "
                         "(trainer.snapshot_unit=iter counts iterations)")

@@ -39,9 +39,11 @@ def write_text(path: Path, lines: int = 3000, seed: int = 0) -> Path:
 
 
 def lm_run(root: Path) -> list[str]:
+    """lm/char_cpu, small, with its budget and cadences in epochs (trainer.epochs=N after it)."""
     return ["experiment=lm/char_cpu", f"data.root={root}", "model.n_layer=2", "model.n_head=2",
             "model.n_embd=32", "model.block_size=32", "data.windows_per_epoch=320",
-            "data.eval_tokens=4096", "trainer.epochs=4", "trainer.device=cpu",
+            "data.eval_tokens=4096", "trainer.epochs=4", "trainer.max_steps=0",
+            "trainer.eval_every_steps=0", "trainer.checkpoint_every_steps=0", "trainer.device=cpu",
             "trainer.progress=none", "swa.start=0.5", "swa.freq=5", "optimizer.lr=3e-3",
             "swa.lr=3e-3"]
 
@@ -426,8 +428,7 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
             6, 6, 384, 256, 0.2)
         assert (o.lr, o.betas[1], o.weight_decay, o.grad_clip) == (1e-3, 0.99, 0.1, 1.0)
         assert (s.name, s.warmup, s.final_ratio) == ("warmup_cosine", 100, 0.1)
-        iters = config.data.windows_per_epoch // t.batch_size
-        assert (t.batch_size, iters * t.epochs, iters) == (64, 5000, 250)  # eval every 250
+        assert (t.batch_size, t.max_steps, t.eval_every_steps) == (64, 5000, 250)
     if preset == "gpt2_owt":  # nanoGPT's train_gpt2.py: 600,000 iterations of 491,520 tokens
         m, o, s, t = config.model, config.optimizer, config.schedule, config.trainer
         assert (m["n_layer"], m["n_head"], m["n_embd"], m["block_size"], m["bias"]) == (
@@ -436,8 +437,7 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
                                                                        1.0)
         assert (s.name, s.warmup, s.final_ratio, config.data.tokenizer) == (
             "warmup_cosine", 2000, 0.1, "gpt2")
-        iters = config.data.windows_per_epoch // t.batch_size
-        assert (t.batch_size * m["block_size"], iters * t.epochs, iters) == (
+        assert (t.batch_size * m["block_size"], t.max_steps, t.eval_every_steps) == (
             491_520, 600_000, 1000)
         assert t.batch_size // t.grad_accum == 12 and config.data.eval_tokens == 200 * 12 * 1024
     if preset == "gpt2_xl_fsdp":  # its header's budget and GPU hours, from the shapes
@@ -445,7 +445,7 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
         assert (m["n_layer"], m["n_head"], m["n_embd"], t.strategy) == (48, 25, 1600, "fsdp")
         assert (s.name, s.cooldown, s.cooldown_shape) == ("wsd", 0.2, "1-sqrt")
         assert (w.method, list(w.also), w.lawa_k) == ("ema", ["lawa"], 6)
-        steps = config.data.windows_per_epoch // t.batch_size * t.epochs
+        steps = t.max_steps
         tokens = steps * t.batch_size * m["block_size"]
         assert (steps, tokens) == (60_000, 31_457_280_000)
         with torch.device("meta"):

@@ -33,11 +33,16 @@ class AveragingPlan:
     epochs: int
     cycle: int | None = None  # iterations per cycle: set for the cyclical and fge schedules
     phase: int | None = None  # the first point's distance from the start (None: a cycle)
+    steps: int = 0  # a budget in steps (trainer.max_steps), else 0: epochs x iters_per_epoch
 
     @classmethod
     def from_config(cls, swa: SwaConfig, schedule: ScheduleConfig, epochs: int,
-                    iters_per_epoch: int) -> AveragingPlan:
-        budget = epochs if swa.unit == "epoch" else epochs * iters_per_epoch
+                    iters_per_epoch: int, max_steps: int = 0) -> AveragingPlan:
+        """``max_steps`` > 0: the budget in steps (``epochs`` then the epochs it takes)."""
+        if max_steps:
+            epochs = -(-max_steps // iters_per_epoch)
+        budget = (max_steps // iters_per_epoch if max_steps else epochs) if swa.unit == "epoch" \
+            else (max_steps or epochs * iters_per_epoch)
         start = int(round(swa.start * budget)) if swa.start < 1.0 else int(round(swa.start))
         cycle = phase = None
         if schedule.name == "cyclical":
@@ -46,7 +51,8 @@ class AveragingPlan:
             cycle = schedule.fge_cycle * iters_per_epoch
             phase = cycle // 2
         return cls(method=swa.method, unit=swa.unit, start=start, freq=swa.freq,
-                   iters_per_epoch=iters_per_epoch, epochs=epochs, cycle=cycle, phase=phase)
+                   iters_per_epoch=iters_per_epoch, epochs=epochs, cycle=cycle, phase=phase,
+                   steps=max_steps)
 
     @property
     def first_offset(self) -> int:
@@ -59,7 +65,12 @@ class AveragingPlan:
 
     @property
     def total_iters(self) -> int:
-        return self.epochs * self.iters_per_epoch
+        return self.steps or self.epochs * self.iters_per_epoch
+
+    @property
+    def whole_epochs(self) -> int:
+        """The budget's complete epochs (a budget in steps may end inside one)."""
+        return self.total_iters // self.iters_per_epoch
 
     @property
     def start_iter(self) -> int | None:
@@ -100,9 +111,10 @@ class AveragingPlan:
         points = []
         for e in range(1, self.epochs + 1):
             if self.cycle is not None or self.unit == "iter":
-                lo, hi = (e - 1) * self.iters_per_epoch + 1, e * self.iters_per_epoch
+                lo = (e - 1) * self.iters_per_epoch + 1
+                hi = min(e * self.iters_per_epoch, self.total_iters)
                 points.extend(n for n in range(lo, hi + 1) if self.due_after_iter(n))
-            if self.due_after_epoch(e):
+            if e <= self.whole_epochs and self.due_after_epoch(e):
                 points.append(e)
         return points
 
@@ -122,7 +134,8 @@ class AveragingPlan:
             return first, self.freq, count
         first = self.start if self.start >= 1 else self.start + -(-(1 - self.start)
                                                                    // self.freq) * self.freq
-        count = max(0, (self.epochs - first) // self.freq + 1) if first <= self.epochs else 0
+        last = self.whole_epochs
+        count = max(0, (last - first) // self.freq + 1) if first <= last else 0
         return first, self.freq, count
 
     def count_updates(self) -> int:
@@ -140,11 +153,21 @@ def check_budget(cfg: Config, iters_per_epoch: int) -> None:
         raise UserError(
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
             "(drop_last leaves no batch)")
+    steps = cfg.trainer.max_steps
+    if steps and cfg.swa.unit == "epoch" and cfg.swa.method != "none" and \
+            steps % iters_per_epoch:
+        raise UserError(
+            f"swa.unit=epoch counts whole epochs, and trainer.max_steps={steps} ends inside "
+            f"epoch {steps // iters_per_epoch + 1} ({iters_per_epoch} steps an epoch): set "
+            f"swa.unit=iter (swa.start and swa.freq in steps), or max_steps to a multiple of "
+            f"{iters_per_epoch}")
     if cfg.swa.method == "none":
         return
-    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch)
+    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch,
+                                     steps)
     count, first = plan.count_updates(), plan.first_update()
-    budget = cfg.trainer.epochs if cfg.swa.unit == "epoch" else cfg.trainer.epochs * iters_per_epoch
+    budget = plan.whole_epochs if cfg.swa.unit == "epoch" else plan.total_iters
+    given = f"trainer.max_steps={steps}" if steps else f"trainer.epochs={cfg.trainer.epochs}"
     if not count and plan.start < budget:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
         room = budget - plan.start  # in swa.unit
@@ -155,19 +178,19 @@ def check_budget(cfg: Config, iters_per_epoch: int) -> None:
                 f"schedule.fge_cycle={cfg.schedule.fge_cycle}: FGE collects its first model "
                 f"half a cycle ({cfg.schedule.fge_cycle // 2} epochs) after the start "
                 f"({cfg.swa.unit} {plan.start}), beyond the end of the budget "
-                f"(trainer.epochs={cfg.trainer.epochs}); set schedule.fge_cycle to an even "
+                f"({given}); set schedule.fge_cycle to an even "
                 f"number of at most {2 * room_epochs} epochs, or move swa.start earlier")
         what = f"schedule.cycle={plan.cycle}" if plan.cycle is not None else \
             f"swa.freq={cfg.swa.freq}"
         raise UserError(
             f"{what}: no averaging point between the start ({cfg.swa.unit} {plan.start}) and "
-            f"the end of the budget ({budget} {unit}, trainer.epochs={cfg.trainer.epochs}); "
+            f"the end of the budget ({budget} {unit}, {given}); "
             f"lower it below {room}")
     if not count:
         unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
         raise UserError(
             f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
-            f"(trainer.epochs={cfg.trainer.epochs}): no weights would be averaged; give the "
+            f"({given}): no weights would be averaged; give the "
             "start as a fraction of the budget, e.g. swa.start=0.75")
     if count == 1 and plan.cycle is None:
         # An average of one point is that checkpoint (with recomputed BN statistics): almost

@@ -7,6 +7,7 @@ checkpoint), records a failure before training in metrics.json, and returns the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -323,8 +324,14 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
                     trainer_cfg.best_by)
     iters = iterations_per_epoch(len(data.train), trainer_cfg.batch_size, trainer_cfg.drop_last)
     check_budget(config, iters)
-    check_schedule(config.schedule, trainer_cfg.epochs * iters,
+    steps = trainer_cfg.max_steps
+    total = steps or trainer_cfg.epochs * iters
+    check_schedule(config.schedule, total, f"trainer.max_steps={steps}" if steps else
                    f"trainer.epochs={trainer_cfg.epochs} x {iters} an epoch")
+    if steps:  # the epochs the budget takes (the last one cut short)
+        trainer_cfg = dataclasses.replace(trainer_cfg, epochs=-(-steps // iters))
+        log.info("trainer.max_steps=%d: %d epoch%s of %d steps (trainer.epochs is not read)",
+                 steps, trainer_cfg.epochs, "" if trainer_cfg.epochs == 1 else "s", iters)
     try:  # reading model.weights (a file, or torchvision's download) fails here, not on meta
         model = build_model(config.model, task.output_size(data), data.image_size).to(
             device, memory_format=fmt)
@@ -338,9 +345,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         train_model = shard_model(model, config.model.get("name"), trainer_cfg.fsdp.wrap,
                                   trainer_cfg.fsdp.reshard_after_forward, device)
     optimizer = build_optimizer(config.optimizer, model)
-    plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters)
+    plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters,
+                                     steps)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
-                              trainer_cfg.epochs * iters, plan.start_iter, plan.lr_switch_iter)
+                              total, plan.start_iter, plan.lr_switch_iter)
     averages = build_averages(model, config.swa)
     check_task_methods(task, averages)
     for name in (n for n, a in averages.items() if a.method == "ema"):
@@ -377,7 +385,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         cfg=trainer_cfg, seed=config.seed, run_dir=run_dir, loggers=Loggers(loggers),
         config_dict=config_dict, log_every=config.logger.log_every,
         bn_batch_size=config.swa.bn_batch_size,
-        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters, sharded=sharded,
+        snapshots=SnapshotWriter(run_dir, trainer_cfg, iters, total, sharded=sharded,
                                  main=world().is_main)
         if trainer_cfg.snapshot_every and (world().is_main or sharded) else None,
         train_model=train_model, device=device, task=task,

@@ -98,9 +98,11 @@ class Evaluator:
         """metrics.json's entries of a model: ``<split>_<m>``, test first."""
         return {f"{s}_{m}": scores[s][m] for s in ("test", "val") for m in self.metrics}
 
-    def row(self, model: nn.Module, epoch: int, iteration: int, lr: float,
-            train: Scores | None, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Evaluate the SGD model and each average; the history row."""
+    def row(self, model: nn.Module, epoch: float, iteration: int, lr: float,
+            train: Scores | None, history: list[dict[str, Any]], final: bool = False
+            ) -> dict[str, Any]:
+        """Evaluate the SGD model and each average; the history row (``final``: at the end
+        of the budget)."""
         sgd = self._all_scores(model)
         none = dict.fromkeys(self.metrics)
         row: dict[str, Any] = {"epoch": epoch, "iteration": iteration, "lr": lr,
@@ -110,7 +112,6 @@ class Evaluator:
                                **self._columns(PRIMARY, {s: none for s in SPLITS}),
                                f"{PRIMARY}_n_averaged": 0}
         self.last_sgd = self._entries(sgd)
-        final = epoch == self.cfg.epochs
         # This evaluation's number, counted from 1 (trainer.eval_at_start's row 0 not counted).
         evaluation = sum(1 for r in history if r["epoch"] > 0) + 1
         for name, average in self.averages.items():

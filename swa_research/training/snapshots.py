@@ -45,15 +45,16 @@ def snapshot_file(iteration: int, sharded: bool = False) -> str:
     return f"it{iteration:06d}" + ("" if sharded else ".pt")
 
 
-def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int) -> range:
-    """The iterations after which a snapshot is taken, in order (none when every is 0): a
-    range, so that a plan of any budget costs nothing to hold."""
+def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int,
+                    total: int = 0) -> range:
+    """The iterations after which a snapshot is taken, in order (none when every is 0), in a
+    budget of ``total`` steps (0: ``epochs`` whole epochs): a range, so that a plan of any
+    budget costs nothing to hold."""
+    total = total or epochs * iters_per_epoch
     if every <= 0:
         return range(0)
-    if unit == "epoch":
-        step = every * iters_per_epoch
-        return range(step, epochs * iters_per_epoch + 1, step)
-    return range(every, epochs * iters_per_epoch + 1, every)
+    step = every * iters_per_epoch if unit == "epoch" else every
+    return range(step, total + 1, step)
 
 
 def snapshot_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -133,7 +134,7 @@ def remove(path: Path) -> None:
 class SnapshotWriter:
     """Takes the run's snapshots and keeps ``trajectory/index.json`` in step with them."""
 
-    def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int,
+    def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int, total: int = 0,
                  sharded: bool = False, main: bool = True) -> None:
         # sharded: every rank takes part in each snapshot (its shards); main: this rank
         # writes the index and tidies the folder (rank 0).
@@ -143,7 +144,7 @@ class SnapshotWriter:
         self.dtype_name = cfg.snapshot_dtype
         self.dtype = DTYPES[cfg.snapshot_dtype]
         self.iters_per_epoch = iters_per_epoch
-        self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch)
+        self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch, total)
         self.entries: list[dict[str, Any]] = []
 
     def due_after_iter(self, iteration: int) -> bool:

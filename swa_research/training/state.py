@@ -54,6 +54,9 @@ class Trainer(Protocol):
     run_dir: Path
     history: list[dict[str, Any]]
     partial: dict[str, Any] | None
+    window: Any  # the loop's Window: the steps since the last evaluation by steps
+    cfg: Any
+    task: Any
     iteration: int
     start_epoch: int
     train_time: float
@@ -82,11 +85,24 @@ def trainer_state(t: Trainer, epoch: int, partial: dict[str, Any] | None, wall: 
         "rng": rng_state(t.generator, t.device),
         "timing": {"train_time": t.train_time, "images_seen": t.images_seen,
                    "wall": t.wall_before + wall},
+        "window": _window_totals(t),
         # Under DDP, what differs between the ranks: their RNG (dropout) and the BN running
         # statistics of their shards (the model's and those the averages copied).
         "ranks": t.ranks.gather({"rng": rng_state(t.generator, t.device),
                                  "buffers": buffers_of(networks_of(t.model, t.averages))}),
     }
+
+
+def _window_totals(t: Trainer) -> dict[str, Any] | None:
+    """The steps since the last evaluation by steps (trainer.eval_every_steps): their metric
+    sums and count over the ranks (a collective under DDP, made by every rank), on the CPU."""
+    w = t.window
+    if not t.cfg.eval_every_steps:
+        return None
+    sums = w.sums if w.sums is not None else torch.zeros(len(t.task.spec.metrics),
+                                                           device=t.device, dtype=torch.float64)
+    sums, seen = t.ranks.epoch_sums(sums.clone(), w.seen)
+    return {"sums": sums.cpu(), "seen": seen}
 
 
 def write_checkpoint(t: Trainer, epoch: int, partial: dict[str, Any] | None = None,
@@ -198,6 +214,9 @@ def load_trainer_state(t: Trainer, state: dict[str, Any]) -> None:
     timing = state["timing"]
     t.train_time, t.images_seen = timing["train_time"], timing["images_seen"]
     t.wall_before = timing["wall"]
+    window = state.get("window")
+    if window is not None and (t.ranks.is_main or not t.ranks.distributed):
+        t.window.sums, t.window.seen = window["sums"].to(t.device), window["seen"]
     set_rng_state(state["rng"], t.generator, t.device)
     _load_rank_state(t, state.get("ranks"))
 

@@ -25,7 +25,8 @@ from swa_research.fileio import describe_write_error
 from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import Loggers
 from swa_research.tracking.outputs import save_weights, vocabulary_record
-from swa_research.tracking.progress import Progress, eval_line
+from swa_research.tracking.progress import eval_line
+from swa_research.training import loop
 from swa_research.training.checkpoint import remove_finished_checkpoints
 from swa_research.training.evaluator import Evaluator
 from swa_research.training.optim import averaged_iterate, is_schedule_free
@@ -81,6 +82,8 @@ class Trainer:
         self.wall_before = 0.0  # wall time of earlier processes of this run (resume)
         self.history: list[dict[str, Any]] = []
         self.partial: dict[str, Any] | None = None  # a mid-epoch position to resume from
+        self.window = loop.Window()  # the steps since the last evaluation by steps
+        self.paused = self.run_start = 0.0  # the epoch's time not training; fit's start
         self.loader_wait: float | None = None  # a streamed set's wait share of the last epoch
         self.signals = SignalFlag()
         self.calibration: dict[str, Any] | None = None
@@ -101,63 +104,9 @@ class Trainer:
 
     # -- one epoch ------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float | None]:
-        """One epoch (or the rest of one, resuming); the task's metrics of its batches."""
-        self.model.train()
-        part, self.partial = self.partial, None
-        if part is None:
-            order = torch.randperm(len(self.data.train), generator=self.generator)
-            # Each image's crop is seeded by this and its position in the epoch (both paths).
-            # (tolist: a CPU read without the scalar dispatch a host-read count watches.)
-            aug_seed = torch.randint(0, 2**62, (1,), generator=self.generator).tolist()[0]
-            start, seen = 0, 0
-            sums = torch.zeros(len(self.task.spec.metrics), device=self.device,
-                               dtype=torch.float64)
-        else:  # resuming inside this epoch
-            order, start, seen = part["order"], part["batch"], part["seen"]
-            aug_seed = part.get("aug_seed")  # None in an older checkpoint: drawn now
-            sums = part["sums"].to(self.device)
-        batches = self.task.train_batches(self.data.train, self.cfg.batch_size, self.generator,
-                                          self.train_pre, self.cfg.drop_last, order, start,
-                                          self.ranks.shard, aug_seed)
-        progress = Progress(self.cfg.progress if self.ranks.is_main else "none",
-                            self.plan.iters_per_epoch, start, seen,
-                            extra=getattr(batches, "describe", None), unit=self.task.spec.unit)
-        for i, (x, y) in enumerate(batches, start=start + 1):
-            self.last_lr = self.current_lr()  # before the scheduler moves on to the next step's
-            loss, output = self.step(x, y)
-            self.scheduler.step()
-            self.iteration += 1
-            sums += self.task.train_sums(loss, output, y)  # on the device: no host sync
-            seen += self.task.count(y)
-            if self.plan.due_after_iter(self.iteration):
-                self._update_averages()
-            if self.snapshots is not None and self.snapshots.due_after_iter(self.iteration):
-                self._snapshot()
-            stop = False
-            if self.iteration % self.log_every == 0:
-                # The one sync every log_every steps: the logged loss, also a divergence check;
-                # under DDP the mean over the ranks, with the ranks' preemption flags.
-                last, stop = self.ranks.loss_and_stop(loss, self.signalled)
-                self._check_finite(last, epoch)
-                self.loggers.log_step(self.iteration, {"train/loss": last, "lr": self.last_lr})
-            progress.update(epoch, self.cfg.epochs, i, sums[0], seen)
-            if stop or (not self.ranks.distributed and self.signalled):
-                progress.close()
-                self._preempt(epoch, {"order": order, "batch": i, "seen": seen, "sums": sums,
-                                      "aug_seed": aug_seed})
-        progress.close()
-        self.loader_wait = getattr(batches, "wait_fraction", None)
-        sums, seen = self.ranks.epoch_sums(sums, seen)
-        if self.plan.due_after_epoch(epoch):
-            self._update_averages()
-        if self.snapshots is not None and self.snapshots.due_after_epoch(epoch):
-            # Before the checkpoint of this epoch: a resume from it finds the snapshot.
-            self._snapshot()
-        self.images_seen += seen
-        # The epoch's one read of the device: a host read per metric sum.
-        scores = self.task.summarize([s.item() for s in sums], seen)
-        self._check_finite(scores["loss"] if seen else 0.0, epoch)
-        return scores
+        """One epoch (or the rest of one, resuming; or its first steps when a budget in steps
+        ends inside it); the task's metrics of its batches (:mod:`.loop`)."""
+        return loop.train_epoch(self, epoch)
 
     @property
     def signalled(self) -> bool:
@@ -196,13 +145,13 @@ class Trainer:
                                     self.seed, self.iteration if iteration is None else iteration,
                                     self.train_pre, shard=self.ranks.shard)
 
-    def evaluate_all(self, epoch: int, train: dict[str, float | None] | None) -> dict[str, Any]:
+    def evaluate_all(self, epoch: float, train: dict[str, float | None] | None) -> dict[str, Any]:
         """The SGD model and every average evaluated: the history row. Under DDP the ranks
         first average their BN statistics and check that their weights are identical."""
         self.ranks.before_eval(self.model, self.averages, f"at iteration {self.iteration}")
         with self.iterate(bn=True), autocast(self.eval_precision, self.device):
             return self.evaluator.row(self.model, epoch, self.iteration, self.last_lr, train,
-                                      self.history)
+                                      self.history, final=self.iteration >= self.plan.total_iters)
 
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -213,7 +162,8 @@ class Trainer:
         status, error = "failed", None
         try:
             with self.signals:
-                self._epochs(start)
+                self.run_start = start
+                loop.run_budget(self)
             set_phase(WRITING_RESULTS)
             # After the final evaluation, so that the averages are prepared (fresh BN).
             with self.iterate(bn=True), autocast(self.eval_precision, self.device):
@@ -248,31 +198,17 @@ class Trainer:
         remove_finished_checkpoints(self.run_dir, keep_latest=self.cfg.keep_checkpoint)
         return metrics
 
-    def _epochs(self, start: float) -> None:
-        """Train, evaluate, log and checkpoint epoch by epoch to the end of the budget."""
-        epochs = self.cfg.epochs
-        if self.cfg.eval_at_start and self.iteration == 0 and not self.history:
-            self._evaluation(0, None, time.perf_counter())  # the start, before any step
-        for epoch in range(self.start_epoch, epochs + 1):
-            t0 = time.perf_counter()
-            train = self.train_epoch(epoch)
-            self.train_time += time.perf_counter() - t0
-            if epoch % self.cfg.eval_every == 0 or epoch == epochs:
-                self._evaluation(epoch, train, t0)
-            every = self.cfg.checkpoint_every
-            if every and (epoch % every == 0 or epoch == epochs):
-                self.save_checkpoint(epoch, wall=time.perf_counter() - start)
-            if self.ranks.stop_agreed(self.signalled):
-                self._preempt(epoch + 1, None, wall=time.perf_counter() - start)
-
-    def _evaluation(self, epoch: int, train: dict[str, float | None] | None, t0: float) -> None:
+    def _evaluation(self, epoch: float, train: dict[str, float | None] | None,
+                    per_s: float | None = None, *, t0: float) -> None:
+        """Evaluate, keep the row, log it; ``per_s``: the throughput of the steps since the last
+        evaluation (by steps), else the run's so far."""
         row = self.evaluate_all(epoch, train)
         self.history.append(dict(row))
         if epoch > 0:  # throughput goes to the trackers only: the files stay reproducible
-            per_s = self.images_seen / max(self.train_time, 1e-9)  # images/s, tokens/s
+            per_s = per_s or self.images_seen / max(self.train_time, 1e-9)  # images/s, tokens/s
             row[f"{self.task.spec.unit}_per_s"], row["mfu"] = per_s, run_mfu(self, per_s)
         self.loggers.log_eval(row)
-        log.info("%s", eval_line(row, self.task.spec, list(self.averages), self.cfg.epochs,
+        log.info("%s", eval_line(row, self.task.spec, list(self.averages), loop.epochs_of(self),
                                  time.perf_counter() - t0, self.loader_wait))
 
     # -- checkpoints, preemption, results -------------------------------------------------
