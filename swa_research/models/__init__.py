@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from swa_research.errors import UserError
-from swa_research.models import gpt, preresnet, tv, vgg, wrn
+from swa_research.models import gpt, preresnet, timm_models, tv, vgg, wrn
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ MODELS: dict[str, ModelEntry] = {
     "preresnet164": ModelEntry(preresnet.preresnet164, image_multiple=4),
     "wrn28x10": ModelEntry(wrn.wrn28x10, image_multiple=4),
     "torchvision": ModelEntry(tv.torchvision_model),
+    "timm": ModelEntry(timm_models.timm_model),
     "gpt": ModelEntry(gpt.gpt, task="lm"),
 }
 

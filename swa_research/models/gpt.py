@@ -36,10 +36,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, gelu: str = "exact") -> None:
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -48,12 +48,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool,
+                 gelu: str = "exact") -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, gelu)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -62,13 +63,15 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int,
-                 n_embd: int, dropout: float = 0.0, bias: bool = True) -> None:
+                 n_embd: int, dropout: float = 0.0, bias: bool = True,
+                 gelu: str = "exact") -> None:
         super().__init__()
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList([Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)])
+        self.h = nn.ModuleList([Block(n_embd, n_head, dropout, bias, gelu)
+                                for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied: one matrix, counted once
@@ -105,12 +108,16 @@ class GPT(nn.Module):
 
 def gpt(num_classes: int, image_size: int = 32, *, n_layer: int = 6, n_head: int = 6,
         n_embd: int = 384, block_size: int = 256, dropout: float = 0.2, bias: bool = False,
-        vocab_multiple: int = 1) -> nn.Module:
+        vocab_multiple: int = 1, gelu: str = "exact", weights: str | None = None) -> nn.Module:
     """A GPT over a vocabulary of ``num_classes`` tokens (the text's tokenizer gives it),
     padded up to a multiple of ``vocab_multiple`` (nanoGPT pads GPT-2's 50,257 to 50,304 = 786
     x 64 for faster matmuls on a GPU; the padded ids never occur, so training pushes their
     logits down); ``image_size`` is not used. The defaults are nanoGPT's shakespeare_char
-    shape."""
+    shape. ``gelu``: ``exact`` (erf, nanoGPT's ``nn.GELU()``) or ``tanh`` (GPT-2's
+    ``gelu_new``). ``weights``: start from OpenAI's GPT-2 weights (``gpt2``, ``gpt2-medium``,
+    ``gpt2-large``, ``gpt2-xl``, or a folder or file of them:
+    :mod:`swa_research.models.gpt2_weights`), whose shape, biases and tanh GELU they bring;
+    ``block_size`` up to 1,024 crops the position embeddings, ``dropout`` stays the config's."""
     for key, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                        ("block_size", block_size)):
         if value < 1:
@@ -121,5 +128,35 @@ def gpt(num_classes: int, image_size: int = 32, *, n_layer: int = 6, n_head: int
         raise ValueError(f"model.dropout={dropout}: must be in [0, 1)")
     if vocab_multiple < 1:
         raise ValueError(f"model.vocab_multiple={vocab_multiple}: must be at least 1")
+    if gelu not in ("exact", "tanh"):
+        raise ValueError(f"model.gelu={gelu!r}: expected exact or tanh")
+    if weights:
+        return _pretrained(num_classes, weights, block_size, dropout, vocab_multiple, n_head)
     num_classes = -(-num_classes // vocab_multiple) * vocab_multiple
-    return GPT(num_classes, block_size, n_layer, n_head, n_embd, dropout, bias)
+    return GPT(num_classes, block_size, n_layer, n_head, n_embd, dropout, bias, gelu)
+
+
+def _pretrained(num_classes: int, weights: str, block_size: int, dropout: float,
+                vocab_multiple: int, n_head: int) -> GPT:
+    from swa_research.models import gpt2_weights as g
+
+    where = f"model.weights={weights}"
+    if vocab_multiple != 1:
+        raise ValueError(f"{where}: GPT-2's 50,257 logits are not padded; set "
+                         "model.vocab_multiple=1")
+    if block_size > g.POSITIONS:
+        raise ValueError(f"{where}: model.block_size={block_size} is beyond GPT-2's "
+                         f"{g.POSITIONS} positions")
+    if torch.empty(0).device.type == "meta":  # the config's check: the shape, nothing read
+        _, shape = g.resolve(weights, n_head)
+        n_layer, heads, n_embd = shape or (1, 1, 64)
+        return GPT(g.VOCAB, block_size, n_layer, heads, n_embd, dropout, True, "tanh")
+    if num_classes != g.VOCAB:
+        raise ValueError(f"{where}: GPT-2's vocabulary is {g.VOCAB:,} BPE tokens, this run's "
+                         f"tokenizer has {num_classes:,}: set data.tokenizer=gpt2")
+    state, shape = g.hf_state(weights, n_head)
+    n_layer, heads, n_embd = shape
+    g.describe(weights, shape, block_size)
+    model = GPT(g.VOCAB, block_size, n_layer, heads, n_embd, dropout, True, "tanh")
+    g.load_into(model, g.to_gpt_state(state, n_layer, block_size), weights)
+    return model
