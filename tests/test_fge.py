@@ -16,6 +16,7 @@ from swa_research.averaging.fge import FGE
 from swa_research.config import ScheduleConfig, SwaConfig, UserError, to_config, validate
 from swa_research.data import ImageSet, Preprocess
 from swa_research.training.build import train
+from swa_research.training.evaluator import eval_sets
 from swa_research.training.optim import build_schedule
 
 
@@ -90,12 +91,12 @@ def test_the_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
     sets = {"test": data, "val": None}
     for k, m in enumerate(members[:3], start=1):
         fge.update(m)
-        got = fge.collect_probs(sets, pre, 16, lambda: iter(()), seed=0)["test"]
+        got = fge.collect_probs(eval_sets(sets, pre, 16), lambda: iter(()), seed=0)["test"]
         want = torch.stack([probs_of(n, x) for n in members[:k]]).mean(0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # The fourth pushes out the first (max_models=3): the latest three.
     fge.update(members[3])
-    got = fge.collect_probs(sets, pre, 16, lambda: iter(()), seed=0)["test"]
+    got = fge.collect_probs(eval_sets(sets, pre, 16), lambda: iter(()), seed=0)["test"]
     want = torch.stack([probs_of(n, x) for n in members[1:]]).mean(0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (fge.n_averaged, fge.collected) == (3, 4)
@@ -103,8 +104,8 @@ def test_the_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
     # A resumed ensemble sums again from its members: the same probabilities.
     again = FGE(members[0], SwaConfig(max_models=3))
     again.load_state_dict(fge.state_dict())
-    torch.testing.assert_close(again.collect_probs(sets, pre, 16, lambda: iter(()), 0)["test"],
-                               got)
+    probs = again.collect_probs(eval_sets(sets, pre, 16), lambda: iter(()), 0)["test"]
+    torch.testing.assert_close(probs, got)
 
 
 def test_the_members_memory_is_checked_before_training() -> None:

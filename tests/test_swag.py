@@ -26,6 +26,7 @@ from swa_research.averaging.swag import VAR_CLAMP, flat_parameters, load_flat
 from swa_research.config import SwaConfig, UserError
 from swa_research.data import ImageSet, Preprocess
 from swa_research.training.build import load_config, train
+from swa_research.training.evaluator import eval_sets
 
 
 def make_swag(model: nn.Module, method: str = "swag", **kw) -> SWAG:
@@ -167,7 +168,7 @@ def bn_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_the_bma_is_the_mean_of_the_samples_probabilities() -> None:
     _, avg = trained_swag(samples=4)
     sets = {"val": image_set(10, 2), "test": image_set(13, 3)}
-    probs = avg.collect_probs(sets, PRE, 5, bn_batches, seed=11)
+    probs = avg.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=11)
     g = torch.Generator().manual_seed(11)
     net = copy.deepcopy(avg.module)
     expected = {k: torch.zeros(len(v), 3, dtype=torch.float64) for k, v in sets.items()}
@@ -188,9 +189,9 @@ def test_evaluation_is_reproducible_for_a_seed_and_leaves_the_mean() -> None:
     _, avg = trained_swag(samples=3)
     before = copy.deepcopy(avg.module.state_dict())
     sets = {"test": image_set(12, 4)}
-    a = avg.collect_probs(sets, PRE, 5, bn_batches, seed=7)["test"]
-    b = avg.collect_probs(sets, PRE, 5, bn_batches, seed=7)["test"]
-    c = avg.collect_probs(sets, PRE, 5, bn_batches, seed=8)["test"]
+    a = avg.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=7)["test"]
+    b = avg.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=7)["test"]
+    c = avg.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=8)["test"]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     after = avg.module.state_dict()
@@ -202,8 +203,8 @@ def test_swag_and_swag_diag_predictions_differ() -> None:
     _, diag = trained_swag("swag_diag", samples=3)
     torch.testing.assert_close(full.mean, diag.mean, rtol=0, atol=0)
     sets = {"test": image_set(12, 4)}
-    assert not torch.equal(full.collect_probs(sets, PRE, 5, bn_batches, seed=1)["test"],
-                           diag.collect_probs(sets, PRE, 5, bn_batches, seed=1)["test"])
+    assert not torch.equal(full.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=1)["test"],
+                           diag.collect_probs(eval_sets(sets, PRE, 5), bn_batches, seed=1)["test"])
 
 
 def test_eval_due() -> None:

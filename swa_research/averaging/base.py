@@ -5,18 +5,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
-from swa_research.distributed import weighted_mean_
-
-if TYPE_CHECKING:
-    from swa_research.data import ImageSet, Preprocess
-
 Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A whole set handed to an average that predicts sets itself (:meth:`Average.
+    collect_probs`): ``inputs()`` a fresh pass over its model inputs in order, ``size`` their
+    count, ``labels`` (optional) for a progress line. The caller makes the batches: the
+    framework from its data sets, a library user from theirs."""
+
+    inputs: Callable[[], Iterable[Tensor]]
+    size: int
+    labels: Tensor | None = None
 
 
 class Average(ABC):
@@ -63,9 +72,8 @@ class Average(ABC):
         one) evaluates this average; False leaves its columns empty there. Default: always."""
         return True
 
-    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
-                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
-                      ) -> dict[str, Tensor] | None:
+    def collect_probs(self, sets: dict[str, EvalSet], bn_batches: Callable[[], Batches],
+                      seed: int) -> dict[str, Tensor] | None:
         """Class probabilities [N, C] of whole sets by name, for an average that predicts a set
         itself; ``bn_batches()`` gives a fresh pass over training batches each time it is
         called, ``seed`` makes the result reproducible. None (the default): the average is one
@@ -279,5 +287,25 @@ def bn_update(batches: Iterable[Any], model: nn.Module,
     # Under DDP each rank passed its share of the batches, and its statistics are its
     # sample-weighted means: weighted by each rank's sample count, their mean over the ranks is
     # what one process computes over all the batches.
-    weighted_mean_([t for m in layers for t in (m.running_mean, m.running_var)
-                    if t is not None], weight=seen)
+    _mean_over_ranks([t for m in layers for t in (m.running_mean, m.running_var)
+                      if t is not None], weight=seen)
+
+
+def _mean_over_ranks(tensors: list[Tensor], weight: float) -> None:
+    """In a torch.distributed job of several ranks (every rank calls this at the same point):
+    each tensor replaced by the mean of the ranks' values, each rank's weighted by its
+    ``weight`` (one all-reduce, in float64; unchanged where the weights sum to 0). In one
+    process: nothing."""
+    if not tensors or not dist.is_available() or not dist.is_initialized() \
+            or dist.get_world_size() < 2:
+        return
+    device = tensors[0].device
+    packed = torch.cat([torch.cat([t.detach().reshape(-1).double() for t in tensors]) * weight,
+                        torch.tensor([float(weight)], dtype=torch.float64, device=device)])
+    dist.all_reduce(packed)
+    if packed[-1].item() == 0:
+        return
+    means = (packed[:-1] / packed[-1]).split([t.numel() for t in tensors])
+    with torch.no_grad():
+        for t, m in zip(tensors, means, strict=True):
+            t.copy_(m.view_as(t))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from swa_research.averaging.base import Average, Batches
+from swa_research.averaging.base import Average, Batches, EvalSet
 from swa_research.averaging.swag import available_bytes
 from swa_research.config import SwaConfig, UserError
 
@@ -100,14 +100,11 @@ class FGE(Average):
         self._show(self.members[-1])
         return total / len(self.members)
 
-    def collect_probs(self, sets: dict[str, Any], preprocess: Any, batch_size: int,
-                      bn_batches: Callable[[], Batches], seed: int) -> dict[str, Tensor]:
-        """The ensemble's probabilities of each set (its evaluation batches, in order)."""
-        from swa_research.data import eval_batches
-
-        return {name: self.ensemble_probs(
-            name, lambda data=data: (x for x, _ in eval_batches(data, batch_size, preprocess)),
-            len(data)) for name, data in sets.items() if data is not None and len(data)}
+    def collect_probs(self, sets: dict[str, EvalSet], bn_batches: Callable[[], Batches],
+                      seed: int) -> dict[str, Tensor]:
+        """The ensemble's probabilities of each set (its inputs, in order)."""
+        return {name: self.ensemble_probs(name, s.inputs, s.size)
+                for name, s in sets.items() if s.size}
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

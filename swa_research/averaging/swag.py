@@ -41,16 +41,19 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from swa_research.averaging.base import Average, Batches, bn_update, has_batch_norm
+from swa_research.averaging.base import (
+    Average,
+    Batches,
+    EvalSet,
+    bn_update,
+    has_batch_norm,
+)
 from swa_research.config import SwaConfig, UserError
-
-if TYPE_CHECKING:
-    from swa_research.data import ImageSet, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -297,19 +300,13 @@ class SWAG(Average):
             net.train(was_training)
         return {name: s / self.samples for name, s in sums.items()}
 
-    def collect_probs(self, sets: dict[str, ImageSet | None], preprocess: Preprocess,
-                      batch_size: int, bn_batches: Callable[[], Batches], seed: int
-                      ) -> dict[str, Tensor]:
-        """:meth:`bma` over the trainer's sets (their evaluation batches, in order)."""
-        from swa_research.data import eval_batches
-
-        sets = {k: v for k, v in sets.items() if v is not None and len(v)}
-
-        def inputs(data: ImageSet) -> Callable[[], Iterable[Tensor]]:
-            return lambda: (x for x, _ in eval_batches(data, batch_size, preprocess))
-
-        return self.bma({name: inputs(data) for name, data in sets.items()}, bn_batches, seed,
-                        labels={name: data.labels for name, data in sets.items()})
+    def collect_probs(self, sets: dict[str, EvalSet], bn_batches: Callable[[], Batches],
+                      seed: int) -> dict[str, Tensor]:
+        """:meth:`bma` over whole sets (their inputs, in order)."""
+        sets = {k: v for k, v in sets.items() if v.size}
+        return self.bma({name: s.inputs for name, s in sets.items()}, bn_batches, seed,
+                        labels={name: s.labels for name, s in sets.items()
+                                if s.labels is not None})
 
     # -- checkpoints and the saved file ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from swa_research.averaging import PRIMARY, Average
+from swa_research.averaging.base import EvalSet
 from swa_research.config import TrainerConfig, UserError
+from swa_research.data import eval_batches
 from swa_research.tasks import Task
 from swa_research.tasks.classification import log_probs
 from swa_research.training.evaluation import (
@@ -149,7 +151,7 @@ class Evaluator:
         for an average that is one network. Seeded by the run's seed and the iteration: the
         same evaluation gives the same result."""
         with forked_rng(self.device):
-            return average.collect_probs(sets, self.eval_pre, self.cfg.eval_batch_size,
+            return average.collect_probs(eval_sets(sets, self.eval_pre, self.cfg.eval_batch_size),
                                          lambda: self.bn_batches(iteration),
                                          seed=self.seed * 1_000_003 + iteration)
 
@@ -214,3 +216,13 @@ class Evaluator:
         self.nonfinite = dict(state.get("nonfinite") or {})
         self.last_avg = state.get("last_avg") or (
             {PRIMARY: state["last_swa"]} if state.get("last_swa") else {})
+
+
+def eval_sets(sets: dict[str, Any], preprocess: Any, batch_size: int) -> dict[str, EvalSet]:
+    """The framework's data sets (None: absent) as the averaging core's whole sets: their
+    evaluation batches' inputs, in order."""
+    def inputs(data: Any) -> Callable[[], Iterator[Tensor]]:
+        return lambda: (x for x, _ in eval_batches(data, batch_size, preprocess))
+
+    return {name: EvalSet(inputs(data), len(data), data.labels)
+            for name, data in sets.items() if data is not None and len(data)}
