@@ -1,3 +1,3 @@
 """swa_research: SGD vs Stochastic Weight Averaging, composed from Hydra config groups."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

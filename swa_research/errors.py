@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
 
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit code 2."""
@@ -16,6 +14,9 @@ class DataError(UserError):
 
 def one_line(e: BaseException) -> str:
     """An exception and its causes as one line, without Hydra's or OmegaConf's boilerplate."""
+    # Here, not at the top: the averaging core raises UserError without importing OmegaConf.
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
     parts: list[str] = []
     seen: BaseException | None = e
     while seen is not None:

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from swa_research.config_keys import also_methods
+from swa_research.config.keys import also_methods
 from swa_research.errors import DataError, UserError, one_line
 from swa_research.versions import require_torch_pair
 
@@ -188,7 +188,7 @@ def job_config_text(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from swa_research.config_keys import unused_keys
+    from swa_research.config.keys import unused_keys
     from swa_research.training.build import config_dict_of, load_config
 
     GlobalHydra.instance().clear()

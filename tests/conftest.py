@@ -63,8 +63,8 @@ def fault_env(spec: str | None, once: Path | None = None) -> dict[str, str]:
 def make_average(model: torch.nn.Module, method: str, decay: float = 0.999,
                  bn_update: bool = True) -> Any:
     """An average of ``model`` from the registry, as a run with swa.method=METHOD builds it."""
-    from swa_research.averaging import build_averages
     from swa_research.config import SwaConfig
+    from swa_research.training.averages import build_averages
 
     return build_averages(model, SwaConfig(method=method, decay=decay,
                                            bn_update=bn_update))["swa"]

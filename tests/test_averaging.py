@@ -12,8 +12,9 @@ import torch
 from conftest import make_average
 from torch import nn
 
-from swa_research.averaging import Average, build_averages, has_batch_norm
+from swa_research.averaging import Average, has_batch_norm
 from swa_research.config import SwaConfig, UserError
+from swa_research.training.averages import build_averages
 
 
 def small_net() -> nn.Module:
@@ -214,10 +215,14 @@ class LastPoint(Average):
     (no averaging at all), with its own state dict."""
 
     method = "last"
+    built_with: list[dict] = []  # each instance's options, as the framework gave them
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
+    def __init__(self, model: nn.Module, *, decay: float = 0.5) -> None:
+        """One option of its own (``decay``, unused): the framework hands it swa.decay and
+        nothing it does not take."""
         self._module = copy.deepcopy(model)
         self.count = 0
+        LastPoint.built_with.append({"decay": decay})
 
     @property
     def module(self) -> nn.Module:
@@ -260,7 +265,10 @@ def test_a_new_averaging_method_is_one_class_and_one_registry_line(
     assert primary["swa"]["test_loss"] == pytest.approx(primary["sgd"]["test_loss"], abs=1e-6)
     assert torch.load(tmp_path / "a" / "swa.pt", weights_only=True)["method"] == "last"
 
-    both = train(compose_config([*TINY, "swa.also=[last]", "swa.freq=1"]), tmp_path / "b")
+    assert LastPoint.built_with[-1] == {"decay": 0.999}  # swa.decay's default
+    both = train(compose_config([*TINY, "swa.also=[{name:last,decay:0.9}]", "swa.freq=1"]),
+                 tmp_path / "b")
+    assert LastPoint.built_with[-1] == {"decay": 0.9}
     assert both["averages"] == ["swa", "last"]
     assert both["last"]["n_averaged"] == both["swa"]["n_averaged"] > 1
     assert both["last"]["test_loss"] == pytest.approx(both["sgd"]["test_loss"], abs=1e-6)
@@ -298,8 +306,8 @@ def test_further_averages_need_their_own_names() -> None:
 def test_a_repeated_or_primary_further_average_names_the_cause(also: str, message: str) -> None:
     from conftest import compose_config
 
-    from swa_research.averaging import check_methods
     from swa_research.config import UserError
+    from swa_research.training.averages import check_methods
     from swa_research.training.build import load_config
 
     with pytest.raises(UserError) as e:

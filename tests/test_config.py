@@ -8,7 +8,6 @@ import pytest
 from conftest import GROUPS, TINY, compose_config, group_options
 from omegaconf import OmegaConf
 
-from swa_research.averaging import check_budget
 from swa_research.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -17,6 +16,7 @@ from swa_research.config import (
     to_config,
     validate,
 )
+from swa_research.training.averages import check_budget, plan_from_config
 from swa_research.training.build import load_config
 
 # The field of each group that must name the option file it came from.
@@ -126,13 +126,12 @@ def test_paper_vgg16_preset() -> None:
 def test_paper_sgd_baselines(preset: str, data: str) -> None:
     """The paper's SGD column: its recipe without averaging, 200 epochs, lr decayed over the
     whole budget to 1% (0.05 -> 0.0005)."""
-    from swa_research.averaging import AveragingPlan
     from swa_research.training.optim import build_schedule
 
     c = to_config(compose_config([f"experiment={preset}"]))
     assert c.data.name == data and c.swa.method == "none" and c.trainer.epochs == 200
     assert c.optimizer.lr == 0.05 and c.optimizer.momentum == 0.9
-    plan = AveragingPlan.from_config(c.swa, c.schedule, 200, 391)
+    plan = plan_from_config(c.swa, c.schedule, 200, 391)
     sched = build_schedule(c.schedule, c.optimizer.lr, c.swa.lr, 391, plan.total_iters,
                            plan.start_iter, plan.lr_switch_iter)
     assert sched(0) == 0.05 and sched(99 * 391) == 0.05  # t = 99/200 <= 0.5
@@ -332,7 +331,7 @@ def test_cfg_job_and_wandb_show_the_keys_that_act_first() -> None:
     method's options grouped apart (commented out); W&B records only the keys that act."""
     import yaml
 
-    from swa_research.config_keys import unused_keys
+    from swa_research.config.keys import unused_keys
     from swa_research.tracking.loggers import applicable_config
     from swa_research.train import cfg_job_overrides, job_config_text
     from swa_research.training.build import config_dict_of

@@ -17,6 +17,7 @@ from conftest import compose_config
 
 from swa_research.data import Limits, apply_limits, balanced_index, build_data
 from swa_research.models import MODELS, resolve_model_config
+from swa_research.training.averages import plan_from_config
 from swa_research.training.build import load_config, train
 
 OPTIONS = ["smoke", "fdr", "limit", "overfit"]
@@ -138,9 +139,9 @@ def test_debug_smoke_under_multirun(tmp_path: Path) -> None:
 def _checked_budget(overrides: list[str]) -> int:
     """The checks a run makes once its data is known (the averaging and the schedule fit the
     budget), and the number of averaging points its plan holds."""
-    from swa_research.averaging import AveragingPlan, check_budget
     from swa_research.config import iterations_per_epoch
     from swa_research.tasks import build_task
+    from swa_research.training.averages import check_budget
     from swa_research.training.optim import check_schedule
 
     c = load_config(compose_config(overrides))
@@ -148,7 +149,7 @@ def _checked_budget(overrides: list[str]) -> int:
     iters = iterations_per_epoch(len(data.train), c.trainer.batch_size, c.trainer.drop_last)
     check_budget(c, iters)
     check_schedule(c.schedule, c.trainer.epochs * iters, "test")
-    return AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, iters).count_updates()
+    return plan_from_config(c.swa, c.schedule, c.trainer.epochs, iters).count_updates()
 
 
 METHOD_OPTIONS = sorted(p.stem for p in (Path(__file__).parents[1] / "swa_research" / "conf"

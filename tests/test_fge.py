@@ -11,10 +11,11 @@ import torch
 from conftest import TINY, compose_config
 from torch import nn
 
-from swa_research.averaging import METHODS, AveragingPlan
+from swa_research.averaging import METHODS
 from swa_research.averaging.fge import FGE
 from swa_research.config import ScheduleConfig, SwaConfig, UserError, to_config, validate
 from swa_research.data import ImageSet, Preprocess
+from swa_research.training.averages import plan_from_config
 from swa_research.training.build import train
 from swa_research.training.evaluator import eval_sets
 from swa_research.training.optim import build_schedule
@@ -45,7 +46,7 @@ def test_fges_lr_and_collection_points_are_the_references_step_by_step(cycle: in
     ipe, epochs = 7, 14
     sched_cfg = ScheduleConfig(name="fge", fge_cycle=cycle, fge_lr_high=0.05)
     swa = SwaConfig(method="swa", also=["fge"], lr=5e-4, start=start, unit="epoch")
-    plan = AveragingPlan.from_config(swa, sched_cfg, epochs, ipe)
+    plan = plan_from_config(swa, sched_cfg, epochs, ipe)
     sched = build_schedule(sched_cfg, lr=0.1, swa_lr=5e-4, iters_per_epoch=ipe,
                            total_iters=epochs * ipe, start_iter=plan.start_iter)
     for i in range(epochs * ipe):
@@ -87,7 +88,7 @@ def test_the_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
     for m in members:  # BN statistics of their own, which the ensemble keeps
         m.train()
         m(torch.randn(16, 3, 4, 4) * (1 + members.index(m)))
-    fge = FGE(members[0], SwaConfig(max_models=3))
+    fge = FGE(members[0], max_models=3)
     sets = {"test": data, "val": None}
     for k, m in enumerate(members[:3], start=1):
         fge.update(m)
@@ -102,16 +103,16 @@ def test_the_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
     assert (fge.n_averaged, fge.collected) == (3, 4)
     torch.testing.assert_close(torch.softmax(fge.predict(x), -1), want, rtol=1e-5, atol=1e-6)
     # A resumed ensemble sums again from its members: the same probabilities.
-    again = FGE(members[0], SwaConfig(max_models=3))
+    again = FGE(members[0], max_models=3)
     again.load_state_dict(fge.state_dict())
     probs = again.collect_probs(eval_sets(sets, pre, 16), lambda: iter(()), 0)["test"]
     torch.testing.assert_close(probs, got)
 
 
 def test_the_members_memory_is_checked_before_training() -> None:
-    with pytest.raises(UserError, match=r"swa.max_models=1000: FGE keeps up to 1000 copies of "
-                                        r"the model, .* GiB are free; lower swa.max_models"):
-        FGE(Net(0), SwaConfig(max_models=1000), available=1 << 20)
+    with pytest.raises(ValueError, match=r"^max_models=1000: FGE keeps up to 1000 copies of "
+                                         r"the model, .* GiB are free; lower max_models$"):
+        FGE(Net(0), max_models=1000, available=1 << 20)
     assert METHODS["fge"] is FGE
 
 
@@ -174,8 +175,8 @@ def test_the_fge_presets_are_the_references_recipe(preset: str) -> None:
     """train.py over 200 epochs to its checkpoint 160, then fge.py's cycles of 2 epochs:
     20 models collected, at the end of epochs 161, 163, ..., 199."""
     from swa_research.analysis import paper
-    from swa_research.averaging import check_budget
     from swa_research.config import flatten_dict
+    from swa_research.training.averages import check_budget
     from swa_research.training.build import config_dict_of, load_config
 
     ipe = 391
@@ -192,7 +193,7 @@ def test_the_fge_presets_are_the_references_recipe(preset: str) -> None:
                           "wrn28x10": (0.1, 5e-4, 0.05, 0.01)}[recipe.model]
     assert (config.optimizer.lr, config.optimizer.weight_decay, s.fge_lr_high, sw.lr) == (
         lr, wd, lr_1, lr_2)
-    plan = AveragingPlan.from_config(sw, s, config.trainer.epochs, ipe)
+    plan = plan_from_config(sw, s, config.trainer.epochs, ipe)
     assert plan.update_points() == [e * ipe for e in range(161, 200, 2)]
     assert sw.max_models == plan.count_updates() == 20 and list(sw.also) == ["fge"]
     sched = build_schedule(s, lr, lr_2, ipe, plan.total_iters, plan.start_iter)

@@ -29,6 +29,7 @@ from swa_research.averaging import (
 from swa_research.config import iterations_per_epoch
 from swa_research.data import Limits, Preprocess, build_data, train_batches
 from swa_research.models import build_model
+from swa_research.training.averages import plan_from_config
 from swa_research.training.build import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_fge_through_the_library_is_the_frameworks_fge() -> None:
     """make_plan(collect="middle") collects at each cycle's low point of fge_lr, as the
     framework's swa=fge (its plan and lr from the same config), which follows
     dnn-mode-connectivity's fge.py: lr_1 (1 - 2t) + lr_2 2t, then back up."""
-    from swa_research.averaging import AveragingPlan, fge_lr
+    from swa_research.averaging import fge_lr
     from swa_research.config import ScheduleConfig, SwaConfig
     from swa_research.training.optim import build_schedule
 
@@ -163,7 +164,7 @@ def test_fge_through_the_library_is_the_frameworks_fge() -> None:
     lib = make_plan(start=6, freq=1, unit="epoch", epochs=epochs, iters_per_epoch=ipe,
                     cycle=cycle_epochs * ipe, collect="middle")
     sched = ScheduleConfig(name="fge", fge_cycle=cycle_epochs, fge_lr_high=0.05)
-    ours = AveragingPlan.from_config(SwaConfig(method="swa", start=6, unit="epoch"), sched,
+    ours = plan_from_config(SwaConfig(method="swa", start=6, unit="epoch"), sched,
                                      epochs, ipe)
     assert lib.update_points() == ours.update_points() == [40, 60]
     lr = build_schedule(sched, 0.1, 0.001, ipe, epochs * ipe, ours.start_iter)

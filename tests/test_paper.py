@@ -20,8 +20,8 @@ from test_schedules import paper_schedule
 
 from swa_research.analysis import paper
 from swa_research.analysis.report import build_report, write_report
-from swa_research.averaging import AveragingPlan, check_budget
 from swa_research.config import flatten_dict, iterations_per_epoch, to_config
+from swa_research.training.averages import check_budget, plan_from_config
 from swa_research.training.build import config_dict_of, load_config
 from swa_research.training.optim import build_schedule
 
@@ -132,7 +132,7 @@ def test_schedule_and_averaging_are_the_sources(preset: str) -> None:
     swa_start on (train.py: after epoch index e when e + 1 >= swa_start)."""
     c = to_config(compose_config([f"experiment={preset}"]))
     epochs = c.trainer.epochs
-    plan = AveragingPlan.from_config(c.swa, c.schedule, epochs, ITERS)
+    plan = plan_from_config(c.swa, c.schedule, epochs, ITERS)
     sched = build_schedule(c.schedule, c.optimizer.lr, c.swa.lr, ITERS, plan.total_iters,
                            plan.start_iter, plan.lr_switch_iter)
     swa = c.swa.method == "swa"

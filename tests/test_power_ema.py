@@ -79,6 +79,6 @@ def test_a_run_with_power_ema_and_a_second_width_beside_it(tmp_path: Path) -> No
     assert m["swa"]["test_loss"] != m["phema_05"]["test_loss"]
     with pytest.raises(UserError, match=r"^swa.sigma_rel=0.5: must be in \(0, 0.2887\)"):
         cfg = load_config(compose_config([*TINY, "swa=power_ema", "swa.sigma_rel=0.5"]))
-        from swa_research.averaging import build_averages
+        from swa_research.training.averages import build_averages
 
         build_averages(nn.Linear(2, 2), cfg.swa)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from swa_research.averaging import check_budget
 from swa_research.config import UserError, iterations_per_epoch
+from swa_research.training.averages import check_budget
 from swa_research.training.build import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ import torch
 
 from swa_research.averaging import AveragingPlan
 from swa_research.config import ScheduleConfig, SwaConfig, UserError, iterations_per_epoch
+from swa_research.training.averages import plan_from_config
 from swa_research.training.optim import LRSchedule, build_schedule, build_scheduler
 
 
@@ -29,7 +30,7 @@ def paper_schedule(epoch: float, lr_init: float, swa_lr: float, swa_start: float
 
 def make(schedule: ScheduleConfig, swa: SwaConfig, epochs: int, ipe: int, lr: float
          ) -> tuple[LRSchedule, AveragingPlan]:
-    plan = AveragingPlan.from_config(swa, schedule, epochs, ipe)
+    plan = plan_from_config(swa, schedule, epochs, ipe)
     sched = build_schedule(schedule, lr=lr, swa_lr=swa.lr, iters_per_epoch=ipe,
                            total_iters=plan.total_iters, start_iter=plan.start_iter)
     return sched, plan
@@ -59,7 +60,7 @@ def test_constant_first_average_follows_steps_at_swa_lr_in_both_units(unit: str,
     the switch did."""
     ipe, epochs = 5, 6
     swa = SwaConfig(lr=0.01, start=start, freq=1, unit=unit)
-    plan = AveragingPlan.from_config(swa, ScheduleConfig(name="constant"), epochs, ipe)
+    plan = plan_from_config(swa, ScheduleConfig(name="constant"), epochs, ipe)
     sched = build_schedule(ScheduleConfig(name="constant"), lr=0.1, swa_lr=0.01,
                            iters_per_epoch=ipe, total_iters=plan.total_iters,
                            start_iter=plan.start_iter, switch_iter=plan.lr_switch_iter)
@@ -240,7 +241,7 @@ def test_lambda_lr_follows_schedule(name: str, step_unit: str, start: int) -> No
 def test_seed_experiment_plan() -> None:
     ipe = iterations_per_epoch(45_000, 128, drop_last=True)
     assert ipe == 351
-    plan = AveragingPlan.from_config(SwaConfig(method="swa", start=4000, freq=50, unit="iter"),
+    plan = plan_from_config(SwaConfig(method="swa", start=4000, freq=50, unit="iter"),
                                      ScheduleConfig(name="constant"), 50, ipe)
     assert plan.start == 4000 and plan.start_iter == 4000 and plan.total_iters == 17_550
     due = [n for n in range(1, plan.total_iters + 1) if plan.due_after_iter(n)]
@@ -253,7 +254,7 @@ def test_seed_experiment_plan() -> None:
 
 
 def test_epoch_unit_plan_paper() -> None:
-    plan = AveragingPlan.from_config(SwaConfig(method="swa", start=161, freq=1, unit="epoch"),
+    plan = plan_from_config(SwaConfig(method="swa", start=161, freq=1, unit="epoch"),
                                      ScheduleConfig(name="decay_then_constant"), 300, 391)
     assert plan.start == 161 and plan.start_iter == 161 * 391
     assert not plan.due_after_epoch(160)
@@ -266,7 +267,7 @@ def test_epoch_unit_plan_paper() -> None:
 
 
 def test_epoch_unit_plan_with_freq() -> None:
-    plan = AveragingPlan.from_config(SwaConfig(method="swa", start=161, freq=2, unit="epoch"),
+    plan = plan_from_config(SwaConfig(method="swa", start=161, freq=2, unit="epoch"),
                                      ScheduleConfig(name="decay_then_constant"), 300, 391)
     due = [e for e in range(1, 301) if plan.due_after_epoch(e)]
     assert due == list(range(161, 301, 2))
@@ -274,25 +275,25 @@ def test_epoch_unit_plan_with_freq() -> None:
 
 
 def test_fractional_start_is_a_share_of_the_budget() -> None:
-    plan = AveragingPlan.from_config(SwaConfig(start=0.5, unit="iter", freq=50),
+    plan = plan_from_config(SwaConfig(start=0.5, unit="iter", freq=50),
                                      ScheduleConfig(), 50, 351)
     assert plan.start == 8775 and plan.start_iter == 8775  # half of 17550
-    plan = AveragingPlan.from_config(SwaConfig(start=0.5, unit="epoch", freq=1),
+    plan = plan_from_config(SwaConfig(start=0.5, unit="epoch", freq=1),
                                      ScheduleConfig(), 300, 391)
     assert plan.start == 150 and plan.start_iter == 150 * 391
     assert plan.count_updates() == 151  # epochs 150..300
-    plan = AveragingPlan.from_config(SwaConfig(start=0.75, unit="epoch", freq=1),
+    plan = plan_from_config(SwaConfig(start=0.75, unit="epoch", freq=1),
                                      ScheduleConfig(), 200, 10)
     assert plan.start == 150
 
 
 def test_cyclical_plan_averages_at_cycle_ends() -> None:
-    plan = AveragingPlan.from_config(SwaConfig(start=100, unit="iter", freq=50),
+    plan = plan_from_config(SwaConfig(start=100, unit="iter", freq=50),
                                      ScheduleConfig(name="cyclical", cycle=30), 2, 100)
     assert [n for n in range(1, 201) if plan.due_after_iter(n)] == [130, 160, 190]
     assert plan.count_updates() == 3
     # unit epoch: the start is an epoch, the cycles still count iterations.
-    plan = AveragingPlan.from_config(SwaConfig(start=1, unit="epoch", freq=1),
+    plan = plan_from_config(SwaConfig(start=1, unit="epoch", freq=1),
                                      ScheduleConfig(name="cyclical", cycle=50), 3, 100)
     assert plan.start_iter == 100
     assert [n for n in range(1, 301) if plan.due_after_iter(n)] == [150, 200, 250, 300]
@@ -303,7 +304,7 @@ def test_cyclical_plan_averages_at_cycle_ends() -> None:
 def test_method_none_is_never_due() -> None:
     for unit, schedule in (("iter", "constant"), ("epoch", "decay_then_constant"),
                            ("iter", "cyclical")):
-        plan = AveragingPlan.from_config(SwaConfig(method="none", start=2, freq=1, unit=unit),
+        plan = plan_from_config(SwaConfig(method="none", start=2, freq=1, unit=unit),
                                          ScheduleConfig(name=schedule, cycle=3), 5, 10)
         assert not plan.enabled and plan.start_iter is None
         assert not any(plan.due_after_iter(n) for n in range(1, 51))
@@ -312,9 +313,9 @@ def test_method_none_is_never_due() -> None:
 
 
 def test_start_beyond_budget_counts_no_updates() -> None:
-    plan = AveragingPlan.from_config(SwaConfig(start=20_000, freq=50), ScheduleConfig(), 50, 351)
+    plan = plan_from_config(SwaConfig(start=20_000, freq=50), ScheduleConfig(), 50, 351)
     assert plan.count_updates() == 0
-    plan = AveragingPlan.from_config(SwaConfig(start=17_500, freq=50), ScheduleConfig(), 50, 351)
+    plan = plan_from_config(SwaConfig(start=17_500, freq=50), ScheduleConfig(), 50, 351)
     assert plan.count_updates() == 1  # only 17550
 
 
@@ -327,7 +328,7 @@ def test_the_closed_form_plan_equals_the_walk_through_the_budget() -> None:
             ["iter", "epoch"], [0, 0.5, 1, 3, 7, 40], [1, 2, 5], [None, 4], [1, 3, 6], [1, 5]):
         swa = SwaConfig(method="swa", unit=unit, start=start, freq=freq)
         sched = ScheduleConfig(name="cyclical" if cyc else "constant", cycle=cyc or 100)
-        plan = AveragingPlan.from_config(swa, sched, epochs, ipe)
+        plan = plan_from_config(swa, sched, epochs, ipe)
         points = plan.update_points()
         assert plan.count_updates() == len(points), (unit, start, freq, cyc, epochs, ipe)
         assert plan.first_update() == (points[0] if points else None)
@@ -338,14 +339,14 @@ def test_a_huge_budget_is_planned_at_once_or_refused() -> None:
 
     from conftest import compose_config
 
-    from swa_research.averaging import check_budget
     from swa_research.config import UserError
+    from swa_research.training.averages import check_budget
     from swa_research.training.build import load_config
 
     t = time.perf_counter()
     c = load_config(compose_config(["experiment=smoke", "trainer.epochs=1000000000"]))
     check_budget(c, 14)  # 1.4e10 iterations
-    assert AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, 14).count_updates() \
+    assert plan_from_config(c.swa, c.schedule, c.trainer.epochs, 14).count_updates() \
         == (14 * 10**9 - int(0.75 * 14 * 10**9)) // 2
     assert time.perf_counter() - t < 5
     with pytest.raises(UserError, match=r"^trainer.epochs=10000000000000: at most 1,000,000,000"):
@@ -360,8 +361,8 @@ def test_a_huge_budget_is_planned_at_once_or_refused() -> None:
 def test_an_empty_plan_blames_freq_when_the_start_is_inside_the_budget() -> None:
     from conftest import compose_config
 
-    from swa_research.averaging import check_budget
     from swa_research.config import UserError
+    from swa_research.training.averages import check_budget
     from swa_research.training.build import load_config
 
     c = load_config(compose_config(["experiment=smoke", "swa.freq=100000"]))

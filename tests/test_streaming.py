@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import compose_config
 
-from swa_research.averaging import AveragingPlan, check_budget
 from swa_research.config import DataConfig, UserError, iterations_per_epoch
 from swa_research.data import ImageSet, Preprocess, eval_batches
 from swa_research.data.streaming import StreamingSet, choose_path, open_image_folder
 from swa_research.data.transforms import ImageTransform, image_seeds, random_resized_crop_params
+from swa_research.training.averages import check_budget, plan_from_config
 from swa_research.training.build import load_config
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -384,7 +384,7 @@ def test_imagenet_presets_compose_and_validate(arch: str) -> None:
     iters = iterations_per_epoch(1_281_167, c.trainer.batch_size, c.trainer.drop_last)
     assert c.schedule.cycle == iters == 5004  # one cycle per epoch
     check_budget(c, iters)
-    plan = AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, iters)
+    plan = plan_from_config(c.swa, c.schedule, c.trainer.epochs, iters)
     assert plan.update_points() == [5004 * k for k in range(1, 11)]  # the end of every epoch
     header = (Path(__file__).resolve().parent.parent / "swa_research" / "conf" / "experiment"
               / "imagenet" / f"{arch}_swa.yaml").read_text()

@@ -21,10 +21,11 @@ import torch
 from conftest import TINY, compose_config, fault_env
 from torch import nn
 
-from swa_research.averaging import METHODS, SWAG, SWAGDiag, bn_update, build_averages
+from swa_research.averaging import METHODS, SWAG, SWAGDiag, bn_update
 from swa_research.averaging.swag import VAR_CLAMP, flat_parameters, load_flat
 from swa_research.config import SwaConfig, UserError
 from swa_research.data import ImageSet, Preprocess
+from swa_research.training.averages import build_averages, plan_from_config
 from swa_research.training.build import load_config, train
 from swa_research.training.evaluator import eval_sets
 
@@ -316,7 +317,7 @@ PRESETS = {
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets(preset: str) -> None:
-    from swa_research.averaging import AveragingPlan, check_budget
+    from swa_research.training.averages import check_budget
 
     c = load_config(compose_config([f"experiment=swag/{preset}"]))
     model, data = preset.split("_")
@@ -328,7 +329,7 @@ def test_presets(preset: str) -> None:
     assert c.swa.max_models == 20 and c.swa.samples == 30 and c.swa.swag_scale == 0.5
     assert c.swa.swag_diag_scale == 1.0
     check_budget(c, 391)  # 50,000 images, batch 128, last partial batch kept
-    plan = AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, 391)
+    plan = plan_from_config(c.swa, c.schedule, c.trainer.epochs, 391)
     assert plan.update_points()[0] == 161 and plan.count_updates() == 140
 
 
@@ -432,16 +433,18 @@ def test_killed_and_resumed_run_is_identical(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in ("mean", "sq_mean", "deviations"))
 
 
-def test_a_swag_buffer_beyond_the_free_memory_is_refused_before_allocating() -> None:
+def test_a_swag_buffer_beyond_the_free_memory_is_refused_before_allocating(tmp_path: Path
+                                                                            ) -> None:
     from swa_research.averaging.swag import check_memory
 
-    with pytest.raises(UserError) as e:
+    with pytest.raises(ValueError) as e:
         check_memory("swag", 101_650, 100_000_000, torch.device("cpu"), available=2**34)
     assert str(e.value) == (
-        "swa.max_models: swag needs 37,867.6 GiB on cpu (100000000 deviations and 4 vectors "
-        "of 101,650 float32 weights), 16.0 GiB are free; lower swa.max_models")
+        "max_models=100000000: swag needs 37,867.6 GiB on cpu (100000000 deviations and 4 "
+        "vectors of 101,650 float32 weights), 16.0 GiB are free; lower max_models")
     check_memory("swag", 101_650, 20, torch.device("cpu"), available=2**34)  # fits
     # Through the config: the run stops before its buffer is allocated.
-    with pytest.raises(UserError, match=r"^swa.max_models: swag needs 37,867.6 GiB"):
+    with pytest.raises(UserError, match=r"^swa.max_models=100000000: swag needs 37,867.6 GiB.*"
+                                        r"lower swa.max_models$"):
         train(compose_config([*TINY, "swa=swag", "swa.max_models=100000000",
-                              "model.width=0.125"]), Path("/nonexistent/unused"))
+                              "model.width=0.125"]), tmp_path / "run")

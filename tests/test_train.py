@@ -18,6 +18,7 @@ from swa_research.averaging import AveragingPlan, has_batch_norm
 from swa_research.config import Config, iterations_per_epoch, to_config
 from swa_research.data import ImageSet, Preprocess, build_data
 from swa_research.models import build_model
+from swa_research.training.averages import plan_from_config
 from swa_research.training.build import load_config, train
 from swa_research.training.evaluation import evaluate
 
@@ -55,7 +56,7 @@ class Run:
 
     def plan(self) -> AveragingPlan:
         c = self.config
-        return AveragingPlan.from_config(c.swa, c.schedule, c.trainer.epochs, self.ipe)
+        return plan_from_config(c.swa, c.schedule, c.trainer.epochs, self.ipe)
 
     def checkpoint(self, name: str) -> dict[str, Any]:
         return torch.load(self.run_dir / name, map_location="cpu", weights_only=False)

@@ -29,7 +29,6 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import logging
 import math
 import sys
@@ -42,7 +41,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from swa_research.analysis.posthoc_ema import (
+    DEFAULT_SIGMA_RELS,
+    check_request,
+    evaluate_widths,
+    loss_reference,
+    plot_widths,
+    read_profiles,
+    reference_values,
+)
+from swa_research.analysis.posthoc_ema import PLOT_FILE as EMA_PLOT_FILE
 from swa_research.averaging import average_states, bn_update, has_batch_norm
+from swa_research.averaging.power_ema import MAX_SIGMA_REL
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
 from swa_research.data import DataSplits, Preprocess
 from swa_research.fileio import atomic_write_text, load_sharded_state
@@ -52,6 +62,7 @@ from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.tracking.runs import find_run_dirs
 from swa_research.training.build import load_run_config, prepare_device, resolve_device
 from swa_research.training.evaluation import calibration_summary, collect_logits, evaluate
+from swa_research.training.posthoc_ema import FOLDER as EMA_FOLDER
 from swa_research.training.snapshots import INDEX, TRAJECTORY, read_index
 from swa_research.training.step import autocast, memory_format, resolve_precision
 
@@ -59,8 +70,8 @@ log = logging.getLogger(__name__)
 
 CSV_FILE = "posthoc.csv"
 PLOT_FILE = "posthoc.png"
-SETTING_COLUMNS = ["kind", "start", "freq", "window", "decay", "warmup", "k", "n_points",
-                   "first", "last"]
+SETTING_COLUMNS = ["kind", "start", "freq", "window", "decay", "warmup", "k", "sigma_rel",
+                   "n_points", "first", "last"]
 
 
 def columns(task: Task) -> list[str]:
@@ -83,8 +94,11 @@ class Setting:
     decay: float | None = None
     warmup: bool | None = None
     k: int | None = None
+    sigma_rel: float | None = None  # posthoc_ema: the reconstructed width
 
     def label(self) -> str:
+        if self.kind == "posthoc_ema":
+            return f"post-hoc EMA sigma_rel={self.sigma_rel:g}"
         if self.kind == "swa":
             return f"swa start={self.start} freq={self.freq} window={self.window}"
         if self.kind == "ema":
@@ -209,8 +223,8 @@ class PosthocRun:
         self.precision = resolve_precision(cfg.trainer.eval_precision, device)
         t = cfg.trainer
         # The trainer's last evaluation, whose BN batches are seeded by the final iteration.
-        self.final_iteration = t.epochs * iterations_per_epoch(len(self.data.train),
-                                                               t.batch_size, t.drop_last)
+        self.final_iteration = t.max_steps or t.epochs * iterations_per_epoch(
+            len(self.data.train), t.batch_size, t.drop_last)
         self.bn = cfg.swa.bn_update and has_batch_norm(self.model)
         self._cache: dict[str, State] = {}
         self._cached_bytes = 0
@@ -330,16 +344,8 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], task: Task) -> Path:
 def run_reference(run_dir: Path, spec: TaskMetrics) -> dict[str, float]:
     """The run's SGD and online SWA test headline metric (accuracy for classification) from
     metrics.json (those present)."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    out = {}
-    for name, label in (("sgd", "SGD (final)"), ("swa", "online SWA")):
-        acc = (metrics.get(name) or {}).get(f"test_{spec.headline}")
-        if isinstance(acc, (int, float)):
-            out[label] = float(acc)
-    return out
+    key = f"test_{spec.headline}"
+    return {label: v for (label, _), v in reference_values(run_dir, (key,)).items()}
 
 
 def plot(rows: Sequence[dict[str, Any]], reference: dict[str, float], unit: str, path: Path,
@@ -391,32 +397,66 @@ def best_row(rows: Sequence[dict[str, Any]], spec: TaskMetrics = CLASSIFICATION
 
 
 def describe(row: dict[str, Any], spec: TaskMetrics = CLASSIFICATION) -> str:
-    s = Setting(row["kind"], row["start"], row["freq"], row["window"], row["decay"],
-                None if row["warmup"] is None else bool(row["warmup"]), row["k"])
+    s = Setting(row["kind"], row.get("start"), row.get("freq"), row.get("window"),
+                row.get("decay"), None if row.get("warmup") is None else bool(row["warmup"]),
+                row.get("k"), row.get("sigma_rel"))
     return f"{s.label()} (n={row['n_points']}): {_brief(row, spec)}"
 
 
 def posthoc_run(run_dir: Path, args: argparse.Namespace, device: torch.device
                 ) -> tuple[list[dict[str, Any]], TaskMetrics]:
-    """Every setting of ``args`` on one run dir; writes its CSV and plot. The rows and the
-    run's task metrics."""
-    index = read_index(run_dir)
-    settings = build_settings(args, index)
-    run = PosthocRun(run_dir, device)
-    n = len(index["snapshots"])
-    print(f"{run_dir}: {len(settings)} setting(s) over {n} snapshots (every "
-          f"{index['every']} {index['unit']}, {index['dtype']}) on {device}; BN statistics "
-          f"{'recomputed' if run.bn else 'none (no BN layers or swa.bn_update=false)'}",
-          flush=True)
-    if index["dtype"] != "fp32":
-        print(f"note: the snapshots are {index['dtype']}: their averages approximate the "
-              "online ones (each weight rounded to 8 mantissa bits; 2.9e-3 measured on the "
-              "smoke run), they do not equal them", flush=True)
-    rows = evaluate_settings(run, settings)
+    """Every setting of ``args`` on one run dir: the snapshot grid (unless only post-hoc EMA
+    widths were asked for) and the post-hoc EMA widths (``--ema-sigma-rel``); writes its CSV and
+    plots. The rows and the run's task metrics."""
+    widths = ema_widths(args)
+    has_snapshots = (run_dir / TRAJECTORY / INDEX).is_file()
+    grid = has_snapshots and (widths is None or snapshot_flags(args))
+    if not grid and widths is None:
+        read_index(run_dir)  # raises its one line: no snapshots
+    profiles = read_profiles(run_dir) if widths is not None else []
+    at = check_request(profiles, widths, args.at, run_dir) if widths is not None else None
+    index = read_index(run_dir) if grid else {"snapshots": [], "unit": "iter"}
+    settings = build_settings(args, index) if grid else []
+    run = PosthocRun(run_dir, device, snapshots=grid)
+    rows: list[dict[str, Any]] = []
+    if grid:
+        n = len(index["snapshots"])
+        print(f"{run_dir}: {len(settings)} setting(s) over {n} snapshots (every "
+              f"{index['every']} {index['unit']}, {index['dtype']}) on {device}; BN statistics "
+              f"{'recomputed' if run.bn else 'none (no BN layers or swa.bn_update=false)'}",
+              flush=True)
+        if index["dtype"] != "fp32":
+            print(f"note: the snapshots are {index['dtype']}: their averages approximate the "
+                  "online ones (each weight rounded to 8 mantissa bits; 2.9e-3 measured on the "
+                  "smoke run), they do not equal them", flush=True)
+        rows = evaluate_settings(run, settings)
+    if widths is not None and at is not None:
+        print(f"{run_dir}: post-hoc EMA of {len(widths)} width(s) at step {at} from "
+              f"{len(profiles)} saved profiles on {device}", flush=True)
+        ema_rows = evaluate_widths(run, profiles, widths, at)
+        rows += ema_rows
+        plot_widths(ema_rows, loss_reference(run_dir), run_dir / EMA_PLOT_FILE,
+                    run_dir.resolve().name)
     write_csv(run_dir / CSV_FILE, rows, run.task)
-    plot(rows, run_reference(run_dir, run.task.spec), index["unit"], run_dir / PLOT_FILE,
-         run_dir.resolve().name, run.task.spec)
+    if grid:
+        plot(rows, run_reference(run_dir, run.task.spec), index["unit"], run_dir / PLOT_FILE,
+             run_dir.resolve().name, run.task.spec)
     return rows, run.task.spec
+
+
+def ema_widths(args: argparse.Namespace) -> list[float] | None:
+    """--ema-sigma-rel's widths (its default grid without values); None when not given."""
+    if args.ema_sigma_rel is None:
+        return None
+    if args.ema_sigma_rel == "default":
+        return list(DEFAULT_SIGMA_RELS)
+    return parse_list(args.ema_sigma_rel, "--ema-sigma-rel", float, 0.0, MAX_SIGMA_REL,
+                      open_low=True)
+
+
+def snapshot_flags(args: argparse.Namespace) -> bool:
+    return any(f is not None for f in (args.swa_start, args.swa_freq, args.window,
+                                       args.ema_decay, args.lawa_k))
 
 
 def target_dirs(path: Path) -> list[Path]:
@@ -425,10 +465,12 @@ def target_dirs(path: Path) -> list[Path]:
         raise UserError(f"{path}: no such folder")
     if (path / TRAJECTORY / INDEX).is_file() or (path / ".hydra" / "config.yaml").is_file():
         return [path]
-    runs = [d for d in find_run_dirs([path]) if (d / TRAJECTORY / INDEX).is_file()]
+    runs = [d for d in find_run_dirs([path])
+            if (d / TRAJECTORY / INDEX).is_file() or (d / EMA_FOLDER).is_dir()]
     if not runs:
-        raise UserError(f"{path} holds no run with snapshots ({TRAJECTORY}/{INDEX}); train "
-                        "with trainer.snapshot_every=N to record them")
+        raise UserError(f"{path} holds no run with snapshots ({TRAJECTORY}/{INDEX}) or post-hoc "
+                        f"EMA profiles ({EMA_FOLDER}/); train with trainer.snapshot_every=N or "
+                        "trainer.posthoc_ema=[0.05,0.10] to record them")
     return runs
 
 
@@ -450,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ema-warmup", action="store_true",
                         help="EMA decay min(D, 1 - (1 + n) ** (-2/3)) (swa.ema_warmup)")
     parser.add_argument("--lawa-k", metavar="K,..", help="LAWA: the mean of the last K")
+    parser.add_argument("--ema-sigma-rel", metavar="S,..", nargs="?", const="default",
+                        help="post-hoc EMA (trainer.posthoc_ema): reconstruct the power EMA of "
+                             "these relative widths (without values: 0.01..0.25)")
+    parser.add_argument("--at", metavar="STEP", type=int,
+                        help="the step to reconstruct the post-hoc EMA at (default: the last "
+                             "saved)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     args = parser.parse_args(argv)
     try:
@@ -459,7 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = target_dirs(Path(args.run_dir))
         if len(runs) == 1:
             # Check the lists before loading anything: a typo costs no data loading.
-            build_settings(args, read_index(runs[0]))
+            widths = ema_widths(args)
+            if widths is None or snapshot_flags(args):
+                build_settings(args, read_index(runs[0]))
+            if widths is not None:
+                check_request(read_profiles(runs[0]), widths, args.at, runs[0])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -475,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         row, by = best_row(rows, spec)
         best.append(f"{run_dir}: best by {by}: {describe(row, spec)}")
-        print(f"wrote {run_dir / CSV_FILE} and {run_dir / PLOT_FILE}", flush=True)
+        plots = [f for f in (PLOT_FILE, EMA_PLOT_FILE) if (run_dir / f).is_file()]
+        print(f"wrote {run_dir / CSV_FILE} and {', '.join(plots)}", flush=True)
     for line in best:
         print(line)
     return 2 if failed else 0

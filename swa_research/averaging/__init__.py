@@ -7,18 +7,18 @@ names in ``PUBLIC`` below are versioned (semantic versioning from 0.2: a change 
 one of them is a major version); everything else in the project is internal. The Hydra
 framework's trainer is built on the same names.
 
-The registry :data:`METHODS` maps ``swa.method`` names to builders ``(model, SwaConfig) ->``
-:class:`~swa_research.averaging.base.Average`. Adding a method is one file with its class and
-one line here (or a call of :func:`register_method`); ``swa.method=NAME`` then selects it.
-A run's averages are named: the primary (``swa.method``) is ``swa`` in every output (history
-columns ``swa_*``, metrics.json's ``swa``, W&B's ``swa/...``); each of ``swa.also`` is kept
-under its method's name.
+The registry :data:`METHODS` maps method names to builders ``(model, **options) ->``
+:class:`~swa_research.averaging.base.Average`: a method's options are its constructor's
+keyword arguments, checked there (a one-line ValueError in the argument's name). Adding a
+method is one file with its class and one line here (or a call of :func:`register_method`).
+The package imports nothing of the framework (its config, data, process groups): the
+framework maps its ``swa.*`` keys onto these options (:mod:`swa_research.training.averages`)
+and hands the averages its batches.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from swa_research.averaging.base import (
     Average,
+    EvalSet,
     HostCountAveragedModel,
     WeightAverage,
     bn_update,
@@ -34,14 +35,13 @@ from swa_research.averaging.base import (
 from swa_research.averaging.ema import EMA
 from swa_research.averaging.fge import FGE
 from swa_research.averaging.lawa import LAWA
-from swa_research.averaging.plan import AveragingPlan, check_budget
+from swa_research.averaging.plan import AveragingPlan
 from swa_research.averaging.power_ema import PowerEMA
 from swa_research.averaging.sharded import WEIGHT_METHODS, ShardedAverage
 from swa_research.averaging.sharded_fge import ShardedFGE
 from swa_research.averaging.sharded_swag import ShardedSWAG
 from swa_research.averaging.swa import SWA
 from swa_research.averaging.swag import SWAG, SWAGDiag
-from swa_research.config import SwaConfig, UserError, validate_swa
 
 # The public, versioned surface (docs/library.md).
 PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_states",
@@ -49,16 +49,15 @@ PUBLIC = ["Average", "AveragingPlan", "METHODS", "SWAG", "SWAGDiag", "average_st
           "language_model_metrics", "make_average",
           "make_plan", "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
-__all__ = ["AVERAGE_OPTIONS", "METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan",
+__all__ = ["METHODS", "PRIMARY", "SWAG", "Average", "AveragingPlan", "EvalSet",
            "HostCountAveragedModel",
-           "SWAGDiag", "WeightAverage", "average_names", "average_states", "bn_update",
-           "average_config", "build_averages", "check_budget", "check_methods",
-           "further_averages", "classification_metrics",
+           "SWAGDiag", "WeightAverage", "average_states", "bn_update", "build_average",
+           "check_options", "method_options", "sharded_average", "classification_metrics",
            "expected_calibration_error", "fge_lr", "has_batch_norm", "language_model_metrics",
            "make_average", "make_plan",
            "predict", "register_method", "snapshot", "swag_bma", "update_bn"]
 
-METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
+METHODS: dict[str, Callable[..., Average]] = {
     "swa": SWA,
     "ema": EMA,
     "swag": SWAG,
@@ -71,125 +70,72 @@ METHODS: dict[str, Callable[[nn.Module, SwaConfig], Average]] = {
 PRIMARY = "swa"  # the primary average's name in every output, whatever its method
 
 
-def register_method(name: str, build: Callable[[nn.Module, SwaConfig], Average]) -> None:
-    """Add an averaging method under ``name`` (from a plugin, a notebook or a test)."""
+def register_method(name: str, build: Callable[..., Average]) -> None:
+    """Add an averaging method under ``name`` (from a plugin, a notebook or a test):
+    ``build(model, **options)`` makes the average; its keyword parameters are the method's
+    options (``make_average(name, model, **options)`` and the framework's ``swa.*`` keys of
+    those names reach it), checked by ``build.check(**options)`` where it has one."""
     METHODS[name] = build
 
 
-# What a named average (swa.also={NAME: {method: M, ...}}) may set for itself: SwaConfig's
-# keys that shape one average; the others (lr, start, freq, unit) are the run's plan.
-AVERAGE_OPTIONS = ("decay", "ema_warmup", "bn_update", "max_models", "swag_scale",
-                   "swag_diag_scale", "samples", "swag_device", "swag_eval_every", "lawa_k",
-                   "offload", "sigma_rel", "ema_buffers")
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
+def _parameters(build: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword options ``build`` (a function or a class) takes, and whether it takes any
+    (``**kwargs``)."""
+    params = inspect.signature(build).parameters.values()
+    named = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
-def further_averages(cfg: SwaConfig) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``swa.also`` as name -> (method, options), in order: a method's name is kept under that
-    name; a mapping ``{name: N, method: M, <options>}`` under N (``method`` defaults to the
-    name, ``name`` to the method). Two entries of one name: a UserError."""
-    also = cfg.also if cfg.also is not None else []
-    if not isinstance(also, (list, tuple)):
-        raise UserError(f"swa.also={also}: a list of methods ([ema]) or of named averages "
-                        "([{name:ema_fast,method:ema,decay:0.99}])")
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for entry in also:
-        if isinstance(entry, Mapping):
-            spec = dict(entry)
-            method = str(spec.pop("method", spec.get("name", "")))
-            name = str(spec.pop("name", method))
-        else:
-            name = method = str(entry)
-            spec = {}
-        if name in out:
-            raise UserError(f"swa.also: two averages are named {name!r}; to keep several "
-                            f"averages of one method, name them: swa.also=[{{name:{name}_a,"
-                            f"method:{method}}},{{name:{name}_b,method:{method},...}}]")
-        out[name] = (method, spec)
-    return out
+def method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Those of ``options`` that ``method``'s builder takes (its keyword parameters): a
+    caller offers every option it has, each method takes its own."""
+    named, anything = _parameters(METHODS[method])
+    return {k: v for k, v in options.items() if anything or k in named}
 
 
-def average_names(cfg: SwaConfig) -> dict[str, str]:
-    """The run's averages: output name -> method name (empty when swa.method=none)."""
-    if cfg.method == "none":
-        return {}
-    return {PRIMARY: cfg.method, **{n: m for n, (m, _) in further_averages(cfg).items()}}
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """``method``'s options checked without a model (its builder's ``check``, if it has one):
+    a one-line ValueError in the options' names."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    check = getattr(METHODS[method], "check", None)
+    if check is not None:
+        check(**method_options(method, options))
 
 
-def average_config(cfg: SwaConfig, name: str) -> SwaConfig:
-    """The config one average is built from: the run's, with its method and its own
-    options (a named average of ``swa.also``)."""
-    if name == PRIMARY:
-        return cfg
-    method, options = further_averages(cfg)[name]
-    unknown = sorted(set(options) - set(AVERAGE_OPTIONS))
-    if unknown:
-        raise UserError(f"swa.also ({name}): {unknown[0]} is not an option of an average; "
-                        f"expected name, method or some of {', '.join(AVERAGE_OPTIONS)}")
-    return dataclasses.replace(cfg, method=method, also=[], **options)
-
-
-def check_methods(cfg: SwaConfig) -> None:
-    """swa.method and swa.also name registered methods, no two averages share a name, and each
-    average's own options are valid (a method's optional ``check(cfg)``)."""
-    known = ", ".join([*METHODS, "none"])
-    if cfg.method != "none" and cfg.method not in METHODS:
-        raise UserError(f"swa.method={cfg.method!r}: expected one of {known}")
-    further = further_averages(cfg)
-    for name, (m, options) in further.items():
-        if m not in METHODS:
-            where = f"swa.also ({name})" if options or name != m else "swa.also"
-            raise UserError(f"{where}: {m!r} is not an averaging method; expected "
-                            f"{', '.join(METHODS)}")
-        if not _NAME.fullmatch(name):
-            raise UserError(f"swa.also: {name!r} cannot name an average (lower-case letters, "
-                            "digits and _, from a letter: it names files and columns)")
-    if further and cfg.method == "none":
-        raise UserError("swa.also needs a primary average: swa.method=none averages nothing")
-    if PRIMARY in further:
-        raise UserError(f"swa.also: '{PRIMARY}' names the primary average "
-                        f"(swa.method={cfg.method}); name only further averages, e.g. "
-                        "swa.method=swa swa.also=[ema]")
-    for name, method in average_names(cfg).items():
-        one = average_config(cfg, name)
-        check = getattr(METHODS[method], "check", None)
-        try:
-            if name != PRIMARY:
-                validate_swa(one)
-            if check is not None:
-                check(one)
-        except UserError as e:
-            if name == PRIMARY or not further[name][1]:
-                raise
-            raise UserError(f"swa.also ({name}): {str(e).removeprefix('swa.')}") from None
-
-
-def sharded_average(model: nn.Module, cfg: Any) -> Average:
-    """An average of a ``fully_shard``'ed model by ``cfg.method`` (a SwaConfig's), sharded as
-    the model: :class:`~.sharded.ShardedAverage` (swa, ema, lawa, power_ema),
-    :class:`~.sharded_swag.ShardedSWAG` or :class:`~.sharded_fge.ShardedFGE`."""
-    if getattr(cfg, "offload", "none") == "cpu" and cfg.method not in WEIGHT_METHODS:
-        raise ValueError(f"offload: {cfg.method}'s state is not kept in host memory yet "
+def sharded_average(model: nn.Module, method: str, *, offload: bool = False,
+                    **options: Any) -> Average:
+    """An average of a ``fully_shard``'ed model, sharded as the model:
+    :class:`~.sharded.ShardedAverage` (swa, ema, lawa, power_ema),
+    :class:`~.sharded_swag.ShardedSWAG` or :class:`~.sharded_fge.ShardedFGE`; ``options`` as
+    the unsharded methods' (those a method does not take are left out)."""
+    if offload and method not in WEIGHT_METHODS:
+        raise ValueError(f"offload: {method}'s state is not kept in host memory yet "
                          f"(offload takes {', '.join(WEIGHT_METHODS)})")
-    if cfg.method in ("swag", "swag_diag"):
-        return ShardedSWAG(model, cfg)
-    if cfg.method == "fge":
-        return ShardedFGE(model, cfg)
-    return ShardedAverage(model, cfg.method, decay=cfg.decay, warmup=cfg.ema_warmup,
-                          k=cfg.lawa_k, offload=getattr(cfg, "offload", "none") == "cpu",
-                          sigma_rel=getattr(cfg, "sigma_rel", 0.10))
+    if method in ("swag", "swag_diag"):
+        return ShardedSWAG(model, method, **method_options(method, options))
+    if method == "fge":
+        return ShardedFGE(model, **method_options(method, options))
+    check_options(method, options)
+    return ShardedAverage(model, method, decay=options.get("decay", 0.999),
+                          warmup=options.get("ema_warmup", False),
+                          k=options.get("lawa_k", 10), offload=offload,
+                          sigma_rel=options.get("sigma_rel", 0.10))
 
 
-def build_averages(model: nn.Module, cfg: SwaConfig) -> dict[str, Average]:
-    """The run's averages of ``model``, by output name, primary first; of a model sharded with
-    fully_shard, each sharded beside it (:mod:`.sharded`)."""
+def build_average(method: str, model: nn.Module, **options: Any) -> Average:
+    """An average of ``model`` by ``method`` with the options it takes (the others left
+    out); of a model sharded with fully_shard, sharded beside it (:mod:`.sharded`)."""
     from swa_research.averaging.sharded import is_sharded
 
-    check_methods(cfg)
-    configs = {name: average_config(cfg, name) for name in average_names(cfg)}
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
     if is_sharded(model):
-        return {name: sharded_average(model, c) for name, c in configs.items()}
-    return {name: METHODS[c.method](model, c) for name, c in configs.items()}
+        return sharded_average(model, method, **options)
+    if options.pop("offload", False):
+        raise ValueError("offload=True keeps a sharded model's average in host memory: pass "
+                         "a model passed through fully_shard")
+    return METHODS[method](model, **method_options(method, options))
 
 
 # The library functions build on METHODS above (imported last: they look it up at call time).

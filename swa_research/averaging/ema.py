@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from swa_research.averaging.base import WeightAverage
-from swa_research.config import SwaConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +84,24 @@ class EMA(WeightAverage):
     method = "ema"
 
     @staticmethod
-    def check(cfg: SwaConfig) -> None:
-        if not 0.0 < cfg.decay < 1.0:
-            raise UserError(f"swa.decay={cfg.decay}: must be in (0, 1)")
-        if cfg.ema_buffers not in ("recompute", "average"):
-            raise UserError(f"swa.ema_buffers={cfg.ema_buffers}: expected recompute or average")
+    def check(*, decay: float = 0.999, ema_buffers: str = "recompute", **_: Any) -> None:
+        """The options' one-line ValueError, in the arguments' names."""
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
+                or not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay}: must be in (0, 1)")
+        if ema_buffers not in ("recompute", "average"):
+            raise ValueError(f"ema_buffers={ema_buffers}: expected recompute or average")
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
-        self.check(cfg)
-        self.decay, self.warmup = float(cfg.decay), bool(cfg.ema_warmup)
-        self.buffers = cfg.ema_buffers
-        super().__init__(model, ema_multi_avg_fn(cfg.decay, cfg.ema_warmup),
-                         bn_update=cfg.bn_update, average_buffers=cfg.ema_buffers == "average")
+    def __init__(self, model: nn.Module, *, decay: float = 0.999, ema_warmup: bool = False,
+                 ema_buffers: str = "recompute", bn_update: bool = True) -> None:
+        """``decay`` per update (timm's warm-up with ``ema_warmup``); ``ema_buffers``:
+        ``recompute`` (BN statistics copied, recomputed before evaluation when ``bn_update``)
+        or ``average`` (mixed like the weights, timm's ``ModelEmaV3``)."""
+        self.check(decay=decay, ema_buffers=ema_buffers)
+        self.decay, self.warmup = float(decay), bool(ema_warmup)
+        self.buffers = ema_buffers
+        super().__init__(model, ema_multi_avg_fn(decay, ema_warmup),
+                         bn_update=bn_update, average_buffers=ema_buffers == "average")
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"decay": self.decay, "ema_warmup": self.warmup}

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from swa_research.averaging.base import Average, Batches, EvalSet
 from swa_research.averaging.swag import available_bytes
-from swa_research.config import SwaConfig, UserError
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -34,17 +33,18 @@ def state_bytes(model: nn.Module) -> int:
 class FGE(Average):
     method = "fge"
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig, available: int | None = None) -> None:
-        self.max_models = int(cfg.max_models)
-        if self.max_models < 1:
-            raise UserError(f"swa.max_models={self.max_models}: FGE keeps at least 1 model")
+    def __init__(self, model: nn.Module, *, max_models: int = 20,
+                 available: int | None = None) -> None:
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+            raise ValueError(f"max_models={max_models!r}: FGE keeps at least 1 model")
+        self.max_models = max_models
         need = self.max_models * state_bytes(model)
         device = next(iter(model.state_dict().values())).device
         free = available_bytes(device) if available is None else available
         if need > free:
-            raise UserError(f"swa.max_models={self.max_models}: FGE keeps up to "
+            raise ValueError(f"max_models={self.max_models}: FGE keeps up to "
                             f"{self.max_models} copies of the model, {need / 2**30:,.1f} GiB on "
-                            f"{device}, {free / 2**30:,.1f} GiB are free; lower swa.max_models")
+                            f"{device}, {free / 2**30:,.1f} GiB are free; lower max_models")
         self.net = copy.deepcopy(model).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)

@@ -16,25 +16,27 @@ from torch import Tensor, nn
 
 from swa_research.averaging.base import Average, Batches, bn_update, has_batch_norm
 from swa_research.averaging.swag import available_bytes
-from swa_research.config import SwaConfig, UserError
+from swa_research.errors import UserError
 
 
 class LAWA(Average):
     method = "lawa"
 
     @staticmethod
-    def check(cfg: SwaConfig) -> None:
-        if cfg.lawa_k < 1:
-            raise UserError(f"swa.lawa_k={cfg.lawa_k}: must be at least 1 (checkpoints "
-                            "averaged)")
+    def check(*, lawa_k: int = 10, **_: Any) -> None:
+        """The options' one-line ValueError, in the arguments' names."""
+        if isinstance(lawa_k, bool) or not isinstance(lawa_k, int) or lawa_k < 1:
+            raise ValueError(f"lawa_k={lawa_k}: must be a whole number of at least 1 "
+                             "(checkpoints averaged)")
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
-        self.check(cfg)
-        self.k = cfg.lawa_k
+    def __init__(self, model: nn.Module, *, lawa_k: int = 10, bn_update: bool = True) -> None:
+        """The mean of the latest ``lawa_k`` points (Sanyal et al. 2023)."""
+        self.check(lawa_k=lawa_k)
+        self.k = lawa_k
         self._module = copy.deepcopy(model).eval()
         for p in self._module.parameters():
             p.requires_grad_(False)
-        self.bn_update = cfg.bn_update and has_batch_norm(model)
+        self.bn_update = bn_update and has_batch_norm(model)
         self._bn_stale = False
         self.buffer: list[list[Tensor]] = []  # the latest k points' floating-point params
         self.updates = 0
@@ -56,10 +58,9 @@ class LAWA(Average):
         need = self.k * numel * params[0].element_size() if params else 0
         free = available_bytes(params[0].device) if params else need
         if need > free:
-            raise UserError(f"swa.lawa_k={self.k}: LAWA keeps {self.k} copies of "
+            raise UserError(f"lawa_k={self.k} (swa.lawa_k): LAWA keeps {self.k} copies of "
                             f"{numel:,} weights, {need / 2**30:,.1f} GiB on "
-                            f"{params[0].device}, {free / 2**30:,.1f} GiB are free; lower "
-                            "swa.lawa_k")
+                            f"{params[0].device}, {free / 2**30:,.1f} GiB are free; lower it")
         self._checked = True
 
     @torch.no_grad()

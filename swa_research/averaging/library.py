@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,26 +36,11 @@ from swa_research.averaging.base import Average, HostCountAveragedModel, bn_upda
 from swa_research.averaging.ema import ema_multi_avg_fn
 from swa_research.averaging.plan import AveragingPlan
 from swa_research.averaging.swag import SWAG
-from swa_research.config import ScheduleConfig, SwaConfig, UserError, validate_swa
 
 __all__ = ["average_states", "check_average_options", "fge_lr", "make_average", "make_plan",
            "predict", "snapshot", "swag_bma", "update_bn"]
 
 Module = nn.Module | Average
-
-
-# The library's argument for each swa.* key its checks name.
-_ARGUMENTS = {"swa.decay": "decay", "swa.ema_warmup": "ema_warmup", "swa.max_models": "max_models",
-              "swa.swag_scale": "scale", "swa.swag_diag_scale": "scale", "swa.samples": "samples",
-              "swa.swag_device": "device", "swa.lawa_k": "lawa_k", "swa.method": "method"}
-
-
-def _library_error(e: Exception) -> ValueError:
-    """A config check's one-line error, in the library's argument names."""
-    text = str(e)
-    for key, arg in _ARGUMENTS.items():
-        text = text.replace(key, arg)
-    return ValueError(text)
 
 
 def _whole(name: str, value: Any, minimum: int) -> None:
@@ -83,7 +67,7 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
     ``ema_buffers="average"`` averages them like the weights instead (timm's ``ModelEmaV3``).
     A copy of ``model`` is taken now; call ``update(model)`` at each averaging point. A bad
     argument is a one-line ValueError naming it."""
-    from swa_research.averaging import METHODS, check_methods, sharded_average
+    from swa_research.averaging import METHODS, build_average
     from swa_research.averaging.sharded import SHARDED_METHODS, is_sharded
 
     if method not in METHODS:
@@ -95,34 +79,13 @@ def make_average(method: str, model: nn.Module, *, bn_update: bool = True,
         if value is not None and (isinstance(value, bool)
                                   or not isinstance(value, (int, float))):
             raise ValueError(f"{name}={value!r}: must be a number")
-    options: dict[str, Any] = dict(method=method, bn_update=bn_update, decay=decay,
-                                   ema_warmup=ema_warmup, max_models=max_models,
-                                   samples=samples, swag_device=device, lawa_k=lawa_k,
-                                   offload="cpu" if offload else "none",
-                                   sigma_rel=sigma_rel, ema_buffers=ema_buffers)
-    if scale is not None:
-        options["swag_diag_scale" if method == "swag_diag" else "swag_scale"] = scale
-    cfg = SwaConfig(**options)
-    try:
-        check_methods(cfg)
-        validate_swa(cfg)
-    except UserError as e:
-        raise _library_error(e) from None
-    if is_sharded(model):  # FSDP2: averaged shard by shard (averaging/sharded.py)
-        if method not in SHARDED_METHODS:
-            raise ValueError(f"method={method!r}: a model sharded with fully_shard is averaged "
-                             f"with {', '.join(SHARDED_METHODS)} (not yet {method})")
-        try:
-            return sharded_average(model, cfg)
-        except UserError as e:
-            raise _library_error(e) from None
-    if offload:
-        raise ValueError("offload=True keeps a sharded model's average in host memory: pass "
-                         "a model passed through fully_shard")
-    try:
-        return METHODS[method](model, cfg)
-    except UserError as e:
-        raise _library_error(e) from None
+    if is_sharded(model) and method not in SHARDED_METHODS:
+        raise ValueError(f"method={method!r}: a model sharded with fully_shard is averaged "
+                         f"with {', '.join(SHARDED_METHODS)} (not yet {method})")
+    return build_average(method, model, bn_update=bn_update, decay=decay,
+                         ema_warmup=ema_warmup, max_models=max_models, scale=scale,
+                         samples=samples, device=device, lawa_k=lawa_k, offload=offload,
+                         sigma_rel=sigma_rel, ema_buffers=ema_buffers)
 
 
 def check_average_options(method: str, options: dict[str, Any]) -> None:
@@ -177,11 +140,11 @@ def make_plan(*, start: float, freq: int, epochs: int, iters_per_epoch: int,
     check_plan(start, freq, unit, cycle, collect)
     _whole("epochs", epochs, 1)
     _whole("iters_per_epoch", iters_per_epoch, 1)
-    swa = SwaConfig(method="swa", start=start, freq=freq, unit=unit)
-    schedule = ScheduleConfig(name="cyclical" if cycle else "constant", cycle=cycle or 1)
-    plan = AveragingPlan.from_config(swa, schedule, epochs, iters_per_epoch)
-    if collect == "middle":
-        plan = dataclasses.replace(plan, phase=plan.cycle // 2)  # type: ignore[operator]
+    budget = epochs if unit == "epoch" else epochs * iters_per_epoch
+    plan = AveragingPlan(method="swa", unit=unit, freq=freq, iters_per_epoch=iters_per_epoch,
+                         epochs=epochs, start=int(round(start * budget)) if start < 1.0
+                         else int(start), cycle=cycle,
+                         phase=cycle // 2 if cycle and collect == "middle" else None)
     if plan.count_updates() == 0:
         budget = epochs if unit == "epoch" else epochs * iters_per_epoch
         what = f"cycle={cycle} with start" if cycle else "start"
@@ -316,15 +279,42 @@ def snapshot(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, 
 
 
 def average_states(model: nn.Module, states: Iterable[dict[str, Tensor]], kind: str = "swa",
-                   decay: float = 0.999, warmup: bool = False) -> nn.Module:
+                   decay: float = 0.999, warmup: bool = False, *,
+                   times: Sequence[float] | None = None,
+                   sigma_rels: Sequence[float] | None = None, sigma_rel: float = 0.10,
+                   at: float | None = None) -> nn.Module:
     """A network of ``model``'s architecture holding the average of ``states`` (snapshots, in
     order): ``swa`` the equal average, ``ema`` the exponential moving average (the first copied,
     then avg <- d avg + (1 - d) w; ``warmup``: timm's warm-up). The arithmetic is the online
-    averages', so snapshots taken at the online points give the online average. BN statistics
-    are the last snapshot's: recompute them with :func:`update_bn`. ``model`` is not changed."""
+    averages', so snapshots taken at the online points give the online average.
+    ``posthoc_ema`` (Karras et al. 2024, EDM2's post-hoc EMA): the power EMA of width
+    ``sigma_rel`` at time ``at`` (default: the last of ``times``) reconstructed from saved power
+    EMAs, ``states[i]`` the one of width ``sigma_rels[i]`` saved at time ``times[i]`` (its
+    points counted from 1; those saved after ``at`` are left out;
+    :func:`~swa_research.averaging.power_ema.posthoc_ema_coefficients`).
+    BN statistics are the last snapshot's: recompute them with :func:`update_bn`. ``model`` is
+    not changed."""
+    if kind == "posthoc_ema":
+        if times is None or sigma_rels is None:
+            raise ValueError("kind='posthoc_ema' needs times= and sigma_rels= (one of each per "
+                             "state)")
+        from swa_research.averaging.power_ema import combine_states, posthoc_ema_coefficients
+
+        at = max(times) if at is None else at
+        kept = [i for i, t in enumerate(times) if t <= at]  # a later profile saw later steps
+        weights = posthoc_ema_coefficients([times[i] for i in kept],
+                                           [sigma_rels[i] for i in kept], at, sigma_rel)
+        chosen = (st for i, st in enumerate(states) if i in set(kept))
+        work = copy.deepcopy(model)
+        try:
+            work.load_state_dict(combine_states(chosen, weights.tolist()))
+        except RuntimeError as e:
+            raise ValueError(f"average_states: the states do not fit the model: "
+                             f"{str(e).strip().splitlines()[-1].strip()}") from None
+        return work
     if kind not in ("swa", "ema"):
-        raise ValueError(f"kind={kind!r}: expected 'swa' or 'ema' (LAWA: the 'swa' of the last "
-                         "k states)")
+        raise ValueError(f"kind={kind!r}: expected 'swa', 'ema' or 'posthoc_ema' (LAWA: the "
+                         "'swa' of the last k states)")
     work = copy.deepcopy(model)
     averaged = HostCountAveragedModel(work, ema_multi_avg_fn(decay, warmup)
                                       if kind == "ema" else None)

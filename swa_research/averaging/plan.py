@@ -1,14 +1,10 @@
-"""When the averages are updated (a pure function of the iteration), and the check that
-the averaging fits in the training budget."""
+"""When the averages are updated: a pure function of the iteration (the framework builds its
+plan from the config in :mod:`swa_research.training.averages`; a library user with
+:func:`~swa_research.averaging.make_plan`)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-from swa_research.config import Config, ScheduleConfig, SwaConfig, UserError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,25 +30,6 @@ class AveragingPlan:
     cycle: int | None = None  # iterations per cycle: set for the cyclical and fge schedules
     phase: int | None = None  # the first point's distance from the start (None: a cycle)
     steps: int = 0  # a budget in steps (trainer.max_steps), else 0: epochs x iters_per_epoch
-
-    @classmethod
-    def from_config(cls, swa: SwaConfig, schedule: ScheduleConfig, epochs: int,
-                    iters_per_epoch: int, max_steps: int = 0) -> AveragingPlan:
-        """``max_steps`` > 0: the budget in steps (``epochs`` then the epochs it takes)."""
-        if max_steps:
-            epochs = -(-max_steps // iters_per_epoch)
-        budget = (max_steps // iters_per_epoch if max_steps else epochs) if swa.unit == "epoch" \
-            else (max_steps or epochs * iters_per_epoch)
-        start = int(round(swa.start * budget)) if swa.start < 1.0 else int(round(swa.start))
-        cycle = phase = None
-        if schedule.name == "cyclical":
-            cycle = schedule.cycle
-        elif schedule.name == "fge":
-            cycle = schedule.fge_cycle * iters_per_epoch
-            phase = cycle // 2
-        return cls(method=swa.method, unit=swa.unit, start=start, freq=swa.freq,
-                   iters_per_epoch=iters_per_epoch, epochs=epochs, cycle=cycle, phase=phase,
-                   steps=max_steps)
 
     @property
     def first_offset(self) -> int:
@@ -145,57 +122,3 @@ class AveragingPlan:
         """The first update point (iteration or epoch, as update_points), None if none."""
         first, _, count = self._arithmetic()
         return first if count else None
-
-
-def check_budget(cfg: Config, iters_per_epoch: int) -> None:
-    """Checks that need the data set's size: the averaging must fit in the budget."""
-    if iters_per_epoch < 1:
-        raise UserError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
-            "(drop_last leaves no batch)")
-    steps = cfg.trainer.max_steps
-    if steps and cfg.swa.unit == "epoch" and cfg.swa.method != "none" and \
-            steps % iters_per_epoch:
-        raise UserError(
-            f"swa.unit=epoch counts whole epochs, and trainer.max_steps={steps} ends inside "
-            f"epoch {steps // iters_per_epoch + 1} ({iters_per_epoch} steps an epoch): set "
-            f"swa.unit=iter (swa.start and swa.freq in steps), or max_steps to a multiple of "
-            f"{iters_per_epoch}")
-    if cfg.swa.method == "none":
-        return
-    plan = AveragingPlan.from_config(cfg.swa, cfg.schedule, cfg.trainer.epochs, iters_per_epoch,
-                                     steps)
-    count, first = plan.count_updates(), plan.first_update()
-    budget = plan.whole_epochs if cfg.swa.unit == "epoch" else plan.total_iters
-    given = f"trainer.max_steps={steps}" if steps else f"trainer.epochs={cfg.trainer.epochs}"
-    if not count and plan.start < budget:
-        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
-        room = budget - plan.start  # in swa.unit
-        if cfg.schedule.name == "fge":
-            # The user's key counts epochs; the first model comes half a cycle after the start.
-            room_epochs = room if cfg.swa.unit == "epoch" else room // iters_per_epoch
-            raise UserError(
-                f"schedule.fge_cycle={cfg.schedule.fge_cycle}: FGE collects its first model "
-                f"half a cycle ({cfg.schedule.fge_cycle // 2} epochs) after the start "
-                f"({cfg.swa.unit} {plan.start}), beyond the end of the budget "
-                f"({given}); set schedule.fge_cycle to an even "
-                f"number of at most {2 * room_epochs} epochs, or move swa.start earlier")
-        what = f"schedule.cycle={plan.cycle}" if plan.cycle is not None else \
-            f"swa.freq={cfg.swa.freq}"
-        raise UserError(
-            f"{what}: no averaging point between the start ({cfg.swa.unit} {plan.start}) and "
-            f"the end of the budget ({budget} {unit}, {given}); "
-            f"lower it below {room}")
-    if not count:
-        unit = "epochs" if cfg.swa.unit == "epoch" else "iterations"
-        raise UserError(
-            f"swa.start={cfg.swa.start:g} is beyond the training budget of {budget} {unit} "
-            f"({given}): no weights would be averaged; give the "
-            "start as a fraction of the budget, e.g. swa.start=0.75")
-    if count == 1 and plan.cycle is None:
-        # An average of one point is that checkpoint (with recomputed BN statistics): almost
-        # always a swa.freq meant for a longer run, e.g. the group's 50 with swa.unit=epoch.
-        unit = "epoch" if cfg.swa.unit == "epoch" else "iteration"
-        log.warning("swa.freq=%d with swa.unit=%s averages only once in this run (after %s %d "
-                    "of %d): the 'average' is that one checkpoint; lower swa.freq to average "
-                    "more", cfg.swa.freq, cfg.swa.unit, unit, first, budget)

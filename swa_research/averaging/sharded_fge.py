@@ -26,7 +26,6 @@ from swa_research.averaging.sharded import (
     whole_tensor,
 )
 from swa_research.averaging.swag import available_bytes
-from swa_research.config import SwaConfig, UserError
 
 
 class ShardedFGE(FGE):
@@ -34,22 +33,23 @@ class ShardedFGE(FGE):
 
     sharded = True
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig, available: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, max_models: int = 20,
+                 available: int | None = None) -> None:
         if has_batch_norm(model):
             raise ValueError("a model with batch norm cannot be averaged sharded: FSDP does not "
                              "shard its statistics (use DDP for BN models)")
-        self.max_models = int(cfg.max_models)
-        if self.max_models < 1:
-            raise UserError(f"swa.max_models={self.max_models}: FGE keeps at least 1 model")
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+            raise ValueError(f"max_models={max_models!r}: FGE keeps at least 1 model")
+        self.max_models = max_models
         self.model = model
         local = sum(_local(p).numel() * p.element_size() for p in model.parameters())
         device = next(model.parameters()).device
         free = available_bytes(device) if available is None else available
         if self.max_models * local > free:
-            raise UserError(f"swa.max_models={self.max_models}: FGE keeps up to "
+            raise ValueError(f"max_models={self.max_models}: FGE keeps up to "
                             f"{self.max_models} copies of this rank's shards, "
                             f"{self.max_models * local / 2**30:,.1f} GiB on {device}, "
-                            f"{free / 2**30:,.1f} GiB are free; lower swa.max_models")
+                            f"{free / 2**30:,.1f} GiB are free; lower max_models")
         self.members: list[dict[str, Tensor]] = []
         self.collected = 0
         self._sums: dict[str, tuple[int, Tensor, int]] = {}

@@ -34,8 +34,12 @@ from swa_research.averaging.sharded import (
     reshard,
     whole_tensor,
 )
-from swa_research.averaging.swag import SWAG, check_memory, resolve_swag_device
-from swa_research.config import SwaConfig
+from swa_research.averaging.swag import (
+    SWAG,
+    check_memory,
+    check_swag_options,
+    resolve_swag_device,
+)
 
 
 def _slice_of(p: Tensor) -> tuple[int, int]:
@@ -54,24 +58,29 @@ def _slice_of(p: Tensor) -> tuple[int, int]:
 
 
 class ShardedSWAG(SWAG):
-    """SWAG (``cfg.method == "swag"``) or SWAG-Diagonal (``swag_diag``) of a ``fully_shard``'ed
+    """SWAG (``method="swag"``) or SWAG-Diagonal (``swag_diag``) of a ``fully_shard``'ed
     model; see the module docstring."""
 
     sharded = True
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
+    def __init__(self, model: nn.Module, method: str = "swag", *, max_models: int = 20,
+                 scale: float | None = None, samples: int = 30, device: str = "auto",
+                 eval_every: int = 0, bn_update: bool = True) -> None:
         if has_batch_norm(model):
             raise ValueError("a model with batch norm cannot be averaged sharded: FSDP does not "
                              "shard its statistics (use DDP for BN models)")
-        self.method = cfg.method
-        self.low_rank = cfg.method == "swag"
-        self.scale_key = "swag_scale" if self.low_rank else "swag_diag_scale"
+        if method not in ("swag", "swag_diag"):
+            raise ValueError(f"method={method!r}: a ShardedSWAG is swag or swag_diag")
+        check_swag_options(max_models=max_models, scale=scale, samples=samples, device=device,
+                           eval_every=eval_every)
+        self.method = method
+        self.low_rank = method == "swag"
         self.model = model
         params = list(model.parameters())
-        self.device = resolve_swag_device(cfg.swag_device, model)
-        self.scale = float(getattr(cfg, self.scale_key))
-        self.samples, self.max_models = int(cfg.samples), int(cfg.max_models)
-        self.eval_every = int(cfg.swag_eval_every)
+        self.device = resolve_swag_device(device, model)
+        self.scale = float(scale if scale is not None else 0.5 if self.low_rank else 1.0)
+        self.samples, self.max_models = int(samples), int(max_models)
+        self.eval_every = int(eval_every)
         self.bn_update = False  # a sharded model has no BN (refused by FSDP's side)
         self.sizes = [p.numel() for p in params]  # whole: the draws are of whole parameters
         self.slices = [_slice_of(p) for p in params]

@@ -53,7 +53,6 @@ from swa_research.averaging.base import (
     bn_update,
     has_batch_norm,
 )
-from swa_research.config import SwaConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +78,32 @@ def load_flat(model: nn.Module, flat: Tensor) -> None:
 
 
 def resolve_swag_device(name: str, model: nn.Module) -> torch.device:
-    """swa.swag_device: auto is the device of the model's parameters (the training device)."""
+    """``device``: auto is the device of the model's parameters (the training device)."""
     if name == "auto":
         return next(model.parameters()).device
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"swa.swag_device={name}: no CUDA GPU is available here; use "
-                        "swa.swag_device=auto or cpu")
+        raise ValueError(f"device={name}: no CUDA GPU is available here; use auto or cpu")
     return torch.device(name)
+
+
+def check_swag_options(*, max_models: int = 20, scale: float | None = None, samples: int = 30,
+                       device: str = "auto", eval_every: int = 0, **_: Any) -> None:
+    """SWAG's and SWAG-Diagonal's options: a one-line ValueError in the arguments' names."""
+    def whole(name: str, value: Any, least: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r}: must be a whole number of at least {least}")
+
+    # The low-rank part divides by sqrt(max_models - 1) (swa_gaussian's SWAG.sample_fullrank).
+    whole("max_models", max_models, 2)
+    whole("samples", samples, 1)
+    whole("eval_every", eval_every, 0)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not (math.isfinite(scale) and 0 <= scale <= 100)):
+        raise ValueError(f"scale={scale}: must be a number in [0, 100] (the sample variance's "
+                         "factor; swa_gaussian uses 0.5 for SWAG, 1.0 for SWAG-Diagonal)")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
+                                           or device.startswith("cuda:")):
+        raise ValueError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def available_bytes(device: torch.device) -> int:
@@ -106,17 +124,17 @@ def available_bytes(device: torch.device) -> int:
 def check_memory(method: str, numel: int, rows: int, device: torch.device,
                  available: int | None = None) -> None:
     """The moments (2 x P floats), the deviation buffer (K x P) and a sample's working vectors
-    (2 x P) must fit in ``device``'s free memory: a UserError before anything is allocated
-    (swa.max_models=100000000 once asked for 40 TB)."""
+    (2 x P) must fit in ``device``'s free memory: a ValueError before anything is allocated
+    (max_models=100000000 once asked for 40 TB)."""
     need = (4 + rows) * numel * 4
     free = available_bytes(device) if available is None else available
     if need > free:
-        key = "swa.max_models" if rows else "swa.swag_device"
-        raise UserError(
+        key = f"max_models={rows}" if rows else f"device={device}"
+        raise ValueError(
             f"{key}: {method} needs {need / 2**30:,.1f} GiB on {device} ({rows} deviations "
             f"and 4 vectors of {numel:,} float32 weights), {free / 2**30:,.1f} GiB are free; "
-            "lower swa.max_models" + (", or keep the posterior in host memory "
-                                      "(swa.swag_device=cpu)" if device.type != "cpu" else ""))
+            "lower max_models" + (", or keep the posterior in host memory (device=cpu)"
+                                  if device.type != "cpu" else ""))
 
 
 def class_logits(out: Tensor, method: str) -> Tensor:
@@ -134,15 +152,24 @@ class SWAG(Average):
 
     method = "swag"
     low_rank = True
-    scale_key = "swag_scale"  # the SwaConfig key of this method's sample variance scale
+    default_scale = 0.5  # swa_gaussian's sample variance factor for SWAG (1.0: diagonal)
+    check = staticmethod(check_swag_options)
 
-    def __init__(self, model: nn.Module, cfg: SwaConfig) -> None:
-        self.device = resolve_swag_device(cfg.swag_device, model)
-        self.scale = float(getattr(cfg, self.scale_key))
-        self.samples = int(cfg.samples)
-        self.max_models = int(cfg.max_models)
-        self.eval_every = int(cfg.swag_eval_every)
-        self.bn_update = cfg.bn_update and has_batch_norm(model)
+    def __init__(self, model: nn.Module, *, max_models: int = 20, scale: float | None = None,
+                 samples: int = 30, device: str = "auto", eval_every: int = 0,
+                 bn_update: bool = True) -> None:
+        """``max_models`` deviations (the low-rank part), samples drawn with variance ``scale``
+        (None: 0.5, or 1.0 for SWAG-Diagonal), ``samples`` networks per Bayesian model average
+        at every ``eval_every``-th evaluation (0: the final one), the moments on ``device``
+        (auto: the model's)."""
+        check_swag_options(max_models=max_models, scale=scale, samples=samples, device=device,
+                           eval_every=eval_every)
+        self.device = resolve_swag_device(device, model)
+        self.scale = float(self.default_scale if scale is None else scale)
+        self.samples = int(samples)
+        self.max_models = int(max_models)
+        self.eval_every = int(eval_every)
+        self.bn_update = bn_update and has_batch_norm(model)
         # The working network: the mean's weights between evaluations, a sample during one.
         self.net = copy.deepcopy(model)
         for p in self.net.parameters():
@@ -367,4 +394,4 @@ class SWAGDiag(SWAG):
 
     method = "swag_diag"
     low_rank = False
-    scale_key = "swag_diag_scale"
+    default_scale = 1.0

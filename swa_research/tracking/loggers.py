@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from swa_research.config import LoggerConfig, flatten_dict
-from swa_research.config_keys import unused_keys
+from swa_research.config.keys import unused_keys
 from swa_research.fileio import atomic_write_text
 from swa_research.tasks import CLASSIFICATION, TaskMetrics, row_metrics
 
@@ -172,7 +172,7 @@ class Loggers:
 
 def applicable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The flat config W&B records: the keys that act in this run (not another data set's or
-    averaging method's: ``config_keys.unused_keys``); the whole record is .hydra/config.yaml."""
+    averaging method's: ``config.keys.unused_keys``); the whole record is .hydra/config.yaml."""
     unused = set(unused_keys(config))
     return {k: v for k, v in flatten_dict(config).items() if k not in unused}
 

@@ -20,23 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from swa_research.averaging import (
-    PRIMARY,
-    Average,
-    AveragingPlan,
-    average_config,
-    build_averages,
-    check_budget,
-    check_methods,
-)
+from swa_research.averaging import PRIMARY, Average
 from swa_research.averaging.ema import warn_stale_ema
 from swa_research.config import Config, iterations_per_epoch, to_config, validate
 from swa_research.data import Preprocess
 from swa_research.distributed import agree, group_of_one, world
 from swa_research.errors import DataError, UserError, one_line
-from swa_research.fileio import probe_writable, read_weights, remove_stale_temporaries
+from swa_research.fileio import probe_writable, remove_stale_temporaries
 from swa_research.locks import GpuClaim, RunDirLock
-from swa_research.models import build_model, load_state, resolve_model_config
+from swa_research.models import build_model, resolve_model_config
 from swa_research.tasks import Task, build_task
 from swa_research.tracking.loggers import (
     LocalFiles,
@@ -49,6 +41,13 @@ from swa_research.tracking.loggers import (
 from swa_research.tracking.plots import SCHEDULE_FILE, plot_schedule
 from swa_research.tracking.runs import check_finished_run, holds_run, read_metrics
 from swa_research.tracking.trackers import build_trackers, check_trackers
+from swa_research.training.averages import (
+    average_config,
+    build_averages,
+    check_budget,
+    check_methods,
+    plan_from_config,
+)
 from swa_research.training.checkpoint import (
     RETIRED_KEYS,
     config_differences,
@@ -56,6 +55,7 @@ from swa_research.training.checkpoint import (
 )
 from swa_research.training.evaluator import check_best_by
 from swa_research.training.fsdp import check_fsdp, shard_model
+from swa_research.training.init_weights import load_init_weights
 from swa_research.training.optim import (
     LRSchedule,
     build_optimizer,
@@ -63,6 +63,7 @@ from swa_research.training.optim import (
     build_scheduler,
     check_schedule,
 )
+from swa_research.training.posthoc_ema import PosthocEma
 from swa_research.training.preemption import stop_on_signals
 from swa_research.training.snapshots import SnapshotWriter
 from swa_research.training.step import compile_in_place, memory_format, resolve_precision
@@ -345,7 +346,7 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         train_model = shard_model(model, config.model.get("name"), trainer_cfg.fsdp.wrap,
                                   trainer_cfg.fsdp.reshard_after_forward, device)
     optimizer = build_optimizer(config.optimizer, model)
-    plan = AveragingPlan.from_config(config.swa, config.schedule, trainer_cfg.epochs, iters,
+    plan = plan_from_config(config.swa, config.schedule, trainer_cfg.epochs, iters,
                                      steps)
     schedule = build_schedule(config.schedule, config.optimizer.lr, config.swa.lr, iters,
                               total, plan.start_iter, plan.lr_switch_iter)
@@ -388,53 +389,10 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         snapshots=SnapshotWriter(run_dir, trainer_cfg, iters, total, sharded=sharded,
                                  main=world().is_main)
         if trainer_cfg.snapshot_every and (world().is_main or sharded) else None,
+        posthoc_ema=PosthocEma(model, run_dir, trainer_cfg, iters, total)
+        if trainer_cfg.posthoc_ema and world().is_main else None,
         train_model=train_model, device=device, task=task,
         grad_clip=config.optimizer.grad_clip)
-
-
-def load_init_weights(model: torch.nn.Module, path: str, tokenizer: Any = None) -> None:
-    """``trainer.init_weights``: the weights a run starts from (a run's weight file, whose
-    ``state_dict`` is taken, or a state dict); a one-line UserError when they cannot be read or
-    do not fit the model, or (a language model: ``tokenizer``, the run's) when the file's
-    recorded vocabulary is not the run's."""
-    where = f"trainer.init_weights={path}"
-    try:
-        saved = read_weights(Path(path).expanduser())  # a .pt file or a sharded .dcp folder
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except Exception as e:
-        raise UserError(f"{where}: not a weights file that can be loaded "
-                        f"({type(e).__name__})") from None
-    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"{where}: holds no state dict (tensors by name)")
-    if tokenizer is not None:
-        check_vocabulary(saved.get("tokenizer") if isinstance(saved, dict) else None,
-                         tokenizer, where)
-    load_state(model, state, where)
-
-
-def check_vocabulary(saved: Any, tokenizer: Any, where: str) -> None:
-    """Weights trained on one vocabulary do not start a run on another: the same tokenizer,
-    size and (char) characters, else a one-line UserError; a file that records none (a state
-    dict, or written before weight files recorded it) is said once."""
-    if not isinstance(saved, dict):
-        log.warning("%s records no tokenizer (a bare state dict, or written before weight files "
-                    "recorded theirs): that it was trained on this run's %s vocabulary of %d "
-                    "cannot be checked", where, tokenizer.name, tokenizer.vocab_size)
-        return
-    mine = {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size),
-            "chars": tokenizer.chars}
-    if saved.get("name") != mine["name"] or saved.get("vocab_size") != mine["vocab_size"]:
-        raise UserError(f"{where}: trained on {saved.get('name')} tokens (vocabulary "
-                        f"{saved.get('vocab_size')}), this run's are {mine['name']} (vocabulary "
-                        f"{mine['vocab_size']}): its embeddings would mean other tokens")
-    if saved.get("chars", "") != mine["chars"]:
-        diff = sum(a != b for a, b in zip(saved.get("chars", ""), mine["chars"], strict=False))
-        raise UserError(f"{where}: trained on another character set of the same size "
-                        f"({diff} of {mine['vocab_size']} ids stand for other characters than in "
-                        "this run's text): its embeddings would mean other characters")
 
 
 def write_schedule_plot(schedule: LRSchedule, run_dir: Path, averaging_start: int | None,

@@ -44,7 +44,7 @@ DEFAULT_WRAP = {"gpt": ["Block"]}
 def check_fsdp(config: Any) -> None:
     """What ``trainer.strategy=fsdp`` does not support yet, refused before anything is built."""
     t = config.trainer
-    from swa_research.averaging import average_config, average_names
+    from swa_research.training.averages import average_config, average_names
 
     offloaded = [n for n in average_names(config.swa)
                  if average_config(config.swa, n).offload == "cpu"]

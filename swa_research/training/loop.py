@@ -149,6 +149,8 @@ def train_epoch(t: Any, epoch: int) -> dict[str, float | None]:
             t._update_averages()
         if t.snapshots is not None and t.snapshots.due_after_iter(t.iteration):
             t._snapshot()
+        if t.posthoc_ema is not None:
+            t._posthoc_ema_step()
         stop = False
         if t.iteration % t.log_every == 0:
             # The one sync every log_every steps: the logged loss, also a divergence check;

@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,16 +136,25 @@ class SnapshotWriter:
     """Takes the run's snapshots and keeps ``trajectory/index.json`` in step with them."""
 
     def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int, total: int = 0,
-                 sharded: bool = False, main: bool = True) -> None:
+                 sharded: bool = False, main: bool = True, folder: str = TRAJECTORY,
+                 points: Sequence[int] | None = None, what: str = "snapshots",
+                 every_key: str = "trainer.snapshot_every") -> None:
         # sharded: every rank takes part in each snapshot (its shards); main: this rank
-        # writes the index and tidies the folder (rank 0).
+        # writes the index and tidies the folder (rank 0). folder, points (iterations), what:
+        # another series of weights kept the same way (trainer.posthoc_ema's profiles).
         self.sharded, self.main = sharded, main
-        self.dir = Path(run_dir) / TRAJECTORY
+        self.dir = Path(run_dir) / folder
         self.unit, self.every = cfg.snapshot_unit, cfg.snapshot_every
         self.dtype_name = cfg.snapshot_dtype
         self.dtype = DTYPES[cfg.snapshot_dtype]
         self.iters_per_epoch = iters_per_epoch
-        self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch, total)
+        self.what, self.every_key = what, every_key
+        if points is not None:
+            self.unit, self.points = "iter", points
+            self.every = points[1] - points[0] if len(points) > 1 else points[0] if points else 0
+        else:
+            self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch,
+                                          total)
         self.entries: list[dict[str, Any]] = []
 
     def due_after_iter(self, iteration: int) -> bool:
@@ -168,12 +178,12 @@ class SnapshotWriter:
         while not parent.is_dir() and parent != parent.parent:
             parent = parent.parent  # the nearest folder that exists: its file system
         free = shutil.disk_usage(parent).free
-        log.info("snapshots: %d (every %d %s%s, %s), %s each, %s in all into %s",
+        log.info("%s: %d (every %d %s%s, %s), %s each, %s in all into %s", self.what,
                  len(self.points), self.every, self.unit, "" if self.every == 1 else "s",
                  self.dtype_name, human(per), human(per * len(self.points)), self.dir)
         if per * len(todo) > free:
             raise UserError(
-                f"trainer.snapshot_every={self.every} ({self.unit}): {len(todo)} snapshots of "
+                f"{self.every_key}={self.every} ({self.unit}): {len(todo)} {self.what} of "
                 f"{human(per)} need {human(per * len(todo))}, but {parent} has {human(free)} "
                 "free; snapshot less often (a larger trainer.snapshot_every), in "
                 "trainer.snapshot_dtype=bf16, or into another output dir")
@@ -197,7 +207,8 @@ class SnapshotWriter:
         self.entries = [self._entry(n) for n in sorted(wanted & set(on_disk))]
         self._write_index()
         if self.entries:
-            log.info("snapshots: %d on disk up to iteration %d", len(self.entries), iteration)
+            log.info("%s: %d on disk up to iteration %d", self.what, len(self.entries),
+                     iteration)
 
     def save(self, model: nn.Module, iteration: int) -> None:
         entry = self._entry(iteration)

@@ -55,6 +55,7 @@ class Trainer(Protocol):
     history: list[dict[str, Any]]
     partial: dict[str, Any] | None
     window: Any  # the loop's Window: the steps since the last evaluation by steps
+    posthoc_ema: Any  # trainer.posthoc_ema's profiles, or None
     cfg: Any
     task: Any
     iteration: int
@@ -86,6 +87,7 @@ def trainer_state(t: Trainer, epoch: int, partial: dict[str, Any] | None, wall: 
         "timing": {"train_time": t.train_time, "images_seen": t.images_seen,
                    "wall": t.wall_before + wall},
         "window": _window_totals(t),
+        "posthoc_ema": None if t.posthoc_ema is None else t.posthoc_ema.state_dict(),
         # Under DDP, what differs between the ranks: their RNG (dropout) and the BN running
         # statistics of their shards (the model's and those the averages copied).
         "ranks": t.ranks.gather({"rng": rng_state(t.generator, t.device),
@@ -214,6 +216,8 @@ def load_trainer_state(t: Trainer, state: dict[str, Any]) -> None:
     timing = state["timing"]
     t.train_time, t.images_seen = timing["train_time"], timing["images_seen"]
     t.wall_before = timing["wall"]
+    if t.posthoc_ema is not None and state.get("posthoc_ema"):
+        t.posthoc_ema.load_state_dict(state["posthoc_ema"])
     window = state.get("window")
     if window is not None and (t.ranks.is_main or not t.ranks.distributed):
         t.window.sums, t.window.seen = window["sums"].to(t.device), window["seen"]

@@ -30,6 +30,7 @@ from swa_research.training import loop
 from swa_research.training.checkpoint import remove_finished_checkpoints
 from swa_research.training.evaluator import Evaluator
 from swa_research.training.optim import averaged_iterate, is_schedule_free
+from swa_research.training.posthoc_ema import PosthocEma
 from swa_research.training.preemption import (
     WRITING_RESULTS,
     Interrupted,
@@ -66,6 +67,7 @@ class Trainer:
     log_every: int = 50
     bn_batch_size: int | None = None  # the average's BN pass; None: cfg.batch_size
     snapshots: SnapshotWriter | None = None  # trainer.snapshot_every: the trajectory
+    posthoc_ema: PosthocEma | None = None  # trainer.posthoc_ema: EDM2's saved profiles
     # What the step runs: the model or its DDP wrapper (the rest uses ``model`` itself).
     train_model: nn.Module | None = None
     device: torch.device | None = None  # None: the in-memory training set's device
@@ -117,6 +119,11 @@ class Trainer:
             for average in self.averages.values():
                 average.update(self.model)
 
+    def _posthoc_ema_step(self) -> None:
+        assert self.posthoc_ema is not None
+        with self.iterate():
+            self.posthoc_ema.after_step(self.model, self.iteration)
+
     def _snapshot(self) -> None:
         assert self.snapshots is not None
         with self.iterate():
@@ -158,6 +165,8 @@ class Trainer:
         self._log_start()
         if self.snapshots is not None:  # a plan that does not fit the disk fails here
             self.snapshots.prepare(self.model, self.iteration)
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.prepare(self.iteration)
         start = time.perf_counter()
         status, error = "failed", None
         try:

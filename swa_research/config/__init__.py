@@ -19,7 +19,12 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from swa_research.config_checks import check_positive, validate_data_paths, validate_swa
+from swa_research.config.checks import (
+    check_positive,
+    check_posthoc_ema,
+    validate_data_paths,
+    validate_swa,
+)
 from swa_research.errors import UserError
 
 __all__ = ["UserError"]  # re-exported: raised by every module that checks a user's input
@@ -246,6 +251,11 @@ class TrainerConfig:
     snapshot_every: int = 0
     snapshot_unit: str = "epoch"  # iter (optimizer steps) | epoch
     snapshot_dtype: str = "fp32"  # fp32 | bf16 (integer buffers stay integer)
+    # EDM2's post-hoc EMA (swa_research.training.posthoc_ema): power EMAs of these relative
+    # widths (EDM2's pair: [0.05, 0.10]) updated after every step and saved every
+    # posthoc_ema_every steps (and after the last) in snapshot_dtype; [] : off.
+    posthoc_ema: list[float] = field(default_factory=list)
+    posthoc_ema_every: int = 0
 
 
 @dataclass
@@ -396,6 +406,7 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.snapshot_every < 0:
         raise UserError(f"trainer.snapshot_every={cfg.trainer.snapshot_every}: must be >= 0 "
                         "(0: no snapshots)")
+    check_posthoc_ema(t)
     if not (cfg.trainer.peak_tflops >= 0 and math.isfinite(cfg.trainer.peak_tflops)):
         raise UserError(f"trainer.peak_tflops={cfg.trainer.peak_tflops}: must be >= 0 (0: the "
                         "known GPU's datasheet peak)")

@@ -1,0 +1,223 @@
+"""EDM2's post-hoc EMA: the reconstruction's coefficients against EDM2's formulas and
+ema-pytorch's PostHocEMA, its weights against ema-pytorch's synthesized model and against the
+online power EMA of the same width, and the run's profiles and the post-hoc tool's rows."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_config
+from omegaconf import OmegaConf
+from torch import nn
+
+from swa_research.analysis import posthoc
+from swa_research.averaging.power_ema import (
+    PowerEMA,
+    combine_states,
+    posthoc_ema_coefficients,
+    sigma_rel_to_gamma,
+)
+from swa_research.config import UserError
+from swa_research.training.build import train
+
+
+def edm2_coefficients(t_in: list[float], sigma_in: list[float], t_out: float,
+                      sigma_out: float) -> np.ndarray:
+    """NVlabs/edm2 ``solve_posthoc_coefficients`` (training/phema.py), written here from the
+    paper's Algorithm 3: p_dot_p of the profiles, least squares."""
+    def p_dot_p(ta, ga, tb, gb):  # noqa: ANN001, ANN202
+        ratio = ta / tb
+        exp = np.where(ta < tb, gb, -ga)
+        return (ga + 1) * (gb + 1) * ratio ** exp / ((ga + gb + 1) * np.maximum(ta, tb))
+
+    rv = lambda x: np.float64(x).reshape(-1, 1)  # noqa: E731
+    cv = lambda x: np.float64(x).reshape(1, -1)  # noqa: E731
+    g_in = [sigma_rel_to_gamma(s) for s in sigma_in]
+    a = p_dot_p(rv(t_in), rv(g_in), cv(t_in), cv(g_in))
+    b = p_dot_p(rv(t_in), rv(g_in), cv([t_out]), cv([sigma_rel_to_gamma(sigma_out)]))
+    return np.linalg.lstsq(a, b, rcond=None)[0].reshape(-1)
+
+
+TIMES = [100, 200, 300, 400, 500] * 2
+WIDTHS = [0.05] * 5 + [0.10] * 5
+
+
+@pytest.mark.parametrize(("at", "sigma_rel"), [(500, 0.07), (500, 0.02), (300, 0.15)])
+def test_coefficients_are_edm2s_and_ema_pytorchs(at: int, sigma_rel: float) -> None:
+    ours = posthoc_ema_coefficients(TIMES, WIDTHS, at, sigma_rel)
+    np.testing.assert_allclose(ours, edm2_coefficients(TIMES, WIDTHS, at, sigma_rel),
+                               rtol=0, atol=1e-12)
+    ema_pytorch = pytest.importorskip("ema_pytorch.post_hoc_ema")
+    theirs = ema_pytorch.solve_weights(
+        torch.tensor(TIMES), torch.tensor([ema_pytorch.sigma_rel_to_gamma(s) for s in WIDTHS]),
+        torch.tensor([at]), torch.tensor([ema_pytorch.sigma_rel_to_gamma(sigma_rel)]))
+    np.testing.assert_allclose(ours, theirs.squeeze(-1).numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_tracked_width_is_its_own_profile() -> None:
+    """Reconstructing a width that was saved, at a saved step: that profile, weight 1."""
+    w = posthoc_ema_coefficients(TIMES, WIDTHS, 500, 0.10)
+    expected = np.zeros(10)
+    expected[9] = 1.0
+    np.testing.assert_allclose(w, expected, atol=1e-9)
+
+
+def test_the_weights_equal_ema_pytorchs_synthesized_model(tmp_path: Path) -> None:
+    """ema-pytorch's PostHocEMA trained on one sequence of weights saves its profiles; our
+    reconstruction from those same files equals its synthesize_ema_model within 1e-6."""
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    phema = ema_pytorch.PostHocEMA(model, sigma_rels=(0.05, 0.10), update_every=1,
+                                   checkpoint_every_num_steps=10,
+                                   checkpoint_folder=str(tmp_path / "ckpt"),
+                                   checkpoint_dtype=torch.float32)
+    for _ in range(60):
+        with torch.no_grad():
+            model.weight.add_(0.1 * torch.randn(8, 8))
+            model.bias.add_(0.1 * torch.randn(8))
+        phema.update()
+    synthesized = phema.synthesize_ema_model(sigma_rel=0.07)
+    files = sorted((tmp_path / "ckpt").glob("*.pt"))
+    times = [int(f.stem.split(".")[1]) for f in files]
+    widths = [(0.05, 0.10)[int(f.stem.split(".")[0])] for f in files]
+    states = [{k.removeprefix("ema_model."): v for k, v in torch.load(f).items()
+               if k.startswith("ema_model.")} for f in files]
+    mine = combine_states(states, posthoc_ema_coefficients(times, widths, max(times), 0.07))
+    theirs = synthesized.ema_model.state_dict()
+    assert set(mine) == set(theirs) and len(files) == 12
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-6)
+
+
+def test_the_reconstruction_equals_the_online_power_ema_within_the_measured_bound() -> None:
+    """2,000 steps of a drifting, noisy weight; profiles 0.05 and 0.10 saved every 100 steps
+    (20 saves each): the reconstructed 0.07 and 0.15 equal the online power EMAs of those
+    widths to 1e-3 of their distance from the final weights (measured: 3.4e-4 and 5.3e-4), the
+    narrower 0.02 to 0.1 (measured 4.3e-2: outside the saved widths the fit is looser)."""
+    torch.manual_seed(0)
+    model = nn.Linear(50, 50).requires_grad_(False)
+    profiles = {s: PowerEMA(model, sigma_rel=s, bn_update=False) for s in (0.05, 0.10)}
+    online = {s: PowerEMA(model, sigma_rel=s, bn_update=False) for s in (0.02, 0.07, 0.15)}
+    saved = []
+    drift = torch.randn(50, 50) * 0.01
+    for t in range(1, 2001):
+        model.weight.add_(drift + 0.05 * torch.randn(50, 50))
+        for p in [*profiles.values(), *online.values()]:
+            p.update(model)
+        if t % 100 == 0:
+            saved += [(s, t, {k: v.clone() for k, v in p.module.state_dict().items()})
+                      for s, p in profiles.items()]
+    for s, bound in ((0.07, 1e-3), (0.15, 1e-3), (0.02, 0.1)):
+        w = posthoc_ema_coefficients([t for _, t, _ in saved], [x for x, _, _ in saved],
+                                     2000, s)
+        rebuilt = combine_states([x for _, _, x in saved], w.tolist())["weight"]
+        ref = online[s].module.weight
+        assert (rebuilt - ref).norm() / (ref - model.weight).norm() < bound, s
+
+
+# Beside the profiles, the online power EMA of one of their widths updated after every step.
+RUN = [*TINY, "trainer.epochs=4", "trainer.posthoc_ema=[0.05,0.10]",
+       "trainer.posthoc_ema_every=4", "swa.start=0", "swa.freq=1",
+       "swa.also=[{name:pe05,method:power_ema,sigma_rel:0.05}]"]
+
+
+@pytest.fixture(scope="module")
+def profile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("phema") / "run"
+    cfg = compose_config(RUN)
+    train(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+def test_a_run_saves_its_profiles_every_n_steps_and_after_the_last(profile_run: Path) -> None:
+    """12 steps (4 epochs of 3), saves every 4: steps 4, 8, 12; the profile at step 12 is
+    the online power EMA of its width over every step."""
+    for s in ("0.05", "0.1"):
+        files = sorted(p.name for p in (profile_run / "posthoc_ema" / f"sigma_rel_{s}")
+                       .glob("it*.pt"))
+        assert files == ["it000004.pt", "it000008.pt", "it000012.pt"]
+    online = torch.load(profile_run / "pe05.pt")["state_dict"]
+    saved = torch.load(profile_run / "posthoc_ema" / "sigma_rel_0.05" / "it000012.pt")
+    params = [k for k, v in saved["state_dict"].items() if v.is_floating_point()
+              and "running" not in k]
+    assert params
+    for k in params:
+        torch.testing.assert_close(saved["state_dict"][k], online[k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_the_posthoc_tool_reconstructs_and_evaluates_widths(profile_run: Path) -> None:
+    assert posthoc.main([str(profile_run), "--ema-sigma-rel", "0.03,0.05,0.2",
+                         "--device", "cpu"]) == 0
+    with open(profile_run / "posthoc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["kind"], r["sigma_rel"], r["last"], r["n_points"]) for r in rows] == [
+        ("posthoc_ema", "0.03", "12", "6"), ("posthoc_ema", "0.05", "12", "6"),
+        ("posthoc_ema", "0.2", "12", "6")]
+    assert all(float(r["val_loss"]) > 0 for r in rows)
+    assert (profile_run / "posthoc_ema.png").stat().st_size > 1000
+    assert posthoc.main([str(profile_run), "--ema-sigma-rel", "--at", "8",
+                         "--device", "cpu"]) == 0
+    with open(profile_run / "posthoc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(posthoc.DEFAULT_SIGMA_RELS) and {r["last"] for r in rows} == {"8"}
+    assert {r["n_points"] for r in rows} == {"4"}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ema-sigma-rel", "0.05", "--at", "5"], "--at=5: the profiles were saved at steps 4..12"),
+    (["--ema-sigma-rel", "0.5"], "--ema-sigma-rel='0.5': 0.5 is out of range"),
+])
+def test_bad_posthoc_ema_flags_are_one_line(profile_run: Path, flags: list[str], message: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert posthoc.main([str(profile_run), *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["trainer.posthoc_ema=[0.05]", "trainer.posthoc_ema_every=4"], "two or more distinct"),
+    (["trainer.posthoc_ema=[0.05,0.5]", "trainer.posthoc_ema_every=4"], "two or more distinct"),
+    (["trainer.posthoc_ema=[0.05,0.1]"], "trainer.posthoc_ema_every=0: set the steps"),
+])
+def test_bad_posthoc_ema_keys_are_refused(overrides: list[str], message: str,
+                                          tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=message):
+        train(compose_config([*TINY, *overrides]), tmp_path / "run")
+
+
+def test_the_library_reconstructs_with_average_states() -> None:
+    """average_states(kind="posthoc_ema"): a saved width at a saved time gives that profile;
+    another width, the coefficients' combination."""
+    from swa_research.averaging import average_states
+
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3)
+    profiles = {s: PowerEMA(model, sigma_rel=s, bn_update=False) for s in (0.05, 0.10)}
+    saved = []
+    for t in range(1, 41):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(3, 4))
+        for s, p in profiles.items():
+            p.update(model)
+            if t % 10 == 0:
+                saved.append((s, t, {k: v.clone() for k, v in p.module.state_dict().items()}))
+    times, widths, states = zip(*[(t, s, st) for s, t, st in saved], strict=True)
+    same = average_states(model, states, kind="posthoc_ema", times=times, sigma_rels=widths,
+                          sigma_rel=0.05)
+    torch.testing.assert_close(same.weight, profiles[0.05].module.weight, rtol=0, atol=1e-5)
+    other = average_states(model, states, kind="posthoc_ema", times=times, sigma_rels=widths,
+                           sigma_rel=0.07, at=30)
+    early = [i for i, t in enumerate(times) if t <= 30]  # the profiles saved up to step 30
+    w = posthoc_ema_coefficients([times[i] for i in early], [widths[i] for i in early], 30, 0.07)
+    want = sum(float(c) * states[i]["weight"].double() for c, i in zip(w, early, strict=True))
+    torch.testing.assert_close(other.weight.double(), want, rtol=0, atol=1e-6)
+    assert not torch.equal(model.weight, other.weight)  # model itself untouched, a new network
+    with pytest.raises(ValueError, match="needs times= and sigma_rels="):
+        average_states(model, states, kind="posthoc_ema")
