@@ -413,7 +413,7 @@ def test_lawa_is_the_mean_of_its_latest_k_points_and_resumes() -> None:
 
 
 @pytest.mark.parametrize("preset", ["char_cpu", "shakespeare_char", "schedules_cpu", "lawa_cpu",
-                                    "gpt2_owt", "gpt2_xl_fsdp"])
+                                    "gpt2_owt", "gpt2_xl_fsdp", "averaging_study_cpu"])
 def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> None:
     from swa_research.config import validate
     from swa_research.training.build import load_config
@@ -440,6 +440,10 @@ def test_the_lm_presets_compose_and_validate(preset: str, tmp_path: Path) -> Non
         assert (t.batch_size * m["block_size"], t.max_steps, t.eval_every_steps) == (
             491_520, 600_000, 1000)
         assert t.batch_size // t.grad_accum == 12 and config.data.eval_tokens == 200 * 12 * 1024
+    if preset == "averaging_study_cpu":  # one budget, peak lr and warm-up for every schedule
+        t, s, w = config.trainer, config.schedule, config.swa
+        assert (t.max_steps, s.warmup, s.cooldown, s.cooldown_shape) == (500, 100, 0.2, "1-sqrt")
+        assert (w.method, list(w.also), list(t.posthoc_ema)) == ("swa", ["lawa"], [0.05, 0.1])
     if preset == "gpt2_xl_fsdp":  # its header's budget and GPU hours, from the shapes
         m, s, t, w = config.model, config.schedule, config.trainer, config.swa
         assert (m["n_layer"], m["n_head"], m["n_embd"], t.strategy) == (48, 25, 1600, "fsdp")
