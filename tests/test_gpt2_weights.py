@@ -80,6 +80,9 @@ def test_a_release_offline_and_not_cached_is_one_line(tmp_path: Path,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at its import: its constant too (no network
+    # here, where a download attempt would wait for its timeout).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError) as e:
         gpt(VOCAB, weights="gpt2", block_size=64)
     msg = str(e.value)

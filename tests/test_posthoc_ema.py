@@ -221,3 +221,39 @@ def test_the_library_reconstructs_with_average_states() -> None:
     assert not torch.equal(model.weight, other.weight)  # model itself untouched, a new network
     with pytest.raises(ValueError, match="needs times= and sigma_rels="):
         average_states(model, states, kind="posthoc_ema")
+
+
+def test_the_sweep_report_pairs_posthoc_ema_gains_by_run(tmp_path: Path) -> None:
+    """Three seeds whose posthoc.csv holds post-hoc EMA rows: the report gains their columns
+    and their gain over SGD paired by run (computed here by hand), and report_posthoc_ema.png."""
+    import json
+
+    import yaml
+
+    from swa_research.analysis.report import write_report
+
+    sweep = tmp_path / "sweep"
+    acc = {0: (0.50, 0.56, 0.52), 1: (0.60, 0.62, 0.61), 2: (0.55, 0.61, 0.55)}  # sgd, 0.05, 0.1
+    for seed, (sgd, a05, a10) in acc.items():
+        run = sweep / str(seed)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}"]))
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"seed": seed, "logger": {"backend": "none"}}))
+        (run / "metrics.json").write_text(json.dumps({
+            "status": "finished", "sgd": {"test_acc": sgd, "test_loss": 1 - sgd,
+                                          "val_loss": 1.1 - sgd},
+            "sgd_best_val": {"test_acc": sgd, "test_loss": 1 - sgd},
+            "swa": {"test_acc": sgd + 0.01, "test_loss": 0.99 - sgd, "val_loss": 1.09 - sgd}}))
+        (run / "posthoc.csv").write_text(
+            "kind,sigma_rel,n_points,val_loss,val_acc,test_loss,test_acc\n"
+            f"posthoc_ema,0.05,6,{1.1 - a05},0.5,{1 - a05},{a05}\n"
+            f"posthoc_ema,0.1,6,{1.1 - a10},0.5,{1 - a10},{a10}\n")
+    report = write_report(sweep, use_wandb=False)
+    assert report.averages == ["posthoc_ema_0.05", "posthoc_ema_0.1"]
+    row = report.rows[0]
+    gains = [a - s for s, a, _ in acc.values()]  # 0.06, 0.02, 0.06
+    assert row.gains["posthoc_ema_0.05"].mean == pytest.approx(sum(gains) / 3)
+    assert row.gains["posthoc_ema_0.1"].mean == pytest.approx((0.02 + 0.01 + 0.0) / 3)
+    assert "POSTHOC_EMA_0.05 acc %" in report.table
+    assert (sweep / "report_posthoc_ema.png").stat().st_size > 1000

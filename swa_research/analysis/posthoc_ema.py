@@ -10,6 +10,7 @@ against sigma_rel with the run's SGD and online SWA marked (EDM2's Figure 5 kind
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -162,3 +163,65 @@ def loss_reference(run_dir: Path) -> dict[str, float]:
     """The run's SGD and online SWA validation and test loss, labelled for the plot."""
     return {f"{label} {key.split('_')[0]} loss": v
             for (label, key), v in reference_values(run_dir, ("val_loss", "test_loss")).items()}
+
+
+# -- the sweep report ---------------------------------------------------------------------------
+
+def report_entries(runs: Sequence[Any]) -> list[str]:
+    """Each finished run's post-hoc EMA rows (its posthoc.csv, written by ``python -m
+    swa_research.posthoc --ema-sigma-rel``) put into its metrics, in memory, as averages named
+    ``posthoc_ema_<sigma_rel>``: the sweep report then gives their columns and their gains over
+    SGD paired by run like any average's. The names, by width."""
+    names: dict[float, str] = {}
+    for run in runs:
+        path = Path(run.path) / "posthoc.csv"
+        if not run.finished or run.metrics is None or not path.is_file():
+            continue
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("kind") == "posthoc_ema"]
+        except (OSError, csv.Error):
+            continue
+        for r in rows:
+            try:
+                s = float(r["sigma_rel"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            name = f"posthoc_ema_{s:g}"
+            run.metrics[name] = {k: float(v) for k, v in r.items()
+                                 if k.startswith(("val_", "test_")) and v not in ("", None)}
+            names[s] = name
+    return [names[s] for s in sorted(names)]
+
+
+def plot_report(report: Any, path: Path) -> Path:
+    """Validation loss against sigma_rel per configuration (mean over its runs), the
+    configuration's SGD and online SWA validation loss as dashed and dotted lines of its
+    color (EDM2's Figure 5 kind of plot, for a sweep)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    widths = sorted((float(n.removeprefix("posthoc_ema_")), n) for n in report.averages
+                    if n.startswith("posthoc_ema_"))
+    for i, row in enumerate(report.rows):
+        color = colors[i % len(colors)]
+
+        def mean(name: str, row: Any = row) -> float | None:
+            values = [v for r in row.runs if (v := r.metric((name, "val_loss"))) is not None]
+            return sum(values) / len(values) if values else None
+
+        pts = [(s, m) for s, n in widths if (m := mean(n)) is not None]
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color,
+                label=row.label)
+        for name, style in (("sgd", "--"), ("swa", ":")):
+            if (m := mean(name)) is not None:
+                ax.axhline(m, color=color, linestyle=style, linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("sigma_rel (post-hoc EMA width relative to the training time)")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_title(f"post-hoc EMA ({report.root.name}); dashed: SGD, dotted: SWA", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

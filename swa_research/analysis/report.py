@@ -46,6 +46,8 @@ from swa_research.analysis.paper import (
     measured_cells,
     recipe_differences,
 )
+from swa_research.analysis.posthoc_ema import plot_report as plot_posthoc_ema
+from swa_research.analysis.posthoc_ema import report_entries
 from swa_research.analysis.report_plots import plot_accuracy, plot_gain
 from swa_research.analysis.report_wandb import log_to_wandb
 from swa_research.analysis.runset import Run, differing_keys, load_run, show
@@ -70,6 +72,7 @@ def percent_note(spec: TaskMetrics, columns: Sequence[Metric]) -> str:
     shown = sorted(spec.percent) + (["ECE"] if any(c[0].endswith("_ece") for c in columns)
                                     else [])
     return f"; {' and '.join(shown)} in %" if shown else ""
+POSTHOC_EMA_PLOT = "report_posthoc_ema.png"  # runs with post-hoc EMA rows
 PAPER_CSV = "report_paper.csv"  # only when runs measure cells of the SWA paper's table
 Metric = tuple[str, tuple[str, ...], str]  # (column, path in metrics.json, label)
 
@@ -109,11 +112,6 @@ def metric_columns(averages: Sequence[str] = (), spec: TaskMetrics = CLASSIFICAT
 
 # The columns of a classification sweep without further averages.
 METRICS: tuple[Metric, ...] = tuple(metric_columns())
-
-
-def base_count(spec: TaskMetrics) -> int:
-    """How many of :func:`metric_columns` come before the further averages'."""
-    return 3 * len(spec.metrics) + 4
 
 
 def is_percent(column: str) -> bool:
@@ -183,7 +181,9 @@ class Report:
 
     def further_columns(self) -> list[Metric]:
         """The columns of the averages besides the primary (``swa.also``)."""
-        return self.columns[base_count(self.spec):]
+        further = set(self.averages)
+        return [c for c in self.columns
+                if c[1][0] in further or (c[1][0] == "calibration" and c[1][1] in further)]
 
     def text(self) -> str:
         """The table, and the failed runs one per line: what the commands print (and the
@@ -236,6 +236,7 @@ def build_report(paths: Sequence[str | Path], root: str | Path | None = None) ->
     averages: list[str] = []
     for run in runs:
         averages += [n for n in (run.metrics or {}).get("averages") or [] if n not in averages]
+    averages += report_entries(runs)  # post-hoc EMA widths of the runs' posthoc.csv
     spec = runs_task(runs)
     calibrated = any((run.metrics or {}).get("calibration") for run in runs)
     columns = metric_columns(averages, spec, calibrated)
@@ -452,8 +453,10 @@ def write_report(path: str | Path, runs: Sequence[str | Path] | None = None,
                           for c in report.paper])
         atomic_write_text(out / PAPER_CSV, buf.getvalue())
         report.files.append(out / PAPER_CSV)
-    for name, plot in (("report_swa_gain.png", plot_gain), (curves_file(report.spec),
-                                                           plot_accuracy)):
+    plots = [("report_swa_gain.png", plot_gain), (curves_file(report.spec), plot_accuracy)]
+    if any(n.startswith("posthoc_ema_") for n in report.averages):
+        plots.append((POSTHOC_EMA_PLOT, plot_posthoc_ema))
+    for name, plot in plots:
         try:
             report.files.append(plot(report, out / name))
         except Exception as e:  # a plot is a convenience: keep the tables
