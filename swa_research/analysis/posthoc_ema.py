@@ -21,11 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from swa_research.averaging.power_ema import (
-    MAX_SIGMA_REL,
-    combine_states,
-    posthoc_ema_coefficients,
-)
+from swa_research.averaging import average_states
+from swa_research.averaging.power_ema import MAX_SIGMA_REL
 from swa_research.errors import UserError
 from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.training.posthoc_ema import FOLDER
@@ -82,23 +79,24 @@ def check_request(profiles: Sequence[Profile], sigma_rels: Sequence[float], at: 
 
 def reconstruct(model: nn.Module, profiles: Sequence[Profile], sigma_rel: float, at: int,
                 ) -> tuple[nn.Module, int]:
-    """``model`` holding the power EMA of width ``sigma_rel`` at step ``at``, made of the
-    profiles saved up to ``at``; and how many saved profiles it combines."""
-    used = [p for p in profiles if p[1] <= at]
-    weights = posthoc_ema_coefficients([t for _, t, _ in used], [s for s, _, _ in used], at,
-                                       sigma_rel)
-
+    """A network of ``model``'s architecture holding the power EMA of width ``sigma_rel`` at
+    step ``at`` (the library's :func:`~swa_research.averaging.average_states`, which leaves out
+    the profiles saved after ``at``); and how many saved profiles it combines."""
     def states() -> Any:
-        for _, _, path in used:
+        for _, _, path in profiles:
             try:
                 yield torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
             except Exception as e:
                 raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
 
-    state = combine_states(states(), weights.tolist())
-    target = next(model.parameters())
-    model.load_state_dict({k: v.to(target.device) for k, v in state.items()})
-    return model, len(used)
+    try:
+        module = average_states(model, states(), kind="posthoc_ema",
+                                times=[t for _, t, _ in profiles],
+                                sigma_rels=[s for s, _, _ in profiles], sigma_rel=sigma_rel,
+                                at=at)
+    except ValueError as e:
+        raise UserError(f"the post-hoc EMA profiles do not fit the run's model: {e}") from None
+    return module, sum(1 for _, t, _ in profiles if t <= at)
 
 
 def evaluate_widths(run: Any, profiles: Sequence[Profile], sigma_rels: Sequence[float],

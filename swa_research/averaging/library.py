@@ -304,7 +304,8 @@ def average_states(model: nn.Module, states: Iterable[dict[str, Tensor]], kind: 
         kept = [i for i, t in enumerate(times) if t <= at]  # a later profile saw later steps
         weights = posthoc_ema_coefficients([times[i] for i in kept],
                                            [sigma_rels[i] for i in kept], at, sigma_rel)
-        chosen = (st for i, st in enumerate(states) if i in set(kept))
+        keep = set(kept)
+        chosen = (st for i, st in enumerate(states) if i in keep)
         work = copy.deepcopy(model)
         try:
             work.load_state_dict(combine_states(chosen, weights.tolist()))

@@ -148,7 +148,7 @@ def _pretrained(num_classes: int, weights: str, block_size: int, dropout: float,
         raise ValueError(f"{where}: model.block_size={block_size} is beyond GPT-2's "
                          f"{g.POSITIONS} positions")
     if torch.empty(0).device.type == "meta":  # the config's check: the shape, nothing read
-        _, shape = g.resolve(weights, n_head)
+        _, shape = g.resolve(weights)
         n_layer, heads, n_embd = shape or (1, 1, 64)
         return GPT(g.VOCAB, block_size, n_layer, heads, n_embd, dropout, True, "tanh")
     if num_classes != g.VOCAB:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,7 +98,7 @@ def _read(path: Path, weights: str) -> dict[str, Tensor]:
                          f"({type(e).__name__})") from None
 
 
-def resolve(weights: str, n_head: int) -> tuple[Path | None, tuple[int, int, int] | None]:
+def resolve(weights: str) -> tuple[Path | None, tuple[int, int, int] | None]:
     """(the weight file or None for a release not read yet, the shape if known by name)."""
     if weights in RELEASES:
         return None, RELEASES[weights]
@@ -123,7 +122,7 @@ def resolve(weights: str, n_head: int) -> tuple[Path | None, tuple[int, int, int
 def hf_state(weights: str, n_head: int) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
     """The weights in Hugging Face's names (without ``transformer.``) and the shape
     (n_layer, n_head, n_embd)."""
-    path, shape = resolve(weights, n_head)
+    path, shape = resolve(weights)
     if path is None:
         path = release_file(weights)
     raw = _read(path, weights)
@@ -164,7 +163,7 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], weights: str) ->
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def describe(weights: str, shape: tuple[int, int, int], block_size: int) -> Any:
+def describe(weights: str, shape: tuple[int, int, int], block_size: int) -> None:
     n_layer, n_head, n_embd = shape
     log.info("%s: GPT-2 weights, %d layers, %d heads, %d wide, %d positions of %d, GELU (tanh)"
              "; model.n_layer, n_head, n_embd and bias are the weights'", _where(weights),

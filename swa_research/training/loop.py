@@ -35,6 +35,13 @@ class Window:
         self.sums = sums.clone() if self.sums is None else self.sums.add_(sums)
         self.seen += count
 
+    def totals(self, ranks: Any, metrics: int, device: Any) -> tuple[Tensor, int]:
+        """The sums (``metrics`` of them) and count over the ranks: a collective under DDP,
+        made by every rank; this rank's own are left as they are."""
+        sums = self.sums.clone() if self.sums is not None else \
+            torch.zeros(metrics, device=device, dtype=torch.float64)
+        return ranks.epoch_sums(sums, self.seen)
+
 
 class Trainer(Protocol):  # what the loop reads of swa_research.training.trainer.Trainer
     cfg: Any
@@ -103,9 +110,7 @@ def window_scores(t: Any) -> tuple[dict[str, float | None], float | None]:
     """The task's training metrics of the steps since the previous evaluation (over the
     ranks) and their throughput (per second, in the task's unit); the window starts afresh."""
     w = t.window
-    sums = w.sums if w.sums is not None else \
-        torch.zeros(len(t.task.spec.metrics), device=t.device, dtype=torch.float64)
-    sums, seen = t.ranks.epoch_sums(sums, w.seen)
+    sums, seen = w.totals(t.ranks, len(t.task.spec.metrics), t.device)
     t.window = Window()
     per_s = seen / w.seconds if w.seconds > 0 else None
     return t.task.summarize([s.item() for s in sums], seen), per_s
@@ -141,10 +146,11 @@ def train_epoch(t: Any, epoch: int) -> dict[str, float | None]:
         t.scheduler.step()
         t.iteration += 1
         step_sums = t.task.train_sums(loss, output, y)  # on the device: no host sync
+        count = t.task.count(y)
         sums += step_sums
-        seen += t.task.count(y)
+        seen += count
         if cfg.eval_every_steps:
-            t.window.add(step_sums, t.task.count(y))
+            t.window.add(step_sums, count)
         if t.plan.due_after_iter(t.iteration):
             t._update_averages()
         if t.snapshots is not None and t.snapshots.due_after_iter(t.iteration):

@@ -46,6 +46,7 @@ class PosthocEma:
         points = save_points(cfg.posthoc_ema_every, total)
         self.writers = {s: SnapshotWriter(run_dir, cfg, iters_per_epoch, total, main=main,
                                           folder=profile_folder(s), points=points,
+                                          every=cfg.posthoc_ema_every,
                                           what=f"post-hoc EMA profile sigma_rel={s:g}",
                                           every_key="trainer.posthoc_ema_every")
                         for s in self.sigma_rels}

@@ -137,11 +137,11 @@ class SnapshotWriter:
 
     def __init__(self, run_dir: Path, cfg: TrainerConfig, iters_per_epoch: int, total: int = 0,
                  sharded: bool = False, main: bool = True, folder: str = TRAJECTORY,
-                 points: Sequence[int] | None = None, what: str = "snapshots",
-                 every_key: str = "trainer.snapshot_every") -> None:
+                 points: Sequence[int] | None = None, every: int = 0,
+                 what: str = "snapshots", every_key: str = "trainer.snapshot_every") -> None:
         # sharded: every rank takes part in each snapshot (its shards); main: this rank
-        # writes the index and tidies the folder (rank 0). folder, points (iterations), what:
-        # another series of weights kept the same way (trainer.posthoc_ema's profiles).
+        # writes the index and tidies the folder (rank 0). folder, points (iterations), every,
+        # what: another series of weights kept the same way (trainer.posthoc_ema's profiles).
         self.sharded, self.main = sharded, main
         self.dir = Path(run_dir) / folder
         self.unit, self.every = cfg.snapshot_unit, cfg.snapshot_every
@@ -149,9 +149,8 @@ class SnapshotWriter:
         self.dtype = DTYPES[cfg.snapshot_dtype]
         self.iters_per_epoch = iters_per_epoch
         self.what, self.every_key = what, every_key
-        if points is not None:
-            self.unit, self.points = "iter", points
-            self.every = points[1] - points[0] if len(points) > 1 else points[0] if points else 0
+        if points is not None:  # in iterations, every ``every`` of them (and maybe the last)
+            self.unit, self.points, self.every = "iter", points, every
         else:
             self.points = snapshot_points(self.unit, self.every, cfg.epochs, iters_per_epoch,
                                           total)

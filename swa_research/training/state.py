@@ -98,12 +98,9 @@ def trainer_state(t: Trainer, epoch: int, partial: dict[str, Any] | None, wall: 
 def _window_totals(t: Trainer) -> dict[str, Any] | None:
     """The steps since the last evaluation by steps (trainer.eval_every_steps): their metric
     sums and count over the ranks (a collective under DDP, made by every rank), on the CPU."""
-    w = t.window
     if not t.cfg.eval_every_steps:
         return None
-    sums = w.sums if w.sums is not None else torch.zeros(len(t.task.spec.metrics),
-                                                           device=t.device, dtype=torch.float64)
-    sums, seen = t.ranks.epoch_sums(sums.clone(), w.seen)
+    sums, seen = t.window.totals(t.ranks, len(t.task.spec.metrics), t.device)
     return {"sums": sums.cpu(), "seen": seen}
 
 
