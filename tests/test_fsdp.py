@@ -159,7 +159,8 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     """trainer.strategy=fsdp with torchrun on 2 ranks against DDP on 2 ranks and one process,
     a GPT without dropout on a text that it learns, 50 steps: the SGD model, SWA, EMA and LAWA
     within 1e-5 (whole weight files, gathered tensor by tensor), the same validation and test
-    losses, and each average's bytes on a rank about half of the whole."""
+    losses, each average's bytes on a rank about half of the whole, and the post-hoc EMA
+    profiles (each rank its shards) the unsharded run's within 1e-6."""
     import json
 
     from test_lm import lm_run, write_text
@@ -169,7 +170,8 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    args = [*lm_run(text), "trainer.epochs=5", "swa.also=[ema,lawa]", "swa.lawa_k=2"]
+    args = [*lm_run(text), "trainer.epochs=5", "swa.also=[ema,lawa]", "swa.lawa_k=2",
+            "trainer.posthoc_ema=[0.05,0.1]", "trainer.posthoc_ema_every=20"]
     one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
                           f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -217,6 +219,16 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     online = online["state_dict"]
     for k, v in module.state_dict().items():
         assert (v - online[k]).abs().max().item() <= 1e-6, k
+    from swa_research.fileio import load_sharded_state
+
+    for s in ("0.05", "0.1"):
+        for i in (20, 40, 50):
+            name = f"posthoc_ema/sigma_rel_{s}/it{i:06d}"
+            want = torch.load(tmp_path / "one" / f"{name}.pt", weights_only=True)["state_dict"]
+            assert len(list((tmp_path / "two" / name).glob("*.distcp"))) == 2  # a file a rank
+            got = load_sharded_state(tmp_path / "two" / name)
+            assert set(got) == set(want)
+            assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6, name
 
 
 def test_fsdp_is_refused_where_it_is_not_built_yet() -> None:

@@ -257,3 +257,67 @@ def test_the_sweep_report_pairs_posthoc_ema_gains_by_run(tmp_path: Path) -> None
     assert row.gains["posthoc_ema_0.1"].mean == pytest.approx((0.02 + 0.01 + 0.0) / 3)
     assert "POSTHOC_EMA_0.05 acc %" in report.table
     assert (sweep / "report_posthoc_ema.png").stat().st_size > 1000
+
+
+def test_profiles_under_fsdp_are_the_unsharded_ones_and_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.strategy=fsdp (over a group of one here; two ranks in tests/test_fsdp.py): each
+    saved profile is a torch.distributed.checkpoint folder holding, read whole, the unsharded
+    run's profile within 1e-6; a run that crashes at step 13 and resumes from its checkpoint
+    at step 10 (the profiles' shards kept with it) saves the same profiles bit for bit; the
+    post-hoc tool scores the sharded run's reconstructions as the unsharded run's."""
+    import json
+
+    from test_lm import lm_run, write_text
+
+    from swa_research.fileio import load_sharded_state
+    from swa_research.training.step import TrainStep
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    args = [*lm_run(text), "trainer.epochs=2", "trainer.posthoc_ema=[0.05,0.1]",
+            "trainer.posthoc_ema_every=5"]
+
+    def run(name: str, *more: str) -> Path:
+        cfg = compose_config([*args, *more])
+        train(cfg, tmp_path / name)
+        (tmp_path / name / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+        return tmp_path / name
+
+    plain, shard = run("plain"), run("fsdp", "trainer.strategy=fsdp")
+    original = TrainStep.__call__
+    calls = {"n": 0}
+
+    def crash_at_13(self: TrainStep, *a: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise RuntimeError("crash at step 13")
+        return original(self, *a)
+
+    monkeypatch.setattr(TrainStep, "__call__", crash_at_13)
+    with pytest.raises(RuntimeError, match="crash at step 13"):
+        run("resumed", "trainer.strategy=fsdp")
+    calls["n"] = -100  # counted, no longer crashing
+    resumed = run("resumed", "trainer.strategy=fsdp")
+    assert calls["n"] == -100 + 10  # steps 11..20: resumed from the checkpoint at step 10
+    for s in ("0.05", "0.1"):
+        folder = f"posthoc_ema/sigma_rel_{s}"
+        index = json.loads((shard / folder / "index.json").read_text())
+        assert [e["file"] for e in index["snapshots"]] == [f"it{i:06d}" for i in (5, 10, 15, 20)]
+        for i in (5, 10, 15, 20):
+            want = torch.load(plain / folder / f"it{i:06d}.pt", weights_only=True)["state_dict"]
+            got = load_sharded_state(shard / folder / f"it{i:06d}")
+            again = load_sharded_state(resumed / folder / f"it{i:06d}")
+            assert set(got) == set(want) == set(again)
+            for k in want:
+                assert (got[k] - want[k]).abs().max().item() <= 1e-6, (s, i, k)
+                assert torch.equal(again[k], got[k]), (s, i, k)
+    scores = {}
+    for d in (plain, shard):
+        assert posthoc.main([str(d), "--ema-sigma-rel", "0.03,0.07", "--device", "cpu"]) == 0
+        with open(d / "posthoc.csv", newline="") as f:
+            scores[d.name] = [(r["sigma_rel"], r["n_points"], float(r["val_loss"]))
+                              for r in csv.DictReader(f)]
+    assert [r[:2] for r in scores["fsdp"]] == [("0.03", "8"), ("0.07", "8")]
+    for a, b in zip(scores["plain"], scores["fsdp"], strict=True):
+        assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], abs=1e-5)

@@ -24,6 +24,7 @@ from torch import nn
 from swa_research.averaging import average_states
 from swa_research.averaging.power_ema import MAX_SIGMA_REL
 from swa_research.errors import UserError
+from swa_research.fileio import load_sharded_state
 from swa_research.tracking.plots import pyplot, save_figure
 from swa_research.training.posthoc_ema import FOLDER
 from swa_research.training.snapshots import INDEX
@@ -85,7 +86,10 @@ def reconstruct(model: nn.Module, profiles: Sequence[Profile], sigma_rel: float,
     def states() -> Any:
         for _, _, path in profiles:
             try:
-                yield torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+                if path.is_dir():  # saved under trainer.strategy=fsdp: each rank its shards
+                    yield load_sharded_state(path)
+                else:
+                    yield torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
             except Exception as e:
                 raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
 

@@ -52,7 +52,7 @@ def validate_swa(sw: Any) -> None:
 
 def check_posthoc_ema(t: Any) -> None:
     """trainer.posthoc_ema and posthoc_ema_every: two or more distinct widths in EDM2's range,
-    saved every N >= 1 steps, without FSDP (its sharded profiles are not written yet)."""
+    saved every N >= 1 steps."""
     from swa_research.averaging.power_ema import MAX_SIGMA_REL
 
     widths = list(t.posthoc_ema or [])
@@ -65,9 +65,6 @@ def check_posthoc_ema(t: Any) -> None:
     if t.posthoc_ema_every < 1:
         raise UserError(f"trainer.posthoc_ema_every={t.posthoc_ema_every}: set the steps between "
                         "saves of the post-hoc EMA profiles (e.g. 500), at least 1")
-    if t.strategy == "fsdp":
-        raise UserError("trainer.posthoc_ema under trainer.strategy=fsdp: the sharded profiles "
-                        "are not written yet; use trainer.snapshot_every for post-hoc averages")
 
 
 def validate_data_paths(d: Any) -> None:

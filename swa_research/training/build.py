@@ -389,8 +389,9 @@ def build_trainer(config: Config, config_dict: dict[str, Any], run_dir: Path,
         snapshots=SnapshotWriter(run_dir, trainer_cfg, iters, total, sharded=sharded,
                                  main=world().is_main)
         if trainer_cfg.snapshot_every and (world().is_main or sharded) else None,
-        posthoc_ema=PosthocEma(model, run_dir, trainer_cfg, iters, total)
-        if trainer_cfg.posthoc_ema and world().is_main else None,
+        posthoc_ema=PosthocEma(model, run_dir, trainer_cfg, iters, total,
+                               main=world().is_main, sharded=sharded)
+        if trainer_cfg.posthoc_ema and (world().is_main or sharded) else None,
         train_model=train_model, device=device, task=task,
         grad_clip=config.optimizer.grad_clip)
 

@@ -106,10 +106,12 @@ def shards_dir(run_dir: Path, iteration: int) -> Path:
     return Path(run_dir) / f"{SHARDS_PREFIX}{iteration:010d}"
 
 
-def sharded_tensors(t: Any, averages: dict[str, Any] | None = None) -> dict[str, Any]:
+def sharded_tensors(t: Any, averages: dict[str, Any] | None = None, posthoc: bool = True
+                    ) -> dict[str, Any]:
     """The sharded parts of a run's state, as ``torch.distributed.checkpoint`` reads and
-    writes them: the model, the optimizer, each average's tensors and the best validation
-    epoch's weights (when kept). ``averages``: the ring lengths to make ready for a load."""
+    writes them: the model, the optimizer, each average's tensors, the post-hoc EMA profiles
+    (trainer.posthoc_ema; with ``posthoc``) and the best validation epoch's weights (when
+    kept). ``averages``: the ring lengths to make ready for a load."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -121,6 +123,8 @@ def sharded_tensors(t: Any, averages: dict[str, Any] | None = None) -> dict[str,
         "averages": {n: a.tensors(None if averages is None else averages[n]["ring"])
                      for n, a in t.averages.items()},
     }
+    if posthoc and t.posthoc_ema is not None:
+        parts["posthoc_ema"] = t.posthoc_ema.tensors()
     if t.evaluator.best_state is not None:
         parts["best_state"] = t.evaluator.best_state
     return parts
@@ -158,7 +162,7 @@ def load_shards(t: Any, run_dir: Path, state: dict[str, Any]) -> None:
                         f"this run keeps {sorted(t.averages)}")
     if state["shards"]["best"] and t.evaluator.best_state is None:
         t.evaluator.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
-    parts = sharded_tensors(t, metas)
+    parts = sharded_tensors(t, metas, posthoc=bool(state.get("posthoc_ema")))
     dcp.load(parts, checkpoint_id=str(folder))
     set_model_state_dict(t.model, parts["model"])
     set_optimizer_state_dict(t.model, t.optimizer, parts["optimizer"])

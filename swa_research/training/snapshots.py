@@ -58,11 +58,12 @@ def snapshot_points(unit: str, every: int, epochs: int, iters_per_epoch: int,
     return range(step, total + 1, step)
 
 
-def snapshot_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict on the CPU, floating-point tensors in ``dtype``."""
+def snapshot_state(state: dict[str, torch.Tensor], dtype: torch.dtype
+                   ) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU, floating-point tensors in ``dtype``."""
     return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype,
                              copy=True)
-            for k, v in model.state_dict().items()}
+            for k, v in state.items()}
 
 
 def bytes_per_snapshot(model: nn.Module, dtype: torch.dtype) -> int:
@@ -210,13 +211,18 @@ class SnapshotWriter:
                      iteration)
 
     def save(self, model: nn.Module, iteration: int) -> None:
+        self.save_state(model.state_dict(), iteration)
+
+    def save_state(self, state: dict[str, torch.Tensor], iteration: int) -> None:
+        """A state dict (under FSDP: of DTensors, every rank calling) as the snapshot after
+        ``iteration``."""
         entry = self._entry(iteration)
         path = self.dir / entry["file"]
         try:
             if self.sharded:
-                self._save_shards(model, path)
+                self._save_shards(state, path)
             else:
-                atomic_torch_save({"state_dict": snapshot_state(model, self.dtype),
+                atomic_torch_save({"state_dict": snapshot_state(state, self.dtype),
                                    "iteration": iteration, "epoch": entry["epoch"]}, path)
             if not self.main:
                 return
@@ -231,14 +237,14 @@ class SnapshotWriter:
                 + "the last checkpoint are kept: free space (or snapshot less often) and rerun "
                 "the same command to resume") from e
 
-    def _save_shards(self, model: nn.Module, path: Path) -> None:
+    def _save_shards(self, state: dict[str, torch.Tensor], path: Path) -> None:
         """Every rank writes its shards (DTensors in the snapshot's dtype) into a hidden
         folder, which rank 0 renames to ``path`` once ``torch.distributed.checkpoint`` has
         written its metadata (the save's last step, after every rank's shards)."""
         import torch.distributed.checkpoint as dcp
 
         state = {k: v.detach().to(self.dtype) if v.is_floating_point() else v.detach()
-                 for k, v in model.state_dict().items()}
+                 for k, v in state.items()}
         tmp = path.with_name(f".{path.name}.tmp")
         dcp.save({"state_dict": state}, checkpoint_id=str(tmp))
         if self.main:
