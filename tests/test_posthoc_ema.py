@@ -5,6 +5,7 @@ online power EMA of the same width, and the run's profiles and the post-hoc tool
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,6 @@ def test_the_library_reconstructs_with_average_states() -> None:
 def test_the_sweep_report_pairs_posthoc_ema_gains_by_run(tmp_path: Path) -> None:
     """Three seeds whose posthoc.csv holds post-hoc EMA rows: the report gains their columns
     and their gain over SGD paired by run (computed here by hand), and report_posthoc_ema.png."""
-    import json
 
     import yaml
 
@@ -266,8 +266,6 @@ def test_profiles_under_fsdp_are_the_unsharded_ones_and_resume(
     run's profile within 1e-6; a run that crashes at step 13 and resumes from its checkpoint
     at step 10 (the profiles' shards kept with it) saves the same profiles bit for bit; the
     post-hoc tool scores the sharded run's reconstructions as the unsharded run's."""
-    import json
-
     from test_lm import lm_run, write_text
 
     from swa_research.fileio import load_sharded_state
@@ -321,3 +319,42 @@ def test_profiles_under_fsdp_are_the_unsharded_ones_and_resume(
     assert [r[:2] for r in scores["fsdp"]] == [("0.03", "8"), ("0.07", "8")]
     for a, b in zip(scores["plain"], scores["fsdp"], strict=True):
         assert a[:2] == b[:2] and b[2] == pytest.approx(a[2], abs=1e-5)
+
+
+def test_the_posthoc_tool_logs_into_the_runs_own_wandb_record(tmp_path: Path) -> None:
+    """A run that logged to W&B (offline here): the post-hoc tool resumes its W&B run (the same
+    id) and logs the rows, the widths' table, the line plot and the image there, with the best
+    width by validation loss (computed here from posthoc.csv) in the summary; --no-wandb and a
+    run without W&B leave the W&B record as it was."""
+    from test_wandb import read_offline_folder
+
+    run_dir = tmp_path / "run"
+    cfg = compose_config([*RUN, "logger=wandb", "logger.mode=offline"])
+    train(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    assert posthoc.main([str(run_dir), "--ema-sigma-rel", "0.03,0.05,0.2", "--device", "cpu",
+                         "--no-wandb"]) == 0
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert posthoc.main([str(run_dir), "--ema-sigma-rel", "0.03,0.05,0.2",
+                         "--device", "cpu"]) == 0
+    first, second = sorted((run_dir / "wandb").glob("offline-run-*"))
+    trained, logged = read_offline_folder(first), read_offline_folder(second)
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    assert trained["run"]["run_id"] == logged["run"]["run_id"] == run_id
+    with open(run_dir / "posthoc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert logged["summary"]["posthoc_ema/best_sigma_rel"] == float(best["sigma_rel"])
+    assert logged["summary"]["posthoc_ema/best_val_loss"] == pytest.approx(
+        float(best["val_loss"]), rel=1e-9)
+    row, = logged["history"]
+    keys = {k.split(".")[0] for k in row}
+    assert {"posthoc/table", "posthoc_ema/table", "plots/posthoc_ema",
+            "posthoc_ema/val_loss_vs_sigma_rel_table"} <= keys, keys
+    table = json.loads((second / "files" / row["posthoc_ema/table.path"]).read_text())
+    assert table["columns"][:2] == ["sigma_rel", "n_points"] and "val_loss" in table["columns"]
+    loss = table["columns"].index("val_loss")
+    assert [(r[0], r[loss]) for r in table["data"]] == [
+        (float(r["sigma_rel"]), pytest.approx(float(r["val_loss"]), rel=1e-9)) for r in rows]
+    assert (second / "files" / "posthoc_ema.png").is_file()

@@ -38,10 +38,15 @@ def read_offline(run_dir: Path) -> dict[str, Any]:
     dir, read back from the .wandb file with `wandb leet inspect --json`."""
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run in {run_dir}, found {runs}"
+    return read_offline_folder(runs[0])
+
+
+def read_offline_folder(folder: Path) -> dict[str, Any]:
+    """What read_offline reads, of one offline run's folder."""
     # Through the running interpreter: a virtualenv that is not activated has no `wandb` on
     # PATH.
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
-                          str(runs[0])], check=True,
+                          str(folder)], check=True,
                          capture_output=True, text=True, timeout=120).stdout
     result: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
     for line in out.splitlines():
@@ -317,3 +322,16 @@ def test_sweep_spec_is_valid(spec_path: Path) -> None:
         for part in key.split("."):
             node = getattr(node, part)
         assert node == pytest.approx(values[0])
+
+
+def test_an_agents_run_id_is_kept_in_the_run_dir(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a W&B agent (WANDB_SWEEP_ID set) the agent's run id is the run's, and it is kept in
+    wandb_run_id.txt, where the post-hoc tool and the dashboard find the run's W&B record."""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # (the id: wandb's own choice here)
+    lg = WandbLogger(LoggerConfig(backend="wandb", mode="offline"), tmp_path, {"a": 1})
+    try:
+        assert lg.run is not None and lg.run.id
+        assert (tmp_path / loggers.WANDB_ID_FILE).read_text().strip() == lg.run.id
+    finally:
+        lg.finish({"status": "finished"})

@@ -20,7 +20,9 @@ batch size, seed and evaluation precision: ``Trainer.bn_batches`` at the run's l
 and the average is evaluated on the validation and test sets (loss, accuracy; NLL and ECE on
 the test set). Writes ``posthoc.csv`` (one row per setting) and ``posthoc.png`` (test accuracy
 against start, a line per window and freq; the run's SGD and online SWA as horizontal lines) into
-the run dir, atomically. On a multirun sweep dir, every run dir in it that has snapshots.
+the run dir, atomically. On a multirun sweep dir, every run dir in it that has snapshots. A run
+that logged to W&B gets the rows and plots in its own W&B record too (:mod:`.posthoc_wandb`;
+``--no-wandb``: the local files only).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from swa_research.analysis.posthoc_ema import (
     reference_values,
 )
 from swa_research.analysis.posthoc_ema import PLOT_FILE as EMA_PLOT_FILE
+from swa_research.analysis.posthoc_wandb import log_to_run
 from swa_research.averaging import average_states, bn_update, has_batch_norm
 from swa_research.averaging.power_ema import MAX_SIGMA_REL
 from swa_research.config import Config, UserError, bn_batch_size, iterations_per_epoch
@@ -499,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the step to reconstruct the post-hoc EMA at (default: the last "
                              "saved)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the results into the run's own W&B record (logged "
+                             "there by default when the run logged to W&B)")
     args = parser.parse_args(argv)
     try:
         if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
@@ -527,8 +533,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         row, by = best_row(rows, spec)
         best.append(f"{run_dir}: best by {by}: {describe(row, spec)}")
-        plots = [f for f in (PLOT_FILE, EMA_PLOT_FILE) if (run_dir / f).is_file()]
+        kinds = {r["kind"] == "posthoc_ema" for r in rows}  # (this call's plots)
+        plots = [f for f, drawn in ((PLOT_FILE, False in kinds), (EMA_PLOT_FILE, True in kinds))
+                 if drawn and (run_dir / f).is_file()]
         print(f"wrote {run_dir / CSV_FILE} and {', '.join(plots)}", flush=True)
+        where = None if args.no_wandb else log_to_run(run_dir, rows,
+                                                      [run_dir / f for f in plots], spec)
+        if where:
+            print(f"logged to the run's W&B record: {where}", flush=True)
     for line in best:
         print(line)
     return 2 if failed else 0

@@ -349,6 +349,8 @@ class WandbLogger:
                                 offline_run_folder(self.run))
                 else:
                     self._say_mode()
+            if run_id is None:  # a W&B agent's: kept for the post-hoc tool and dashboards
+                atomic_write_text(self.run_dir / WANDB_ID_FILE, f"{self.run.id}\n")
             self.run.define_metric("iteration")
             self.run.define_metric("train/*", step_metric="iteration")
             self.run.define_metric("lr", step_metric="iteration")
