@@ -56,6 +56,17 @@ def read_profiles(run_dir: Path) -> list[Profile]:
     return out
 
 
+def profile_dtypes(run_dir: Path) -> set[str]:
+    """The dtypes the run saved its profiles in (trainer.snapshot_dtype): fp32, bf16."""
+    out = set()
+    for index in (run_dir / FOLDER).glob(f"sigma_rel_*/{INDEX}"):
+        try:
+            out.add(str(json.loads(index.read_text()).get("dtype", "fp32")))
+        except (OSError, ValueError, AttributeError):
+            continue  # read_profiles says what is wrong with it
+    return out
+
+
 def check_request(profiles: Sequence[Profile], sigma_rels: Sequence[float], at: int | None,
                   run_dir: Path) -> int:
     """The step to reconstruct at (the last saved by default); a UserError naming the flag."""
