@@ -10,6 +10,7 @@ runs use SGD.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -370,6 +371,39 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert (tmp_path / "run" / "history.csv").read_text() == \
         (tmp_path / "straight" / "history.csv").read_text()
+
+
+@pytest.mark.slow
+def test_evaluations_every_n_steps_over_two_ranks_resume_with_the_windows_totals(
+        tmp_path: Path) -> None:
+    """trainer.eval_every_steps=8 over 2 ranks: each row's training loss is the mean over both
+    ranks' samples of the steps since the previous row, as one process's (rel 1e-5). Stopped by
+    SIGTERM to rank 1 at step 18 (both stop at step 20, 4 steps into the window that started
+    after the row at 16): the checkpoint holds the window's totals over both ranks (4 steps x
+    32 samples), and the requeued run's history is an uninterrupted 2-rank run's, bit for bit."""
+    args = [*RUN, "trainer.eval_every_steps=8", "logger.log_every=5"]
+    one = subprocess.run([sys.executable, "-m", "swa_research.train", *args,
+                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    fault = {**fault_env("step@18:TERM"), "SWA_RESEARCH_FAULT_RANK": "1"}
+    stopped = launch(2, [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, fault)
+    assert [code for code, _ in stopped] == [75, 75], stopped
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 20 and state["window"]["seen"] == 4 * 32
+    resumed = launch(2, [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert [code for code, _ in resumed] == [0, 0], resumed
+    straight = launch(2, [*args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+    assert [code for code, _ in straight] == [0, 0], straight
+    rows = {}
+    for name in ("one", "run", "straight"):
+        with open(tmp_path / name / "history.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert rows["run"] == rows["straight"]
+    assert [r["iteration"] for r in rows["one"]] == [r["iteration"] for r in rows["run"]] == [
+        str(i) for i in (8, 16, 24, 32, 40, 48, 56)]
+    for a, b in zip(rows["one"], rows["run"], strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-5), a
 
 
 @pytest.mark.slow
