@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from swa_research.averaging.base import mean_over_ranks
 from swa_research.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -263,23 +264,15 @@ def barrier() -> None:
 
 def weighted_mean_(tensors: list[Tensor], weight: float = 1.0) -> None:
     """Each tensor replaced by the mean of its values over the ranks, each rank's weighted by
-    its ``weight`` (one all-reduce for all of them, in float64); unchanged where the weights
-    sum to 0."""
-    if not _WORLD.distributed or not tensors:
+    its ``weight`` (one all-reduce for all of them, in float64; the averaging core's
+    :func:`~swa_research.averaging.base.mean_over_ranks`); unchanged where the weights sum to
+    0. A failed collective reads as a peer's failure."""
+    if not _WORLD.distributed:
         return
-    flat = torch.cat([t.detach().reshape(-1).double() * weight for t in tensors]
-                     + [torch.tensor([float(weight)], dtype=torch.float64,
-                                     device=tensors[0].device)])
-    all_reduce_sum_([flat])
-    total = flat[-1].item()
-    if total == 0:
-        return
-    flat = flat[:-1] / total
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+    try:
+        mean_over_ranks(tensors, weight)
+    except (RuntimeError, ValueError) as e:
+        raise _failed(e) from e
 
 
 def average_buffers_(module: nn.Module) -> None:

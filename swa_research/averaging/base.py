@@ -287,11 +287,11 @@ def bn_update(batches: Iterable[Any], model: nn.Module,
     # Under DDP each rank passed its share of the batches, and its statistics are its
     # sample-weighted means: weighted by each rank's sample count, their mean over the ranks is
     # what one process computes over all the batches.
-    _mean_over_ranks([t for m in layers for t in (m.running_mean, m.running_var)
+    mean_over_ranks([t for m in layers for t in (m.running_mean, m.running_var)
                       if t is not None], weight=seen)
 
 
-def _mean_over_ranks(tensors: list[Tensor], weight: float) -> None:
+def mean_over_ranks(tensors: list[Tensor], weight: float) -> None:
     """In a torch.distributed job of several ranks (every rank calls this at the same point):
     each tensor replaced by the mean of the ranks' values, each rank's weighted by its
     ``weight`` (one all-reduce, in float64; unchanged where the weights sum to 0). In one
