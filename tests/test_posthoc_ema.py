@@ -381,3 +381,48 @@ def test_the_posthoc_tool_logs_into_the_runs_own_wandb_record(tmp_path: Path) ->
     assert [(r[0], r[loss]) for r in table["data"]] == [
         (float(r["sigma_rel"]), pytest.approx(float(r["val_loss"]), rel=1e-9)) for r in rows]
     assert (second / "files" / "posthoc_ema.png").is_file()
+
+
+def test_a_resumed_run_continues_its_profiles_and_refuses_new_ones(
+        profile_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash at step 8 resumes from the checkpoint at step 6 and saves the uninterrupted
+    run's profiles bit for bit; resuming with other widths, or with profiles the checkpoint
+    lacks (trainer.resume_override=true), is refused in one line: a profile started midway
+    would be saved with wrong times."""
+    from swa_research.training.step import TrainStep
+
+    original = TrainStep.__call__
+    calls = {"n": 0}
+
+    def crash_at_8(self: TrainStep, *a: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise RuntimeError("crash at step 8")
+        return original(self, *a)
+
+    monkeypatch.setattr(TrainStep, "__call__", crash_at_8)
+    with pytest.raises(RuntimeError, match="crash at step 8"):
+        train(compose_config(RUN), tmp_path / "run")
+    calls["n"] = -100
+    train(compose_config(RUN), tmp_path / "run")
+    assert calls["n"] == -100 + 6  # steps 7..12
+    for s in ("0.05", "0.1"):
+        for i in (4, 8, 12):
+            name = f"posthoc_ema/sigma_rel_{s}/it{i:06d}.pt"
+            a = torch.load(profile_run / name)["state_dict"]
+            b = torch.load(tmp_path / "run" / name)["state_dict"]
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    calls["n"] = 0  # a checkpoint at step 6, then the crash again
+    plain = [x for x in RUN if not x.startswith("trainer.posthoc_ema")]
+    for name, first, then, message in [
+            ("other", RUN, [*RUN, "trainer.posthoc_ema=[0.05,0.2]"],
+             r"profiles of sigma_rel \['0.05', '0.2'\] \(trainer.posthoc_ema\), the checkpoint "
+             r"at iteration 6 holds \['0.05', '0.1'\]"),
+            ("new", plain, RUN, r"the checkpoint at iteration 6 holds none; a profile's time")]:
+        with pytest.raises(RuntimeError, match="crash at step 8"):
+            train(compose_config(first), tmp_path / name)
+        calls["n"] = -100
+        with pytest.raises(UserError, match=message):
+            train(compose_config([*then, "trainer.resume_override=true"]), tmp_path / name)
+        calls["n"] = 0

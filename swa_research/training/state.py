@@ -186,6 +186,7 @@ def load_trainer_state(t: Trainer, state: dict[str, Any]) -> None:
             "under trainer.strategy=fsdp; resume it with trainer.strategy=fsdp" if
             state.get("shards") else "without FSDP; resume it with the strategy it was "
             "written with (trainer.strategy=ddp or single)"))
+    _check_posthoc_ema(t, state)
     if state.get("shards"):  # written under FSDP: on any number of ranks
         load_shards(t, t.run_dir, state)
         state = {**state, "best_state": t.evaluator.best_state, "averages": {}}
@@ -220,6 +221,22 @@ def load_trainer_state(t: Trainer, state: dict[str, Any]) -> None:
         t.window.sums, t.window.seen = window["sums"].to(t.device), window["seen"]
     set_rng_state(state["rng"], t.generator, t.device)
     _load_rank_state(t, state.get("ranks"))
+
+
+def _check_posthoc_ema(t: Trainer, state: dict[str, Any]) -> None:
+    """The run's post-hoc EMA profiles are the checkpoint's: a profile's time counts the steps
+    from the first, so one cannot start midway (its saved times would be wrong)."""
+    if t.posthoc_ema is None:
+        return
+    mine = sorted(f"{s:g}" for s in t.posthoc_ema.sigma_rels)
+    saved = sorted(state.get("posthoc_ema") or {})
+    if saved != mine:
+        raise UserError(
+            f"cannot resume: this run keeps post-hoc EMA profiles of sigma_rel {mine} "
+            f"(trainer.posthoc_ema), the checkpoint at iteration {state['iteration']} "
+            f"holds {saved or 'none'}; a profile's time counts the steps "
+            "from the first, so profiles cannot be added midway: resume with the checkpoint's "
+            "trainer.posthoc_ema, or start afresh in another output dir")
 
 
 def _load_partial(t: Trainer, part: dict[str, Any] | None) -> dict[str, Any] | None:
