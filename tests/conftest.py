@@ -60,6 +60,34 @@ def fault_env(spec: str | None, once: Path | None = None) -> dict[str, str]:
     return env
 
 
+class StepCrash:
+    """In this process, the trainer's n-th optimizer step raises ``RuntimeError("crash at step
+    n")`` (a crash after the last checkpoint); ``counting()`` then lets every step run and counts
+    them in ``steps`` (the steps a resume takes)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+        from swa_research.training.step import TrainStep
+
+        self.n, self.steps, self.crash = n, 0, True
+        original = TrainStep.__call__
+
+        def step(trainer_step: Any, *a: Any) -> Any:
+            self.steps += 1
+            if self.crash and self.steps == self.n:
+                raise RuntimeError(f"crash at step {self.n}")
+            return original(trainer_step, *a)
+
+        monkeypatch.setattr(TrainStep, "__call__", step)
+
+    def counting(self) -> StepCrash:
+        self.steps, self.crash = 0, False
+        return self
+
+    def again(self) -> StepCrash:
+        self.steps, self.crash = 0, True
+        return self
+
+
 def make_average(model: torch.nn.Module, method: str, decay: float = 0.999,
                  bn_update: bool = True) -> Any:
     """An average of ``model`` from the registry, as a run with swa.method=METHOD builds it."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, StepCrash, compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -292,7 +292,6 @@ def test_profiles_under_fsdp_are_the_unsharded_ones_and_resume(
     from test_lm import lm_run, write_text
 
     from swa_research.fileio import load_sharded_state
-    from swa_research.training.step import TrainStep
 
     text = write_text(tmp_path / "t.txt", lines=800)
     args = [*lm_run(text), "trainer.epochs=2", "trainer.posthoc_ema=[0.05,0.1]",
@@ -306,21 +305,12 @@ def test_profiles_under_fsdp_are_the_unsharded_ones_and_resume(
         return tmp_path / name
 
     plain, shard = run("plain"), run("fsdp", "trainer.strategy=fsdp")
-    original = TrainStep.__call__
-    calls = {"n": 0}
-
-    def crash_at_13(self: TrainStep, *a: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise RuntimeError("crash at step 13")
-        return original(self, *a)
-
-    monkeypatch.setattr(TrainStep, "__call__", crash_at_13)
+    crash = StepCrash(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="crash at step 13"):
         run("resumed", "trainer.strategy=fsdp")
-    calls["n"] = -100  # counted, no longer crashing
+    crash.counting()
     resumed = run("resumed", "trainer.strategy=fsdp")
-    assert calls["n"] == -100 + 10  # steps 11..20: resumed from the checkpoint at step 10
+    assert crash.steps == 10  # steps 11..20: resumed from the checkpoint at step 10
     for s in ("0.05", "0.1"):
         folder = f"posthoc_ema/sigma_rel_{s}"
         index = json.loads((shard / folder / "index.json").read_text())
@@ -389,23 +379,12 @@ def test_a_resumed_run_continues_its_profiles_and_refuses_new_ones(
     run's profiles bit for bit; resuming with other widths, or with profiles the checkpoint
     lacks (trainer.resume_override=true), is refused in one line: a profile started midway
     would be saved with wrong times."""
-    from swa_research.training.step import TrainStep
-
-    original = TrainStep.__call__
-    calls = {"n": 0}
-
-    def crash_at_8(self: TrainStep, *a: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise RuntimeError("crash at step 8")
-        return original(self, *a)
-
-    monkeypatch.setattr(TrainStep, "__call__", crash_at_8)
+    crash = StepCrash(monkeypatch, 8)
     with pytest.raises(RuntimeError, match="crash at step 8"):
         train(compose_config(RUN), tmp_path / "run")
-    calls["n"] = -100
+    crash.counting()
     train(compose_config(RUN), tmp_path / "run")
-    assert calls["n"] == -100 + 6  # steps 7..12
+    assert crash.steps == 6  # steps 7..12
     for s in ("0.05", "0.1"):
         for i in (4, 8, 12):
             name = f"posthoc_ema/sigma_rel_{s}/it{i:06d}.pt"
@@ -413,16 +392,15 @@ def test_a_resumed_run_continues_its_profiles_and_refuses_new_ones(
             b = torch.load(tmp_path / "run" / name)["state_dict"]
             assert all(torch.equal(a[k], b[k]) for k in a), name
 
-    calls["n"] = 0  # a checkpoint at step 6, then the crash again
     plain = [x for x in RUN if not x.startswith("trainer.posthoc_ema")]
     for name, first, then, message in [
             ("other", RUN, [*RUN, "trainer.posthoc_ema=[0.05,0.2]"],
              r"profiles of sigma_rel \['0.05', '0.2'\] \(trainer.posthoc_ema\), the checkpoint "
              r"at iteration 6 holds \['0.05', '0.1'\]"),
             ("new", plain, RUN, r"the checkpoint at iteration 6 holds none; a profile's time")]:
+        crash.again()  # a checkpoint at step 6, then the crash
         with pytest.raises(RuntimeError, match="crash at step 8"):
             train(compose_config(first), tmp_path / name)
-        calls["n"] = -100
+        crash.counting()
         with pytest.raises(UserError, match=message):
             train(compose_config([*then, "trainer.resume_override=true"]), tmp_path / name)
-        calls["n"] = 0

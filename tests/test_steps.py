@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, StepCrash, compose_config
 
 from swa_research.config import UserError
 from swa_research.training.build import train
-from swa_research.training.step import TrainStep
 
 # 142 images, 14 held out for validation: 128 in batches of 32, 4 steps an epoch.
 STEPS = 4
@@ -89,22 +88,13 @@ def test_a_checkpoint_inside_an_epoch_resumes_bit_for_bit(tmp_path: Path,
     args = ["trainer.max_steps=10", "trainer.checkpoint_every_steps=3",
             "trainer.eval_every_steps=5", "swa.unit=iter", "swa.start=0.3"]
     m_ref, rows_ref = run(tmp_path, "ref", *args)
-    calls = {"n": 0}
-    original = TrainStep.__call__
-
-    def crash_at_eight(self: TrainStep, *a: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise RuntimeError("crash at step 8")
-        return original(self, *a)
-
-    monkeypatch.setattr(TrainStep, "__call__", crash_at_eight)
+    crash = StepCrash(monkeypatch, 8)
     with pytest.raises(RuntimeError, match="crash at step 8"):
         run(tmp_path, "resumed", *args)
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", map_location="cpu",
                        weights_only=False)
     assert state["iteration"] == 6 and state["partial"]["batch"] == 2
-    monkeypatch.setattr(TrainStep, "__call__", original)
+    crash.counting()
     m, rows = run(tmp_path, "resumed", *args)
     assert rows == rows_ref
     assert [r["iteration"] for r in rows] == ["5", "10"]
