@@ -54,6 +54,16 @@ def test_the_plain_loop_example_runs_and_prints_sgd_and_the_averages() -> None:
     assert "(n=6)" in lines[1]
 
 
+def test_the_posthoc_ema_example_reconstructs_the_online_width() -> None:
+    """examples/posthoc_ema.py: the width it also tracks online (0.07) comes back from the two
+    saved profiles with the online EMA's validation loss and accuracy (after the same BN
+    update), and the widths differ from each other."""
+    results, online = load_example("posthoc_ema").main()
+    assert results[0.07]["loss"] == pytest.approx(online["loss"], abs=2e-4)
+    assert results[0.07]["acc"] == online["acc"]
+    assert len({round(r["loss"], 4) for r in results.values()}) == len(results)
+
+
 # The DDP tests' configuration: a BN-free VGG11 that learns with SGD, no augmentation or
 # dropout, contiguous memory (channels_last changes the convolutions' rounding).
 RUN = ["experiment=smoke", "trainer.device=cpu", "model=vgg11", "model.width=0.125",
