@@ -80,6 +80,18 @@ def token_metrics(losses: Tensor, targets: Tensor) -> dict[str, float]:
     return {"loss": float(loss), "ppl": float(loss.exp())}
 
 
+def _write_snapshot(folder: Path, state: dict[str, Tensor], step: int, epoch: int
+                    ) -> dict[str, Any]:
+    """One weights file of a series (written whole, then renamed into place); its index
+    entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"it{step:06d}.pt"
+    tmp = folder / f".{name}.tmp"
+    torch.save({"state_dict": state, "iteration": step, "epoch": epoch}, tmp)
+    tmp.replace(folder / name)
+    return {"iteration": step, "epoch": epoch, "file": name}
+
+
 def _sharded(average: Average) -> bool:
     """Whether ``average`` is of a module sharded with FSDP2 (no network of its own)."""
     return bool(getattr(average, "sharded", False))
@@ -156,7 +168,12 @@ class AveragingCallback(pl.Callback):
     loader). ``evaluate``: score the
     averages at validation. ``snapshot_every`` (in ``snapshot_unit``): save the module's weights
     into ``snapshot_dir`` (default: the trainer's ``default_root_dir``/trajectory) for
-    :func:`~swa_research.averaging.average_states` after training."""
+    :func:`~swa_research.averaging.average_states` after training. ``posthoc_ema`` (e.g.
+    ``(0.05, 0.10)``, EDM2's pair): power EMAs of these relative widths take every optimizer
+    step, from the first, and are saved every ``posthoc_ema_every`` steps and after the last
+    into ``posthoc_ema_dir`` (default: ``default_root_dir``/posthoc_ema), ``sigma_rel_<s>/
+    itNNNNNN.pt`` with an ``index.json`` each, the trainer's layout; after training
+    ``average_states(kind="posthoc_ema")`` reconstructs the EMA of any width from them."""
 
     def __init__(self, methods: Sequence[str] | dict[str, dict[str, Any]] = ("swa",), *,
                  start: float = 0.75, freq: int = 1, unit: str = "epoch",
@@ -167,7 +184,9 @@ class AveragingCallback(pl.Callback):
                  swag_seed: int = 0, snapshot_every: int = 0, snapshot_unit: str = "epoch",
                  snapshot_dir: str | Path | None = None, bn_batches: int | None = None,
                  validate_with: str | None = None, copy_at_end: str | None = None,
-                 checkpoint_with: str | None = None) -> None:
+                 checkpoint_with: str | None = None, posthoc_ema: Sequence[float] = (),
+                 posthoc_ema_every: int = 0, posthoc_ema_dir: str | Path | None = None
+                 ) -> None:
         super().__init__()
         self.options = dict(methods) if isinstance(methods, dict) else {m: {} for m in methods}
         if not self.options:
@@ -189,6 +208,18 @@ class AveragingCallback(pl.Callback):
                                        or not isinstance(bn_batches, int) or bn_batches < 1):
             raise ValueError(f"bn_batches={bn_batches!r}: a whole number >= 1, or None")
         self.bn_batches = bn_batches
+        self.widths = [float(w) for w in posthoc_ema]
+        if self.widths:
+            if len(set(self.widths)) < 2 or posthoc_ema_every < 1:
+                raise ValueError(f"posthoc_ema={tuple(posthoc_ema)}: two or more distinct "
+                                 "widths (EDM2's pair: 0.05, 0.10) saved every "
+                                 "posthoc_ema_every >= 1 steps")
+            for w in self.widths:
+                check_average_options("power_ema", {"sigma_rel": w})
+        self.posthoc_every = posthoc_ema_every
+        self.posthoc_dir = None if posthoc_ema_dir is None else Path(posthoc_ema_dir)
+        self.profiles: dict[float, Average] = {}
+        self.profile_saves: list[dict[str, Any]] = []  # each save's step and epoch
         for key, name in (("validate_with", validate_with), ("copy_at_end", copy_at_end),
                           ("checkpoint_with", checkpoint_with)):
             if name is not None and name not in self.options:
@@ -207,7 +238,7 @@ class AveragingCallback(pl.Callback):
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.averages: dict[str, Average] = {}
         self.plan: AveragingPlan | None = None
-        self.last_step = 0
+        self.last_step = self.last_epoch = 0
         self.snapshots: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
         self._bn_done: dict[str, int] = {}  # n_averaged at each average's last BN pass
@@ -233,6 +264,8 @@ class AveragingCallback(pl.Callback):
             for name in self.options:
                 method, opts = self._method(name)
                 self.averages[name] = make_average(method, pl_module, **opts)
+            self.profiles = {w: make_average("power_ema", pl_module, sigma_rel=w,
+                                             bn_update=False) for w in self.widths}
         if self._pending is not None:  # a checkpoint's state, loaded before the averages
             self._restore(self._pending)
             self._pending = None
@@ -284,6 +317,7 @@ class AveragingCallback(pl.Callback):
         self.last_step = step
         last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # never when unsized
         epoch = trainer.current_epoch + 1  # counted from 1, as the framework's plans
+        self.last_epoch = epoch
         # The epoch's update comes with its last batch: before the validation that ends it.
         if self.plan.due_after_iter(step) or (last_of_epoch and self.plan.due_after_epoch(epoch)):
             for average in self.averages.values():
@@ -293,6 +327,16 @@ class AveragingCallback(pl.Callback):
                 or (self.snapshot_unit == "epoch" and last_of_epoch
                     and epoch % self.snapshot_every == 0)):
             self._save_snapshot(trainer, pl_module, step, epoch)
+        for profile in self.profiles.values():  # the step-th point: the profile's time
+            profile.update(pl_module)
+        if self.profiles and step % self.posthoc_every == 0:
+            self._save_profiles(trainer, step, epoch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The profiles after the last step, unless saved there already."""
+        if self.profiles and self.last_step and (
+                not self.profile_saves or self.profile_saves[-1]["iteration"] < self.last_step):
+            self._save_profiles(trainer, self.last_step, self.last_epoch)
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -443,14 +487,27 @@ class AveragingCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         folder = self.snapshot_dir or Path(trainer.default_root_dir) / "trajectory"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"it{step:06d}.pt"
-        torch.save({"state_dict": snapshot(pl_module), "iteration": step, "epoch": epoch},
-                   folder / name)
-        self.snapshots.append({"iteration": step, "epoch": epoch, "file": name})
-        index = {"unit": self.snapshot_unit, "every": self.snapshot_every, "dtype": "fp32",
+        self.snapshots.append(_write_snapshot(folder, snapshot(pl_module), step, epoch))
+        self._write_index(folder, self.snapshot_unit, self.snapshot_every, self.snapshots)
+
+    def _save_profiles(self, trainer: pl.Trainer, step: int, epoch: int) -> None:
+        """Each profile's weights after ``step`` (a sharded one gathered whole, every rank
+        taking part), written by rank 0."""
+        base = self.posthoc_dir or Path(trainer.default_root_dir) / "posthoc_ema"
+        self.profile_saves.append({"iteration": step, "epoch": epoch,
+                                   "file": f"it{step:06d}.pt"})
+        for w, profile in self.profiles.items():
+            state = profile.full_state_dict() if _sharded(profile) else snapshot(profile.module)
+            if trainer.is_global_zero:
+                folder = base / f"sigma_rel_{w:g}"
+                _write_snapshot(folder, state, step, epoch)
+                self._write_index(folder, "iter", self.posthoc_every, self.profile_saves)
+
+    def _write_index(self, folder: Path, unit: str, every: int,
+                     entries: list[dict[str, Any]]) -> None:
+        index = {"unit": unit, "every": every, "dtype": "fp32",
                  "iters_per_epoch": self.plan.iters_per_epoch if self.plan else None,
-                 "snapshots": self.snapshots}
+                 "snapshots": entries}
         tmp = folder / ".index.json.tmp"
         tmp.write_text(json.dumps(index, indent=1) + "\n")
         tmp.replace(folder / "index.json")
@@ -482,6 +539,9 @@ class AveragingCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"averages": {n: _whole_state(a) if _sharded(a) else a.state_dict()
                              for n, a in self.averages.items()},
+                "profiles": {f"{w:g}": _whole_state(p) if _sharded(p) else p.state_dict()
+                             for w, p in self.profiles.items()},
+                "profile_saves": list(self.profile_saves), "last_epoch": self.last_epoch,
                 "last_step": self.last_step, "snapshots": list(self.snapshots)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -500,5 +560,18 @@ class AveragingCallback(pl.Callback):
                 _load_whole_state(average, saved[name])
             else:
                 average.load_state_dict(saved[name])
+        profiles = state.get("profiles", {})
+        if set(profiles) != {f"{w:g}" for w in self.profiles}:
+            raise ValueError(f"the checkpoint holds post-hoc EMA profiles of sigma_rel "
+                             f"{sorted(profiles)}, this callback keeps "
+                             f"{sorted(f'{w:g}' for w in self.profiles)}; a profile's time counts "
+                             "the steps from the first, so one cannot start midway")
+        for w, profile in self.profiles.items():
+            if _sharded(profile):
+                _load_whole_state(profile, profiles[f"{w:g}"])
+            else:
+                profile.load_state_dict(profiles[f"{w:g}"])
+        self.profile_saves = list(state.get("profile_saves", []))
         self.last_step = int(state.get("last_step", 0))
+        self.last_epoch = int(state.get("last_epoch", 0))
         self.snapshots = list(state.get("snapshots", []))

@@ -62,7 +62,7 @@ def fit(mode: str, root: Path, epochs: int, ckpt: str | None = None
         ) -> tuple[pl.Trainer, AveragingCallback, Net]:
     pl.seed_everything(0, verbose=False)
     cb = AveragingCallback({"swa": {}, "ema": {"decay": 0.9}, "swag": {"samples": 3}},
-                           start=1, unit="epoch")
+                           start=1, unit="epoch", posthoc_ema=(0.05, 0.10), posthoc_ema_every=5)
     fsdp = mode != "ddp"
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp \
         else "ddp"

@@ -119,6 +119,51 @@ def test_snapshots_and_the_checkpoint_state(tmp_path: Path) -> None:
         other.load_state_dict(state)
 
 
+def test_posthoc_ema_profiles_in_the_callback(tmp_path: Path) -> None:
+    """posthoc_ema=(0.05, 0.10) every 10 steps of 32: saved at 10, 20, 30 and after the last
+    step, in the trainer's layout; the last 0.05 profile is the online power EMA of that width
+    over every step (to 1e-7), the reconstruction from the saved profiles gives it back, the
+    checkpoint state carries the profiles, and other widths are refused on a resume."""
+    cb = AveragingCallback({"pe": {"method": "power_ema", "sigma_rel": 0.05}}, start=0, freq=1,
+                           unit="iter", posthoc_ema=(0.05, 0.10), posthoc_ema_every=10)
+    _, model, _ = fit(cb, tmp_path)
+    online = cb.averages["pe"].module
+    saved = []
+    for w in ("0.05", "0.1"):
+        folder = tmp_path / "posthoc_ema" / f"sigma_rel_{w}"
+        index = json.loads((folder / "index.json").read_text())
+        assert [e["iteration"] for e in index["snapshots"]] == [10, 20, 30, 32]
+        assert index["unit"] == "iter" and index["every"] == 10
+        saved += [(float(w), e["iteration"], torch.load(folder / e["file"], weights_only=True)
+                   ["state_dict"]) for e in index["snapshots"]]
+    last = saved[3][2]
+    for name, p in online.named_parameters():
+        torch.testing.assert_close(last[name], p.detach(), rtol=0, atol=1e-7)
+    rebuilt = average_states(model, [st for _, _, st in saved], kind="posthoc_ema",
+                             times=[t for _, t, _ in saved], sigma_rels=[w for w, _, _ in saved],
+                             sigma_rel=0.05)
+    for a, (name, b) in zip(rebuilt.parameters(), online.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    state = cb.state_dict()
+    again = AveragingCallback({"pe": {"method": "power_ema", "sigma_rel": 0.05}},
+                              posthoc_ema=(0.05, 0.10), posthoc_ema_every=10)
+    again.load_state_dict(state)
+    again.on_fit_start(None, model)  # type: ignore[arg-type]
+    assert again.profiles[0.05].n_averaged == 32 and len(again.profile_saves) == 4
+    other = AveragingCallback({"pe": {"method": "power_ema", "sigma_rel": 0.05}},
+                              posthoc_ema=(0.05, 0.2), posthoc_ema_every=10)
+    other.on_fit_start(None, model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"profiles of sigma_rel \['0.05', '0.1'\], this "
+                                         r"callback keeps \['0.05', '0.2'\]"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="two or more distinct widths"):
+        AveragingCallback(["swa"], posthoc_ema=(0.05,), posthoc_ema_every=10)
+    with pytest.raises(ValueError, match="posthoc_ema_every >= 1"):
+        AveragingCallback(["swa"], posthoc_ema=(0.05, 0.1))
+    with pytest.raises(ValueError, match="sigma_rel=0.5"):
+        AveragingCallback(["swa"], posthoc_ema=(0.05, 0.5), posthoc_ema_every=10)
+
+
 def test_bad_arguments_are_refused_at_once() -> None:
     with pytest.raises(ValueError, match="unit='step'"):
         AveragingCallback(["swa"], unit="step")
@@ -273,8 +318,9 @@ def test_the_callback_under_fsdp_equals_ddp_and_resumes(tmp_path: Path) -> None:
     configure_model) on two CPU processes against the same fit under DDP
     (tests/lightning_fsdp_run.py): SWA, EMA and SWAG sharded like the module, each rank holding
     half of each; the averages' whole weights and every logged score (SWAG's Bayesian model
-    average at test included) equal to DDP's within 1e-6; a fit stopped after 2 epochs and
-    resumed from its sharded checkpoint to 3 ends with the uninterrupted run's averages."""
+    average at test included) and the saved post-hoc EMA profiles equal to DDP's within 1e-6; a
+    fit stopped after 2 epochs and resumed from its sharded checkpoint to 3 ends with the
+    uninterrupted run's averages and profiles."""
     import json
 
     script = ROOT / "tests" / "lightning_fsdp_run.py"
@@ -301,6 +347,15 @@ def test_the_callback_under_fsdp_equals_ddp_and_resumes(tmp_path: Path) -> None:
                 worst = max(abs(a - b) for a, b in zip(values, rec[name]["weights"][key],
                                                        strict=True))
                 assert worst <= 1e-6, (mode, name, key, worst)
+        for w in ("0.05", "0.1"):  # post-hoc EMA profiles: sharded, gathered whole to save
+            folder = f"posthoc_ema/sigma_rel_{w}"
+            index = json.loads((tmp_path / mode / folder / "index.json").read_text())
+            assert [e["iteration"] for e in index["snapshots"]] == [5, 10, 15, 20, 24]
+            for e in index["snapshots"]:
+                a, b = (torch.load(tmp_path / m / folder / e["file"],
+                                   weights_only=True)["state_dict"] for m in ("ddp", mode))
+                worst = max((a[k] - b[k]).abs().max().item() for k in a)
+                assert set(a) == set(b) and worst <= 1e-6, (mode, w, e, worst)
     assert (tmp_path / "fsdp_resume" / "ckpt" / "last.ckpt" / "meta.pt").is_file()
 
 
