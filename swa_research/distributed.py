@@ -18,6 +18,7 @@ makes the others stop with an error (:class:`PeerFailed`) instead of waiting for
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import subprocess
@@ -165,11 +166,18 @@ def group_of_one() -> Iterator[None]:
     try:
         yield
     finally:
+        gc.collect()  # as teardown: the sharded model's cycles before the group they hold
         dist.destroy_process_group()
 
 
 def teardown() -> None:
+    """Leave the process group. A sharded model lives in reference cycles (FSDP's states and
+    hooks) that hold the device mesh and, through it, the process group's C++ object with its
+    threads; left to the interpreter's exit, their destruction aborted a rank now and then
+    (std::terminate, SIGABRT, seen under load). They are collected here first, while the
+    interpreter is whole."""
     global _WORLD
+    gc.collect()
     if _WORLD.distributed and dist.is_initialized():
         dist.destroy_process_group()
     _WORLD = World()

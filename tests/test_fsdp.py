@@ -705,3 +705,39 @@ def test_a_run_with_offloaded_averages_equals_one_without(tmp_path: Path) -> Non
         wa = torch.load(tmp_path / "near" / name, weights_only=True)["state_dict"]
         wb = torch.load(tmp_path / "far" / name, weights_only=True)["state_dict"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_teardown_frees_the_sharded_model_before_the_interpreter_exits(
+        tmp_path: Path) -> None:
+    """A sharded model outlives its last reference in reference cycles that hold the device
+    mesh and its process group; leaving the group (distributed.teardown, and the group of one
+    an in-process run shards over) collects them while the interpreter is whole (left to the
+    exit, their destruction aborted a rank now and then under load)."""
+    import gc
+
+    from conftest import compose_config
+    from test_lm import lm_run, write_text
+    from torch.distributed.fsdp import FSDPModule
+
+    from swa_research import distributed
+    from swa_research.training.build import train
+
+    def alive() -> int:
+        return sum(isinstance(o, FSDPModule) for o in gc.get_objects())
+
+    text = write_text(tmp_path / "t.txt", lines=800)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with distributed.group_of_one():
+            model = sharded(net())
+            del model
+            assert alive() == 4  # the root and its three blocks, kept by their cycles
+            distributed.teardown()
+            assert alive() == 0
+        train(compose_config([*lm_run(text), "trainer.epochs=1", "trainer.strategy=fsdp"]),
+              tmp_path / "run")
+        assert alive() == 0
+    finally:
+        if enabled:
+            gc.enable()
