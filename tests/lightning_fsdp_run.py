@@ -10,6 +10,7 @@ Rank 0 writes each average's whole weights and the logged metrics to OUT_JSON.""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -95,6 +96,10 @@ def main() -> None:
             record[name]["share"] = average.nbytes() / average.whole_nbytes()
     if trainer.global_rank == 0:
         out.write_text(json.dumps(record))
+    # The sharded module's reference cycles hold the device mesh and the process group: freed
+    # before the group is destroyed, not at the interpreter's exit (distributed.teardown).
+    del trainer, cb, model, average
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
