@@ -205,6 +205,31 @@ def test_bad_posthoc_ema_flags_are_one_line(profile_run: Path, flags: list[str],
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_a_corrupt_or_missing_profile_is_one_line(profile_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A profile file cut short, or listed in its index but gone: exit 2 with one line that
+    names the file; nothing of the run is changed."""
+    import shutil
+
+    for damage in ("truncate", "remove"):
+        run_dir = tmp_path / damage
+        shutil.copytree(profile_run, run_dir)
+        (run_dir / "posthoc.csv").unlink(missing_ok=True)
+        victim = run_dir / "posthoc_ema" / "sigma_rel_0.1" / "it000008.pt"
+        if damage == "truncate":
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        else:
+            victim.unlink()
+        capsys.readouterr()
+        assert posthoc.main([str(run_dir), "--ema-sigma-rel", "0.07", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert str(victim) in err, err
+        assert ("cannot be read" if damage == "truncate" else "listed in its index.json but "
+                "missing") in err, err
+        assert not (run_dir / "posthoc.csv").exists()
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["trainer.posthoc_ema=[0.05]", "trainer.posthoc_ema_every=4"], "two or more distinct"),
     (["trainer.posthoc_ema=[0.05,0.5]", "trainer.posthoc_ema_every=4"], "two or more distinct"),

@@ -101,6 +101,8 @@ def reconstruct(model: nn.Module, profiles: Sequence[Profile], sigma_rel: float,
                     yield load_sharded_state(path)
                 else:
                     yield torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            except FileNotFoundError:
+                raise UserError(f"{path} is listed in its {INDEX} but missing") from None
             except Exception as e:
                 raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
 
