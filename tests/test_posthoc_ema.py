@@ -429,3 +429,37 @@ def test_a_resumed_run_continues_its_profiles_and_refuses_new_ones(
         crash.counting()
         with pytest.raises(UserError, match=message):
             train(compose_config([*then, "trainer.resume_override=true"]), tmp_path / name)
+
+
+def test_an_unreachable_wandb_gets_an_offline_record_without_waiting_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A run that logged online (its W&B unreachable now): the post-hoc tool tries online once
+    within the run's logger.init_timeout, then writes an offline record of the same run id with
+    its wandb sync command in one warning; the next call in the process goes offline at once."""
+    import logging
+
+    from test_wandb import unreachable_wandb
+
+    from swa_research.analysis import posthoc_wandb
+    from swa_research.tracking import loggers
+
+    monkeypatch.setattr(loggers, "api_key_configured", lambda: False)  # training: offline
+    run_dir = tmp_path / "run"
+    cfg = compose_config([*RUN, "logger=wandb", "logger.mode=online", "logger.init_timeout=7"])
+    train(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    modes = unreachable_wandb(monkeypatch)
+    monkeypatch.setattr(posthoc_wandb, "_UNREACHABLE", [False])
+    caplog.set_level(logging.WARNING, logger="swa_research.analysis.posthoc_wandb")
+    for _ in range(2):
+        assert posthoc.main([str(run_dir), "--ema-sigma-rel", "0.07", "--device", "cpu"]) == 0
+    assert modes == [("online", 7.0), ("offline", 300.0), ("offline", 7.0)]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "swa_research.analysis.posthoc_wandb"]
+    assert len(warnings) == 1 and "could not reach W&B" in warnings[0], warnings
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 3 and f"wandb sync {folders[1]}" in warnings[0]
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    assert all(f"-{run_id}" in f.name for f in folders), (run_id, folders)  # (-1: same second)

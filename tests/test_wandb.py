@@ -245,20 +245,27 @@ def test_offline_run_says_how_to_sync(tmp_path: Path, caplog: pytest.LogCaptureF
         lg.finish({"status": "finished"})
 
 
-def test_online_init_timeout_falls_back_to_an_offline_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+def unreachable_wandb(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """wandb.init fails online as wandb-core does when nothing answers, and works offline;
+    the (mode, init_timeout) of every call, in order."""
     import wandb
 
     real_init, modes = wandb.init, []
 
     def init(*args: Any, **kwargs: Any) -> Any:
         modes.append((kwargs["mode"], kwargs["settings"].init_timeout))
-        if kwargs["mode"] == "online":  # what wandb-core reports when nothing answers
-            raise wandb.errors.CommError("Run initialization has timed out after 5.0 sec.")
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Run initialization has timed out.")
         return real_init(*args, **kwargs)
 
     monkeypatch.setattr(wandb, "init", init)
+    return modes
+
+
+def test_online_init_timeout_falls_back_to_an_offline_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    modes = unreachable_wandb(monkeypatch)
     monkeypatch.setattr(loggers, "api_key_configured", lambda: True)  # online is tried
     caplog.set_level(logging.INFO, logger="swa_research.tracking.loggers")
     lg = WandbLogger(LoggerConfig(backend="wandb", mode="online", init_timeout=5.0), tmp_path,

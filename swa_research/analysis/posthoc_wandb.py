@@ -18,7 +18,11 @@ from typing import Any
 
 from swa_research.analysis.runset import load_run
 from swa_research.tasks import TaskMetrics
-from swa_research.tracking.loggers import WANDB_ID_FILE, offline_run_folder
+from swa_research.tracking.loggers import (
+    OFFLINE_INIT_TIMEOUT,
+    WANDB_ID_FILE,
+    offline_run_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,30 @@ def posthoc_logs(wandb: Any, rows: Sequence[dict[str, Any]], plots: Sequence[Pat
     return logged, summary
 
 
+# Set once W&B did not answer in this process: the next runs' records go offline at once
+# instead of each waiting out its timeout (a sweep dir on a node without network).
+_UNREACHABLE = [False]
+
+
+def _resume(wandb: Any, target: Any, run_id: str, run_dir: Path, mode: str,
+            timeout: float) -> Any:
+    return wandb.init(project=target.project, entity=target.entity, group=target.group,
+                      id=run_id, resume="allow", dir=str(run_dir), mode=mode,
+                      reinit="finish_previous",
+                      settings=wandb.Settings(console="off", silent=True,
+                                              init_timeout=timeout))
+
+
 def log_to_run(run_dir: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path],
                spec: TaskMetrics) -> str | None:
     """The rows and plots in RUN_DIR's own W&B run (resumed by its id); where they went, or
-    None when the run did not log to W&B or logging failed (a warning)."""
+    None when the run did not log to W&B or logging failed (a warning). An online run that W&B
+    does not answer within the run's ``logger.init_timeout`` gets an offline record instead
+    (with its ``wandb sync`` command), as in training."""
     try:
-        target = load_run(run_dir, run_dir).wandb
+        record = load_run(run_dir, run_dir)
+        target = record.wandb
+        timeout = float(record.config.get("logger.init_timeout") or 90.0)
     except Exception:  # no readable config: the run's W&B record cannot be found
         target = None
     if target is None:
@@ -72,19 +94,32 @@ def log_to_run(run_dir: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Pa
     try:
         import wandb
 
-        with wandb.init(project=target.project, entity=target.entity, group=target.group,
-                        id=run_id, resume="allow", dir=str(run_dir), mode=target.mode,
-                        reinit="finish_previous",
-                        settings=wandb.Settings(console="off", silent=True,
-                                                init_timeout=90)) as run:
+        mode = "offline" if target.mode == "online" and _UNREACHABLE[0] else target.mode
+        try:
+            run = _resume(wandb, target, run_id, run_dir, mode, timeout)
+        except (wandb.errors.CommError, TimeoutError, ConnectionError) as e:
+            if mode != "online":
+                raise
+            wandb.teardown()  # the failed attempt's stream holds the run id
+            _UNREACHABLE[0] = True
+            mode = "offline"
+            run = _resume(wandb, target, run_id, run_dir, mode,
+                          max(OFFLINE_INIT_TIMEOUT, timeout))
+            log.warning("W&B: could not reach W&B (%s: %s); the post-hoc results go to an "
+                        "offline record of the run: upload it with wandb sync %s",
+                        type(e).__name__, _first_line(e), offline_run_folder(run))
+        with run:
             logged, summary = posthoc_logs(wandb, rows, plots, spec)
             run.log(logged)
             run.summary.update(summary)
             for p in plots:  # uploaded with the run's files
                 shutil.copy2(p, Path(run.dir) / p.name)
-            return run.path if target.mode == "online" else str(offline_run_folder(run))
+            return run.path if mode == "online" else str(offline_run_folder(run))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         log.warning("W&B: the post-hoc results were not logged to the run's W&B record (%s: %s);"
-                    " the local files are unaffected", type(e).__name__, first)
+                    " the local files are unaffected", type(e).__name__, _first_line(e))
         return None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
