@@ -19,9 +19,10 @@ from typing import Any
 from swa_research.analysis.runset import load_run
 from swa_research.tasks import TaskMetrics
 from swa_research.tracking.loggers import (
-    OFFLINE_INIT_TIMEOUT,
     WANDB_ID_FILE,
+    first_line,
     offline_run_folder,
+    start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,6 @@ def posthoc_logs(wandb: Any, rows: Sequence[dict[str, Any]], plots: Sequence[Pat
 _UNREACHABLE = [False]
 
 
-def _resume(wandb: Any, target: Any, run_id: str, run_dir: Path, mode: str,
-            timeout: float) -> Any:
-    return wandb.init(project=target.project, entity=target.entity, group=target.group,
-                      id=run_id, resume="allow", dir=str(run_dir), mode=mode,
-                      reinit="finish_previous",
-                      settings=wandb.Settings(console="off", silent=True,
-                                              init_timeout=timeout))
-
-
 def log_to_run(run_dir: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path],
                spec: TaskMetrics) -> str | None:
     """The rows and plots in RUN_DIR's own W&B run (resumed by its id); where they went, or
@@ -95,19 +87,15 @@ def log_to_run(run_dir: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Pa
         import wandb
 
         mode = "offline" if target.mode == "online" and _UNREACHABLE[0] else target.mode
-        try:
-            run = _resume(wandb, target, run_id, run_dir, mode, timeout)
-        except (wandb.errors.CommError, TimeoutError, ConnectionError) as e:
-            if mode != "online":
-                raise
-            wandb.teardown()  # the failed attempt's stream holds the run id
+        run, failure = start_run(wandb, mode, timeout, project=target.project,
+                                 entity=target.entity, group=target.group, id=run_id,
+                                 resume="allow", dir=str(run_dir), reinit="finish_previous")
+        if failure is not None:
             _UNREACHABLE[0] = True
             mode = "offline"
-            run = _resume(wandb, target, run_id, run_dir, mode,
-                          max(OFFLINE_INIT_TIMEOUT, timeout))
             log.warning("W&B: could not reach W&B (%s: %s); the post-hoc results go to an "
                         "offline record of the run: upload it with wandb sync %s",
-                        type(e).__name__, _first_line(e), offline_run_folder(run))
+                        type(failure).__name__, first_line(failure), offline_run_folder(run))
         with run:
             logged, summary = posthoc_logs(wandb, rows, plots, spec)
             run.log(logged)
@@ -117,9 +105,6 @@ def log_to_run(run_dir: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Pa
             return run.path if mode == "online" else str(offline_run_folder(run))
     except Exception as e:
         log.warning("W&B: the post-hoc results were not logged to the run's W&B record (%s: %s);"
-                    " the local files are unaffected", type(e).__name__, _first_line(e))
+                    " the local files are unaffected", type(e).__name__, first_line(e))
         return None
 
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""

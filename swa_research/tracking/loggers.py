@@ -285,8 +285,31 @@ def offline_run_folder(run: Any) -> Path:
     return Path(run.dir).parent
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
+
+
+def start_run(wandb: Any, mode: str, timeout: float, **kwargs: Any
+              ) -> tuple[Any, BaseException | None]:
+    """``wandb.init(mode=mode, **kwargs)``, quiet, within ``timeout`` seconds. An online run
+    that W&B does not answer in time (no network) becomes an offline run instead of losing the
+    record; the failure is returned beside it for the caller's warning (None when online
+    worked or was not asked for). Any other failure raises."""
+    def init(mode: str, timeout: float) -> Any:
+        return wandb.init(mode=mode, **kwargs, settings=wandb.Settings(
+            console="off", silent=True, init_timeout=timeout))
+
+    try:
+        return init(mode, timeout), None
+    except (wandb.errors.CommError, TimeoutError, ConnectionError) as e:
+        if mode != "online":
+            raise
+        # wandb's service keeps the failed attempt's stream open under the same run id
+        # ("run ID ... is in use"): shut the service down, the next init starts anew.
+        wandb.teardown()
+        # Starting the local service offline needs no network, only a (possibly busy)
+        # machine: a timeout of its own, not the online one.
+        return init("offline", max(OFFLINE_INIT_TIMEOUT, timeout)), e
 
 
 class WandbLogger:
@@ -321,34 +344,19 @@ class WandbLogger:
             no_key = mode == "online" and not api_key_configured()
             if no_key:  # offline keeps the record, and `wandb sync` uploads it after a login
                 mode = "offline"
-            try:
-                self.run = wandb.init(
-                    mode=mode, **kwargs, settings=wandb.Settings(
-                        console="off", silent=True, init_timeout=cfg.init_timeout))
-            except (wandb.errors.CommError, TimeoutError, ConnectionError) as e:
-                if mode != "online":
-                    raise
-                # No network or no answer within logger.init_timeout: log to an offline run
-                # instead of losing the W&B record; any other failure turns W&B off below.
-                # wandb's service keeps the failed attempt's stream open under the same run id
-                # ("run ID ... is in use"): shut the service down, the next init starts anew.
-                wandb.teardown()
-                # Starting the local service offline needs no network, only a (possibly busy)
-                # machine: a timeout of its own, not the online one.
-                self.run = wandb.init(mode="offline", **kwargs, settings=wandb.Settings(
-                    console="off", silent=True,
-                    init_timeout=max(OFFLINE_INIT_TIMEOUT, cfg.init_timeout)))
+            self.run, failure = start_run(wandb, mode, cfg.init_timeout, **kwargs)
+            if failure is not None:  # any other failure turns W&B off below
                 log.warning("W&B: could not start an online run (%s: %s); logging to an "
                             "offline run instead. Upload it later with: wandb sync %s",
-                            type(e).__name__, _first_line(e), offline_run_folder(self.run))
+                            type(failure).__name__, first_line(failure),
+                            offline_run_folder(self.run))
+            elif no_key:
+                log.warning("W&B: logger.mode=online, but no W&B API key is configured "
+                            "(wandb login, or WANDB_API_KEY); logging to an offline run. "
+                            "Upload it after a login with: wandb sync %s",
+                            offline_run_folder(self.run))
             else:
-                if no_key:
-                    log.warning("W&B: logger.mode=online, but no W&B API key is configured "
-                                "(wandb login, or WANDB_API_KEY); logging to an offline run. "
-                                "Upload it after a login with: wandb sync %s",
-                                offline_run_folder(self.run))
-                else:
-                    self._say_mode()
+                self._say_mode()
             if run_id is None:  # a W&B agent's: kept for the post-hoc tool and dashboards
                 atomic_write_text(self.run_dir / WANDB_ID_FILE, f"{self.run.id}\n")
             self.run.define_metric("iteration")
